@@ -1,0 +1,131 @@
+"""Authentication: who is the peer? The verified chain in, a SPIFFE ID or a Reason out.
+
+OpenSSL has already verified the chain against all anchors we hold. What is left is
+SPIFFE's part: the leaf is a valid X.509-SVID, and the chain ended in the bundle of the
+trust domain the SVID claims (a federated CA must not vouch for our own trust domain).
+Authorization (policy.py) is a separate step with separate reasons.
+
+Full handshakes bring the verified chain; a resumed one brings only the leaf, whose chain
+and SVID rules were checked when its session was made, under the same trust (a bundle
+change makes a new context, which ends resumption of older tickets).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Collection
+from dataclasses import dataclass
+
+from cryptography import x509
+
+from sidecar import spiffe
+from sidecar.identity import Identity
+from sidecar.reasons import Reason
+
+# Remembered leaves of resumed peers, and issuers seen in verified chains. Bounded:
+# a peer must not be able to grow our memory by presenting many certificates.
+RESUMED_CACHE = 4096
+KNOWN_INTERMEDIATES = 256
+
+
+class AuthnError(Exception):
+    def __init__(self, reason: Reason, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    spiffe_id: str
+    trust_domain: str
+
+
+class Authenticator:
+    """Per-process caches around the pure checks; owned by the runtime."""
+
+    def __init__(self) -> None:
+        self._resumed: OrderedDict[bytes, Peer] = OrderedDict()
+        self._intermediates: OrderedDict[x509.Name, None] = OrderedDict()
+
+    @property
+    def known_intermediates(self) -> Collection[x509.Name]:
+        return self._intermediates.keys()
+
+    def learn(self, identity: Identity) -> None:
+        for c in identity.intermediates:
+            self._remember_intermediate(c.subject)
+
+    def full(self, chain: list[bytes], identity: Identity) -> Peer:
+        if not chain:
+            raise AuthnError(Reason.NO_CLIENT_CERT, "the peer presented no certificate")
+        try:
+            leaf = x509.load_der_x509_certificate(chain[0])
+        except ValueError as exc:
+            raise AuthnError(Reason.INVALID_SVID, f"unparsable certificate: {exc}") from exc
+        peer = _svid_peer(leaf)
+        bundle = identity.bundles.get(peer.trust_domain)
+        if bundle is None:
+            raise AuthnError(
+                Reason.UNKNOWN_CA,
+                f"no trust bundle for trust domain '{peer.trust_domain}' "
+                "(add it under identity.federated_bundles to accept it)",
+            )
+        if chain[-1] not in bundle.ders:
+            raise AuthnError(
+                Reason.UNKNOWN_CA,
+                f"the chain of {peer.spiffe_id} ends at a CA of another trust domain, "
+                f"not in the bundle of '{peer.trust_domain}'",
+            )
+        for der in chain[1:-1]:
+            self._remember_intermediate(x509.load_der_x509_certificate(der).subject)
+        self._cache(chain[0], peer)
+        return peer
+
+    def resumed(self, leaf_der: bytes | None) -> Peer:
+        if leaf_der is None:
+            raise AuthnError(Reason.NO_CLIENT_CERT, "resumed session without a peer certificate")
+        peer = self._resumed.get(leaf_der)
+        if peer is not None:
+            self._resumed.move_to_end(leaf_der)
+            return peer
+        peer = _svid_peer(x509.load_der_x509_certificate(leaf_der))
+        self._cache(leaf_der, peer)
+        return peer
+
+    def _cache(self, der: bytes, peer: Peer) -> None:
+        self._resumed[der] = peer
+        if len(self._resumed) > RESUMED_CACHE:
+            self._resumed.popitem(last=False)
+
+    def _remember_intermediate(self, name: x509.Name) -> None:
+        self._intermediates[name] = None
+        if len(self._intermediates) > KNOWN_INTERMEDIATES:
+            self._intermediates.popitem(last=False)
+
+
+def _svid_peer(leaf: x509.Certificate) -> Peer:
+    try:
+        sid = spiffe.spiffe_id_of(leaf)
+    except spiffe.SvidError as exc:
+        raise AuthnError(Reason.INVALID_SVID, "; ".join(p.message for p in exc.problems)) from exc
+    return Peer(str(sid), sid.trust_domain.name)
+
+
+def matches_expected(peer_id: str, expected: Collection[str]) -> bool:
+    """Outbound: is the server one of the SPIFFE IDs the route expects?
+
+    Entries are exact IDs or `spiffe://TD/*` for any workload of a trust domain;
+    trust domains compare case-insensitively.
+    """
+    td, _, path = peer_id.removeprefix(spiffe.SCHEME_PREFIX).partition("/")
+    norm = f"{spiffe.SCHEME_PREFIX}{td.lower()}/{path}" if path else \
+        f"{spiffe.SCHEME_PREFIX}{td.lower()}"
+    for e in expected:
+        etd, _, epath = e.removeprefix(spiffe.SCHEME_PREFIX).partition("/")
+        if epath == "*":
+            if etd.lower() == td.lower():
+                return True
+        elif f"{spiffe.SCHEME_PREFIX}{etd.lower()}" + (f"/{epath}" if epath else "") == norm:
+            return True
+    return False

@@ -1,0 +1,153 @@
+"""The `sidecar` command line: argument parsing and dispatch only.
+
+Exit codes (SPEC.md): 0 ok, 1 a check failed or the proxy stopped on error, 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+from datetime import timedelta
+from pathlib import Path
+
+from sidecar import __version__
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _duration(text: str) -> float:
+    from sidecar.config import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _config_path(args: argparse.Namespace) -> Path | None:
+    from sidecar.config import DEFAULT_CONFIG_ENV
+
+    value = args.config or os.environ.get(DEFAULT_CONFIG_ENV)
+    return Path(value) if value else None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="sidecar", description="An mTLS sidecar proxy for SPIFFE workloads.")
+    p.add_argument("--version", action="version", version=f"sidecar {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the proxy")
+    run.add_argument("-c", "--config", help="config file (default: $SIDECAR_CONFIG)")
+    run.add_argument("--loop", choices=["uvloop", "asyncio"], default=None,
+                     help="event loop (default: uvloop; env SIDECAR_LOOP)")
+
+    check = sub.add_parser("check", help="validate config, policy and SVID files")
+    check.add_argument("-c", "--config", help="config file (default: $SIDECAR_CONFIG)")
+
+    pki = sub.add_parser("pki", help="a development CA: init, issue, rotate")
+    pki_sub = pki.add_subparsers(dest="pki_command", required=True, metavar="PKI_COMMAND")
+    init = pki_sub.add_parser("init", help="make a dev root + intermediate CA in DIR")
+    init.add_argument("--dir", required=True, type=Path)
+    init.add_argument("--trust-domain", required=True)
+    init.add_argument("--force", action="store_true", help="overwrite an existing CA")
+    for name, text in (("issue", "issue an SVID into OUT"),
+                       ("rotate", "keep re-issuing an SVID into OUT")):
+        sp = pki_sub.add_parser(name, help=text)
+        sp.add_argument("--dir", required=True, type=Path, help="the CA directory")
+        sp.add_argument("--spiffe-id", required=True)
+        sp.add_argument("--out", required=True, type=Path)
+        sp.add_argument("--ttl", type=_duration, default=3600.0, help="lifetime (default 1h)")
+        sp.add_argument("--dns", action="append", default=[], help="a DNS SAN (repeatable)")
+        sp.add_argument("--layout", choices=["spiffe-helper", "csi", "k8s"],
+                        default="spiffe-helper", help="file names and write pattern")
+        if name == "rotate":
+            sp.add_argument("--every", type=_duration, required=True, help="e.g. 30s")
+            sp.add_argument("--count", type=int, default=None, help="stop after N rotations")
+
+    sub.add_parser("demo", help="a local zero-trust demo on loopback, with built-in defaults")
+
+    for name, text in (("inspect", "explain certificates"),
+                       ("diagnose", "connect as a client and explain the outcome"),
+                       ("bench", "handshake and resumption load generator")):
+        sp = sub.add_parser(name, help=f"{text} (not supported yet)")
+        sp.add_argument("rest", nargs=argparse.REMAINDER)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    match args.command:
+        case "run":
+            return _run(args)
+        case "check":
+            return _check(args)
+        case "pki":
+            return _pki(args)
+        case "demo":
+            from sidecar.demo import main as demo_main
+
+            return demo_main()
+        case _:
+            print(f"sidecar {args.command}: not supported yet in this version "
+                  f"(see README: planned)", file=sys.stderr)
+            return EXIT_USAGE
+
+
+def _run(args: argparse.Namespace) -> int:
+    from sidecar import logs
+    from sidecar.config import load_config
+    from sidecar.problems import ProblemsError
+    from sidecar.server import Server
+
+    path = _config_path(args)
+    if path is None:
+        print("sidecar run: no config: pass -c FILE or set SIDECAR_CONFIG", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        config = load_config(path)
+    except ProblemsError as exc:
+        print(f"sidecar run: {path} is not valid:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return EXIT_FAILED
+    logs.setup(str(config.log.level), str(config.log.format))
+    loop_name = args.loop or os.environ.get("SIDECAR_LOOP", "uvloop")
+    return run_server(Server(config), loop_name)
+
+
+def run_server(server: object, loop_name: str) -> int:
+    from sidecar.server import Server
+
+    assert isinstance(server, Server)
+    if loop_name == "uvloop":
+        import uvloop
+
+        return asyncio.run(server.run(), loop_factory=uvloop.new_event_loop)
+    return asyncio.run(server.run())
+
+
+def _check(args: argparse.Namespace) -> int:
+    from sidecar.check import check
+
+    path = _config_path(args)
+    if path is None:
+        print("sidecar check: no config: pass -c FILE or set SIDECAR_CONFIG", file=sys.stderr)
+        return EXIT_USAGE
+    return check(path)
+
+
+def _pki(args: argparse.Namespace) -> int:
+    from sidecar import pki
+
+    if args.pki_command == "init":
+        return pki.cmd_init(args.dir, args.trust_domain, force=args.force)
+    layout = pki.Layout(args.layout)
+    ttl = timedelta(seconds=args.ttl)
+    if args.pki_command == "issue":
+        return pki.cmd_issue(args.dir, args.spiffe_id, args.out, ttl, args.dns, layout)
+    return pki.cmd_rotate(args.dir, args.spiffe_id, args.out, args.every, ttl, args.dns,
+                          layout, count=args.count)

@@ -1,0 +1,68 @@
+"""One end of a proxied connection, as the byte pump sees it.
+
+The pump moves bytes between two endpoints without knowing which is TLS. Both kinds
+answer the same few non-blocking calls; readiness is signalled by return codes, not
+exceptions, because these calls run once per chunk on the hot path.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Protocol
+
+# Return codes of read_into/write/shutdown_write (a count is never negative).
+WANT_READ = -1  # retry when the fd is readable
+WANT_WRITE = -2  # retry when the fd is writable
+DONE = 0
+
+
+class Endpoint(Protocol):
+    fd: int
+
+    def read_into(self, buf: memoryview) -> int:
+        """Bytes read (> 0), 0 at end of stream, or WANT_READ / WANT_WRITE."""
+        ...
+
+    def write(self, data: memoryview | bytes) -> int:
+        """Bytes taken (>= 0; TCP may take part), or WANT_READ / WANT_WRITE (retry with
+        the same bytes: TLS keeps its place in a partly sent record)."""
+        ...
+
+    def shutdown_write(self) -> int:
+        """Tell the other side no more bytes follow; DONE or WANT_READ / WANT_WRITE."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class TcpEndpoint:
+    """A plain, connected, non-blocking stream socket (TCP or Unix)."""
+
+    __slots__ = ("fd", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.fd = sock.fileno()
+
+    def read_into(self, buf: memoryview) -> int:
+        try:
+            return self.sock.recv_into(buf)
+        except (BlockingIOError, InterruptedError):
+            return WANT_READ
+
+    def write(self, data: memoryview | bytes) -> int:
+        try:
+            return self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            return WANT_WRITE
+
+    def shutdown_write(self) -> int:
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # already gone: the other flow will see the error or EOF
+        return DONE
+
+    def close(self) -> None:
+        self.sock.close()

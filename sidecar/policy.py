@@ -1,0 +1,567 @@
+"""Authorization: the policy file, compiled once per load, and `Policy.decide`.
+
+Authentication has already proved who the peer is; this module only answers "may that
+SPIFFE ID use this inbound listener?". It is pure: no TLS, no sockets, and the only I/O is
+`load_policy` reading one file.
+
+Semantics (SPEC.md, "Policy file"):
+- a rule matches when one of its `from` patterns matches the peer and its `to.listeners`
+  (omitted: every inbound listener) includes the listener;
+- any matching deny rule wins over every allow rule; with no match, `default` decides;
+  there is no implicit allow: a missing `default` means deny;
+- in audit mode a deny is reported as `audit_deny` and let through;
+- a rule naming `methods` or `paths` is for http listeners and never matches at the
+  connection level, which is what `decide` answers (HTTP mode is not built yet:
+  `policy_warnings` points such rules out);
+- the reported rule is deterministic: the first matching deny rule in file order, else the
+  first matching allow rule in file order.
+
+Patterns: an exact ID; `spiffe://td/a/b/*`, every ID strictly under `/a/b` on a segment
+boundary (`/a/b/c`, `/a/b/c/d`, not `/a/b` and not `/a/bc`); `spiffe://td/*`, every
+workload ID of the trust domain. A peer ID without a path names a trust domain, not a
+workload (X.509-SVID 5.2 forbids it on a leaf), so it is denied like a malformed one.
+
+Cost: compiling turns the rules into two dicts keyed by the plain string
+`trust_domain + path`: exact IDs, and the paths patterns match under (`""` for a whole
+trust domain). A decision is one lookup for the exact ID plus one per proper path prefix
+of the peer, so it grows with the peer's path depth, never with the number of rules. Each
+key holds the first deny and first allow rule for every listener plus, only if some rules
+are listener-scoped, the same per listener: one table, whatever the number of listeners.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import re
+import sys
+from collections.abc import Collection, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+import yaml
+
+try:  # libyaml parses about 10x faster; a 10,000-rule policy is seconds in pure Python
+    from yaml import CSafeLoader as _SafeLoader
+except ImportError:  # pragma: no cover - PyYAML built without libyaml
+    from yaml import SafeLoader as _SafeLoader  # type: ignore[assignment]
+
+from sidecar.problems import Problem, ProblemsError
+from sidecar.spiffe import SCHEME_PREFIX, SpiffeId, SpiffeIdError, fold_trust_domain_case
+
+
+class Mode(StrEnum):
+    ENFORCE = "enforce"
+    AUDIT = "audit"  # count and log what would be denied, and allow it
+
+
+class Action(StrEnum):
+    ALLOW = "allow"
+    DENY = "deny"
+
+
+class DecisionKind(StrEnum):
+    """The `decision` label of `sidecar_authz_decisions_total` (SPEC.md)."""
+
+    ALLOW = "allow"
+    DENY = "deny"
+    AUDIT_DENY = "audit_deny"
+
+
+class PatternKind(StrEnum):
+    EXACT = "exact"
+    PREFIX = "prefix"  # spiffe://td/a/b/*
+    TRUST_DOMAIN = "trust_domain"  # spiffe://td/*
+
+
+# The `rule` label when no rule of the file decided. They are reserved as rule names so a
+# metric or log line always says unambiguously where a decision came from.
+DEFAULT_RULE = "default"
+NO_POLICY_RULE = "no_policy"
+INVALID_PEER_RULE = "invalid_peer_id"
+_RESERVED_NAMES = frozenset({DEFAULT_RULE, NO_POLICY_RULE, INVALID_PEER_RULE})
+
+# Rule names become metric label values and log fields: keep them short, plain tokens.
+_RULE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+_METHOD_RE = re.compile(r"[A-Z]+")  # HTTP methods are case-sensitive (RFC 9110 9.1)
+_TOP_KEYS = ("mode", "default", "rules")
+_RULE_KEYS = ("name", "action", "from", "to")
+_TO_KEYS = ("listeners", "methods", "paths")
+_NEVER = sys.maxsize  # "no rule": larger than any rule index, so min() picks a real one
+_SHOWN_CHARS = 80
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    kind: DecisionKind
+    rule: str  # the deciding rule's name, or DEFAULT_RULE / NO_POLICY_RULE / INVALID_PEER_RULE
+
+    @property
+    def allowed(self) -> bool:
+        return self.kind is not DecisionKind.DENY
+
+
+@dataclass(frozen=True, slots=True)
+class PeerPattern:
+    """One `from` entry."""
+
+    kind: PatternKind
+    trust_domain: str
+    path: str  # exact: the ID's path; prefix: the path IDs must be under; trust_domain: ""
+    text: str  # as written in the file
+
+    @property
+    def key(self) -> str:
+        return self.trust_domain + self.path
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    name: str
+    action: Action
+    peers: tuple[PeerPattern, ...]
+    listeners: tuple[str, ...] | None = None  # None: every inbound listener
+    methods: tuple[str, ...] = ()
+    paths: tuple[str, ...] = ()
+
+    @property
+    def http_only(self) -> bool:
+        """True when the rule names methods or paths, so it never matches a tcp listener."""
+        return bool(self.methods or self.paths)
+
+
+# One index slot: (first deny, first allow) rule indexes for rules on every listener, and
+# the same per listener for listener-scoped rules (None when there are none).
+type _Slot = tuple[int, int, Mapping[str, tuple[int, int]] | None]
+
+
+@dataclass(frozen=True, slots=True)
+class _Index:
+    exact: Mapping[str, _Slot]  # key: trust domain + full path
+    under: Mapping[str, _Slot]  # key: trust domain + the path IDs are strictly under
+
+
+def _compile(rules: tuple[Rule, ...]) -> _Index:
+    # Mutable while building: [deny, allow, {listener: [deny, allow]}]
+    tables: dict[PatternKind, dict[str, tuple[list[int], dict[str, list[int]]]]] = {
+        PatternKind.EXACT: {},
+        PatternKind.PREFIX: {},
+    }
+    for index, rule in enumerate(rules):
+        if rule.http_only:
+            continue
+        column = 0 if rule.action is Action.DENY else 1
+        for pattern in rule.peers:
+            kind = PatternKind.EXACT if pattern.kind is PatternKind.EXACT else PatternKind.PREFIX
+            everywhere, by_listener = tables[kind].setdefault(pattern.key, ([_NEVER, _NEVER], {}))
+            pairs = (
+                [everywhere]
+                if rule.listeners is None
+                else [by_listener.setdefault(name, [_NEVER, _NEVER]) for name in rule.listeners]
+            )
+            for pair in pairs:
+                # Rules are visited in file order, so the first one set stays.
+                pair[column] = min(pair[column], index)
+
+    def freeze(table: dict[str, tuple[list[int], dict[str, list[int]]]]) -> dict[str, _Slot]:
+        return {
+            key: (
+                everywhere[0],
+                everywhere[1],
+                {name: (pair[0], pair[1]) for name, pair in by_listener.items()} or None,
+            )
+            for key, (everywhere, by_listener) in table.items()
+        }
+
+    return _Index(freeze(tables[PatternKind.EXACT]), freeze(tables[PatternKind.PREFIX]))
+
+
+_INVALID_PEER = Decision(DecisionKind.DENY, INVALID_PEER_RULE)
+
+
+def _peer_key(peer_id: str) -> str | None:
+    """`trust_domain + path` of a workload ID, trust domain lowercased; None if not one."""
+    if not isinstance(peer_id, str):  # the caller's types say str; a decision never raises
+        return None
+    try:
+        peer = SpiffeId.parse(peer_id)
+    except SpiffeIdError:
+        folded = fold_trust_domain_case(peer_id)
+        if folded == peer_id:
+            return None
+        try:
+            peer = SpiffeId.parse(folded)
+        except SpiffeIdError:
+            return None
+    if not peer.path:
+        return None
+    return peer.trust_domain.name + peer.path
+
+
+def _merge(slot: _Slot, listener: str, deny: int, allow: int) -> tuple[int, int]:
+    everywhere_deny, everywhere_allow, by_listener = slot
+    deny, allow = min(deny, everywhere_deny), min(allow, everywhere_allow)
+    if by_listener is not None:
+        scoped = by_listener.get(listener)
+        if scoped is not None:
+            deny, allow = min(deny, scoped[0]), min(allow, scoped[1])
+    return deny, allow
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Policy:
+    """A validated, compiled policy; immutable, so a reload swaps the whole object."""
+
+    rules: tuple[Rule, ...]
+    default: Action = Action.DENY
+    mode: Mode = Mode.ENFORCE
+    source: str = ""  # where it was read from, for messages
+    version: str = ""  # short sha256 of the source text
+    default_rule: str = DEFAULT_RULE  # the `rule` label when no rule matches
+    _index: _Index = field(init=False, repr=False)
+    _decisions: tuple[Decision, ...] = field(init=False, repr=False)  # one per rule
+    _fallback: Decision = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        names = [rule.name for rule in self.rules]
+        if len(set(names)) != len(names):
+            raise ValueError("rule names must be unique")
+        object.__setattr__(self, "_index", _compile(self.rules))
+        object.__setattr__(
+            self, "_decisions", tuple(self._outcome(r.action, r.name) for r in self.rules)
+        )
+        object.__setattr__(self, "_fallback", self._outcome(self.default, self.default_rule))
+
+    def _outcome(self, action: Action, rule: str) -> Decision:
+        if action is Action.ALLOW:
+            return Decision(DecisionKind.ALLOW, rule)
+        kind = DecisionKind.AUDIT_DENY if self.mode is Mode.AUDIT else DecisionKind.DENY
+        return Decision(kind, rule)
+
+    @property
+    def rule_names(self) -> tuple[str, ...]:
+        return tuple(rule.name for rule in self.rules)
+
+    def decide(self, peer_id: str, listener: str) -> Decision:
+        """May `peer_id` (already authenticated) use inbound `listener`? Never raises.
+
+        An ID that is not a valid workload SPIFFE ID is denied even in audit mode: it means
+        authentication let something through that it must not, which audit cannot excuse.
+        """
+        key = _peer_key(peer_id)
+        if key is None:
+            return _INVALID_PEER
+        deny = allow = _NEVER
+        slot = self._index.exact.get(key)
+        if slot is not None:
+            deny, allow = _merge(slot, listener, deny, allow)
+        under = self._index.under
+        # Each "/" ends a proper prefix: "td" (whole trust domain), "td/a", "td/a/b", ...
+        cut = key.find("/")
+        while cut != -1:
+            slot = under.get(key[:cut])
+            if slot is not None:
+                deny, allow = _merge(slot, listener, deny, allow)
+            cut = key.find("/", cut + 1)
+        if deny != _NEVER:
+            return self._decisions[deny]
+        if allow != _NEVER:
+            return self._decisions[allow]
+        return self._fallback
+
+
+DENY_ALL = Policy(rules=(), source="", version="none", default_rule=NO_POLICY_RULE)
+"""In force when no valid policy was ever loaded: every connection is denied."""
+
+
+# --- reading the file -------------------------------------------------------------------
+
+
+class _StrictLoader(_SafeLoader):
+    """SafeLoader that refuses duplicate keys.
+
+    PyYAML silently keeps the last of two equal keys, so a stray second `default: allow`
+    would flip the whole policy without a word.
+    """
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[object, object]:
+    seen: set[object] = set()
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node)
+        try:
+            duplicate = key in seen
+        except TypeError:
+            continue  # unhashable: construct_mapping below reports it
+        if duplicate:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS] + "..."
+
+
+def _yaml_problem(error: Exception) -> str:
+    if isinstance(error, RecursionError):
+        return "not valid YAML: nested too deeply"
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None)
+    if mark is not None and problem:
+        return f"not valid YAML (line {mark.line + 1}, column {mark.column + 1}): {problem}"
+    return f"not valid YAML: {error}"
+
+
+class _Reader:
+    """Walks the parsed YAML, collecting every problem with its path."""
+
+    def __init__(self, source: str, listeners: Collection[str] | None) -> None:
+        self.source = source
+        self.listeners = None if listeners is None else frozenset(listeners)
+        self.problems: list[Problem] = []
+        self.named: dict[str, int] = {}  # rule name -> index of the rule that took it
+
+    def problem(self, where: str, message: str) -> None:
+        self.problems.append(Problem(f"{self.source}: {where}" if where else self.source, message))
+
+    def mapping(self, value: object, where: str, keys: tuple[str, ...], what: str) -> bool:
+        if not isinstance(value, dict):
+            self.problem(where, f"{what} must be a mapping, not {_shown(value)}")
+            return False
+        for key in value:
+            if key not in keys:
+                close = difflib.get_close_matches(str(key), keys, n=1)
+                hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(keys)}"
+                at = f"{where}.{key}" if where else str(key)
+                self.problem(at, f"unknown key {_shown(key)}; {hint}")
+        return True
+
+    def choice[E: StrEnum](self, value: object, where: str, kind: type[E]) -> E | None:
+        if isinstance(value, str) and value in {member.value for member in kind}:
+            return kind(value)
+        choices = " or ".join(member.value for member in kind)
+        hint = " (YAML reads unquoted yes/no/on/off as booleans)" if isinstance(value, bool) else ""
+        self.problem(where, f"{_shown(value)} is not valid here: write {choices}{hint}")
+        return None
+
+    def strings(self, value: object, where: str, what: str) -> Iterator[tuple[str, str]]:
+        """The strings of a non-empty list, as (path, string); a problem for anything else.
+
+        A generator, so problems are recorded in file order with the caller's own.
+        """
+        if not isinstance(value, list) or not value:
+            self.problem(where, f"must be a non-empty list of {what}, not {_shown(value)}")
+            return
+        for i, item in enumerate(value):
+            if isinstance(item, str):
+                yield f"{where}[{i}]", item
+            else:
+                self.problem(f"{where}[{i}]", f"must be a string ({what}), not {_shown(item)}")
+
+    def policy(self, doc: object, text: str) -> Policy | None:
+        if doc is None:
+            self.problem("", "the policy is empty: write at least `default: deny` and rules")
+            return None
+        if not self.mapping(doc, "", _TOP_KEYS, "the policy"):
+            return None
+        assert isinstance(doc, dict)
+        mode = self.choice(doc.get("mode", Mode.ENFORCE.value), "mode", Mode)
+        default = self.choice(doc.get("default", Action.DENY.value), "default", Action)
+        raw_rules = doc.get("rules", [])
+        if not isinstance(raw_rules, list):
+            self.problem(
+                "rules", f"must be a list of rules (`rules: []` for none), not {_shown(raw_rules)}"
+            )
+            raw_rules = []
+        rules = [self.rule(raw, i) for i, raw in enumerate(raw_rules)]
+        if self.problems or mode is None or default is None:
+            return None
+        version = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+        return Policy(tuple(r for r in rules if r), default, mode, self.source, version)
+
+    def rule(self, raw: object, index: int) -> Rule | None:
+        where = f"rules[{index}]"
+        if not self.mapping(raw, where, _RULE_KEYS, "a rule"):
+            return None
+        assert isinstance(raw, dict)
+        before = len(self.problems)
+        name = self.rule_name(raw.get("name"), index)
+        action = None
+        if "action" in raw:
+            action = self.choice(raw["action"], f"{where}.action", Action)
+        else:
+            self.problem(f"{where}.action", "missing: write `action: allow` or `action: deny`")
+        peers = self.peers(raw, where)
+        listeners, methods, paths = self.target(raw.get("to"), f"{where}.to", "to" in raw)
+        if len(self.problems) != before or name is None or action is None:
+            return None
+        return Rule(name, action, tuple(peers), listeners, tuple(methods), tuple(paths))
+
+    def rule_name(self, name: object, index: int) -> str | None:
+        where = f"rules[{index}].name"
+        if name is None:
+            self.problem(where, "missing: every rule needs a name; it labels its decisions")
+        elif not isinstance(name, str) or _RULE_NAME_RE.fullmatch(name) is None:
+            self.problem(
+                where,
+                f"{_shown(name)} is not a valid rule name: use 1-128 letters, digits, "
+                "'.', '_', ':' or '-', starting with a letter or digit",
+            )
+        elif name in _RESERVED_NAMES:
+            self.problem(where, f"{name!r} is reserved: it labels decisions no rule made")
+        elif name in self.named:
+            self.problem(
+                where,
+                f"{name!r} is already the name of rules[{self.named[name]}]; names must be "
+                "unique, they label decisions in metrics and logs",
+            )
+        else:
+            self.named[name] = index
+            return name
+        return None
+
+    def peers(self, raw: dict[object, object], where: str) -> list[PeerPattern]:
+        # A rule without `from` would apply to everyone; that must be written out
+        # (`spiffe://td/*`), never implied by a forgotten key.
+        if "from" not in raw:
+            self.problem(
+                f"{where}.from",
+                "missing: every rule must say whose connections it applies to, e.g. "
+                "from: [spiffe://example.org/ns/web/sa/frontend]",
+            )
+            return []
+        found = []
+        for at, text in self.strings(raw["from"], f"{where}.from", "SPIFFE IDs or prefixes"):
+            pattern = self.peer(text, at)
+            if pattern is not None:
+                found.append(pattern)
+        return found
+
+    def peer(self, text: str, where: str) -> PeerPattern | None:
+        # "spiffe://*" is no prefix of anything: it leaves the '*' check below to explain.
+        is_prefix = text.endswith("/*") and len(text) - 2 > len(SCHEME_PREFIX)
+        kind, base = (PatternKind.PREFIX, text[:-2]) if is_prefix else (PatternKind.EXACT, text)
+        if "*" in base:
+            self.problem(
+                where,
+                f"{_shown(text)}: '*' is allowed only as a final '/*', as in "
+                "spiffe://example.org/ns/batch/* or spiffe://example.org/*",
+            )
+            return None
+        try:
+            peer = SpiffeId.parse(base)
+        except SpiffeIdError as error:
+            exact = kind is PatternKind.EXACT
+            what = "a SPIFFE ID" if exact else "a SPIFFE ID prefix"
+            hint = (
+                "; to match IDs under a path, end it with /*"
+                if exact and base.endswith("/")
+                else ""
+            )
+            self.problem(where, f"{_shown(text)} is not {what}: {error.reason}{hint}")
+            return None
+        if not peer.path:
+            if kind is PatternKind.EXACT:
+                self.problem(
+                    where,
+                    f"{_shown(text)} names a trust domain, which no workload presents; write "
+                    f"'{text}/*' to match every ID of the trust domain",
+                )
+                return None
+            kind = PatternKind.TRUST_DOMAIN
+        return PeerPattern(kind, peer.trust_domain.name, peer.path, text)
+
+    def target(
+        self, to: object, where: str, present: bool
+    ) -> tuple[tuple[str, ...] | None, list[str], list[str]]:
+        if not present:
+            return None, [], []
+        if not self.mapping(to, where, _TO_KEYS, "`to`"):
+            return None, [], []
+        assert isinstance(to, dict)
+        listeners = None
+        if "listeners" in to:
+            listeners = tuple(self.listener_names(to["listeners"], f"{where}.listeners"))
+        methods = []
+        if "methods" in to:
+            for at, method in self.strings(to["methods"], f"{where}.methods", "HTTP methods"):
+                if _METHOD_RE.fullmatch(method) is None:
+                    self.problem(at, f"{_shown(method)}: HTTP methods are uppercase, like GET")
+                else:
+                    methods.append(method)
+        paths = []
+        if "paths" in to:
+            for at, path in self.strings(to["paths"], f"{where}.paths", "URL paths"):
+                if not path.startswith("/") or "*" in path.removesuffix("/*"):
+                    self.problem(
+                        at, f"{_shown(path)}: a path starts with '/' and may end with '/*'"
+                    )
+                else:
+                    paths.append(path)
+        return listeners, methods, paths
+
+    def listener_names(self, value: object, where: str) -> Iterable[str]:
+        for at, name in self.strings(value, where, "inbound listener names"):
+            if self.listeners is not None and name not in self.listeners:
+                known = ", ".join(sorted(self.listeners)) or "there are none"
+                self.problem(at, f"{name!r} is not an inbound listener of the config ({known})")
+            else:
+                yield name
+
+
+def parse_policy(text: str, source: str, listeners: Collection[str] | None = None) -> Policy:
+    """Validate and compile a policy; raise `ProblemsError` listing every problem.
+
+    `listeners`: the inbound listener names of the config; when given, a rule naming any
+    other listener is an error (a typo must not silently narrow a rule to nothing).
+    """
+    reader = _Reader(source, listeners)
+    try:
+        doc = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass: no arbitrary objects
+    except (yaml.YAMLError, RecursionError) as error:
+        raise ProblemsError([Problem(source, _yaml_problem(error))]) from None
+    policy = reader.policy(doc, text)
+    if policy is None:
+        raise ProblemsError(reader.problems)
+    return policy
+
+
+def load_policy(path: Path, listeners: Collection[str] | None = None) -> Policy:
+    """Read and parse a policy file; raise `ProblemsError` on any problem."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ProblemsError([Problem(str(path), f"not UTF-8 text (byte {error.start})")]) from None
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise ProblemsError([Problem(str(path), f"cannot read the policy: {reason}")]) from None
+    return parse_policy(text, str(path), listeners)
+
+
+def policy_warnings(policy: Policy, tcp_listeners: Collection[str]) -> list[Problem]:
+    """Rules that name methods or paths, and so never match these tcp listeners."""
+    tcp = frozenset(tcp_listeners)
+    warnings = []
+    for i, rule in enumerate(policy.rules):
+        if not rule.http_only:
+            continue
+        scope = tcp if rule.listeners is None else tcp.intersection(rule.listeners)
+        if scope:
+            warnings.append(
+                Problem(
+                    f"{policy.source}: rules[{i}].to",
+                    f"rule {rule.name!r} names methods or paths, which only http listeners "
+                    f"check; it never matches tcp listener(s) {', '.join(sorted(scope))}",
+                )
+            )
+    return warnings

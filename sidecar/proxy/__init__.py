@@ -1,0 +1,1 @@
+"""The data plane: listeners, inbound and outbound connection handling, the byte pump."""

@@ -1,0 +1,174 @@
+"""What we know about one connection, and the set of live ones.
+
+The record collects the access-log fields as the connection goes through its steps; the
+tracker counts connections against the limits, holds the pending handshakes (oldest
+first, so a storm of stalled peers evicts itself rather than good clients), and closes
+idle, too-old and drained connections from one sweep a second instead of one timer per
+connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sidecar import logs, metrics
+from sidecar.proxy.pump import Duplex
+from sidecar.reasons import Reason
+
+_ids = itertools.count(1)
+_PID = os.getpid()
+
+
+@dataclass(slots=True, eq=False)  # identity semantics: records key the pending table
+class Record:
+    direction: str  # inbound | outbound
+    listener: str
+    peer_addr: str
+    started: float  # time.monotonic(): uvloop's loop.time() counts whole milliseconds
+    id: str = field(default_factory=lambda: f"{_PID:x}-{next(_ids):x}")
+    peer_id: str | None = None
+    tls_version: str | None = None
+    cipher: str | None = None
+    resumed: bool | None = None
+    handshake_ms: float | None = None
+    handshake_cpu_ms: float | None = None
+    decision: str | None = None
+    rule: str | None = None
+    reason: Reason | None = None  # why it failed, when it did
+    detail: str | None = None
+    close: str | None = None  # how it ended
+    evicted: bool = False
+    finished: bool = False
+    ktls_tx: bool | None = None
+    ktls_rx: bool | None = None
+
+    def fields(self, duplex: Duplex | None) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "id": self.id, "direction": self.direction, "listener": self.listener,
+            "peer_addr": self.peer_addr, "peer_id": self.peer_id,
+            "tls_version": self.tls_version, "cipher": self.cipher, "resumed": self.resumed,
+            "handshake_ms": self.handshake_ms, "decision": self.decision, "rule": self.rule,
+            "bytes_to_app": duplex.to_app.moved if duplex else 0,
+            "bytes_from_app": duplex.from_app.moved if duplex else 0,
+            "duration_ms": round((time.monotonic() - self.started) * 1000, 3),
+            "close": self.close, "reason": str(self.reason) if self.reason else None,
+            "detail": self.detail,
+        }
+        if self.ktls_tx is not None:
+            out["ktls_tx"], out["ktls_rx"] = self.ktls_tx, self.ktls_rx
+        return out
+
+
+class Tracker:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        max_connections: int,
+        max_pending_handshakes: int,
+        idle_timeout: float,
+        max_lifetime: float,
+    ) -> None:
+        self._loop = loop
+        self.max_connections = max_connections
+        self.max_pending = max_pending_handshakes
+        self.idle_timeout = idle_timeout
+        self.max_lifetime = max_lifetime
+        self.active = 0
+        self.pending: OrderedDict[Record, asyncio.Task[None]] = OrderedDict()
+        self.live: dict[Duplex, Record] = {}
+        self.on_full: Callable[[], None] = lambda: None  # pause listeners
+        self.on_capacity: Callable[[], None] = lambda: None  # resume paused listeners
+        self.on_empty: Callable[[], None] = lambda: None  # a drain waits for this
+
+    @property
+    def full(self) -> bool:
+        return self.active >= self.max_connections
+
+    def open(self, direction: str, listener: str, peer_addr: str) -> Record:
+        self.active += 1
+        metrics.connections.labels(direction, listener).inc()
+        metrics.connections_active.labels(direction, listener).inc()
+        if self.active >= self.max_connections:
+            self.on_full()
+        return Record(direction, listener, peer_addr, time.monotonic())
+
+    def begin_handshake(self, rec: Record, task: asyncio.Task[None]) -> None:
+        while len(self.pending) >= self.max_pending:
+            oldest, victim = self.pending.popitem(last=False)
+            oldest.evicted = True
+            victim.cancel()
+            metrics.connections_rejected.labels(
+                oldest.direction, oldest.listener, "max_pending_handshakes").inc()
+        self.pending[rec] = task
+
+    def end_handshake(self, rec: Record) -> None:
+        self.pending.pop(rec, None)
+
+    def attach(self, rec: Record, duplex: Duplex) -> None:
+        self.live[duplex] = rec
+
+    def closed(self, duplex: Duplex, how: str, exc: BaseException | None) -> None:
+        """The pump's close callback."""
+        rec = self.live.pop(duplex)
+        rec.close = rec.close or how
+        if exc is not None and rec.detail is None:
+            rec.detail = f"{type(exc).__name__}: {exc}"
+        metrics.bytes_moved.labels(rec.direction, rec.listener, "to_app").inc(duplex.to_app.moved)
+        metrics.bytes_moved.labels(rec.direction, rec.listener, "from_app").inc(
+            duplex.from_app.moved)
+        self.finish(rec, duplex)
+
+    def finish(self, rec: Record, duplex: Duplex | None = None) -> None:
+        """Every connection ends here exactly once: access log, gauges, capacity."""
+        if rec.finished:
+            return
+        rec.finished = True
+        self.active -= 1
+        metrics.connections_active.labels(rec.direction, rec.listener).dec()
+        level = logging.INFO if rec.reason is None else logging.WARNING
+        logs.ACCESS.log(level, "connection", extra={"fields": rec.fields(duplex)})
+        if self.active == self.max_connections - 1:
+            self.on_capacity()
+        if self.active == 0:
+            self.on_empty()
+
+    def sweep(self) -> None:
+        """Close idle and over-age connections; run once a second."""
+        now = self._loop.time()
+        for duplex, rec in list(self.live.items()):
+            moved = duplex.moved
+            if moved != duplex.last_moved:
+                duplex.last_moved = moved
+                duplex.idle_since = now
+            elif self.idle_timeout and now - duplex.idle_since > self.idle_timeout:
+                rec.close = "idle_timeout"
+                duplex.abort("idle_timeout")
+                continue
+            if self.max_lifetime and now - duplex.started > self.max_lifetime:
+                if rec.close is None:
+                    rec.close = "max_lifetime"
+                    duplex.finish()  # graceful: both sides see an end of stream
+                elif now - duplex.started > self.max_lifetime + _LIFETIME_GRACE:
+                    duplex.abort("max_lifetime")
+
+    def abort_all(self, how: str) -> None:
+        for duplex, rec in list(self.live.items()):
+            rec.close = rec.close or how
+            duplex.abort(how)
+        for rec, task in list(self.pending.items()):
+            rec.close = how
+            task.cancel()
+
+
+# After a lifetime close has passed the end of stream on, how long the peers get to
+# finish before the connection is cut: long enough for an in-flight response.
+_LIFETIME_GRACE = 10.0

@@ -1,0 +1,87 @@
+"""One handshake plus authentication, shared by inbound and outbound: bounded, measured,
+classified and counted."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Collection
+
+from sidecar import metrics
+from sidecar.authn import AuthnError, Peer, matches_expected
+from sidecar.proxy.connection import Record
+from sidecar.proxy.runtime import Runtime
+from sidecar.reasons import Reason
+from sidecar.tls.classify import classify
+from sidecar.tls.engine import TlsEndpoint
+
+
+async def secure(
+    rt: Runtime, rec: Record, ep: TlsEndpoint, *, expect: Collection[str] | None = None
+) -> Peer | None:
+    """Handshake and authenticate; on failure close ep, count, finish rec, return None."""
+    task = asyncio.current_task()
+    assert task is not None
+    rt.tracker.begin_handshake(rec, task)
+    identity = rt.contexts.identity
+    try:
+        async with asyncio.timeout(rt.limits.handshake_timeout):
+            await ep.handshake()
+    except asyncio.CancelledError:
+        if rec.evicted:
+            _fail(rt, rec, ep, Reason.HANDSHAKE_TIMEOUT,
+                  "evicted: max_pending_handshakes reached, oldest pending handshake closed")
+        else:
+            _fail(rt, rec, ep, None, "shutting down")
+        return None
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        f = classify(exc, presented=ep.presented_chain(),
+                     known_intermediates=rt.authn.known_intermediates)
+        _fail(rt, rec, ep, f.reason, f.detail)
+        return None
+    finally:
+        rt.tracker.end_handshake(rec)
+    resumed = ep.resumed()
+    rec.resumed = resumed
+    rec.tls_version = ep.version()
+    rec.cipher = ep.cipher()
+    try:
+        if resumed:
+            peer = rt.authn.resumed(ep.peer_leaf())
+        else:
+            peer = rt.authn.full(ep.verified_chain(), identity)
+        rec.peer_id = peer.spiffe_id
+        if expect is not None and not matches_expected(peer.spiffe_id, expect):
+            raise AuthnError(
+                Reason.SPIFFE_ID_MISMATCH,
+                f"the server is {peer.spiffe_id}, expected {', '.join(expect)}")
+    except AuthnError as exc:
+        _fail(rt, rec, ep, exc.reason, exc.detail, resumed=resumed)
+        return None
+    rec.peer_id = peer.spiffe_id
+    elapsed = time.monotonic() - rec.started
+    rec.handshake_ms = round(elapsed * 1000, 3)
+    rec.handshake_cpu_ms = round(ep.cpu_seconds * 1000, 3)
+    r = "true" if resumed else "false"
+    metrics.handshakes.labels(rec.direction, rec.listener, "ok", r).inc()
+    metrics.handshake_duration.labels(rec.direction, rec.listener, r).observe(elapsed)
+    metrics.handshake_cpu.labels(rec.direction, rec.listener, r).inc(ep.cpu_seconds)
+    return peer
+
+
+def _fail(
+    rt: Runtime, rec: Record, ep: TlsEndpoint, reason: Reason | None, detail: str,
+    *, resumed: bool = False,
+) -> None:
+    ep.close()
+    rec.detail = detail
+    if reason is not None:
+        rec.reason = reason
+        rec.close = "handshake_failed"
+        r = "true" if resumed else "false"
+        metrics.handshakes.labels(rec.direction, rec.listener, "error", r).inc()
+        metrics.handshake_errors.labels(rec.direction, rec.listener, str(reason)).inc()
+        metrics.handshake_cpu.labels(rec.direction, rec.listener, r).inc(ep.cpu_seconds)
+    else:
+        rec.close = rec.close or "shutdown"
+    rt.tracker.finish(rec)

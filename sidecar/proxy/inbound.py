@@ -1,0 +1,63 @@
+"""Inbound: remote workload -> mTLS -> authenticate -> authorize -> dial the app -> pump.
+
+A denied caller is closed before the app is dialed: the app never sees it (Envoy's
+network RBAC decides on the first byte, after the upstream is already open).
+"""
+
+from __future__ import annotations
+
+import socket
+
+from sidecar import metrics
+from sidecar.config import InboundListener
+from sidecar.endpoint import TcpEndpoint
+from sidecar.proxy.connection import Record
+from sidecar.proxy.handshake import secure
+from sidecar.proxy.listener import AcceptCallback, dial
+from sidecar.proxy.pump import Duplex
+from sidecar.proxy.runtime import Runtime
+from sidecar.reasons import Reason
+from sidecar.tls.engine import TlsEndpoint
+
+DIRECTION = "inbound"
+
+
+def acceptor(rt: Runtime, cfg: InboundListener) -> AcceptCallback:
+    def on_accept(sock: socket.socket, peer_addr: str) -> None:
+        rec = rt.tracker.open(DIRECTION, cfg.name, peer_addr)
+        rt.spawn(serve(rt, cfg, rec, sock), rec)
+
+    return on_accept
+
+
+async def serve(rt: Runtime, cfg: InboundListener, rec: Record, sock: socket.socket) -> None:
+    try:
+        ep = TlsEndpoint.server(rt.contexts.server, sock)
+    except OSError as exc:  # the peer reset between accept and wrap
+        sock.close()
+        rec.close, rec.detail = "error", str(exc)
+        rt.tracker.finish(rec)
+        return
+    peer = await secure(rt, rec, ep)
+    if peer is None:
+        return
+    decision = rt.policy.decide(peer.spiffe_id, cfg.name)
+    rec.decision, rec.rule = str(decision.kind), decision.rule
+    metrics.authz_decisions.labels(cfg.name, str(decision.kind), decision.rule).inc()
+    if not decision.allowed:
+        ep.close()
+        rec.close = "denied"
+        rt.tracker.finish(rec)
+        return
+    try:
+        app = await dial(cfg.forward_to, rt.limits.connect_timeout)
+    except (OSError, TimeoutError) as exc:
+        ep.close()
+        metrics.upstream_errors.labels(DIRECTION, cfg.name).inc()
+        rec.reason, rec.close = Reason.UPSTREAM_UNAVAILABLE, "upstream_unavailable"
+        rec.detail = f"cannot reach the app at {cfg.forward_to}: {exc or 'timed out'}"
+        rt.tracker.finish(rec)
+        return
+    duplex = Duplex(rt.loop, TcpEndpoint(app), ep, rt.tracker.closed)
+    rt.tracker.attach(rec, duplex)
+    duplex.start()

@@ -1,0 +1,135 @@
+"""Listening sockets, accepting on loop callbacks, and dialing the other side.
+
+A listener stops accepting when the process is at `max_connections` (new peers then
+wait in the kernel's backlog, as with HAProxy's maxconn, instead of being refused) and
+starts again as soon as a connection ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable
+
+from sidecar.config import Address
+
+# Kernel backlog: SOMAXCONN-sized, so a burst waits in the kernel rather than failing.
+BACKLOG = 4096
+# Connections accepted per readiness event before other work gets a turn.
+ACCEPTS_PER_TURN = 64
+
+AcceptCallback = Callable[[socket.socket, str], None]
+
+
+class Listener:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        name: str,
+        direction: str,
+        address: Address,
+        on_accept: AcceptCallback,
+        *,
+        reuse_port: bool = False,
+    ) -> None:
+        self.name = name
+        self.direction = direction
+        self.address = address
+        self._loop = loop
+        self._on_accept = on_accept
+        self._sock = bind(address, reuse_port=reuse_port)
+        self._paused = True
+
+    @property
+    def bound(self) -> str:
+        host, port = self._sock.getsockname()[:2]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    @property
+    def port(self) -> int:
+        port: int = self._sock.getsockname()[1]
+        return port
+
+    def resume(self) -> None:
+        if self._paused and self._sock.fileno() >= 0:
+            self._paused = False
+            self._loop.add_reader(self._sock.fileno(), self._accept)
+
+    def pause(self) -> None:
+        if not self._paused:
+            self._paused = True
+            self._loop.remove_reader(self._sock.fileno())
+
+    def close(self) -> None:
+        self.pause()
+        self._sock.close()
+
+    def _accept(self) -> None:
+        for _ in range(ACCEPTS_PER_TURN):
+            try:
+                conn, addr = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return  # EMFILE and friends: the next readiness event retries
+            conn.setblocking(False)
+            if conn.family != socket.AF_UNIX:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._on_accept(conn, _peer(addr))
+            if self._paused:
+                return
+
+
+def bind(address: Address, *, reuse_port: bool = False) -> socket.socket:
+    family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((address.host, address.port))
+        sock.listen(BACKLOG)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _peer(addr: object) -> str:
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        host, port = addr[0], addr[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(addr) or "unix"
+
+
+async def dial(address: Address, timeout: float) -> socket.socket:
+    """Open a non-blocking stream to host:port (every address it resolves to) or unix:path."""
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(timeout):
+        if address.unix is not None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            try:
+                await loop.sock_connect(sock, address.unix)
+            except BaseException:
+                sock.close()
+                raise
+            return sock
+        infos = await loop.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
+        last: OSError = OSError(f"{address} resolved to nothing")
+        for family, type_, proto, _, sockaddr in infos:
+            sock = socket.socket(family, type_, proto)
+            sock.setblocking(False)
+            try:
+                await loop.sock_connect(sock, sockaddr)
+            except OSError as exc:
+                sock.close()
+                last = exc
+                continue
+            except BaseException:
+                sock.close()
+                raise
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return sock
+        raise last

@@ -1,0 +1,49 @@
+"""The state every connection handler shares: the current snapshots and the limits.
+
+Snapshots (TLS contexts built from one identity, one compiled policy) are replaced whole
+by a reload; a handler reads the reference once when its connection starts and keeps
+that snapshot for the connection's life.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from sidecar import logs
+from sidecar.authn import Authenticator
+from sidecar.config import Limits
+from sidecar.policy import Policy
+from sidecar.proxy.connection import Record, Tracker
+from sidecar.tls.contexts import Contexts
+
+
+@dataclass(slots=True)
+class Runtime:
+    loop: asyncio.AbstractEventLoop
+    contexts: Contexts
+    policy: Policy
+    limits: Limits
+    tracker: Tracker
+    session_resumption: bool = True
+    authn: Authenticator = field(default_factory=Authenticator)
+    # Outbound session cache: the last resumable session per outbound listener.
+    sessions: dict[str, tuple[ssl.SSLContext, ssl.SSLSession]] = field(default_factory=dict)
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def spawn(self, coro: Coroutine[Any, Any, None], rec: Record) -> None:
+        task = self.loop.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(lambda t: self._done(t, rec))
+
+    def _done(self, task: asyncio.Task[None], rec: Record) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # A bug, not a peer's fault: say so loudly rather than lose the connection quietly.
+            logs.log.error("internal error in a connection handler", exc_info=task.exception())
+            if not rec.finished:
+                rec.close = "internal_error"
+                self.tracker.finish(rec)

@@ -1,0 +1,109 @@
+"""Every failure reason the proxy reports, with its explanation and likely fix.
+
+One home for the words: the metric label, the access log, `check`, `inspect` and
+`diagnose` all take them from here, so an on-call engineer reads the same sentence in
+every place.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Reason(StrEnum):
+    CERT_EXPIRED = "cert_expired"
+    CERT_NOT_YET_VALID = "cert_not_yet_valid"
+    UNKNOWN_CA = "unknown_ca"
+    MISSING_INTERMEDIATE = "missing_intermediate"
+    BAD_SIGNATURE = "bad_signature"
+    REVOKED = "revoked"
+    NO_CLIENT_CERT = "no_client_cert"
+    INVALID_SVID = "invalid_svid"
+    SPIFFE_ID_MISMATCH = "spiffe_id_mismatch"
+    PROTOCOL_VERSION = "protocol_version"
+    NO_SHARED_CIPHER = "no_shared_cipher"
+    HANDSHAKE_TIMEOUT = "handshake_timeout"
+    PEER_CLOSED = "peer_closed"
+    NOT_TLS = "not_tls"
+    UPSTREAM_UNAVAILABLE = "upstream_unavailable"
+    OTHER = "other"
+
+    @property
+    def explanation(self) -> str:
+        return _EXPLANATIONS[self][0]
+
+    @property
+    def fix(self) -> str:
+        return _EXPLANATIONS[self][1]
+
+
+_EXPLANATIONS: dict[Reason, tuple[str, str]] = {
+    Reason.CERT_EXPIRED: (
+        "the peer's certificate (or a CA in its chain) is past its notAfter",
+        "check that the peer's SVID issuer (spiffe-helper, SPIRE agent, cert-manager) is "
+        "still rotating; if the gap is small, check the clocks",
+    ),
+    Reason.CERT_NOT_YET_VALID: (
+        "the peer's certificate is not valid yet (its notBefore is in the future)",
+        "the clocks of the two hosts probably differ: check NTP on both",
+    ),
+    Reason.UNKNOWN_CA: (
+        "the peer's chain does not lead to any CA in the trust bundle for its trust domain",
+        "make both sides trust the same CA: compare bundle.pem on both (the trust stores "
+        "differ), or add a federated bundle for the peer's trust domain",
+    ),
+    Reason.MISSING_INTERMEDIATE: (
+        "the peer sent its leaf without the intermediate CA that signed it",
+        "the peer's svid.pem must hold the leaf followed by its intermediates",
+    ),
+    Reason.BAD_SIGNATURE: (
+        "a signature in the peer's chain does not verify",
+        "the certificate was altered or signed by a different key than its issuer's; reissue it",
+    ),
+    Reason.REVOKED: (
+        "the peer's certificate is listed in a CRL we load",
+        "issue the peer a new SVID; the revoked one must not come back",
+    ),
+    Reason.NO_CLIENT_CERT: (
+        "the client sent no certificate, and this listener requires mutual TLS",
+        "configure the client with its SVID (cert and key); plain TLS clients are refused",
+    ),
+    Reason.INVALID_SVID: (
+        "the certificate verifies but breaks an X.509-SVID rule (URI SAN count, CA flag, "
+        "key usage, SPIFFE ID syntax)",
+        "reissue it as an X.509-SVID: exactly one spiffe:// URI SAN, cA=false, "
+        "digitalSignature key usage",
+    ),
+    Reason.SPIFFE_ID_MISMATCH: (
+        "the server is authenticated but is not the SPIFFE ID this route expects",
+        "check connect_to points at the right service, or widen expect_ids",
+    ),
+    Reason.PROTOCOL_VERSION: (
+        "the two sides share no TLS version (this side allows TLS 1.3 only unless configured)",
+        "upgrade the peer to TLS 1.3, or set tls.min_version: \"1.2\" on this side",
+    ),
+    Reason.NO_SHARED_CIPHER: (
+        "the two sides share no cipher suite, signature algorithm or key-exchange group",
+        "allow an AEAD/ECDHE suite on the peer",
+    ),
+    Reason.HANDSHAKE_TIMEOUT: (
+        "the handshake did not finish within limits.handshake_timeout",
+        "the peer is slow, stalled or not speaking TLS; check the network path",
+    ),
+    Reason.PEER_CLOSED: (
+        "the peer closed the connection during the handshake",
+        "the peer probably rejected our certificate or does not trust our CA: see its logs",
+    ),
+    Reason.NOT_TLS: (
+        "the peer did not speak TLS (plaintext, HTTP, or random bytes)",
+        "point a TLS client at this port, or plaintext clients at the outbound listener",
+    ),
+    Reason.UPSTREAM_UNAVAILABLE: (
+        "the connection to the app or the remote could not be opened",
+        "check that the app listens on forward_to, or the remote on connect_to",
+    ),
+    Reason.OTHER: (
+        "the handshake failed for a reason not classified above",
+        "run `sidecar diagnose` against the peer for details",
+    ),
+}

@@ -1,0 +1,148 @@
+"""Handshake failures -> SPEC.md reasons. Pure: exceptions and certificates in, Reason out.
+
+OpenSSL reports a failure in one of three shapes, and each needs its own reading:
+- our own verification of the peer's chain failed: `SSLCertVerificationError` with an
+  X509_V_ERR code (x509_vfy.h);
+- the peer sent an alert (it refused us, or we share nothing): the library reason names
+  the alert, e.g. `TLSV1_ALERT_UNKNOWN_CA`;
+- the bytes were not TLS, or the peer went away: record-layer reasons, EOF, reset.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Collection
+from dataclasses import dataclass
+
+from cryptography import x509
+
+from sidecar.reasons import Reason
+
+# X509_V_ERR_* codes from OpenSSL's x509_vfy.h; stable across 1.1 and 3.x.
+_VERIFY_CODES: dict[int, Reason] = {
+    2: Reason.UNKNOWN_CA,  # unable to get issuer certificate
+    4: Reason.BAD_SIGNATURE,  # unable to decrypt certificate signature
+    6: Reason.BAD_SIGNATURE,  # unable to decode issuer public key
+    7: Reason.BAD_SIGNATURE,  # certificate signature failure
+    9: Reason.CERT_NOT_YET_VALID,
+    10: Reason.CERT_EXPIRED,
+    18: Reason.UNKNOWN_CA,  # self-signed leaf
+    19: Reason.UNKNOWN_CA,  # self-signed certificate in chain
+    20: Reason.UNKNOWN_CA,  # unable to get local issuer certificate
+    21: Reason.UNKNOWN_CA,  # unable to verify the first certificate
+    22: Reason.OTHER,  # chain too long
+    23: Reason.REVOKED,
+    24: Reason.INVALID_SVID,  # invalid CA certificate in the chain
+    26: Reason.INVALID_SVID,  # unsupported certificate purpose
+    79: Reason.INVALID_SVID,  # CA cert does not include key usage extension
+}
+_MISSING_ISSUER_CODES = frozenset({2, 20, 21})
+
+# Library reasons (the text in brackets of an SSLError) -> SPEC reasons.
+_LIBRARY_REASONS: dict[str, Reason] = {
+    "PEER_DID_NOT_RETURN_A_CERTIFICATE": Reason.NO_CLIENT_CERT,
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED": Reason.NO_CLIENT_CERT,
+    "UNSUPPORTED_PROTOCOL": Reason.PROTOCOL_VERSION,
+    "TLSV1_ALERT_PROTOCOL_VERSION": Reason.PROTOCOL_VERSION,
+    "NO_PROTOCOLS_AVAILABLE": Reason.PROTOCOL_VERSION,
+    "NO_SHARED_CIPHER": Reason.NO_SHARED_CIPHER,
+    "NO_CIPHERS_AVAILABLE": Reason.NO_SHARED_CIPHER,
+    "NO_SUITABLE_SIGNATURE_ALGORITHM": Reason.NO_SHARED_CIPHER,
+    "NO_SHARED_SIGNATURE_ALGORITHMS": Reason.NO_SHARED_CIPHER,
+    "NO_SUITABLE_KEY_SHARE": Reason.NO_SHARED_CIPHER,
+    "SSLV3_ALERT_HANDSHAKE_FAILURE": Reason.NO_SHARED_CIPHER,
+    "TLSV1_ALERT_INSUFFICIENT_SECURITY": Reason.NO_SHARED_CIPHER,
+    "TLSV1_ALERT_UNKNOWN_CA": Reason.UNKNOWN_CA,
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED": Reason.CERT_EXPIRED,
+    "SSLV3_ALERT_CERTIFICATE_REVOKED": Reason.REVOKED,
+    "TLSV1_ALERT_DECRYPT_ERROR": Reason.BAD_SIGNATURE,
+    "SSLV3_ALERT_BAD_CERTIFICATE": Reason.OTHER,
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": Reason.OTHER,
+    "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE": Reason.INVALID_SVID,
+    "UNEXPECTED_EOF_WHILE_READING": Reason.PEER_CLOSED,
+    "WRONG_VERSION_NUMBER": Reason.NOT_TLS,
+    "HTTP_REQUEST": Reason.NOT_TLS,
+    "HTTPS_PROXY_REQUEST": Reason.NOT_TLS,
+    "UNKNOWN_PROTOCOL": Reason.NOT_TLS,
+    "PACKET_LENGTH_TOO_LONG": Reason.NOT_TLS,
+    "RECORD_LENGTH_MISMATCH": Reason.NOT_TLS,
+    "UNEXPECTED_RECORD": Reason.NOT_TLS,
+    "UNEXPECTED_MESSAGE": Reason.OTHER,
+    "RENEGOTIATION_ATTEMPT": Reason.OTHER,
+    "NO_RENEGOTIATION": Reason.OTHER,
+}
+
+# Which of those reasons the peer reported about us (an alert it sent), as opposed to a
+# judgement of ours: the words in the log must say whose certificate was refused.
+_PEER_SAYS = frozenset(
+    name for name in _LIBRARY_REASONS
+    if "_ALERT_" in name and name != "SSLV3_ALERT_HANDSHAKE_FAILURE"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    reason: Reason
+    detail: str  # plain words for the log, `diagnose` and the user
+    by_peer: bool = False  # the peer refused us (its alert) rather than we the peer
+
+
+def classify(
+    exc: BaseException,
+    *,
+    presented: list[bytes] | None = None,
+    known_intermediates: Collection[x509.Name] = (),
+) -> Failure:
+    """Classify an exception raised while handshaking."""
+    if isinstance(exc, TimeoutError):
+        return Failure(Reason.HANDSHAKE_TIMEOUT, "the handshake did not finish in time")
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return _verification(exc, presented, known_intermediates)
+    if isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError):
+        return Failure(Reason.PEER_CLOSED, "the peer closed the connection mid-handshake")
+    if isinstance(exc, ssl.SSLError):
+        name = exc.reason or ""
+        reason = _LIBRARY_REASONS.get(name, Reason.OTHER)
+        by_peer = name in _PEER_SAYS
+        words = name.lower().replace("_", " ") if name else str(exc)
+        detail = f"the peer sent the alert '{words}'" if by_peer else words
+        return Failure(reason, detail, by_peer=by_peer)
+    if isinstance(exc, ConnectionError | EOFError):
+        return Failure(Reason.PEER_CLOSED, f"the peer closed the connection ({exc})")
+    if isinstance(exc, OSError):
+        return Failure(Reason.PEER_CLOSED, f"socket error during the handshake: {exc}")
+    return Failure(Reason.OTHER, f"{type(exc).__name__}: {exc}")
+
+
+def _verification(
+    exc: ssl.SSLCertVerificationError,
+    presented: list[bytes] | None,
+    known_intermediates: Collection[x509.Name],
+) -> Failure:
+    code = exc.verify_code
+    reason = _VERIFY_CODES.get(code, Reason.OTHER)
+    detail = str(exc.verify_message)
+    if code in _MISSING_ISSUER_CODES and presented:
+        reason, detail = _missing_issuer(presented, known_intermediates)
+    return Failure(reason, detail)
+
+
+def _missing_issuer(
+    presented: list[bytes], known_intermediates: Collection[x509.Name]
+) -> tuple[Reason, str]:
+    """A chain that ends before a trust anchor: is a known intermediate left out?"""
+    try:
+        last = x509.load_der_x509_certificate(presented[-1])
+    except ValueError:
+        return Reason.UNKNOWN_CA, "the peer's certificate could not be parsed"
+    issuer = last.issuer.rfc4514_string()
+    if last.issuer in known_intermediates:
+        return (
+            Reason.MISSING_INTERMEDIATE,
+            f"the peer sent {len(presented)} certificate(s) ending at one issued by "
+            f"'{issuer}', a known intermediate it did not send",
+        )
+    return (
+        Reason.UNKNOWN_CA,
+        f"the peer's chain ends at '{issuer}', which is not in our trust bundle",
+    )

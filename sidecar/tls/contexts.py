@@ -1,0 +1,91 @@
+"""SSLContexts built from one identity snapshot: the TLS choices of SPEC.md, in one place.
+
+A context is never changed after it serves a connection. A new SVID or bundle builds new
+contexts (a trust store can be added to but never shrunk, and a new server context also
+means new ticket keys, so tickets issued under the old trust stop resuming).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import ssl
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from sidecar.identity import Identity
+from sidecar.tls import openssl, peerchain
+
+# TLS 1.2 (only when configured): forward-secret AEAD suites, nothing else.
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+# One ticket per full handshake: a sidecar's client keeps one session per upstream, and
+# each ticket costs the server an encryption (OpenSSL's default is two).
+TICKETS_PER_HANDSHAKE = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Contexts:
+    server: ssl.SSLContext
+    client: ssl.SSLContext
+    identity: Identity
+
+
+def build(
+    identity: Identity,
+    *,
+    min_version: str = "1.3",
+    session_resumption: bool = True,
+    ktls: bool = False,
+) -> Contexts:
+    server = _base(ssl.PROTOCOL_TLS_SERVER, identity, min_version, ktls)
+    if session_resumption:
+        server.num_tickets = TICKETS_PER_HANDSHAKE
+    else:
+        server.num_tickets = 0
+        server.options |= ssl.OP_NO_TICKET
+    client = _base(ssl.PROTOCOL_TLS_CLIENT, identity, min_version, ktls)
+    # SVIDs need not carry a DNS name: the caller checks the server's SPIFFE ID instead.
+    client.check_hostname = False
+    return Contexts(server, client, identity)
+
+
+def _base(
+    protocol: ssl._SSLMethod, identity: Identity, min_version: str, ktls: bool
+) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(protocol)
+    ctx.minimum_version = (
+        ssl.TLSVersion.TLSv1_2 if min_version == "1.2" else ssl.TLSVersion.TLSv1_3
+    )
+    if min_version == "1.2":
+        ctx.set_ciphers(TLS12_CIPHERS)
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    if ktls:
+        ctx.options |= ssl.OP_ENABLE_KTLS
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    # Every trust domain's anchors go into OpenSSL's one store so that it can verify any
+    # peer; authn.py then insists the chain ended in the bundle of the peer's own trust
+    # domain, so federated bundles are never merged in effect.
+    ctx.load_verify_locations(cadata=identity.all_cas_pem().decode("ascii"))
+    with _in_memory_file(identity.chain_pem + identity.key_pem) as path:
+        ctx.load_cert_chain(path)
+    peerchain.install(ctx)
+    openssl.release_buffers(ctx)
+    return ctx
+
+
+@contextlib.contextmanager
+def _in_memory_file(data: bytes) -> Iterator[str]:
+    """A path OpenSSL can open whose bytes never touch a disk (the key is among them)."""
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("sidecar-svid", os.MFD_CLOEXEC)
+        try:
+            os.write(fd, data)
+            yield f"/proc/self/fd/{fd}"
+        finally:
+            os.close(fd)
+        return
+    with tempfile.NamedTemporaryFile(prefix="sidecar-svid-") as f:  # 0600 by default
+        f.write(data)
+        f.flush()
+        yield f.name

@@ -1,0 +1,203 @@
+"""The TLS engine: one non-blocking `ssl.SSLSocket` per connection, driven by the loop.
+
+General theory of operation
+---------------------------
+asyncio's own SSL transport (stdlib and uvloop alike) runs OpenSSL over memory BIOs:
+the loop reads ciphertext from the socket, feeds it to an `SSLObject`, and writes what
+comes out. That design can never use kTLS (the kernel needs OpenSSL to own a real socket
+BIO) and costs a 256 KiB read buffer per connection on the stdlib loop. So here OpenSSL
+owns the socket: `SSLContext.wrap_socket()` on a non-blocking socket, and every call
+either completes or raises "want read" / "want write", meaning "call me again, with the
+same arguments, once the fd is readable / writable". Three rules follow:
+
+1. Any call may want either direction. A read can need to write (a TLS 1.3 KeyUpdate
+   reply) and a handshake step wants both in turn. So callers wait on whatever the last
+   call asked for, never on a fixed direction. `read_into`/`write` return the wish as a
+   code (see endpoint.py) instead of raising, because they run once per chunk.
+2. A write that wants a retry must be retried with the same bytes: OpenSSL may already
+   have sent part of the record. (Python sets SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER, so the
+   bytes may move in memory; their content must not change.)
+3. OpenSSL can hold decrypted bytes the kernel no longer shows as readable. `read_into`
+   keeps reading records until OpenSSL wants more from the socket, so nothing is left
+   behind in OpenSSL when the pump goes back to waiting on the fd.
+
+Half-close sends close_notify with a single SSL_shutdown (openssl.py says why unwrap()
+cannot be used). The hot path calls the `_sslobj` of the SSLSocket directly: it is the
+same object the public methods call, minus a Python-level frame per chunk.
+
+Handshake CPU is measured here, per step, with `time.thread_time()`: the sum over the
+steps of one handshake is the CPU this process spent on it, whatever the loop did in
+between.
+"""
+
+from __future__ import annotations
+
+import _ssl
+import asyncio
+import socket
+import ssl
+import time
+from typing import Any
+
+from sidecar.endpoint import DONE, WANT_READ, WANT_WRITE
+from sidecar.tls import openssl, peerchain
+
+_READ_ROOM = 16 * 1024  # one TLS record's plaintext: read more only if a record fits
+
+
+class TlsEndpoint:
+    """A TLS connection over a socket it owns."""
+
+    __slots__ = ("_obj", "_ptr", "_shut", "cpu_seconds", "fd", "sock")
+
+    def __init__(self, sock: ssl.SSLSocket) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self._obj: Any = sock._sslobj  # type: ignore[attr-defined]
+        self._ptr: int | None = openssl.ssl_pointer(sock)
+        self._shut = False
+        self.cpu_seconds = 0.0
+
+    @classmethod
+    def server(cls, ctx: ssl.SSLContext, raw: socket.socket) -> TlsEndpoint:
+        raw.setblocking(False)
+        return cls(ctx.wrap_socket(raw, server_side=True, do_handshake_on_connect=False))
+
+    @classmethod
+    def client(
+        cls,
+        ctx: ssl.SSLContext,
+        raw: socket.socket,
+        server_name: str | None,
+        session: ssl.SSLSession | None = None,
+    ) -> TlsEndpoint:
+        raw.setblocking(False)
+        sock = ctx.wrap_socket(
+            raw,
+            server_side=False,
+            server_hostname=server_name,
+            do_handshake_on_connect=False,
+            session=session,
+        )
+        return cls(sock)
+
+    async def handshake(self) -> None:
+        """Run the handshake to completion; raises ssl.SSLError / OSError on failure."""
+        loop = asyncio.get_running_loop()
+        obj = self._obj
+        while True:
+            started = time.thread_time()
+            try:
+                obj.do_handshake()
+            except ssl.SSLWantReadError:
+                self.cpu_seconds += time.thread_time() - started
+                await _ready(loop, self.fd, write=False)
+            except ssl.SSLWantWriteError:
+                self.cpu_seconds += time.thread_time() - started
+                await _ready(loop, self.fd, write=True)
+            else:
+                self.cpu_seconds += time.thread_time() - started
+                self.after_handshake()
+                return
+
+    def after_handshake(self) -> None:
+        """Drop per-handshake state that would otherwise stay for the connection's life."""
+        self.sock.__dict__.pop(peerchain.ATTRIBUTE, None)
+        if self._ptr is not None:
+            openssl.stop_message_callback(self._ptr)
+
+    def read_into(self, buf: memoryview) -> int:
+        obj = self._obj
+        got = 0
+        room = len(buf)
+        while room - got >= _READ_ROOM:
+            try:
+                n: int = obj.read(room - got, buf[got:])
+            except ssl.SSLWantReadError:
+                return got or WANT_READ
+            except ssl.SSLWantWriteError:
+                return got or WANT_WRITE
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                return got  # 0 when nothing came first: end of stream
+            if n == 0:
+                return got
+            got += n
+        return got
+
+    def write(self, data: memoryview | bytes) -> int:
+        try:
+            n: int = self._obj.write(data)
+            return n
+        except ssl.SSLWantWriteError:
+            return WANT_WRITE
+        except ssl.SSLWantReadError:
+            return WANT_READ
+
+    def shutdown_write(self) -> int:
+        if self._shut:
+            return DONE
+        if self._ptr is None:
+            # No safe single-shot shutdown here: close_notify only when both directions end
+            # would be wrong too, so say EOF the TCP way. Peers read it as a ragged EOF.
+            self._shut = True
+            try:
+                self.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            return DONE
+        rc = openssl.shutdown_once(self._ptr)
+        if rc < 0:
+            err = openssl.last_error(self._ptr, rc)
+            if err == openssl.SSL_ERROR_WANT_WRITE:
+                return WANT_WRITE
+            if err == openssl.SSL_ERROR_WANT_READ:
+                return WANT_READ
+        self._shut = True
+        return DONE
+
+    # What the connection negotiated, for authentication, logs and metrics.
+    def version(self) -> str | None:
+        v: str | None = self._obj.version()
+        return v
+
+    def cipher(self) -> str | None:
+        c = self._obj.cipher()
+        return c[0] if c else None
+
+    def resumed(self) -> bool:
+        return bool(self._obj.session_reused)
+
+    def session(self) -> ssl.SSLSession | None:
+        s: ssl.SSLSession | None = self._obj.session
+        return s
+
+    def verified_chain(self) -> list[bytes]:
+        """DER certificates leaf first, as OpenSSL verified them; empty when resumed."""
+        chain = self._obj.get_verified_chain()
+        return [c.public_bytes(_ssl.ENCODING_DER) for c in chain or ()]
+
+    def peer_leaf(self) -> bytes | None:
+        der: bytes | None = self._obj.getpeercert(True)
+        return der
+
+    def presented_chain(self) -> list[bytes] | None:
+        return peerchain.presented(self.sock)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _ready(loop: asyncio.AbstractEventLoop, fd: int, *, write: bool) -> asyncio.Future[None]:
+    """A future that completes once fd is readable (or writable)."""
+    fut: asyncio.Future[None] = loop.create_future()
+    add, remove = (loop.add_writer, loop.remove_writer) if write else (
+        loop.add_reader, loop.remove_reader)
+
+    def fire() -> None:
+        remove(fd)
+        if not fut.done():
+            fut.set_result(None)
+
+    add(fd, fire)
+    fut.add_done_callback(lambda _f: remove(fd))  # also on cancel (handshake timeout)
+    return fut

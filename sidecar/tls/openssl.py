@@ -1,0 +1,170 @@
+"""Three OpenSSL calls that Python's ssl module does not expose, reached through ctypes.
+
+Why this exists:
+- Half-close. `SSLSocket.unwrap()` calls `SSL_shutdown` twice: the second call reads
+  from the socket and, when the peer's application data is already there, fails with
+  APPLICATION_DATA_AFTER_CLOSE_NOTIFY and loses that record (seen here, OpenSSL 3.0).
+  A proxy that carries one side's EOF through while the other side keeps talking must
+  send close_notify once and keep reading; only a single `SSL_shutdown` call does that.
+- Memory. `SSL_MODE_RELEASE_BUFFERS` lets OpenSSL free a connection's 16 KiB+ read and
+  write buffers while it is idle, which is most of a held connection's cost.
+- kTLS state. Whether the kernel took over TX or RX is a property of the socket BIO.
+
+How: the `SSL *` and `SSL_CTX *` live right after the object header in CPython's
+`PySSLSocket` and `PySSLContext`. Reading them is only trusted after checks that cannot
+crash: the word before `SSL *` must be the address of the socket's own weakref (which
+CPython reuses), and `SSL_get_SSL_CTX(ssl)` must equal the context's pointer. Symbols are
+resolved through the `_ssl` extension itself, so they are the very libssl it links. When
+any check fails, `available()` is False and callers fall back (see engine.py).
+"""
+
+from __future__ import annotations
+
+import _ssl
+import ctypes
+import ssl
+import sys
+import weakref
+from typing import Any
+
+_HEADER = object.__basicsize__  # ob_refcnt + ob_type: 16 on a default 64-bit build
+_PTR = ctypes.sizeof(ctypes.c_void_p)
+SSL_CTRL_MODE = 33
+SSL_MODE_RELEASE_BUFFERS = 0x10
+SSL_ERROR_WANT_READ = 2
+SSL_ERROR_WANT_WRITE = 3
+BIO_CTRL_GET_KTLS_SEND = 73
+BIO_CTRL_GET_KTLS_RECV = 76
+
+
+def _load() -> Any:
+    # Free-threaded builds have a different object header; do not guess there.
+    if hasattr(sys, "_is_gil_enabled") and not sys._is_gil_enabled():
+        return None
+    try:
+        lib = ctypes.CDLL(_ssl.__file__)
+        fns = {
+            "SSL_shutdown": ([ctypes.c_void_p], ctypes.c_int),
+            "SSL_get_SSL_CTX": ([ctypes.c_void_p], ctypes.c_void_p),
+            "SSL_CTX_ctrl": (
+                [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p],
+                ctypes.c_long,
+            ),
+            "SSL_get_error": ([ctypes.c_void_p, ctypes.c_int], ctypes.c_int),
+            "SSL_set_msg_callback": ([ctypes.c_void_p, ctypes.c_void_p], None),
+            "SSL_get_wbio": ([ctypes.c_void_p], ctypes.c_void_p),
+            "SSL_get_rbio": ([ctypes.c_void_p], ctypes.c_void_p),
+            "BIO_ctrl": (
+                [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p],
+                ctypes.c_long,
+            ),
+        }
+        for name, (args, res) in fns.items():
+            fn = getattr(lib, name)
+            fn.argtypes = args
+            fn.restype = res
+        return lib
+    except (OSError, AttributeError):
+        return None
+
+
+_lib = _load()
+
+
+def _word(address: int) -> int | None:
+    return ctypes.c_void_p.from_address(address).value
+
+
+def context_pointer(ctx: ssl.SSLContext) -> int | None:
+    if _lib is None:
+        return None
+    return _word(id(ctx) + _HEADER)
+
+
+def ssl_pointer(sock: ssl.SSLSocket) -> int | None:
+    """The `SSL *` of a live SSLSocket, or None when it cannot be read safely."""
+    obj = getattr(sock, "_sslobj", None)
+    if _lib is None or obj is None:
+        return None
+    if _word(id(obj) + _HEADER) != id(weakref.ref(sock)):
+        return None
+    ptr = _word(id(obj) + _HEADER + _PTR)
+    if not ptr or _lib.SSL_get_SSL_CTX(ptr) != context_pointer(sock.context):
+        return None
+    return ptr
+
+
+def shutdown_once(ptr: int) -> int:
+    """Send close_notify and return at once; reading the peer's data stays possible.
+
+    Returns SSL_shutdown's code: 0 or 1 done, < 0 see `last_error` (a full socket
+    buffer wants a retry once writable).
+    """
+    assert _lib is not None
+    rc: int = _lib.SSL_shutdown(ptr)
+    return rc
+
+
+def last_error(ptr: int, rc: int) -> int:
+    assert _lib is not None
+    err: int = _lib.SSL_get_error(ptr, rc)
+    return err
+
+
+def stop_message_callback(ptr: int) -> None:
+    """Detach the handshake-debugging hook from an established connection.
+
+    The context's `_msg_callback` (peerchain.py) is copied into every connection and
+    then fires on every record; after the handshake it has nothing left to tell us.
+    """
+    assert _lib is not None
+    _lib.SSL_set_msg_callback(ptr, None)
+
+
+def release_buffers(ctx: ssl.SSLContext) -> bool:
+    """Set SSL_MODE_RELEASE_BUFFERS on a context; True when it took effect."""
+    ptr = context_pointer(ctx)
+    if _lib is None or ptr is None or not _self_test_passed():
+        return False
+    mode = _lib.SSL_CTX_ctrl(ptr, SSL_CTRL_MODE, SSL_MODE_RELEASE_BUFFERS, None)
+    return bool(mode & SSL_MODE_RELEASE_BUFFERS)
+
+
+def ktls_state(ptr: int) -> tuple[bool, bool]:
+    """(tx, rx): whether the kernel holds this connection's send / receive keys."""
+    assert _lib is not None
+    tx = _lib.BIO_ctrl(_lib.SSL_get_wbio(ptr), BIO_CTRL_GET_KTLS_SEND, 0, None)
+    rx = _lib.BIO_ctrl(_lib.SSL_get_rbio(ptr), BIO_CTRL_GET_KTLS_RECV, 0, None)
+    return tx > 0, rx > 0
+
+
+_self_test: bool | None = None
+
+
+def _self_test_passed() -> bool:
+    """Prove the layout on a throwaway socket pair before trusting it with contexts."""
+    global _self_test
+    if _self_test is None:
+        _self_test = _run_self_test()
+    return _self_test
+
+
+def _run_self_test() -> bool:
+    import socket
+
+    if _lib is None:
+        return False
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    a, b = socket.socketpair()
+    try:
+        s = ctx.wrap_socket(a, do_handshake_on_connect=False, server_hostname="self-test")
+        ok = ssl_pointer(s) is not None
+        s.close()
+        return ok
+    finally:
+        a.close()
+        b.close()
+
+
+def available() -> bool:
+    return _self_test_passed()

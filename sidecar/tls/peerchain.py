@@ -1,0 +1,78 @@
+"""What certificates did the peer present? Seen even when verification fails.
+
+Python's ssl has no verify callback, and a failed verification only says "unable to get
+local issuer certificate" both for a foreign CA and for a missing intermediate. Telling
+them apart needs the chain the peer sent, which OpenSSL never hands back after a failure.
+`SSLContext._msg_callback` (a private debugging hook, present from 3.8 to 3.13) sees the
+decrypted Certificate handshake message first, so we parse the DER list out of it.
+
+The hook is copied into each connection and would then fire on every record; the engine
+detaches it after the handshake (openssl.stop_message_callback). Where the hook is gone,
+`install` returns False and classification falls back to `unknown_ca`.
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+_HANDSHAKE = 22  # TLS content type
+_CERTIFICATE = 11  # handshake message type
+MAX_KEPT = 10  # a 50-certificate chain must not cost us 50 DER copies per connection
+ATTRIBUTE = "peer_certificates"
+
+
+def install(ctx: ssl.SSLContext) -> bool:
+    if not hasattr(ctx, "_msg_callback"):
+        return False
+    ctx._msg_callback = _on_message
+    return True
+
+
+def _on_message(
+    conn: Any, direction: str, version: Any, content_type: Any, msg_type: Any, data: bytes
+) -> None:
+    if direction != "read" or content_type != _HANDSHAKE or msg_type != _CERTIFICATE:
+        return
+    tls13 = version == ssl.TLSVersion.TLSv1_3
+    try:
+        setattr(conn, ATTRIBUTE, parse_certificate_message(data, tls13=tls13))
+    except AttributeError:
+        pass  # an owner without a __dict__: classification falls back
+
+
+def parse_certificate_message(data: bytes, *, tls13: bool) -> list[bytes]:
+    """DER certificates of a Certificate handshake message (with its 4-byte header).
+
+    TLS 1.3 (RFC 8446 4.4.2): context<0..255>, then entries of cert<1..2^24-1> and
+    extensions<0..2^16-1>. TLS 1.2 (RFC 5246 7.4.2): entries of cert only. A malformed
+    message yields the certificates parsed before the damage.
+    """
+    pos = 4
+    if tls13:
+        if len(data) < pos + 1:
+            return []
+        pos += 1 + data[pos]
+    if len(data) < pos + 3:
+        return []
+    end = min(len(data), pos + 3 + int.from_bytes(data[pos : pos + 3]))
+    pos += 3
+    certs: list[bytes] = []
+    while pos + 3 <= end and len(certs) < MAX_KEPT:
+        size = int.from_bytes(data[pos : pos + 3])
+        pos += 3
+        if size == 0 or pos + size > end:
+            break
+        certs.append(data[pos : pos + size])
+        pos += size
+        if tls13:
+            if pos + 2 > end:
+                break
+            pos += 2 + int.from_bytes(data[pos : pos + 2])
+    return certs
+
+
+def presented(sock: ssl.SSLSocket) -> list[bytes] | None:
+    """The chain the peer sent on this connection, if the hook saw it."""
+    certs: list[bytes] | None = sock.__dict__.get(ATTRIBUTE)
+    return certs
