@@ -201,11 +201,9 @@ def _set(_: object) -> bool:
 NOT_SUPPORTED_YET: Final[tuple[Unsupported, ...]] = (
     Unsupported("inbound[].protocol", _is("http"), "per-request HTTP policy is planned", "use tcp"),
     Unsupported("inbound[].proxy_protocol", _is(True), "PROXY v2 headers are planned", "set false"),
-    Unsupported("identity.crl", bool, "CRL checking is planned", "remove it or set null"),
     Unsupported("tls.ktls", _is("on"), "kTLS offload is planned", "use auto or off"),
     Unsupported("workers", lambda n: n != 1, "several worker processes are planned", "use 1"),
     Unsupported("tls.session_ticket_rotation", _set, "ticket key rotation is planned", "remove it"),
-    Unsupported("admin.listen", _set, "the admin endpoint is planned", "remove it"),
 )
 
 

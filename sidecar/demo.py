@@ -94,6 +94,7 @@ identity:
   cert: {name}/svid.pem
   key: {name}/svid_key.pem
   bundle: {name}/bundle.pem
+admin: {{listen: "127.0.0.1:0"}}
 {body}"""
     path = d / f"{name}.yaml"
     path.write_text(text)

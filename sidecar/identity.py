@@ -50,6 +50,14 @@ class Identity:
     key_pem: bytes = field(repr=False)  # never in a log or a repr
     bundles: Mapping[str, Bundle]  # by trust domain: ours and the federated ones
     version: str  # short digest of the material, to tell snapshots apart
+    crls: tuple[x509.CertificateRevocationList, ...] = ()
+    crls_pem: bytes = b""
+
+    @property
+    def trust_version(self) -> str:
+        """Digest of what decides whom we trust: bundles and CRLs, not our own SVID."""
+        digest = hashlib.sha256(self.all_cas_pem() + self.crls_pem)
+        return digest.hexdigest()[:12]
 
     @property
     def trust_domain(self) -> str:
@@ -76,6 +84,7 @@ def load_identity(
     key: Path,
     bundle: Path,
     federated: Mapping[str, Path] | None = None,
+    crls: tuple[Path, ...] = (),
     *,
     now: dt.datetime | None = None,
 ) -> Identity:
@@ -102,15 +111,17 @@ def load_identity(
         fb = _read_bundle(path, fed_td, problems)
         if fb is not None:
             bundles[fed_td] = fb
+    crl_list = [c for path in crls for c in _read_crl(path, bundles, now, problems)]
     if problems:
         raise ProblemsError(problems)
-    digest = hashlib.sha256()
+    crls_pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in crl_list)
+    digest = hashlib.sha256(crls_pem)
     for part in (*(c.public_bytes(serialization.Encoding.DER) for c in chain), key_pem,
                  *(b.pem for b in bundles.values())):
         digest.update(part)
     chain_pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain)
     return Identity(sid, leaf, intermediates, chain_pem, key_pem,
-                    MappingProxyType(bundles), digest.hexdigest()[:12])
+                    MappingProxyType(bundles), digest.hexdigest()[:12], tuple(crl_list), crls_pem)
 
 
 def _read(path: Path, problems: list[Problem]) -> bytes | None:
@@ -177,6 +188,36 @@ def _read_bundle(path: Path, td: str | None, problems: list[Problem]) -> Bundle 
     ders = frozenset(c.public_bytes(serialization.Encoding.DER) for c in certs)
     pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
     return Bundle(td or "", tuple(certs), ders, pem)
+
+
+def _read_crl(
+    path: Path, bundles: Mapping[str, Bundle], now: dt.datetime, problems: list[Problem]
+) -> list[x509.CertificateRevocationList]:
+    """One PEM CRL per file, signed by a CA we trust, not past its nextUpdate.
+
+    A stale CRL would make OpenSSL refuse every peer of that CA, so it is refused here
+    and the previous CRL stays in force (reload keeps the old snapshot).
+    """
+    data = _read(path, problems)
+    if data is None:
+        return []
+    try:
+        crl = x509.load_pem_x509_crl(data)
+    except ValueError as exc:
+        problems.append(Problem(str(path), f"not a PEM CRL ({exc})"))
+        return []
+    issuers = [ca for b in bundles.values() for ca in b.cas if ca.subject == crl.issuer]
+    if not any(crl.is_signature_valid(ca.public_key()) for ca in issuers):  # type: ignore[arg-type]
+        problems.append(Problem(str(path), f"CRL issuer '{crl.issuer.rfc4514_string()}' is "
+                                           "not a CA of our trust bundles, or the signature "
+                                           "does not verify"))
+        return []
+    nxt = crl.next_update_utc
+    if nxt is not None and nxt < now:
+        problems.append(Problem(str(path), f"CRL is stale: nextUpdate {nxt:%Y-%m-%dT%H:%M:%SZ}"
+                                           " has passed; is the CA still publishing it?"))
+        return []
+    return [crl]
 
 
 def _check_leaf(

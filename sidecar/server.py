@@ -5,17 +5,20 @@ policy at start means deny everything, loudly), bind every listener (a port in u
 fatal: a sidecar half-listening is worse than one that fails its rollout), then serve.
 SIGTERM or SIGINT starts a drain: stop accepting, let live connections finish until
 `drain_timeout`, close what is left, exit 0. A second signal ends the drain at once.
-SIGHUP reloads the identity and the policy.
+SIGHUP reloads the identity and the policy, as file changes do (reload.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
+import os
 import signal
 from collections.abc import Callable
+from typing import Any
 
-from sidecar import logs, metrics
+from sidecar import admin, logs, metrics, reload
 from sidecar.config import Config
 from sidecar.identity import Identity, load_identity
 from sidecar.policy import DENY_ALL, Policy, load_policy
@@ -37,12 +40,15 @@ class Server:
         self.draining = False
         self._stop: asyncio.Event | None = None
         self._drained: asyncio.Event | None = None
+        self._reloadables: list[reload.Reloadable] = []
+        self._admin: asyncio.Server | None = None
 
     # -- snapshots ------------------------------------------------------------------------
 
     def load_identity(self) -> Identity:
         ident = self.config.identity
-        return load_identity(ident.cert, ident.key, ident.bundle, ident.federated_bundles)
+        return load_identity(ident.cert, ident.key, ident.bundle, ident.federated_bundles,
+                             ident.crl)
 
     def build_contexts(self, identity: Identity) -> tls_contexts.Contexts:
         tls = self.config.tls
@@ -62,31 +68,66 @@ class Server:
         for td, bundle in identity.bundles.items():
             metrics.bundle_expiry.labels(td).set(bundle.earliest_expiry.timestamp())
 
-    def reload(self) -> None:
-        """SIGHUP: build new snapshots; anything that fails to load leaves the old in force."""
-        assert self.rt is not None
-        try:
-            identity = self.load_identity()
-            if identity.version != self.rt.contexts.identity.version:
-                self.rt.contexts = self.build_contexts(identity)
-                self.rt.authn.learn(identity)
-                self.publish_identity(identity)
-            metrics.reloads.labels("svid", "ok").inc()
-            logs.event(logging.INFO, "identity reloaded", spiffe_id=str(identity.spiffe_id),
-                       serial=f"{identity.serial:x}", version=identity.version)
-        except ProblemsError as exc:
-            metrics.reloads.labels("svid", "error").inc()
-            logs.event(logging.ERROR, "identity reload failed; the previous identity stays",
-                       problems=[str(p) for p in exc.problems])
+    def reloadables(self) -> list[reload.Reloadable]:
+        ident = self.config.identity
+        out = [reload.Reloadable(
+            "svid",
+            (ident.cert, ident.key, ident.bundle, *ident.federated_bundles.values(),
+             *ident.crl),
+            self.load_identity, self._swap_identity)]
         if self.config.policy is not None:
-            try:
-                self.rt.policy = self.load_policy()
-                metrics.reloads.labels("policy", "ok").inc()
-                logs.event(logging.INFO, "policy reloaded", version=self.rt.policy.version)
-            except ProblemsError as exc:
-                metrics.reloads.labels("policy", "error").inc()
-                logs.event(logging.ERROR, "policy reload failed; the previous policy stays",
-                           problems=[str(p) for p in exc.problems])
+            out.append(reload.Reloadable("policy", (self.config.policy,), self.load_policy,
+                                         self._swap_policy))
+        return out
+
+    def _swap_identity(self, new: object) -> bool:
+        assert self.rt is not None and isinstance(new, Identity)
+        old = self.rt.contexts.identity
+        if new.version == old.version:
+            return False
+        if new.trust_version == old.trust_version:
+            self.rt.contexts = tls_contexts.present(self.rt.contexts, new)
+        else:
+            # New trust: new contexts, so tickets issued under the old trust stop resuming.
+            self.rt.contexts = self.build_contexts(new)
+        self.rt.authn.learn(new)
+        self.publish_identity(new)
+        logs.event(logging.INFO, "identity reloaded", spiffe_id=str(new.spiffe_id),
+                   serial=f"{new.serial:x}", not_after=new.not_after.isoformat(),
+                   trust_changed=new.trust_version != old.trust_version)
+        return True
+
+    def _swap_policy(self, new: object) -> bool:
+        assert self.rt is not None and isinstance(new, Policy)
+        if new.version == self.rt.policy.version:
+            return False
+        self.rt.policy = new
+        logs.event(logging.INFO, "policy reloaded", version=new.version, mode=str(new.mode))
+        if self.config.policy_recheck:
+            self._recheck(new)
+        return True
+
+    def _recheck(self, policy: Policy) -> None:
+        """Close live inbound connections the new policy denies (Envoy decides only once)."""
+        assert self.rt is not None
+        closed = 0
+        for duplex, rec in list(self.rt.tracker.live.items()):
+            if rec.direction != inbound.DIRECTION or rec.peer_id is None:
+                continue
+            decision = policy.decide(rec.peer_id, rec.listener)
+            if decision.allowed:
+                continue
+            metrics.authz_decisions.labels(rec.listener, str(decision.kind), decision.rule).inc()
+            rec.decision, rec.rule, rec.close = str(decision.kind), decision.rule, "policy_recheck"
+            duplex.abort("policy_recheck")
+            closed += 1
+        if closed:
+            logs.event(logging.INFO, "policy recheck closed live connections", closed=closed)
+
+    def reload_all(self, why: str) -> None:
+        assert self.rt is not None
+        for r in self._reloadables:
+            self.rt.loop.create_task(r.reload(why))
 
     # -- life cycle -----------------------------------------------------------------------
 
@@ -128,6 +169,16 @@ class Server:
             for lst in self.listeners:
                 lst.close()
             return 1
+        try:
+            admin_cfg = cfg.admin.listen
+            self._admin = await admin.start(admin_cfg.host, admin_cfg.port,
+                                            admin.Probe(self.not_ready, self.status))
+        except OSError as exc:
+            logs.event(logging.ERROR, f"cannot listen on admin {cfg.admin.listen}: "
+                       f"{exc.strerror}", error=str(exc))
+            for lst in self.listeners:
+                lst.close()
+            return 1
         tracker.on_full = self._pause_listeners
         tracker.on_capacity = self._resume_listeners
         tracker.on_empty = self._maybe_drained
@@ -138,15 +189,33 @@ class Server:
             lst.resume()
             logs.event(logging.INFO, "listening", listener=lst.name, direction=lst.direction,
                        address=lst.bound)
+        logs.event(logging.INFO, "listening", listener="admin", direction="admin",
+                   address=self.admin_address)
         logs.event(logging.INFO, "ready", spiffe_id=str(identity.spiffe_id),
                    serial=f"{identity.serial:x}", policy=policy.version)
         if on_ready:
             on_ready(self)
         sweeper = loop.call_later(SWEEP_EVERY, self._sweep)
+        self._reloadables = self.reloadables()
+        background = self._background()
         await self._stop.wait()
         sweeper.cancel()
+        for task in background:
+            task.cancel()
         await self._drain()
         return 0
+
+    def _background(self) -> list[asyncio.Task[None]]:
+        assert self._stop is not None and self.rt is not None
+        rt, ident = self.rt, self.config.identity
+        coros = [reload.expiry_watch(
+            lambda: (rt.contexts.identity.leaf.not_valid_before_utc,
+                     rt.contexts.identity.not_after), self._stop)]
+        if ident.watch:
+            coros.append(reload.watch(self._reloadables, self._stop))
+        if ident.reload_interval > 0:
+            coros.append(reload.every(ident.reload_interval, self._reloadables, self._stop))
+        return reload.spawn_all(coros)
 
     def stop(self) -> None:
         """Begin a drain (first call) or end it at once (second call)."""
@@ -162,6 +231,14 @@ class Server:
         assert self.rt is not None and self._drained is not None
         for lst in self.listeners:
             lst.close()
+        try:
+            await self._drain_connections()
+        finally:
+            if self._admin is not None:
+                self._admin.close()
+
+    async def _drain_connections(self) -> None:
+        assert self.rt is not None and self._drained is not None
         tracker = self.rt.tracker
         timeout = self.config.drain_timeout
         logs.event(logging.INFO, "draining", active=tracker.active, timeout_s=timeout)
@@ -176,6 +253,55 @@ class Server:
         if self.rt.tasks:
             await asyncio.wait(list(self.rt.tasks), timeout=1.0)
         logs.event(logging.INFO, "stopped")
+
+    # -- what the admin endpoint shows ---------------------------------------------------
+
+    @property
+    def admin_address(self) -> str:
+        if self._admin is None or not self._admin.sockets:
+            return ""
+        host, port = self._admin.sockets[0].getsockname()[:2]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def not_ready(self) -> str | None:
+        if self.draining:
+            return "draining"
+        if self.rt is None:
+            return "starting"
+        identity = self.rt.contexts.identity
+        now = dt.datetime.now(dt.UTC)
+        if identity.not_after <= now:
+            expired = identity.not_after.strftime("%Y-%m-%dT%H:%M:%SZ")
+            return (f"the SVID {identity.spiffe_id} expired at {expired} and no valid one "
+                    "has been loaded since")
+        if identity.leaf.not_valid_before_utc > now:
+            return "the SVID is not valid yet (check the clock)"
+        return None
+
+    def status(self) -> dict[str, Any]:
+        assert self.rt is not None
+        identity = self.rt.contexts.identity
+        return {
+            "spiffe_id": str(identity.spiffe_id),
+            "svid": {"serial": f"{identity.serial:x}", "not_after": identity.not_after,
+                     "not_before": identity.leaf.not_valid_before_utc,
+                     "version": identity.version},
+            "bundles": {td: [{"subject": ca.subject.rfc4514_string(),
+                              "not_after": ca.not_valid_after_utc} for ca in b.cas]
+                        for td, b in identity.bundles.items()},
+            "crls": [{"issuer": c.issuer.rfc4514_string(), "next_update": c.next_update_utc}
+                     for c in identity.crls],
+            "policy": {"version": self.rt.policy.version, "mode": str(self.rt.policy.mode),
+                       "source": self.rt.policy.source},
+            "listeners": [{"name": lst.name, "direction": lst.direction,
+                           "address": lst.bound} for lst in self.listeners],
+            "connections": {"active": self.rt.tracker.active,
+                            "pending_handshakes": len(self.rt.tracker.pending)},
+            "draining": self.draining,
+            "ktls": {"mode": str(self.config.tls.ktls), "available": False,
+                     "why": "kTLS detection is not built yet: user-space TLS"},
+            "workers": [{"pid": os.getpid()}],
+        }
 
     def _maybe_drained(self) -> None:
         if self.draining and self._drained is not None:
@@ -206,6 +332,6 @@ class Server:
     def _on_signal(self, name: str) -> None:
         logs.event(logging.INFO, f"{name} received")
         if name == "SIGHUP":
-            self.reload()
+            self.reload_all("SIGHUP")
         else:
             self.stop()

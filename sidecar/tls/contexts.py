@@ -31,6 +31,20 @@ class Contexts:
     identity: Identity
 
 
+def present(contexts: Contexts, identity: Identity) -> Contexts:
+    """A new SVID under the same trust: the live contexts present it from now on.
+
+    `load_cert_chain` on a live context changes what new handshakes present and keeps its
+    ticket keys, so peers keep resuming across an SVID rotation (hourly or faster with
+    SPIRE); handshakes already under way keep the certificate they started with.
+    """
+    pem = identity.chain_pem + identity.key_pem
+    for ctx in (contexts.server, contexts.client):
+        with _in_memory_file(pem) as path:
+            ctx.load_cert_chain(path)
+    return Contexts(contexts.server, contexts.client, identity)
+
+
 def build(
     identity: Identity,
     *,
@@ -67,6 +81,12 @@ def _base(
     # peer; authn.py then insists the chain ended in the bundle of the peer's own trust
     # domain, so federated bundles are never merged in effect.
     ctx.load_verify_locations(cadata=identity.all_cas_pem().decode("ascii"))
+    if identity.crls_pem:
+        # cadata takes certificates only; a file path takes CRLs too.
+        with _in_memory_file(identity.crls_pem) as path:
+            ctx.load_verify_locations(cafile=path)
+        # Hard fail: a revoked peer, or one whose CA has no CRL here, is refused.
+        ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
     with _in_memory_file(identity.chain_pem + identity.key_pem) as path:
         ctx.load_cert_chain(path)
     peerchain.install(ctx)
