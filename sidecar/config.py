@@ -192,10 +192,6 @@ def _is(expected: object) -> Callable[[object], bool]:
     return lambda value: value == expected
 
 
-def _set(_: object) -> bool:
-    return True  # refused whatever the value: writing the key at all asks for the feature
-
-
 # A setting the proxy cannot honour yet is refused, never silently ignored. Delete a line
 # when its feature lands.
 NOT_SUPPORTED_YET: Final[tuple[Unsupported, ...]] = (
@@ -203,7 +199,6 @@ NOT_SUPPORTED_YET: Final[tuple[Unsupported, ...]] = (
     Unsupported("inbound[].proxy_protocol", _is(True), "PROXY v2 headers are planned", "set false"),
     Unsupported("tls.ktls", _is("on"), "kTLS offload is planned", "use auto or off"),
     Unsupported("workers", lambda n: n != 1, "several worker processes are planned", "use 1"),
-    Unsupported("tls.session_ticket_rotation", _set, "ticket key rotation is planned", "remove it"),
 )
 
 

@@ -215,7 +215,27 @@ class Server:
             coros.append(reload.watch(self._reloadables, self._stop))
         if ident.reload_interval > 0:
             coros.append(reload.every(ident.reload_interval, self._reloadables, self._stop))
+        rotation = self.config.tls.session_ticket_rotation
+        if self.config.tls.session_resumption and rotation > 0:
+            coros.append(self._rotate_ticket_keys(rotation))
         return reload.spawn_all(coros)
+
+    async def _rotate_ticket_keys(self, every: float) -> None:
+        """A new server context every `every` seconds: OpenSSL makes a context's ticket key
+        once and never changes it, so a fresh context is how the key rotates. Tickets from
+        before then fall back to a full handshake; the client context (our outbound
+        sessions) is kept."""
+        assert self._stop is not None and self.rt is not None
+        while not self._stop.is_set():
+            try:
+                async with asyncio.timeout(every):
+                    await self._stop.wait()
+            except TimeoutError:
+                current = self.rt.contexts
+                fresh = self.build_contexts(current.identity)
+                self.rt.contexts = tls_contexts.Contexts(fresh.server, current.client,
+                                                         current.identity)
+                logs.event(logging.INFO, "session ticket key rotated", next_in_s=every)
 
     def stop(self) -> None:
         """Begin a drain (first call) or end it at once (second call)."""
