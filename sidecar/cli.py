@@ -70,15 +70,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("demo", help="a local zero-trust demo on loopback, with built-in defaults")
 
+    # These parse their own arguments (each module's main), so their --help is their own.
     for name, text in (("inspect", "explain certificates"),
                        ("diagnose", "connect as a client and explain the outcome"),
                        ("bench", "handshake and resumption load generator")):
-        sp = sub.add_parser(name, help=f"{text} (not supported yet)")
+        sp = sub.add_parser(name, help=text, add_help=False)
         sp.add_argument("rest", nargs=argparse.REMAINDER)
     return p
 
 
+# Commands that parse their own arguments (their module's main), so that `sidecar
+# diagnose --help` is theirs and their options may come before their positionals.
+_DELEGATED = ("inspect", "diagnose", "bench")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in _DELEGATED:
+        return _delegate(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     match args.command:
         case "run":
@@ -92,9 +101,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return demo_main()
         case _:
-            print(f"sidecar {args.command}: not supported yet in this version "
-                  f"(see README: planned)", file=sys.stderr)
-            return EXIT_USAGE
+            return _delegate(args.command, args.rest)
+
+
+def _delegate(command: str, rest: list[str]) -> int:
+    import importlib
+
+    module = {"inspect": "sidecar.inspect", "diagnose": "sidecar.diagnose",
+              "bench": "sidecar.bench"}[command]
+    try:
+        entry = importlib.import_module(module).main
+    except (ImportError, AttributeError):
+        print(f"sidecar {command}: not supported yet in this version", file=sys.stderr)
+        return EXIT_USAGE
+    code: int = entry(rest)
+    return code
 
 
 def _run(args: argparse.Namespace) -> int:
