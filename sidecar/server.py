@@ -28,6 +28,7 @@ from sidecar.proxy.connection import Tracker
 from sidecar.proxy.listener import Listener
 from sidecar.proxy.runtime import Runtime
 from sidecar.tls import contexts as tls_contexts
+from sidecar.tls import ktls
 
 SWEEP_EVERY = 1.0  # seconds between idle / lifetime sweeps
 
@@ -42,6 +43,7 @@ class Server:
         self._drained: asyncio.Event | None = None
         self._reloadables: list[reload.Reloadable] = []
         self._admin: asyncio.Server | None = None
+        self.ktls = ktls.Support(False, "not detected yet")
 
     # -- snapshots ------------------------------------------------------------------------
 
@@ -53,7 +55,24 @@ class Server:
     def build_contexts(self, identity: Identity) -> tls_contexts.Contexts:
         tls = self.config.tls
         return tls_contexts.build(identity, min_version=str(tls.min_version),
-                                  session_resumption=tls.session_resumption)
+                                  session_resumption=tls.session_resumption,
+                                  ktls=self.ktls.available)
+
+    def detect_ktls(self) -> str | None:
+        """Settle the kTLS mode; an error message when `ktls: on` cannot be honoured."""
+        mode = str(self.config.tls.ktls)
+        if mode == "off":
+            self.ktls = ktls.Support(False, "tls.ktls: off")
+            return None
+        self.ktls = ktls.detect()
+        if self.ktls.available:
+            logs.event(logging.INFO, "kTLS available", detail=self.ktls.why)
+        elif mode == "on":
+            return f"tls.ktls is on, but kTLS is not available here: {self.ktls.why}"
+        else:
+            logs.event(logging.INFO, "kTLS unavailable; using user-space TLS",
+                       detail=self.ktls.why)
+        return None
 
     def load_policy(self) -> Policy:
         if self.config.policy is None:
@@ -134,6 +153,10 @@ class Server:
     async def run(self, on_ready: Callable[[Server], None] | None = None) -> int:
         loop = asyncio.get_running_loop()
         cfg = self.config
+        refusal = self.detect_ktls()
+        if refusal is not None:
+            logs.event(logging.ERROR, f"cannot start: {refusal}")
+            return 1
         try:
             identity = self.load_identity()
         except ProblemsError as exc:
@@ -154,7 +177,9 @@ class Server:
                           idle_timeout=limits.idle_timeout,
                           max_lifetime=limits.max_connection_lifetime)
         self.rt = rt = Runtime(loop, self.build_contexts(identity), policy, limits, tracker,
-                               session_resumption=cfg.tls.session_resumption)
+                               session_resumption=cfg.tls.session_resumption,
+                               ktls="off" if str(cfg.tls.ktls) == "off" else
+                               "enabled" if self.ktls.available else "unavailable")
         rt.authn.learn(identity)
         self.publish_identity(identity)
         try:
@@ -318,8 +343,7 @@ class Server:
             "connections": {"active": self.rt.tracker.active,
                             "pending_handshakes": len(self.rt.tracker.pending)},
             "draining": self.draining,
-            "ktls": {"mode": str(self.config.tls.ktls), "available": False,
-                     "why": "kTLS detection is not built yet: user-space TLS"},
+            "ktls": {"mode": str(self.config.tls.ktls), **self.ktls.as_dict()},
             "workers": [{"pid": os.getpid()}],
         }
 

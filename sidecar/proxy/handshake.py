@@ -59,6 +59,7 @@ async def secure(
         _fail(rt, rec, ep, exc.reason, exc.detail, resumed=resumed)
         return None
     rec.peer_id = peer.spiffe_id
+    _count_ktls(rt, rec, ep)
     elapsed = time.monotonic() - rec.started
     rec.handshake_ms = round(elapsed * 1000, 3)
     rec.handshake_cpu_ms = round(ep.cpu_seconds * 1000, 3)
@@ -67,6 +68,19 @@ async def secure(
     metrics.handshake_duration.labels(rec.direction, rec.listener, r).observe(elapsed)
     metrics.handshake_cpu.labels(rec.direction, rec.listener, r).inc(ep.cpu_seconds)
     return peer
+
+
+def _count_ktls(rt: Runtime, rec: Record, ep: TlsEndpoint) -> None:
+    if rt.ktls == "off":
+        return
+    if rt.ktls == "unavailable":
+        for path in ("tx", "rx"):
+            metrics.ktls_connections.labels(rec.direction, path, "unavailable").inc()
+        return
+    rec.ktls_tx, rec.ktls_rx = ep.ktls()
+    for path, on in (("tx", rec.ktls_tx), ("rx", rec.ktls_rx)):
+        metrics.ktls_connections.labels(rec.direction, path,
+                                        "enabled" if on else "failed").inc()
 
 
 def _fail(

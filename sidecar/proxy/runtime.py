@@ -29,6 +29,9 @@ class Runtime:
     limits: Limits
     tracker: Tracker
     session_resumption: bool = True
+    # kTLS: "enabled" (asked of OpenSSL on every connection), "unavailable" (auto, but this
+    # host cannot), or "off" (configured off: not counted).
+    ktls: str = "off"
     authn: Authenticator = field(default_factory=Authenticator)
     # Outbound session cache: the last resumable session per outbound listener.
     sessions: dict[str, tuple[ssl.SSLContext, ssl.SSLSession]] = field(default_factory=dict)

@@ -180,6 +180,10 @@ class TlsEndpoint:
         der: bytes | None = self._obj.getpeercert(True)
         return der
 
+    def ktls(self) -> tuple[bool, bool]:
+        """(tx, rx): did the kernel take over sending / receiving on this connection?"""
+        return openssl.ktls_state(self._ptr) if self._ptr is not None else (False, False)
+
     def presented_chain(self) -> list[bytes] | None:
         return peerchain.presented(self.sock)
 
