@@ -14,7 +14,6 @@ CertificateRequest message we see through the handshake hook (peerchain.py).
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import socket
 import ssl
@@ -29,7 +28,7 @@ from cryptography import x509
 from sidecar import spiffe
 from sidecar.authn import matches_expected
 from sidecar.reasons import Reason
-from sidecar.tls.classify import Failure, classify
+from sidecar.tls.classify import Failure, classify, skew_note
 from sidecar.tls.peerchain import ATTRIBUTE as PRESENTED
 
 CONNECT_TIMEOUT = 5.0
@@ -114,22 +113,6 @@ def _known_intermediates(cert_path: str | None) -> list[x509.Name]:
     return [c.subject for c in certs[1:]]
 
 
-def _skew_note(presented: list[bytes] | None, hint: float) -> str:
-    """When a certificate is outside its validity by less than the hint, say so."""
-    if not presented:
-        return ""
-    try:
-        leaf = x509.load_der_x509_certificate(presented[0])
-    except ValueError:
-        return ""
-    now = dt.datetime.now(dt.UTC)
-    gap = max((leaf.not_valid_before_utc - now).total_seconds(),
-              (now - leaf.not_valid_after_utc).total_seconds())
-    if 0 < gap <= hint:
-        return f"; off by only {int(gap)} s: the clocks of the two hosts probably differ"
-    return ""
-
-
 def run(args: argparse.Namespace) -> Outcome:
     out = Outcome()
     host, _, port_text = args.target.rpartition(":")
@@ -187,7 +170,7 @@ def _attempt(
                 # A ClientHello where a ServerHello belongs: our own bytes came back.
                 f = Failure(Reason.NOT_TLS, "the server answered with something other than "
                             "a TLS ServerHello (our own bytes echoed back?): not a TLS server")
-            note = _skew_note(sock.__dict__.get(PRESENTED), args.clock_skew_hint)
+            note = skew_note(sock.__dict__.get(PRESENTED), args.clock_skew_hint)
             out.step("tls handshake" + label, False, f"offered {offered}: {f.detail}{note}",
                      started)
             if first:

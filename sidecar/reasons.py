@@ -69,8 +69,8 @@ _EXPLANATIONS: dict[Reason, tuple[str, str]] = {
         "configure the client with its SVID (cert and key); plain TLS clients are refused",
     ),
     Reason.INVALID_SVID: (
-        "the certificate verifies but breaks an X.509-SVID rule (URI SAN count, CA flag, "
-        "key usage, SPIFFE ID syntax)",
+        "the certificate breaks an X.509-SVID rule (URI SAN count, CA flag, key usage, "
+        "SPIFFE ID syntax)",
         "reissue it as an X.509-SVID: exactly one spiffe:// URI SAN, cA=false, "
         "digitalSignature key usage",
     ),

@@ -179,7 +179,8 @@ class Server:
         self.rt = rt = Runtime(loop, self.build_contexts(identity), policy, limits, tracker,
                                session_resumption=cfg.tls.session_resumption,
                                ktls="off" if str(cfg.tls.ktls) == "off" else
-                               "enabled" if self.ktls.available else "unavailable")
+                               "enabled" if self.ktls.available else "unavailable",
+                               clock_skew_hint=cfg.clock_skew_hint)
         rt.authn.learn(identity)
         self.publish_identity(identity)
         try:

@@ -12,7 +12,7 @@ from sidecar.authn import AuthnError, Peer, matches_expected
 from sidecar.proxy.connection import Record
 from sidecar.proxy.runtime import Runtime
 from sidecar.reasons import Reason
-from sidecar.tls.classify import classify
+from sidecar.tls.classify import classify, skew_note
 from sidecar.tls.engine import TlsEndpoint
 
 
@@ -35,9 +35,12 @@ async def secure(
             _fail(rt, rec, ep, None, "shutting down")
         return None
     except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-        f = classify(exc, presented=ep.presented_chain(),
-                     known_intermediates=rt.authn.known_intermediates)
-        _fail(rt, rec, ep, f.reason, f.detail)
+        presented = ep.presented_chain()
+        f = classify(exc, presented=presented, known_intermediates=rt.authn.known_intermediates)
+        detail = f.detail
+        if f.reason in (Reason.CERT_EXPIRED, Reason.CERT_NOT_YET_VALID) and not f.by_peer:
+            detail += skew_note(presented, rt.clock_skew_hint)
+        _fail(rt, rec, ep, f.reason, detail)
         return None
     finally:
         rt.tracker.end_handshake(rec)
@@ -56,6 +59,7 @@ async def secure(
                 Reason.SPIFFE_ID_MISMATCH,
                 f"the server is {peer.spiffe_id}, expected {', '.join(expect)}")
     except AuthnError as exc:
+        ep.shutdown_write()  # a close_notify rather than a bare reset, where it can
         _fail(rt, rec, ep, exc.reason, exc.detail, resumed=resumed)
         return None
     rec.peer_id = peer.spiffe_id

@@ -45,6 +45,7 @@ async def serve(rt: Runtime, cfg: InboundListener, rec: Record, sock: socket.soc
     rec.decision, rec.rule = str(decision.kind), decision.rule
     metrics.authz_decisions.labels(cfg.name, str(decision.kind), decision.rule).inc()
     if not decision.allowed:
+        ep.shutdown_write()  # a close_notify: the caller reads an end, not a reset
         ep.close()
         rec.close = "denied"
         rt.tracker.finish(rec)

@@ -32,6 +32,7 @@ class Runtime:
     # kTLS: "enabled" (asked of OpenSSL on every connection), "unavailable" (auto, but this
     # host cannot), or "off" (configured off: not counted).
     ktls: str = "off"
+    clock_skew_hint: float = 300.0
     authn: Authenticator = field(default_factory=Authenticator)
     # Outbound session cache: the last resumable session per outbound listener.
     sessions: dict[str, tuple[ssl.SSLContext, ssl.SSLSession]] = field(default_factory=dict)

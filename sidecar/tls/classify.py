@@ -11,6 +11,7 @@ OpenSSL reports a failure in one of three shapes, and each needs its own reading
 from __future__ import annotations
 
 import ssl
+import time
 from collections.abc import Collection
 from dataclasses import dataclass
 
@@ -125,6 +126,29 @@ def _verification(
     if code in _MISSING_ISSUER_CODES and presented:
         reason, detail = _missing_issuer(presented, known_intermediates)
     return Failure(reason, detail)
+
+
+def skew_note(presented: list[bytes] | None, hint: float, now: float | None = None) -> str:
+    """When the peer's leaf is outside its validity by less than `hint` seconds, the
+    likeliest cause is two clocks that differ: say so, and by how much."""
+    if not presented or hint <= 0:
+        return ""
+    try:
+        leaf = x509.load_der_x509_certificate(presented[0])
+    except ValueError:
+        return ""
+    at = now if now is not None else time.time()
+    early = leaf.not_valid_before_utc.timestamp() - at
+    late = at - leaf.not_valid_after_utc.timestamp()
+    gap = max(early, late)
+    if 0 < gap <= hint:
+        return (f"; off by only {_seconds(gap)}: check the clocks (the two hosts' clocks "
+                "probably differ)")
+    return ""
+
+
+def _seconds(s: float) -> str:
+    return f"{s / 60:.1f} min" if s >= 60 else f"{s:.0f} s"
 
 
 def _missing_issuer(

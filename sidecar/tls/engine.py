@@ -136,23 +136,22 @@ class TlsEndpoint:
     def shutdown_write(self) -> int:
         if self._shut:
             return DONE
-        if self._ptr is None:
-            # No safe single-shot shutdown here: close_notify only when both directions end
-            # would be wrong too, so say EOF the TCP way. Peers read it as a ragged EOF.
-            self._shut = True
-            try:
-                self.sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
-            return DONE
-        rc = openssl.shutdown_once(self._ptr)
-        if rc < 0:
-            err = openssl.last_error(self._ptr, rc)
-            if err == openssl.SSL_ERROR_WANT_WRITE:
+        if self._ptr is not None:
+            rc = openssl.shutdown_once(self._ptr)
+            if rc == -openssl.SSL_ERROR_WANT_WRITE:
                 return WANT_WRITE
-            if err == openssl.SSL_ERROR_WANT_READ:
+            if rc == -openssl.SSL_ERROR_WANT_READ:
                 return WANT_READ
+            if rc == 1:
+                self._shut = True
+                return DONE
+        # No safe single-shot close_notify (hooks unavailable, or OpenSSL refused): end
+        # the stream the TCP way; the peer reads it as an EOF without close_notify.
         self._shut = True
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
         return DONE
 
     # What the connection negotiated, for authentication, logs and metrics.

@@ -51,6 +51,7 @@ def _load() -> Any:
                 ctypes.c_long,
             ),
             "SSL_get_error": ([ctypes.c_void_p, ctypes.c_int], ctypes.c_int),
+            "ERR_clear_error": ([], None),
             "SSL_set_msg_callback": ([ctypes.c_void_p, ctypes.c_void_p], None),
             "SSL_get_wbio": ([ctypes.c_void_p], ctypes.c_void_p),
             "SSL_get_rbio": ([ctypes.c_void_p], ctypes.c_void_p),
@@ -97,18 +98,26 @@ def ssl_pointer(sock: ssl.SSLSocket) -> int | None:
 def shutdown_once(ptr: int) -> int:
     """Send close_notify and return at once; reading the peer's data stays possible.
 
-    Returns SSL_shutdown's code: 0 or 1 done, < 0 see `last_error` (a full socket
-    buffer wants a retry once writable).
+    Returns 1 when sent, SSL_ERROR_WANT_WRITE / SSL_ERROR_WANT_READ (as negative
+    numbers) when the socket buffer is full, or 0 when OpenSSL refused (e.g. a
+    connection still in a post-handshake step): the caller then ends the stream the TCP
+    way.
+
+    OpenSSL's error queue is per thread and shared by every connection: an error left
+    there by this call would be reported by the next SSL call of *another* connection
+    (seen: one peer's failed shutdown cut every live stream). So the queue is cleared
+    before (for an honest SSL_get_error) and after.
     """
     assert _lib is not None
+    _lib.ERR_clear_error()
     rc: int = _lib.SSL_shutdown(ptr)
-    return rc
-
-
-def last_error(ptr: int, rc: int) -> int:
-    assert _lib is not None
+    if rc >= 0:
+        return 1
     err: int = _lib.SSL_get_error(ptr, rc)
-    return err
+    _lib.ERR_clear_error()
+    if err in (SSL_ERROR_WANT_READ, SSL_ERROR_WANT_WRITE):
+        return -err
+    return 0
 
 
 def stop_message_callback(ptr: int) -> None:

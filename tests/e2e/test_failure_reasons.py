@@ -1,0 +1,294 @@
+"""Every handshake failure reason, as the sidecar logs it, from a real peer.
+
+Most cases drive B's inbound listener directly with the stdlib ssl client and any
+certificate, and find B's access-log line by the client's own address (`peer_addr`).
+Every test ends with a good client getting through the same listener.
+"""
+
+from __future__ import annotations
+
+import secrets
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from sidecar import pki
+
+from .conftest import (
+    BILLING,
+    FRONTEND,
+    IO_TIMEOUT,
+    PAYMENTS,
+    EchoApp,
+    Pki,
+    Sidecar,
+    SidecarFactory,
+    TlsClient,
+    addr,
+    assert_good_client,
+    plain_roundtrip,
+    recv_all,
+)
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
+
+@pytest.fixture
+def app(echo_app: Callable[..., EchoApp]) -> EchoApp:
+    return echo_app()
+
+
+@pytest.fixture
+def b(sidecar: SidecarFactory, app: EchoApp) -> Sidecar:
+    """The inbound sidecar under test, in front of a running echo app."""
+    return sidecar("b", spiffe_id=PAYMENTS, inbound=[{"name": "in", "forward_to": app.address}])
+
+
+def reason_for(b: Sidecar, local: str) -> dict[str, object]:
+    """B's access-log line for the connection from `local`; it must be a handshake failure."""
+    line = b.connection(peer_addr=local)
+    assert line["decision"] is None, f"a failed handshake reached authorization: {line}"
+    assert line["bytes_to_app"] == 0, line
+    return line
+
+
+def refused(b: Sidecar, client: TlsClient, ctx: ssl.SSLContext) -> dict[str, object]:
+    """Connect to B with `ctx`: no byte reaches the app, and B logs a failure reason."""
+    out = client.exchange(b.port("in"), ctx, b"must not reach the app")
+    assert out.received == b"", "B echoed bytes for a refused client"
+    return reason_for(b, out.local)
+
+
+# --- certificate problems --------------------------------------------------------------
+
+
+def test_no_client_cert(b: Sidecar, tls_client: TlsClient) -> None:
+    line = refused(b, tls_client, tls_client.context(None))
+    assert line["reason"] == "no_client_cert", line
+    assert_good_client(b, tls_client)
+
+
+def test_unknown_ca(b: Sidecar, tls_client: TlsClient, ca: Pki) -> None:
+    # Same trust domain name, a different root: only the trust store tells them apart.
+    foreign = pki.issue_svid(ca.foreign_intermediate, FRONTEND)
+    line = refused(b, tls_client, tls_client.context(foreign))
+    assert line["reason"] == "unknown_ca", line
+    assert_good_client(b, tls_client)
+
+
+def test_unknown_ca_leaf_straight_from_a_foreign_root(
+    b: Sidecar, tls_client: TlsClient, ca: Pki
+) -> None:
+    foreign = pki.issue_svid(ca.foreign_root, FRONTEND)
+    line = refused(b, tls_client, tls_client.context(foreign))
+    assert line["reason"] == "unknown_ca", line
+    assert_good_client(b, tls_client)
+
+
+def test_cert_expired(b: Sidecar, tls_client: TlsClient, ca: Pki) -> None:
+    now = datetime.now(UTC)
+    expired = ca.issue(FRONTEND, not_before=now - timedelta(hours=2),
+                       not_after=now - timedelta(hours=1))
+    line = refused(b, tls_client, tls_client.context(expired))
+    assert line["reason"] == "cert_expired", line
+    assert_good_client(b, tls_client)
+
+
+def test_cert_not_yet_valid(b: Sidecar, tls_client: TlsClient, ca: Pki) -> None:
+    early = ca.issue(FRONTEND, not_before=datetime.now(UTC) + timedelta(minutes=2))
+    line = refused(b, tls_client, tls_client.context(early))
+    assert line["reason"] == "cert_not_yet_valid", line
+    assert_good_client(b, tls_client)
+
+
+def test_cert_not_yet_valid_by_a_little_says_check_the_clocks(
+    b: Sidecar, tls_client: TlsClient, ca: Pki
+) -> None:
+    early = ca.issue(FRONTEND, not_before=datetime.now(UTC) + timedelta(minutes=2))
+    line = refused(b, tls_client, tls_client.context(early))
+    assert line["reason"] == "cert_not_yet_valid", line
+    assert "clock" in str(line["detail"]).lower(), line
+
+
+def test_cert_not_yet_valid_by_far_does_not_blame_the_clocks(
+    b: Sidecar, tls_client: TlsClient, ca: Pki
+) -> None:
+    early = ca.issue(FRONTEND, not_before=datetime.now(UTC) + timedelta(hours=2),
+                     not_after=datetime.now(UTC) + timedelta(hours=3))
+    line = refused(b, tls_client, tls_client.context(early))
+    assert line["reason"] == "cert_not_yet_valid", line
+    assert "clock" not in str(line["detail"]).lower(), line
+
+
+def test_missing_intermediate(b: Sidecar, tls_client: TlsClient, ca: Pki) -> None:
+    # B's own SVID comes from the same intermediate, so B knows it; the client leaves it out.
+    leaf_only = ca.issue(FRONTEND, include_intermediates=False)
+    line = refused(b, tls_client, tls_client.context(leaf_only))
+    assert line["reason"] == "missing_intermediate", line
+    assert_good_client(b, tls_client)
+
+
+def test_bad_signature(b: Sidecar, tls_client: TlsClient, ca: Pki) -> None:
+    forged = ca.issue(FRONTEND, issuer_key=pki.new_key())
+    line = refused(b, tls_client, tls_client.context(forged))
+    assert line["reason"] == "bad_signature", line
+    assert_good_client(b, tls_client)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        pytest.param({"uris": ()}, id="no-uri-san"),
+        pytest.param({"extra_uris": ("spiffe://example.org/ns/web/sa/other",)},
+                     id="two-uri-sans"),
+        pytest.param({"is_ca": True}, id="ca-leaf"),
+        pytest.param({"key_usage": pki.make_key_usage(key_encipherment=True)},
+                     id="no-digital-signature"),
+    ],
+)
+def test_invalid_svid(
+    b: Sidecar, tls_client: TlsClient, ca: Pki, overrides: dict[str, object]
+) -> None:
+    bad = ca.issue(FRONTEND, **overrides)
+    line = refused(b, tls_client, tls_client.context(bad))
+    assert line["reason"] == "invalid_svid", line
+    assert_good_client(b, tls_client)
+
+
+# --- outbound: the server is not who the route expects ---------------------------------
+
+
+def test_spiffe_id_mismatch(sidecar: SidecarFactory, b: Sidecar, app: EchoApp,
+                            tls_client: TlsClient) -> None:
+    target = f"127.0.0.1:{b.port('in')}"
+    a = sidecar("a", spiffe_id=FRONTEND, outbound=[
+        {"name": "wrong", "connect_to": target, "expect_ids": [BILLING]},
+        {"name": "right", "connect_to": target, "expect_ids": [PAYMENTS]},
+    ])
+
+    r = plain_roundtrip(a.port("wrong"), b"card number 4111")
+
+    assert r.received == b""
+    line = a.connection(peer_addr=r.local)
+    assert line["reason"] == "spiffe_id_mismatch", line
+    assert line["peer_id"] == PAYMENTS, line
+    assert line["bytes_from_app"] == 0, line
+    assert app.bytes_received == 0, "the client's bytes reached a server the route does not expect"
+    good = plain_roundtrip(a.port("right"), b"hello")
+    assert good.received == b"hello"
+    assert a.connection(peer_addr=good.local)["reason"] is None
+    assert_good_client(b, tls_client)
+
+
+# --- not TLS, stalled, wrong version ---------------------------------------------------
+
+
+def raw_send(port: int, data: bytes) -> tuple[str, bytes]:
+    """Send `data` on a plain TCP connection; return our address and whatever came back
+    before the sidecar closed it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT) as sock:
+        local = addr(sock)
+        sock.sendall(data)
+        return local, recv_all(sock)
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        pytest.param(bytes(range(256)) * 4, id="binary"),
+        pytest.param(b"SSH-2.0-OpenSSH_9.6\r\n", id="ssh-banner"),
+    ],
+)
+def test_not_tls_garbage(b: Sidecar, tls_client: TlsClient, app: EchoApp, garbage: bytes) -> None:
+    local, _ = raw_send(b.port("in"), garbage)
+    line = reason_for(b, local)
+    assert line["reason"] == "not_tls", line
+    assert app.accepted == 0
+    assert_good_client(b, tls_client)
+
+
+def test_not_tls_http_request(b: Sidecar, tls_client: TlsClient, app: EchoApp) -> None:
+    local, _ = raw_send(b.port("in"), b"GET / HTTP/1.1\r\nHost: payments\r\n\r\n")
+    line = reason_for(b, local)
+    assert line["reason"] == "not_tls", line
+    assert app.accepted == 0
+    assert_good_client(b, tls_client)
+
+
+def client_hello() -> bytes:
+    """The first flight of a real TLS 1.3 client, from a memory BIO."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing, server_side=False)
+    with pytest.raises(ssl.SSLWantReadError):
+        obj.do_handshake()
+    hello = outgoing.read()
+    assert hello[:1] == b"\x16" and len(hello) > 100
+    return hello
+
+
+def test_handshake_timeout(sidecar: SidecarFactory, app: EchoApp, tls_client: TlsClient) -> None:
+    b = sidecar("b", spiffe_id=PAYMENTS, inbound=[{"name": "in", "forward_to": app.address}],
+                limits={"handshake_timeout": "1s"})
+    hello = client_hello()
+    with socket.create_connection(("127.0.0.1", b.port("in")), timeout=IO_TIMEOUT) as sock:
+        local = addr(sock)
+        sock.sendall(hello[: len(hello) // 2])  # half a ClientHello, then silence
+        started = time.monotonic()
+        line = reason_for(b, local)
+        took = line["_t"] - started
+        assert line["reason"] == "handshake_timeout", line
+        assert 0.9 <= took <= 3.0, f"B gave up after {took:.2f}s, expected about 1s"
+        assert recv_all(sock) == b"", "B sent bytes to a client that never finished its hello"
+    assert_good_client(b, tls_client)
+
+
+def test_peer_closed_mid_handshake(b: Sidecar, tls_client: TlsClient) -> None:
+    with socket.create_connection(("127.0.0.1", b.port("in")), timeout=IO_TIMEOUT) as sock:
+        local = addr(sock)
+        sock.sendall(client_hello())
+        sock.shutdown(socket.SHUT_WR)  # a whole ClientHello, then hang up
+        recv_all(sock)  # B's ServerHello flight, then its close
+    line = reason_for(b, local)
+    assert line["reason"] == "peer_closed", line
+    assert_good_client(b, tls_client)
+
+
+def test_protocol_version(b: Sidecar, tls_client: TlsClient) -> None:
+    ctx = tls_client.context(tls_client.ca.svid(FRONTEND), max_version=ssl.TLSVersion.TLSv1_2)
+    line = refused(b, tls_client, ctx)
+    assert line["reason"] == "protocol_version", line
+    assert_good_client(b, tls_client)
+
+
+# --- the app is down -------------------------------------------------------------------
+
+
+def test_upstream_unavailable(sidecar: SidecarFactory, echo_app: Callable[..., EchoApp],
+                              tls_client: TlsClient) -> None:
+    # A port we own, bound but not listening: connecting to it is refused, and no other
+    # process can take it before the app comes up on it.
+    reserved = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        reserved.bind(("127.0.0.1", 0))
+        port = reserved.getsockname()[1]
+        b = sidecar("b", spiffe_id=PAYMENTS,
+                    inbound=[{"name": "in", "forward_to": f"127.0.0.1:{port}"}])
+
+        out = tls_client.exchange(b.port("in"), tls_client.context(tls_client.ca.svid(FRONTEND)),
+                                  secrets.token_bytes(64))
+        assert out.handshake_error is None, out.handshake_error
+        assert out.received == b""
+        line = b.connection(peer_addr=out.local)
+        assert line["reason"] == "upstream_unavailable", line
+        assert line["decision"] == "allow", line  # authorized; only the app was missing
+    except BaseException:
+        reserved.close()
+        raise
+    echo_app(sock=reserved)  # the app comes up on that port; it owns the socket now
+    assert_good_client(b, tls_client)
