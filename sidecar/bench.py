@@ -21,8 +21,11 @@ mode's requests/s at high concurrency measures this client as much as the target
 
 The request is a line that reads the same backwards, so the default echo check also passes
 against `openssl s_server -rev` (which answers each line reversed; keep --request-bytes
-under its 16 KiB buffer). `--no-echo` is for any other server: read what comes back until
---response-bytes arrived or the server closed, and compare nothing.
+under its 16 KiB buffer). `--no-echo` is for any other server: read until --response-bytes
+arrived or the server closed, and compare nothing; in reuse mode such a server must answer
+each request with exactly --response-bytes (or close), or requests would read each other's
+leftovers. Echo is the default because it is what sits behind a sidecar in a test, and
+because it catches a proxy that loses or mangles bytes.
 
 Server CPU per handshake comes from the target sidecar's own counters (`--metrics`), read
 before and after each mode: the delta of `sidecar_handshake_cpu_seconds_total` over the
@@ -30,11 +33,13 @@ delta of `sidecar_handshakes_total{result="ok"}`, inbound only, split by `resume
 traffic to the target during the run is counted too, and the CPU counter includes failed
 handshakes: run it against an otherwise idle target, without errors.
 
-Always bounded: every socket call has --timeout and every request a deadline of the same
-length per step; every mode stops at --duration (or --requests); a mode in which nothing
-has succeeded after MAX_FUTILE_ATTEMPTS attempts stops at once, since hammering a target
-that refuses everything teaches nothing more. Failures are counted by kind, each with one
-line that says what happened; the exit code is 1 only when no request succeeded at all.
+Always bounded: every socket call waits at most --timeout, and a response trickling in is
+cut at twice that; a mode stops taking requests at --duration (or after --requests), and
+at its hard stop (--duration plus JOIN_STEPS timeouts) any worker still blocked is woken by
+shutting its socket down. A mode in which nothing has succeeded after MAX_FUTILE_ATTEMPTS
+attempts stops at once: hammering a target that refuses everything teaches nothing more.
+Failures are counted by kind, each with one line that says what happened; the exit code
+is 1 only when no request succeeded at all.
 """
 
 from __future__ import annotations
@@ -387,17 +392,16 @@ class Worker:
         try:
             conn.sendall(plan.payload)
             while len(got) < plan.response_bytes:
-                # A server trickling bytes must not stretch one request past its deadline.
-                conn.settimeout(max(deadline - time.monotonic(), 0.001))
+                # Each recv waits at most --timeout; this bounds a server that trickles
+                # bytes to twice that per request, without a settimeout syscall per read.
+                if got and time.monotonic() > deadline:
+                    raise TimeoutError
                 chunk = conn.recv(plan.response_bytes - len(got))
                 if not chunk:
                     break
                 got += chunk
         except (OSError, ValueError) as exc:
             raise response_error(exc, plan.timeout) from None
-        finally:
-            with contextlib.suppress(OSError):
-                conn.settimeout(plan.timeout)
         if not got:
             raise RequestError(Trouble.CLOSED_BEFORE_RESPONSE,
                                "the server closed the connection before answering: it may "

@@ -41,7 +41,7 @@ class TcpEndpoint:
     __slots__ = ("fd", "sock")
 
     def __init__(self, sock: socket.socket) -> None:
-        sock.setblocking(False)
+        """`sock` must be non-blocking already (each FIONBIO is a syscall)."""
         self.sock = sock
         self.fd = sock.fileno()
 

@@ -111,7 +111,8 @@ def load_identity(
         fb = _read_bundle(path, fed_td, problems)
         if fb is not None:
             bundles[fed_td] = fb
-    crl_list = [c for path in crls for c in _read_crl(path, bundles, now, problems)]
+    issuers = [ca for b in bundles.values() for ca in b.cas] + list(intermediates)
+    crl_list = [c for path in crls for c in _read_crl(path, issuers, now, problems)]
     if problems:
         raise ProblemsError(problems)
     crls_pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in crl_list)
@@ -191,9 +192,11 @@ def _read_bundle(path: Path, td: str | None, problems: list[Problem]) -> Bundle 
 
 
 def _read_crl(
-    path: Path, bundles: Mapping[str, Bundle], now: dt.datetime, problems: list[Problem]
+    path: Path, cas: list[x509.Certificate], now: dt.datetime, problems: list[Problem]
 ) -> list[x509.CertificateRevocationList]:
-    """One PEM CRL per file, signed by a CA we trust, not past its nextUpdate.
+    """One PEM CRL per file, signed by a CA we know (a bundle CA, or an intermediate of our
+    own chain: leaves are usually revoked by the intermediate that issued them), and not
+    past its nextUpdate.
 
     A stale CRL would make OpenSSL refuse every peer of that CA, so it is refused here
     and the previous CRL stays in force (reload keeps the old snapshot).
@@ -206,10 +209,11 @@ def _read_crl(
     except ValueError as exc:
         problems.append(Problem(str(path), f"not a PEM CRL ({exc})"))
         return []
-    issuers = [ca for b in bundles.values() for ca in b.cas if ca.subject == crl.issuer]
+    issuers = [ca for ca in cas if ca.subject == crl.issuer]
     if not any(crl.is_signature_valid(ca.public_key()) for ca in issuers):  # type: ignore[arg-type]
         problems.append(Problem(str(path), f"CRL issuer '{crl.issuer.rfc4514_string()}' is "
-                                           "not a CA of our trust bundles, or the signature "
+                                           "neither a CA of our trust bundles nor an "
+                                           "intermediate of our SVID chain, or the signature "
                                            "does not verify"))
         return []
     nxt = crl.next_update_utc

@@ -10,6 +10,7 @@ import datetime as dt
 import json
 import logging
 import sys
+import time
 from typing import Any
 
 ACCESS = logging.getLogger("sidecar.access")
@@ -51,12 +52,37 @@ def _text(v: Any) -> str:
 
 
 def setup(level: str = "info", fmt: str = "json", stream: Any = None) -> None:
-    handler = logging.StreamHandler(stream or sys.stderr)
+    global _direct
+    out = stream or sys.stderr
+    handler = logging.StreamHandler(out)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    _direct = out if fmt == "json" else None
     root = logging.getLogger("sidecar")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     root.propagate = False
+
+
+_direct: Any = None  # the stream of the JSON handler setup() installed, for access()
+
+
+def access(fields: dict[str, Any], *, failed: bool) -> None:
+    """One access-log line. In the usual JSON setup the line is built and written here:
+    a LogRecord, a Formatter and datetime.isoformat per connection were a tenth of the
+    Python time of a resumed connection. Anything else (text format, an extra handler
+    such as the demo's) goes through logging."""
+    level = logging.WARNING if failed else logging.INFO
+    if not ACCESS.isEnabledFor(level):
+        return
+    if _direct is not None and len(log.handlers) == 1:
+        now = time.time()
+        head = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
+        line = {"ts": f"{head}.{int(now * 1000) % 1000:03d}Z",
+                "level": "warning" if failed else "info", "logger": ACCESS.name,
+                "msg": "connection", **fields}
+        _direct.write(json.dumps(line, default=str, separators=(",", ":")) + "\n")
+        return
+    ACCESS.log(level, "connection", extra={"fields": fields})
 
 
 def event(level: int, msg: str, **fields: Any) -> None:

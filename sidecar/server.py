@@ -136,7 +136,7 @@ class Server:
             decision = policy.decide(rec.peer_id, rec.listener)
             if decision.allowed:
                 continue
-            metrics.authz_decisions.labels(rec.listener, str(decision.kind), decision.rule).inc()
+            metrics.count_decision(rec.listener, decision.kind, decision.rule)
             rec.decision, rec.rule, rec.close = str(decision.kind), decision.rule, "policy_recheck"
             duplex.abort("policy_recheck")
             closed += 1

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
 import os
 import time
 from collections import OrderedDict
@@ -95,8 +94,9 @@ class Tracker:
 
     def open(self, direction: str, listener: str, peer_addr: str) -> Record:
         self.active += 1
-        metrics.connections.labels(direction, listener).inc()
-        metrics.connections_active.labels(direction, listener).inc()
+        series = metrics.series(direction, listener)
+        series.connections.inc()
+        series.active.inc()
         if self.active >= self.max_connections:
             self.on_full()
         return Record(direction, listener, peer_addr, time.monotonic())
@@ -122,9 +122,9 @@ class Tracker:
         rec.close = rec.close or how
         if exc is not None and rec.detail is None:
             rec.detail = f"{type(exc).__name__}: {exc}"
-        metrics.bytes_moved.labels(rec.direction, rec.listener, "to_app").inc(duplex.to_app.moved)
-        metrics.bytes_moved.labels(rec.direction, rec.listener, "from_app").inc(
-            duplex.from_app.moved)
+        series = metrics.series(rec.direction, rec.listener)
+        series.bytes_to_app.inc(duplex.to_app.moved)
+        series.bytes_from_app.inc(duplex.from_app.moved)
         self.finish(rec, duplex)
 
     def finish(self, rec: Record, duplex: Duplex | None = None) -> None:
@@ -133,9 +133,8 @@ class Tracker:
             return
         rec.finished = True
         self.active -= 1
-        metrics.connections_active.labels(rec.direction, rec.listener).dec()
-        level = logging.INFO if rec.reason is None else logging.WARNING
-        logs.ACCESS.log(level, "connection", extra={"fields": rec.fields(duplex)})
+        metrics.series(rec.direction, rec.listener).active.dec()
+        logs.access(rec.fields(duplex), failed=rec.reason is not None)
         if self.active == self.max_connections - 1:
             self.on_capacity()
         if self.active == 0:

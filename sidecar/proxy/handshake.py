@@ -67,10 +67,10 @@ async def secure(
     elapsed = time.monotonic() - rec.started
     rec.handshake_ms = round(elapsed * 1000, 3)
     rec.handshake_cpu_ms = round(ep.cpu_seconds * 1000, 3)
-    r = "true" if resumed else "false"
-    metrics.handshakes.labels(rec.direction, rec.listener, "ok", r).inc()
-    metrics.handshake_duration.labels(rec.direction, rec.listener, r).observe(elapsed)
-    metrics.handshake_cpu.labels(rec.direction, rec.listener, r).inc(ep.cpu_seconds)
+    series = metrics.series(rec.direction, rec.listener)
+    series.ok[resumed].inc()
+    series.duration[resumed].observe(elapsed)
+    series.cpu[resumed].inc(ep.cpu_seconds)
     return peer
 
 

@@ -43,7 +43,7 @@ async def serve(rt: Runtime, cfg: InboundListener, rec: Record, sock: socket.soc
         return
     decision = rt.policy.decide(peer.spiffe_id, cfg.name)
     rec.decision, rec.rule = str(decision.kind), decision.rule
-    metrics.authz_decisions.labels(cfg.name, str(decision.kind), decision.rule).inc()
+    metrics.count_decision(cfg.name, decision.kind, decision.rule)
     if not decision.allowed:
         ep.shutdown_write()  # a close_notify: the caller reads an end, not a reset
         ep.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Callable
+from typing import Any
 
 from sidecar.config import Address
 
@@ -96,6 +97,17 @@ def bind(address: Address, *, reuse_port: bool = False) -> socket.socket:
     return sock
 
 
+def _literal(address: Address) -> list[tuple[Any, Any, Any, Any, Any]] | None:
+    """An IP literal needs no resolver: skip the thread-pool round trip of getaddrinfo."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, address.host)
+        except OSError:
+            continue
+        return [(family, socket.SOCK_STREAM, 0, "", (address.host, address.port))]
+    return None
+
+
 def _peer(addr: object) -> str:
     if isinstance(addr, tuple) and len(addr) >= 2:
         host, port = addr[0], addr[1]
@@ -116,7 +128,8 @@ async def dial(address: Address, timeout: float) -> socket.socket:
                 sock.close()
                 raise
             return sock
-        infos = await loop.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
+        infos = _literal(address) or await loop.getaddrinfo(
+            address.host, address.port, type=socket.SOCK_STREAM)
         last: OSError = OSError(f"{address} resolved to nothing")
         for family, type_, proto, _, sockaddr in infos:
             sock = socket.socket(family, type_, proto)

@@ -91,6 +91,7 @@ def _base(
         ctx.load_cert_chain(path)
     peerchain.install(ctx)
     openssl.release_buffers(ctx)
+    openssl.read_ahead(ctx)
     return ctx
 
 

@@ -60,7 +60,7 @@ class TlsEndpoint:
 
     @classmethod
     def server(cls, ctx: ssl.SSLContext, raw: socket.socket) -> TlsEndpoint:
-        raw.setblocking(False)
+        """`raw` must be non-blocking already (each FIONBIO is a syscall)."""
         return cls(ctx.wrap_socket(raw, server_side=True, do_handshake_on_connect=False))
 
     @classmethod
@@ -71,7 +71,6 @@ class TlsEndpoint:
         server_name: str | None,
         session: ssl.SSLSession | None = None,
     ) -> TlsEndpoint:
-        raw.setblocking(False)
         sock = ctx.wrap_socket(
             raw,
             server_side=False,

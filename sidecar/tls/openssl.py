@@ -31,6 +31,7 @@ _HEADER = object.__basicsize__  # ob_refcnt + ob_type: 16 on a default 64-bit bu
 _PTR = ctypes.sizeof(ctypes.c_void_p)
 SSL_CTRL_MODE = 33
 SSL_MODE_RELEASE_BUFFERS = 0x10
+SSL_CTRL_SET_READ_AHEAD = 41
 SSL_ERROR_WANT_READ = 2
 SSL_ERROR_WANT_WRITE = 3
 BIO_CTRL_GET_KTLS_SEND = 73
@@ -137,6 +138,17 @@ def release_buffers(ctx: ssl.SSLContext) -> bool:
         return False
     mode = _lib.SSL_CTX_ctrl(ptr, SSL_CTRL_MODE, SSL_MODE_RELEASE_BUFFERS, None)
     return bool(mode & SSL_MODE_RELEASE_BUFFERS)
+
+
+def read_ahead(ctx: ssl.SSLContext) -> bool:
+    """Let OpenSSL read as much ciphertext as the socket has in one read(): without it,
+    each record costs two reads (header, then body). The engine drains OpenSSL after every
+    readable event, so nothing read ahead is left behind."""
+    ptr = context_pointer(ctx)
+    if _lib is None or ptr is None or not _self_test_passed():
+        return False
+    _lib.SSL_CTX_ctrl(ptr, SSL_CTRL_SET_READ_AHEAD, 1, None)
+    return True
 
 
 def ktls_state(ptr: int) -> tuple[bool, bool]:
