@@ -217,13 +217,19 @@ class Server:
                        address=lst.bound)
         logs.event(logging.INFO, "listening", listener="admin", direction="admin",
                    address=self.admin_address)
-        logs.event(logging.INFO, "ready", spiffe_id=str(identity.spiffe_id),
-                   serial=f"{identity.serial:x}", policy=policy.version)
+        self._reloadables = self.reloadables()
+        background = self._background()
+        # The watcher sets up its inotify watches in its task's first step: let it take
+        # that step, then re-read everything once, so that a file written between our
+        # first load and the watch start is not missed.
+        await asyncio.sleep(0)
+        for r in self._reloadables:
+            await r.reload("start")
+        logs.event(logging.INFO, "ready", spiffe_id=str(rt.contexts.identity.spiffe_id),
+                   serial=f"{rt.contexts.identity.serial:x}", policy=rt.policy.version)
         if on_ready:
             on_ready(self)
         sweeper = loop.call_later(SWEEP_EVERY, self._sweep)
-        self._reloadables = self.reloadables()
-        background = self._background()
         await self._stop.wait()
         sweeper.cancel()
         for task in background:

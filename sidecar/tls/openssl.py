@@ -53,6 +53,7 @@ def _load() -> Any:
             ),
             "SSL_get_error": ([ctypes.c_void_p, ctypes.c_int], ctypes.c_int),
             "ERR_clear_error": ([], None),
+            "SSL_set_num_tickets": ([ctypes.c_void_p, ctypes.c_size_t], ctypes.c_int),
             "SSL_set_msg_callback": ([ctypes.c_void_p, ctypes.c_void_p], None),
             "SSL_get_wbio": ([ctypes.c_void_p], ctypes.c_void_p),
             "SSL_get_rbio": ([ctypes.c_void_p], ctypes.c_void_p),
@@ -138,6 +139,12 @@ def release_buffers(ctx: ssl.SSLContext) -> bool:
         return False
     mode = _lib.SSL_CTX_ctrl(ptr, SSL_CTRL_MODE, SSL_MODE_RELEASE_BUFFERS, None)
     return bool(mode & SSL_MODE_RELEASE_BUFFERS)
+
+
+def no_new_tickets(ptr: int) -> None:
+    """This connection sends no NewSessionTicket when its handshake ends."""
+    assert _lib is not None
+    _lib.SSL_set_num_tickets(ptr, 0)
 
 
 def read_ahead(ctx: ssl.SSLContext) -> bool:

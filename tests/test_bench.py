@@ -1,0 +1,449 @@
+"""`sidecar bench` against real servers on 127.0.0.1: an in-test mTLS echo server (threads
+and stdlib ssl, exporting its own handshake counters under the SPEC's metric names),
+`openssl s_server`, a refused port and a plaintext server. Certificates come from
+`sidecar.pki`; nothing is mocked. Every server a test starts is stopped by its fixture.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import shutil
+import socket
+import ssl
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry, Counter, start_http_server
+
+from sidecar import bench, pki
+
+pytestmark = pytest.mark.timeout(30)
+
+TRUST_DOMAIN = "example.org"
+SERVER_ID = f"spiffe://{TRUST_DOMAIN}/ns/default/sa/payments"
+CLIENT_ID = f"spiffe://{TRUST_DOMAIN}/ns/web/sa/frontend"
+IO_TIMEOUT = 5.0  # any one socket operation of a test server
+RUN = ["--duration", "500ms", "--concurrency", "2", "--timeout", "3s"]
+
+
+@dataclass(frozen=True)
+class Files:
+    server: pki.LayoutFiles
+    server_dir: Path
+    client_dir: Path
+
+    def path(self, side: str, name: str) -> str:
+        return str((self.server_dir if side == "server" else self.client_dir) / name)
+
+    @property
+    def client_args(self) -> list[str]:
+        c = pki.Layout.SPIFFE_HELPER.files
+        return ["--cert", self.path("client", c.cert), "--key", self.path("client", c.key),
+                "--bundle", self.path("client", c.bundle)]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> Files:
+    root = pki.new_root(TRUST_DOMAIN)
+    inter = pki.new_intermediate(root)
+    base = tmp_path_factory.mktemp("bench")
+    server = pki.write_svid(base / "server", pki.issue_svid(inter, SERVER_ID), [root.cert])
+    pki.write_svid(base / "client", pki.issue_svid(inter, CLIENT_ID), [root.cert])
+    return Files(server, base / "server", base / "client")
+
+
+# --- an mTLS echo server ---------------------------------------------------------------
+
+
+class EchoServer:
+    """Echoes what each mTLS client sends; counts handshakes and their CPU as a sidecar
+    does, in its own registry, served on its own /metrics."""
+
+    def __init__(self, files: Files) -> None:
+        f = files.server
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(files.path("server", f.cert), files.path("server", f.key))
+        self.ctx.load_verify_locations(files.path("server", f.bundle))
+        self.ctx.verify_mode = ssl.CERT_REQUIRED
+        self.registry = CollectorRegistry()
+        self.handshakes = Counter("sidecar_handshakes_total", "handshakes",
+                                  ["direction", "listener", "result", "resumed"],
+                                  registry=self.registry)
+        self.cpu = Counter("sidecar_handshake_cpu_seconds_total", "handshake CPU",
+                           ["direction", "listener", "resumed"], registry=self.registry)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.05)  # how often the accept loop looks at _stop
+        self.port: int = self._listener.getsockname()[1]
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._http: Any = None
+
+    def start(self) -> None:
+        self._spawn(self._accept_loop)
+
+    def metrics_url(self) -> str:
+        self._http, _ = start_http_server(0, addr="127.0.0.1", registry=self.registry)
+        return f"http://127.0.0.1:{self._http.server_port}/metrics"
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in list(self._threads):
+            t.join(IO_TIMEOUT)
+        self._listener.close()
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+
+    def _spawn(self, target: Any, *args: Any) -> None:
+        t = threading.Thread(target=target, args=args, daemon=True)
+        self._threads.append(t)
+        t.start()
+
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                raw, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            self._spawn(self._serve, raw)
+
+    def _serve(self, raw: socket.socket) -> None:
+        raw.settimeout(IO_TIMEOUT)
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            with self.ctx.wrap_socket(raw, server_side=True,
+                                      do_handshake_on_connect=False) as tls:
+                cpu = time.thread_time()
+                tls.do_handshake()
+                cpu = time.thread_time() - cpu
+                resumed = "true" if tls.session_reused else "false"
+                self.handshakes.labels("inbound", "echo", "ok", resumed).inc()
+                self.cpu.labels("inbound", "echo", resumed).inc(cpu)
+                while data := tls.recv(65536):
+                    tls.sendall(data)
+        except OSError:
+            pass  # a client the handshake refused, or one that went away: bench counts it
+        finally:
+            raw.close()
+
+
+@pytest.fixture
+def echo(files: Files) -> Iterator[EchoServer]:
+    server = EchoServer(files)
+    server.start()
+    yield server
+    server.stop()
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, Any, str]:
+    """bench.main with --json: (exit code, parsed stdout or None, stderr)."""
+    code = bench.main([*args, "--json"])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return code, (json.loads(out) if out.strip() else None), err
+
+
+# --- modes against the echo server -----------------------------------------------------
+
+
+def test_full_mode_never_resumes(echo: EchoServer, files: Files,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    code, rows, _ = run(capsys, "--target", f"127.0.0.1:{echo.port}", *files.client_args,
+                        "--expect-id", SERVER_ID, "--mode", "full",
+                        "--metrics", echo.metrics_url(), *RUN)
+    assert code == 0
+    [row] = rows
+    assert row["mode"] == "full" and row["errors"] == 0 and row["requests"] > 10
+    assert row["resumed"] == 0 and row["resumption_ratio"] == 0
+    assert row["connections"] == row["handshakes"] == row["requests"]
+    assert row["client_cpu_per_full_handshake_ms"] > 0
+    assert row["latency_p50_ms"] <= row["latency_p90_ms"] <= row["latency_p99_ms"]
+    # The target's own counters agree with what the bench did.
+    assert row["server_handshakes"] == row["handshakes"]
+    assert row["server_cpu_per_full_handshake_ms"] > 0
+    assert row["server_cpu_per_resumed_handshake_ms"] is None
+
+
+def test_resume_mode_resumes_after_each_workers_first(
+        echo: EchoServer, files: Files, capsys: pytest.CaptureFixture[str]) -> None:
+    code, rows, _ = run(capsys, "--target", f"127.0.0.1:{echo.port}", *files.client_args,
+                        "--mode", "resume", "--metrics", echo.metrics_url(), *RUN)
+    assert code == 0
+    [row] = rows
+    assert row["errors"] == 0 and row["handshakes"] > 10
+    assert row["resumption_ratio"] > 0.8
+    assert row["handshakes"] - row["resumed"] == 2  # each worker's first connection
+    assert row["server_handshakes"] == row["handshakes"]
+    assert row["server_cpu_per_resumed_handshake_ms"] > 0
+
+
+def test_reuse_mode_handshakes_once_per_worker(
+        echo: EchoServer, files: Files, capsys: pytest.CaptureFixture[str]) -> None:
+    code, rows, _ = run(capsys, "--target", f"127.0.0.1:{echo.port}", *files.client_args,
+                        "--mode", "reuse", "--request-bytes", "1000", *RUN)
+    assert code == 0
+    [row] = rows
+    assert row["handshakes"] == row["connections"] == 2
+    assert row["requests"] > row["handshakes"] * 10 and row["errors"] == 0
+    assert row["server_cpu_per_handshake_ms"] is None  # no --metrics
+
+
+def test_all_modes_and_a_request_cap(echo: EchoServer, files: Files,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    code, rows, _ = run(capsys, "--target", f"127.0.0.1:{echo.port}", *files.client_args,
+                        "--requests", "7", *RUN)
+    assert code == 0
+    assert [r["mode"] for r in rows] == ["full", "resume", "reuse"]
+    assert [r["requests"] for r in rows] == [7, 7, 7]
+
+
+def test_no_echo_reads_what_comes_back(echo: EchoServer, files: Files,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    # 10 of the 64 echoed bytes are enough; the rest is dropped with the connection.
+    code, rows, _ = run(capsys, "--target", f"127.0.0.1:{echo.port}", *files.client_args,
+                        "--mode", "resume", "--no-echo", "--response-bytes", "10", *RUN)
+    assert code == 0
+    assert rows[0]["errors"] == 0 and rows[0]["requests"] > 10
+
+
+def test_tls12_resumes_too(echo: EchoServer, files: Files,
+                           capsys: pytest.CaptureFixture[str]) -> None:
+    code, rows, _ = run(capsys, "--target", f"127.0.0.1:{echo.port}", *files.client_args,
+                        "--mode", "resume", "--tls-min", "1.2", "--tls-max", "1.2", *RUN)
+    assert code == 0
+    assert rows[0]["errors"] == 0 and rows[0]["resumption_ratio"] > 0.8
+
+
+def test_table_output_and_plot(echo: EchoServer, files: Files, tmp_path: Path,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "bench.png"
+    code = bench.main(["--target", f"127.0.0.1:{echo.port}", *files.client_args,
+                       "--requests", "5", "--plot", str(png), *RUN])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    header, *lines = out.splitlines()
+    assert header.split()[:4] == ["mode", "conn/s", "hs/s", "req/s"]
+    assert [line.split()[0] for line in lines] == ["full", "resume", "reuse"]
+    assert png.read_bytes().startswith(b"\x89PNG")
+
+
+def test_plot_without_matplotlib_says_what_to_install(
+        files: Files, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    code = bench.main(["--target", "127.0.0.1:1", "--plot", str(tmp_path / "x.png")])
+    assert code == 2
+    assert "pip install 'sidecar[plot]'" in capsys.readouterr().err
+
+
+# --- failures: one clear line per kind, never a traceback ------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+def test_refused_port_fails_fast_and_cleanly(capsys: pytest.CaptureFixture[str]) -> None:
+    started = time.monotonic()
+    code, rows, err = run(capsys, "--target", f"127.0.0.1:{free_port()}", "--mode", "full",
+                          "--duration", "5s")
+    assert code == 1
+    assert time.monotonic() - started < 2.5  # stopped once nothing could succeed
+    assert rows[0]["requests"] == 0 and rows[0]["errors"] >= bench.MAX_FUTILE_ATTEMPTS
+    [kind] = rows[0]["error_kinds"]
+    assert kind["kind"] == "connect_refused"
+    assert "refused the connection" in err and "no request" in err
+
+
+def test_wrong_server_id_counts_as_an_error(echo: EchoServer, files: Files,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    code, rows, err = run(capsys, "--target", f"127.0.0.1:{echo.port}", *files.client_args,
+                          "--expect-id", f"spiffe://{TRUST_DOMAIN}/ns/other/sa/x",
+                          "--mode", "full", *RUN)
+    assert code == 1
+    assert rows[0]["error_kinds"][0]["kind"] == "spiffe_id_mismatch"
+    assert f"the server is {SERVER_ID}" in err
+
+
+@pytest.fixture
+def not_tls() -> Iterator[int]:
+    """A plaintext server that answers anything with an HTTP error and hangs up."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.05)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with conn, contextlib.suppress(OSError):
+                conn.settimeout(IO_TIMEOUT)
+                conn.recv(4096)
+                conn.sendall(b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield listener.getsockname()[1]
+    stop.set()
+    thread.join(IO_TIMEOUT)
+    listener.close()
+
+
+def test_plaintext_target_is_named_not_tls(not_tls: int, files: Files,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    code, rows, err = run(capsys, "--target", f"127.0.0.1:{not_tls}", *files.client_args,
+                          "--mode", "full", *RUN)
+    assert code == 1
+    assert rows[0]["error_kinds"][0]["kind"] == "not_tls"
+    assert "did not speak TLS" in err
+
+
+# --- openssl s_server with client auth -------------------------------------------------
+
+
+@pytest.fixture
+def s_server(files: Files) -> Iterator[int]:
+    """`openssl s_server -rev`, requiring and verifying a client certificate."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is not on PATH: cannot start s_server")
+    f = files.server
+    port = free_port()  # s_server cannot report a port 0 binding on every version
+    proc = subprocess.Popen(
+        [openssl, "s_server", "-accept", f"127.0.0.1:{port}", "-quiet", "-rev",
+         "-cert", files.path("server", f.cert), "-cert_chain", files.path("server", f.cert),
+         "-key", files.path("server", f.key), "-CAfile", files.path("server", f.bundle),
+         "-Verify", "1", "-verify_return_error"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"openssl s_server did not listen on {port}")
+                threading.Event().wait(0.02)
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+@pytest.mark.parametrize("mode", ["full", "resume"])
+def test_openssl_s_server(s_server: int, files: Files, mode: str,
+                          capsys: pytest.CaptureFixture[str]) -> None:
+    # s_server serves one connection at a time; the palindromic request survives -rev.
+    code, rows, err = run(capsys, "--target", f"127.0.0.1:{s_server}", *files.client_args,
+                          "--expect-id", SERVER_ID, "--mode", mode,
+                          "--duration", "500ms", "--concurrency", "1")
+    assert code == 0, err
+    [row] = rows
+    assert row["errors"] == 0 and row["requests"] > 5
+    if mode == "full":
+        assert row["resumption_ratio"] == 0
+    else:
+        assert row["resumption_ratio"] > 0.8
+
+
+def test_openssl_s_server_refuses_a_client_without_certificate(
+        s_server: int, files: Files, capsys: pytest.CaptureFixture[str]) -> None:
+    bundle = files.path("client", pki.Layout.SPIFFE_HELPER.files.bundle)
+    code, rows, err = run(capsys, "--target", f"127.0.0.1:{s_server}", "--bundle", bundle,
+                          "--mode", "full", "--duration", "2s", "--concurrency", "1")
+    assert code == 1
+    assert rows[0]["error_kinds"][0]["kind"] == "no_client_cert"
+    assert "the server refused us" in err
+
+
+# --- the target's metrics, and the pure parts ------------------------------------------
+
+# From a real `sidecar run`'s /metrics after a bench run, with an outbound and a failed
+# handshake added in the same format (long numbers shortened): only inbound, successful
+# handshakes count.
+SAMPLE = """\
+# HELP sidecar_handshakes_total TLS handshakes, by outcome and resumption
+# TYPE sidecar_handshakes_total counter
+sidecar_handshakes_total{direction="inbound",listener="app",result="ok",resumed="false"} 572.0
+sidecar_handshakes_total{direction="inbound",listener="app",result="ok",resumed="true"} 1482.0
+sidecar_handshakes_total{direction="inbound",listener="app",result="error",resumed="false"} 3.0
+sidecar_handshakes_total{direction="outbound",listener="pay",result="ok",resumed="false"} 9.0
+# HELP sidecar_handshakes_created TLS handshakes, by outcome and resumption
+# TYPE sidecar_handshakes_created gauge
+sidecar_handshakes_created{direction="inbound",listener="app",result="ok",resumed="false"} 1.79e+09
+# HELP sidecar_handshake_cpu_seconds_total CPU time this process spent inside TLS handshake steps
+# TYPE sidecar_handshake_cpu_seconds_total counter
+sidecar_handshake_cpu_seconds_total{direction="inbound",listener="app",resumed="false"} 0.74594153
+sidecar_handshake_cpu_seconds_total{direction="inbound",listener="app",resumed="true"} 1.14730256
+sidecar_handshake_cpu_seconds_total{direction="outbound",listener="pay",resumed="false"} 5.0
+# HELP sidecar_connections_total Accepted connections
+# TYPE sidecar_connections_total counter
+sidecar_connections_total{direction="inbound",listener="app"} 2054.0
+"""
+
+
+def test_handshake_cost_reads_inbound_ok_handshakes_only() -> None:
+    cost = bench.handshake_cost(SAMPLE)
+    assert (cost.ok_full, cost.ok_resumed) == (572, 1482)
+    assert cost.cpu_full == pytest.approx(0.74594153)
+    assert cost.cpu_resumed == pytest.approx(1.14730256)
+    delta = cost - bench.handshake_cost(SAMPLE.replace("572.0", "500.0"))
+    assert delta.handshakes == 72 and delta.cpu_full == 0
+
+
+def test_summarize_splits_server_cpu_by_resumption() -> None:
+    server = bench.HandshakeCost(ok_full=10, ok_resumed=90, cpu_full=0.02, cpu_resumed=0.045)
+    row = bench.summarize(bench.Mode.RESUME, [bench.Tally()], 1.0, server)
+    assert row.server_cpu_per_full_handshake_ms == pytest.approx(2.0)
+    assert row.server_cpu_per_resumed_handshake_ms == pytest.approx(0.5)
+    assert row.server_cpu_per_handshake_ms == pytest.approx(0.65)
+    assert row.resumption_ratio is None and row.latency_p50_ms is None
+
+
+def test_scrape_of_nothing_says_why() -> None:
+    why = bench.scrape(f"http://127.0.0.1:{free_port()}/metrics", 2.0)
+    assert isinstance(why, str) and why.startswith("cannot read")
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 64, 65, 1000])
+def test_request_is_a_palindromic_line(size: int) -> None:
+    payload = bench.request_payload(size)
+    assert len(payload) == size and payload.endswith(b"\n")
+    assert payload[:-1] == payload[:-1][::-1]  # what `openssl s_server -rev` sends back
+
+
+def test_percentiles_are_nearest_rank() -> None:
+    ordered = [i / 1000 for i in range(1, 101)]  # 1..100 ms
+    assert bench.percentile_ms(ordered, 50) == 50
+    assert bench.percentile_ms(ordered, 99) == 99
+    assert bench.percentile_ms([0.005], 90) == 5
+    assert bench.percentile_ms([], 50) is None
+
+
+def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert bench.main(["--target", "127.0.0.1:1", "--response-bytes", "10"]) == 2
+    assert "--no-echo" in capsys.readouterr().err
+    assert bench.main(["--target", "nowhere"]) == 2
+    assert bench.main(["--target", "127.0.0.1:1", "--cert", "x.pem"]) == 2
+    assert bench.main(["--target", "127.0.0.1:1", "--duration", "10"]) == 2
