@@ -9,9 +9,10 @@ import argparse
 import asyncio
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from sidecar import __version__
 
@@ -122,7 +123,6 @@ def _run(args: argparse.Namespace) -> int:
     from sidecar import logs
     from sidecar.config import load_config
     from sidecar.problems import ProblemsError
-    from sidecar.server import Server
 
     path = _config_path(args)
     if path is None:
@@ -137,18 +137,30 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     logs.setup(str(config.log.level), str(config.log.format))
     loop_name = args.loop or os.environ.get("SIDECAR_LOOP", "uvloop")
-    return run_server(Server(config), loop_name)
+    from sidecar import workers
+
+    role = workers.role_from_env()
+    count = config.workers or workers.usable_cpus()
+    if role is None and count > 1:
+        workers.prepare_metrics_dir()  # before anything imports prometheus_client
+        supervisor = workers.Supervisor(config, path, count, loop_name)
+        return asyncio.run(supervisor.run())
+    from sidecar.server import Server, WorkerRole
+
+    worker = None
+    if role is not None:
+        logs.static["worker"] = role["index"]
+        worker = WorkerRole(role["index"], role["ports"], role["notify_fd"],
+                            bytes.fromhex(role["ticket_secret"]))
+    return _run_loop(Server(config, worker).run(), loop_name)
 
 
-def run_server(server: object, loop_name: str) -> int:
-    from sidecar.server import Server
-
-    assert isinstance(server, Server)
+def _run_loop(main: Coroutine[Any, Any, int], loop_name: str) -> int:
     if loop_name == "uvloop":
         import uvloop
 
-        return asyncio.run(server.run(), loop_factory=uvloop.new_event_loop)
-    return asyncio.run(server.run())
+        return asyncio.run(main, loop_factory=uvloop.new_event_loop)
+    return asyncio.run(main)
 
 
 def _check(args: argparse.Namespace) -> int:

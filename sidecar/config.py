@@ -197,7 +197,6 @@ def _is(expected: object) -> Callable[[object], bool]:
 NOT_SUPPORTED_YET: Final[tuple[Unsupported, ...]] = (
     Unsupported("inbound[].protocol", _is("http"), "per-request HTTP policy is planned", "use tcp"),
     Unsupported("inbound[].proxy_protocol", _is(True), "PROXY v2 headers are planned", "set false"),
-    Unsupported("workers", lambda n: n != 1, "several worker processes are planned", "use 1"),
 )
 
 

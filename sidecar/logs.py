@@ -26,6 +26,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        out.update(static)
         fields = getattr(record, "fields", None)
         if fields:
             out.update(fields)
@@ -38,6 +39,8 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         ts = dt.datetime.fromtimestamp(record.created, dt.UTC).strftime("%H:%M:%S.%f")[:-3]
         line = f"{ts} {record.levelname.lower():7} {record.getMessage()}"
+        if static:
+            line += " " + " ".join(f"{k}={v}" for k, v in static.items())
         fields = getattr(record, "fields", None)
         if fields:
             line += " " + " ".join(f"{k}={_text(v)}" for k, v in fields.items() if v is not None)
@@ -64,6 +67,7 @@ def setup(level: str = "info", fmt: str = "json", stream: Any = None) -> None:
 
 
 _direct: Any = None  # the stream of the JSON handler setup() installed, for access()
+static: dict[str, Any] = {}  # fields on every line, e.g. {"worker": 1} in a worker process
 
 
 def access(fields: dict[str, Any], *, failed: bool) -> None:
@@ -79,7 +83,7 @@ def access(fields: dict[str, Any], *, failed: bool) -> None:
         head = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
         line = {"ts": f"{head}.{int(now * 1000) % 1000:03d}Z",
                 "level": "warning" if failed else "info", "logger": ACCESS.name,
-                "msg": "connection", **fields}
+                "msg": "connection", **static, **fields}
         _direct.write(json.dumps(line, default=str, separators=(",", ":")) + "\n")
         return
     ACCESS.log(level, "connection", extra={"fields": fields})

@@ -7,9 +7,13 @@ is left alone.
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+# workers > 1: each worker writes its values to files the supervisor sums (workers.py).
+MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
 # Handshakes of mTLS proxies on loopback take 1-5 ms; across a network, tens of ms;
 # a stalled peer runs to handshake_timeout (10 s by default).
@@ -29,9 +33,11 @@ handshake_duration = Histogram(
 handshake_cpu = Counter(
     "sidecar_handshake_cpu_seconds_total", "CPU time this process spent inside TLS "
     "handshake steps", ["direction", "listener", "resumed"], registry=REGISTRY)
+# multiprocess_mode applies only with workers > 1 (workers.py): how the supervisor folds
+# the workers' values into one.
 connections_active = Gauge(
     "sidecar_connections_active", "Open connections", ["direction", "listener"],
-    registry=REGISTRY)
+    registry=REGISTRY, multiprocess_mode="livesum")
 connections = Counter(
     "sidecar_connections_total", "Accepted connections", ["direction", "listener"],
     registry=REGISTRY)
@@ -49,10 +55,10 @@ authz_decisions = Counter(
     ["listener", "decision", "rule"], registry=REGISTRY)
 svid_expiry = Gauge(
     "sidecar_svid_expiry_timestamp_seconds", "notAfter of the SVID in use (Unix time)",
-    ["spiffe_id"], registry=REGISTRY)
+    ["spiffe_id"], registry=REGISTRY, multiprocess_mode="livemax")
 bundle_expiry = Gauge(
     "sidecar_bundle_expiry_timestamp_seconds", "Earliest notAfter of a trust bundle's CAs",
-    ["trust_domain"], registry=REGISTRY)
+    ["trust_domain"], registry=REGISTRY, multiprocess_mode="livemin")
 reloads = Counter(
     "sidecar_reloads_total", "Reloads of identity, bundles, policy and CRLs",
     ["kind", "result"], registry=REGISTRY)

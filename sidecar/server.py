@@ -14,12 +14,15 @@ import asyncio
 import datetime as dt
 import logging
 import os
+import secrets
 import signal
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from sidecar import admin, logs, metrics, reload
-from sidecar.config import Config
+from sidecar.config import Address, Config
 from sidecar.identity import Identity, load_identity
 from sidecar.policy import DENY_ALL, Policy, load_policy
 from sidecar.problems import ProblemsError
@@ -28,14 +31,26 @@ from sidecar.proxy.connection import Tracker
 from sidecar.proxy.listener import Listener
 from sidecar.proxy.runtime import Runtime
 from sidecar.tls import contexts as tls_contexts
-from sidecar.tls import ktls
+from sidecar.tls import ktls, openssl
 
 SWEEP_EVERY = 1.0  # seconds between idle / lifetime sweeps
 
 
+@dataclass(frozen=True, slots=True)
+class WorkerRole:
+    """What a worker process gets from its supervisor (workers.py)."""
+
+    index: int
+    ports: Mapping[str, int]  # listener name -> the port every worker binds (SO_REUSEPORT)
+    notify_fd: int  # "ready" / "draining" lines go here
+    ticket_secret: bytes  # shared, so any worker resumes any worker's tickets
+
+
 class Server:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, worker: WorkerRole | None = None) -> None:
         self.config = config
+        self.worker = worker
+        self.ticket_secret = worker.ticket_secret if worker else secrets.token_bytes(32)
         self.listeners: list[Listener] = []
         self.rt: Runtime | None = None
         self.draining = False
@@ -56,7 +71,16 @@ class Server:
         tls = self.config.tls
         return tls_contexts.build(identity, min_version=str(tls.min_version),
                                   session_resumption=tls.session_resumption,
-                                  ktls=self.ktls.available)
+                                  ktls=self.ktls.available,
+                                  ticket_keys=self.ticket_keys(identity))
+
+    def ticket_epoch(self) -> int:
+        rotation = self.config.tls.session_ticket_rotation
+        return int(time.time() // rotation) if rotation > 0 else 0
+
+    def ticket_keys(self, identity: Identity) -> bytes:
+        return tls_contexts.ticket_keys(self.ticket_secret, self.ticket_epoch(),
+                                        identity.trust_version)
 
     def detect_ktls(self) -> str | None:
         """Settle the kTLS mode; an error message when `ktls: on` cannot be honoured."""
@@ -81,9 +105,10 @@ class Server:
                            listeners=[lst.name for lst in self.config.inbound])
 
     def publish_identity(self, identity: Identity) -> None:
-        metrics.svid_expiry.clear()
+        if not metrics.MULTIPROCESS:  # there, values live in files and cannot be cleared
+            metrics.svid_expiry.clear()
+            metrics.bundle_expiry.clear()
         metrics.svid_expiry.labels(str(identity.spiffe_id)).set(identity.not_after.timestamp())
-        metrics.bundle_expiry.clear()
         for td, bundle in identity.bundles.items():
             metrics.bundle_expiry.labels(td).set(bundle.earliest_expiry.timestamp())
 
@@ -185,20 +210,25 @@ class Server:
         self.publish_identity(identity)
         try:
             for ib in cfg.inbound:
-                self.listeners.append(Listener(loop, ib.name, inbound.DIRECTION, ib.listen,
-                                               inbound.acceptor(rt, ib)))
+                self.listeners.append(Listener(loop, ib.name, inbound.DIRECTION,
+                                               self._address(ib.name, ib.listen),
+                                               inbound.acceptor(rt, ib),
+                                               reuse_port=self.worker is not None))
             for ob in cfg.outbound:
-                self.listeners.append(Listener(loop, ob.name, outbound.DIRECTION, ob.listen,
-                                               outbound.acceptor(rt, ob)))
+                self.listeners.append(Listener(loop, ob.name, outbound.DIRECTION,
+                                               self._address(ob.name, ob.listen),
+                                               outbound.acceptor(rt, ob),
+                                               reuse_port=self.worker is not None))
         except OSError as exc:
             logs.event(logging.ERROR, f"cannot listen: {exc.strerror}", error=str(exc))
             for lst in self.listeners:
                 lst.close()
             return 1
         try:
-            admin_cfg = cfg.admin.listen
-            self._admin = await admin.start(admin_cfg.host, admin_cfg.port,
-                                            admin.Probe(self.not_ready, self.status))
+            if self.worker is None:  # workers: the supervisor serves the admin endpoint
+                admin_cfg = cfg.admin.listen
+                self._admin = await admin.start(admin_cfg.host, admin_cfg.port,
+                                                admin.Probe(self.not_ready, self.status))
         except OSError as exc:
             logs.event(logging.ERROR, f"cannot listen on admin {cfg.admin.listen}: "
                        f"{exc.strerror}", error=str(exc))
@@ -215,8 +245,9 @@ class Server:
             lst.resume()
             logs.event(logging.INFO, "listening", listener=lst.name, direction=lst.direction,
                        address=lst.bound)
-        logs.event(logging.INFO, "listening", listener="admin", direction="admin",
-                   address=self.admin_address)
+        if self._admin is not None:
+            logs.event(logging.INFO, "listening", listener="admin", direction="admin",
+                       address=self.admin_address)
         self._reloadables = self.reloadables()
         background = self._background()
         # The watcher sets up its inotify watches in its task's first step: let it take
@@ -229,6 +260,7 @@ class Server:
                    serial=f"{rt.contexts.identity.serial:x}", policy=rt.policy.version)
         if on_ready:
             on_ready(self)
+        self._notify("ready")
         sweeper = loop.call_later(SWEEP_EVERY, self._sweep)
         await self._stop.wait()
         sweeper.cancel()
@@ -253,21 +285,18 @@ class Server:
         return reload.spawn_all(coros)
 
     async def _rotate_ticket_keys(self, every: float) -> None:
-        """A new server context every `every` seconds: OpenSSL makes a context's ticket key
-        once and never changes it, so a fresh context is how the key rotates. Tickets from
-        before then fall back to a full handshake; the client context (our outbound
-        sessions) is kept."""
+        """Install the next period's ticket keys at each epoch boundary (the same instant in
+        every worker). Tickets of the period before then fall back to a full handshake."""
         assert self._stop is not None and self.rt is not None
         while not self._stop.is_set():
+            wait = every - time.time() % every
             try:
-                async with asyncio.timeout(every):
+                async with asyncio.timeout(wait):
                     await self._stop.wait()
             except TimeoutError:
-                current = self.rt.contexts
-                fresh = self.build_contexts(current.identity)
-                self.rt.contexts = tls_contexts.Contexts(fresh.server, current.client,
-                                                         current.identity)
-                logs.event(logging.INFO, "session ticket key rotated", next_in_s=every)
+                contexts = self.rt.contexts
+                openssl.set_ticket_keys(contexts.server, self.ticket_keys(contexts.identity))
+                logs.event(logging.INFO, "session ticket keys rotated", next_in_s=every)
 
     def stop(self) -> None:
         """Begin a drain (first call) or end it at once (second call)."""
@@ -277,6 +306,7 @@ class Server:
             self._drained.set()
             return
         self.draining = True
+        self._notify("draining")
         self._stop.set()
 
     async def _drain(self) -> None:
@@ -357,6 +387,18 @@ class Server:
     def _maybe_drained(self) -> None:
         if self.draining and self._drained is not None:
             self._drained.set()
+
+    def _address(self, name: str, configured: Address) -> Address:
+        if self.worker is None or name not in self.worker.ports:
+            return configured
+        return Address(configured.host, self.worker.ports[name])
+
+    def _notify(self, state: str) -> None:
+        if self.worker is not None:
+            try:
+                os.write(self.worker.notify_fd, f"{state}\n".encode())
+            except OSError:
+                pass  # the supervisor is gone; the worker carries on until signalled
 
     def _pause_listeners(self) -> None:
         for lst in self.listeners:

@@ -906,9 +906,9 @@ def test_not_supported_message_reads_as_documented(tmp_path: Path) -> None:
     )
 
 
-def test_workers_auto_is_not_supported_yet(tmp_path: Path) -> None:
-    problem = only_problem(VALID + "workers: auto\n", tmp_path)
-    assert problem.message.startswith("'auto' is not supported yet")
+def test_workers_auto_and_numbers_parse(tmp_path: Path) -> None:
+    assert parse(VALID + "workers: auto\n", tmp_path).workers is None
+    assert parse(VALID + "workers: 3\n", tmp_path).workers == 3
 
 
 def test_supported_values_of_those_keys_pass(tmp_path: Path) -> None:

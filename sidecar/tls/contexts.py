@@ -8,6 +8,7 @@ means new ticket keys, so tickets issued under the old trust stop resuming).
 from __future__ import annotations
 
 import contextlib
+import hmac
 import os
 import ssl
 import tempfile
@@ -45,15 +46,31 @@ def present(contexts: Contexts, identity: Identity) -> Contexts:
     return Contexts(contexts.server, contexts.client, identity)
 
 
+def ticket_keys(secret: bytes, epoch: int, trust_version: str) -> bytes:
+    """The session ticket keys for one rotation period and one trust.
+
+    Derived, not random: every worker of a sidecar derives the same keys from the secret
+    they share (so a ticket from one worker resumes on another), rotation happens at the
+    same epoch boundary everywhere without any message between them, and a trust change
+    (bundle or CRL) changes the keys, so tickets made under the old trust never resume.
+    """
+    info = f"sidecar ticket keys|{epoch}|{trust_version}".encode()
+    return hmac.digest(secret, info + b"|a", "sha256") + hmac.digest(
+        secret, info + b"|b", "sha256") + hmac.digest(secret, info + b"|c", "sha256")[:16]
+
+
 def build(
     identity: Identity,
     *,
     min_version: str = "1.3",
     session_resumption: bool = True,
     ktls: bool = False,
+    ticket_keys: bytes | None = None,
 ) -> Contexts:
     server = _base(ssl.PROTOCOL_TLS_SERVER, identity, min_version, ktls)
     if session_resumption:
+        if ticket_keys is not None:
+            openssl.set_ticket_keys(server, ticket_keys)
         server.num_tickets = TICKETS_PER_HANDSHAKE
     else:
         server.num_tickets = 0

@@ -32,6 +32,8 @@ _PTR = ctypes.sizeof(ctypes.c_void_p)
 SSL_CTRL_MODE = 33
 SSL_MODE_RELEASE_BUFFERS = 0x10
 SSL_CTRL_SET_READ_AHEAD = 41
+SSL_CTRL_SET_TLSEXT_TICKET_KEYS = 59
+TICKET_KEYS_LEN = 80  # OpenSSL 3: 16-byte key name + 32-byte HMAC key + 32-byte AES key
 SSL_ERROR_WANT_READ = 2
 SSL_ERROR_WANT_WRITE = 3
 BIO_CTRL_GET_KTLS_SEND = 73
@@ -145,6 +147,16 @@ def no_new_tickets(ptr: int) -> None:
     """This connection sends no NewSessionTicket when its handshake ends."""
     assert _lib is not None
     _lib.SSL_set_num_tickets(ptr, 0)
+
+
+def set_ticket_keys(ctx: ssl.SSLContext, keys: bytes) -> bool:
+    """Give a server context our own ticket keys (instead of its random ones), so that
+    workers sharing a port accept each other's tickets and rotation is ours to time."""
+    ptr = context_pointer(ctx)
+    if _lib is None or ptr is None or not _self_test_passed() or len(keys) != TICKET_KEYS_LEN:
+        return False
+    buf = ctypes.create_string_buffer(keys, TICKET_KEYS_LEN)
+    return bool(_lib.SSL_CTX_ctrl(ptr, SSL_CTRL_SET_TLSEXT_TICKET_KEYS, TICKET_KEYS_LEN, buf))
 
 
 def read_ahead(ctx: ssl.SSLContext) -> bool:

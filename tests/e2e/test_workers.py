@@ -1,0 +1,110 @@
+"""`workers: 2` (issue 9): one port, two processes, one admin endpoint that sums them."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import ssl
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from .conftest import (
+    FRONTEND,
+    IO_TIMEOUT,
+    PAYMENTS,
+    EchoApp,
+    Pki,
+    Sidecar,
+    TlsClient,
+    recv_all,
+    wait_for,
+    write_svid_dir,
+)
+from .test_live_changes import admin_get, metric
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture
+def pair(tmp_path: Path, ca: Pki, echo_app: Callable[..., EchoApp]):  # type: ignore[no-untyped-def]
+    app = echo_app()
+    (tmp_path / "policy.yaml").write_text(json.dumps({"default": "deny", "rules": [
+        {"name": "frontend", "action": "allow", "from": [FRONTEND]}]}))
+    config = {
+        "identity": write_svid_dir(tmp_path / "svid", ca.svid(PAYMENTS), ca.bundle),
+        "inbound": [{"name": "in", "listen": "127.0.0.1:0", "forward_to": app.address}],
+        "policy": str(tmp_path / "policy.yaml"), "workers": 2,
+        "admin": {"listen": "127.0.0.1:0"}, "drain_timeout": "5s",
+        "log": {"level": "info", "format": "json"}}
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(json.dumps(config))
+    sc = Sidecar("w", path, "uvloop")
+    sc.start()
+    yield sc
+    assert sc.stop() == 0
+
+
+def _status(sc: Sidecar) -> dict:  # type: ignore[type-arg]
+    return json.loads(admin_get(sc, "/status")[1])  # type: ignore[no-any-return]
+
+
+def _call(port: int, ctx: ssl.SSLContext, session: ssl.SSLSession | None = None
+          ) -> tuple[bool, ssl.SSLSession | None]:
+    with socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT) as raw, \
+            ctx.wrap_socket(raw, session=session) as s:
+        s.sendall(b"hello")
+        assert recv_all(s, 5) == b"hello"
+        return s.session_reused, s.session
+
+
+def test_two_workers_share_the_port_and_the_metrics_add_up(
+    pair: Sidecar, ca: Pki, tls_client: TlsClient
+) -> None:
+    ctx = tls_client.context(ca.svid(FRONTEND))
+    port = pair.port("in")
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda _: _call(port, ctx), range(200)))
+    lines = pair.wait_connections(200)
+    spread = Counter(ln.get("worker") for ln in lines)
+    assert set(spread) == {0, 1} and min(spread.values()) >= 20, spread
+    assert metric(pair, "sidecar_connections_total", direction="inbound", listener="in") == 200
+    assert metric(pair, "sidecar_handshakes_total", result="ok", resumed="false") == 200
+    assert [w["ready"] for w in _status(pair)["workers"]] == [True, True]
+
+
+def test_tickets_resume_on_either_worker(pair: Sidecar, ca: Pki, tls_client: TlsClient) -> None:
+    ctx = tls_client.context(ca.svid(FRONTEND))
+    _, session = _call(pair.port("in"), ctx)
+    resumed = 0
+    for _ in range(20):
+        again, session = _call(pair.port("in"), ctx, session)
+        resumed += again
+    lines = pair.wait_connections(21)
+    assert {ln.get("worker") for ln in lines} == {0, 1}  # both workers took some
+    assert resumed == 20
+
+
+def test_a_killed_worker_is_replaced_and_counted(
+    pair: Sidecar, ca: Pki, tls_client: TlsClient
+) -> None:
+    ctx = tls_client.context(ca.svid(FRONTEND))
+    victim = _status(pair)["workers"][0]["pid"]
+    os.kill(victim, signal.SIGKILL)
+    # Once the supervisor has seen it die (its socket is closed then; connections already
+    # queued on a dying SO_REUSEPORT socket are reset by the kernel, whoever the proxy is),
+    # the port keeps serving: the other worker takes everything.
+    wait_for(lambda: _status(pair)["workers"][0]["pid"] != victim
+             or not _status(pair)["workers"][0]["ready"], 10, "the death to be noticed")
+    for _ in range(20):
+        _call(pair.port("in"), ctx)
+    wait_for(lambda: _status(pair)["workers"][0]["ready"]
+             and _status(pair)["workers"][0]["pid"] != victim, 20, "the worker to come back")
+    assert _status(pair)["workers"][0]["restarts"] == 1
+    assert metric(pair, "sidecar_worker_restarts_total") == 1
+    assert admin_get(pair, "/readyz")[0] == 200
