@@ -18,6 +18,8 @@ DONE = 0
 
 class Endpoint(Protocol):
     fd: int
+    ktls_tx: bool  # the kernel encrypts what is written to fd (kTLS): splice may write
+    ktls_rx: bool  # the kernel decrypts what is read from fd: splice may read
 
     def read_into(self, buf: memoryview) -> int:
         """Bytes read (> 0), 0 at end of stream, or WANT_READ / WANT_WRITE."""
@@ -39,6 +41,8 @@ class TcpEndpoint:
     """A plain, connected, non-blocking stream socket (TCP or Unix)."""
 
     __slots__ = ("fd", "sock")
+    ktls_tx = False
+    ktls_rx = False
 
     def __init__(self, sock: socket.socket) -> None:
         """`sock` must be non-blocking already (each FIONBIO is a syscall)."""

@@ -20,6 +20,9 @@ it waits for after every step.
 from __future__ import annotations
 
 import asyncio
+import errno
+import fcntl
+import os
 import ssl
 from collections.abc import Callable
 
@@ -98,6 +101,98 @@ class Flow:
             return True
 
 
+class SpliceFlow(Flow):
+    """A direction whose TLS side the kernel handles (kTLS): bytes go socket -> pipe ->
+    socket with os.splice and never enter Python.
+
+    One pipe serves the whole process: each chunk is spliced in and straight out again,
+    so the pipe is empty between calls. When the destination cannot take all of a chunk,
+    the rest is read out of the pipe into `pending` (one copy, only under backpressure)
+    and written the ordinary way, which for a kTLS socket is still the kernel's
+    encryption. A kTLS receive socket hands non-data records (alerts, a KeyUpdate, a
+    ticket) to no splice: those make splice fail, and OpenSSL's own read, which uses
+    recvmsg and knows record types, takes that record.
+    """
+
+    __slots__ = ()
+
+    def run(self) -> bool:
+        rounds = 0
+        pipe_r, pipe_w = _shared_pipe()
+        while True:
+            if self.pending is not None or self.eof:
+                return super().run()  # flush what is held, or pass the end on
+            if rounds == ROUNDS_PER_TURN:
+                self.wait = None
+                return False
+            rounds += 1
+            try:
+                n = os.splice(self.src.fd, pipe_w, CHUNK, flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                self.wait = (self.src, False)
+                return True
+            except OSError as exc:
+                if exc.errno not in _NOT_DATA:
+                    raise
+                # A control record on a kTLS receive socket: OpenSSL reads it.
+                n = self.src.read_into(_buffer)
+                if n < 0:
+                    self.wait = (self.src, n == WANT_WRITE)
+                    return True
+                if n == 0:
+                    self.eof = True
+                    continue
+                w = self.dst.write(_buffer[:n])
+                if w == n:
+                    self.moved += n
+                    continue
+                self.moved += max(w, 0)
+                self.pending = memoryview(bytes(_buffer[max(w, 0):n]))
+                self.wait = (self.dst, w >= 0 or w == WANT_WRITE)
+                return True
+            if n == 0:
+                self.eof = True
+                continue
+            try:
+                out = os.splice(pipe_r, self.dst.fd, n, flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                out = 0
+            self.moved += out
+            if out < n:
+                self.pending = memoryview(_read_exactly(pipe_r, n - out))
+                self.wait = (self.dst, True)
+                return True
+
+
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+# What splice says when the next record on a kTLS receive socket is not application data.
+_NOT_DATA = frozenset({errno.EIO, errno.EINVAL, errno.EBADMSG})
+_pipe: tuple[int, int] | None = None
+
+
+def _shared_pipe() -> tuple[int, int]:
+    global _pipe
+    if _pipe is None:
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # A pipe holds 64 KiB by default; make sure one CHUNK always fits.
+        fcntl.fcntl(w, getattr(fcntl, "F_SETPIPE_SZ", 1031), CHUNK)
+        _pipe = (r, w)
+    return _pipe
+
+
+def _read_exactly(fd: int, n: int) -> bytes:
+    parts = []
+    while n > 0:
+        part = os.read(fd, n)
+        parts.append(part)
+        n -= len(part)
+    return b"".join(parts)
+
+
+def can_splice() -> bool:
+    return hasattr(os, "splice")
+
+
 CloseCallback = Callable[["Duplex", str, BaseException | None], None]
 
 
@@ -119,8 +214,10 @@ class Duplex:
         self._loop = loop
         self.app = app
         self.peer = peer
-        self.to_app = Flow(peer, app)
-        self.from_app = Flow(app, peer)
+        # With kTLS the kernel holds the record keys, and a direction can bypass Python.
+        splice = can_splice()
+        self.to_app = (SpliceFlow if splice and peer.ktls_rx else Flow)(peer, app)
+        self.from_app = (SpliceFlow if splice and peer.ktls_tx else Flow)(app, peer)
         self._on_close = on_close
         # Registered interest: app read, app write, peer read, peer write.
         self._reg = [False, False, False, False]

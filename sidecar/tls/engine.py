@@ -56,7 +56,8 @@ _READ_ROOM = 16 * 1024  # one TLS record's plaintext: read more only if a record
 class TlsEndpoint:
     """A TLS connection over a socket it owns."""
 
-    __slots__ = ("_obj", "_ptr", "_server", "_shut", "cpu_seconds", "fd", "sock")
+    __slots__ = ("_obj", "_ptr", "_server", "_shut", "cpu_seconds", "fd", "ktls_rx",
+                 "ktls_tx", "sock")
 
     def __init__(self, sock: ssl.SSLSocket) -> None:
         self.sock = sock
@@ -66,6 +67,7 @@ class TlsEndpoint:
         self._shut = False
         self._server = sock.server_side
         self.cpu_seconds = 0.0
+        self.ktls_tx = self.ktls_rx = False  # set by ktls() once the handshake is done
 
     @classmethod
     def server(cls, ctx: ssl.SSLContext, raw: socket.socket) -> TlsEndpoint:
@@ -194,7 +196,9 @@ class TlsEndpoint:
 
     def ktls(self) -> tuple[bool, bool]:
         """(tx, rx): did the kernel take over sending / receiving on this connection?"""
-        return openssl.ktls_state(self._ptr) if self._ptr is not None else (False, False)
+        if self._ptr is not None:
+            self.ktls_tx, self.ktls_rx = openssl.ktls_state(self._ptr)
+        return self.ktls_tx, self.ktls_rx
 
     def presented_chain(self) -> list[bytes] | None:
         return peerchain.presented(self.sock)
