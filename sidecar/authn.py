@@ -5,9 +5,15 @@ SPIFFE's part: the leaf is a valid X.509-SVID, and the chain ended in the bundle
 trust domain the SVID claims (a federated CA must not vouch for our own trust domain).
 Authorization (policy.py) is a separate step with separate reasons.
 
-Full handshakes bring the verified chain; a resumed one brings only the leaf, whose chain
-and SVID rules were checked when its session was made, under the same trust (a bundle
-change makes a new context, which ends resumption of older tickets).
+Full handshakes bring the verified chain; a resumed one brings only the leaf. OpenSSL
+verified that leaf's chain against all our anchors when the session was made, but a TLS
+1.3 server sends its ticket *before* we judge the SPIFFE part, so a peer we refused (a
+federated CA vouching for our trust domain) holds a ticket too. So a resumed leaf is
+trusted only if this process accepted it in a full handshake, or if it is signed by an
+issuer known to belong to the trust domain it claims: a CA of that domain's bundle, or an
+intermediate seen in an accepted chain of that domain (our own chain's included). The
+signature is checked, not just the issuer's name, which any CA can copy. The answer is
+cached per leaf, so a peer that resumes often pays for this once.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 
 from sidecar import spiffe
 from sidecar.identity import Identity
@@ -47,14 +54,20 @@ class Authenticator:
     def __init__(self) -> None:
         self._resumed: OrderedDict[bytes, Peer] = OrderedDict()
         self._intermediates: OrderedDict[x509.Name, None] = OrderedDict()
+        # Issuers proven to belong to a trust domain, by (trust domain, subject).
+        self._issuers: OrderedDict[tuple[str, x509.Name], x509.Certificate] = OrderedDict()
 
     @property
     def known_intermediates(self) -> Collection[x509.Name]:
         return self._intermediates.keys()
 
     def learn(self, identity: Identity) -> None:
+        """A new identity snapshot: forget resumption answers given under older trust."""
+        self._resumed.clear()
+        self._issuers.clear()
         for c in identity.intermediates:
             self._remember_intermediate(c.subject)
+            self._remember_issuer(identity.trust_domain, c)
 
     def full(self, chain: list[bytes], identity: Identity) -> Peer:
         if not chain:
@@ -78,25 +91,49 @@ class Authenticator:
                 f"not in the bundle of '{peer.trust_domain}'",
             )
         for der in chain[1:-1]:
-            self._remember_intermediate(x509.load_der_x509_certificate(der).subject)
+            issuer = x509.load_der_x509_certificate(der)
+            self._remember_intermediate(issuer.subject)
+            self._remember_issuer(peer.trust_domain, issuer)
         self._cache(chain[0], peer)
         return peer
 
-    def resumed(self, leaf_der: bytes | None) -> Peer:
+    def resumed(self, leaf_der: bytes | None, identity: Identity) -> Peer:
         if leaf_der is None:
             raise AuthnError(Reason.NO_CLIENT_CERT, "resumed session without a peer certificate")
         peer = self._resumed.get(leaf_der)
         if peer is not None:
             self._resumed.move_to_end(leaf_der)
             return peer
-        peer = _svid_peer(x509.load_der_x509_certificate(leaf_der))
-        self._cache(leaf_der, peer)
-        return peer
+        leaf = x509.load_der_x509_certificate(leaf_der)
+        peer = _svid_peer(leaf)
+        bundle = identity.bundles.get(peer.trust_domain)
+        if bundle is None:
+            raise AuthnError(Reason.UNKNOWN_CA, f"no trust bundle for trust domain "
+                             f"'{peer.trust_domain}' (a resumed session)")
+        candidates = [ca for ca in bundle.cas if ca.subject == leaf.issuer]
+        known = self._issuers.get((peer.trust_domain, leaf.issuer))
+        if known is not None:
+            candidates.append(known)
+        for issuer in candidates:
+            try:
+                leaf.verify_directly_issued_by(issuer)
+            except (ValueError, TypeError, InvalidSignature):
+                continue
+            self._cache(leaf_der, peer)
+            return peer
+        raise AuthnError(Reason.UNKNOWN_CA, f"resumed session of {peer.spiffe_id}: its issuer "
+                         f"'{leaf.issuer.rfc4514_string()}' is not known to belong to "
+                         f"'{peer.trust_domain}' here; a full handshake decides")
 
     def _cache(self, der: bytes, peer: Peer) -> None:
         self._resumed[der] = peer
         if len(self._resumed) > RESUMED_CACHE:
             self._resumed.popitem(last=False)
+
+    def _remember_issuer(self, trust_domain: str, cert: x509.Certificate) -> None:
+        self._issuers[(trust_domain, cert.subject)] = cert
+        if len(self._issuers) > KNOWN_INTERMEDIATES:
+            self._issuers.popitem(last=False)
 
     def _remember_intermediate(self, name: x509.Name) -> None:
         self._intermediates[name] = None

@@ -8,6 +8,7 @@ exceptions, because these calls run once per chunk on the hot path.
 from __future__ import annotations
 
 import socket
+import struct
 from typing import Protocol
 
 # Return codes of read_into/write/shutdown_write (a count is never negative).
@@ -70,3 +71,14 @@ class TcpEndpoint:
 
     def close(self) -> None:
         self.sock.close()
+
+    def reset(self) -> None:
+        """Close with a TCP reset: the app must not take a cut stream for a whole one."""
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, timeout 0: close sends RST

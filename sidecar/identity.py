@@ -105,6 +105,11 @@ def load_identity(
     _check_chain(cert, chain, own, problems)
     bundles: dict[str, Bundle] = {td: own}
     for fed_td, path in (federated or {}).items():
+        try:
+            fed_td = spiffe.TrustDomain.parse(fed_td).name
+        except spiffe.SpiffeIdError as exc:
+            problems.append(Problem(str(path), f"federated bundle key: {exc}"))
+            continue
         if fed_td == td:
             problems.append(Problem(str(path), f"federates our own trust domain {td}"))
             continue
@@ -149,6 +154,13 @@ def _read_certs(path: Path, problems: list[Problem]) -> list[x509.Certificate]:
     except ValueError as exc:
         problems.append(Problem(str(path), f"not a PEM certificate list ({exc}); "
                                            "a truncated or half-written file?"))
+        return []
+    # cryptography skips a block cut off at the end of the file: a bundle caught mid-write
+    # would silently lose a CA. Every block that begins must have become a certificate.
+    begun = data.count(b"-----BEGIN CERTIFICATE-----")
+    if begun != len(certs):
+        problems.append(Problem(str(path), f"{begun} certificate blocks begin but only "
+                                           f"{len(certs)} are whole: cut off mid-write?"))
         return []
     return certs
 

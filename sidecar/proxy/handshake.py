@@ -50,7 +50,7 @@ async def secure(
     rec.cipher = ep.cipher()
     try:
         if resumed:
-            peer = rt.authn.resumed(ep.peer_leaf())
+            peer = rt.authn.resumed(ep.peer_leaf(), identity)
         else:
             peer = rt.authn.full(ep.verified_chain(), identity)
         rec.peer_id = peer.spiffe_id

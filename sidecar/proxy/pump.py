@@ -247,7 +247,13 @@ class Duplex:
         for i, on in enumerate(self._reg):
             if on:
                 self._unregister(i)
-        self.app.close()
+        if reason == "closed":
+            self.app.close()
+        else:
+            # Cut short (error, idle, drain, recheck): the app sees a reset, not an end it
+            # could take for a complete answer. The TLS peer sees no close_notify either.
+            reset = getattr(self.app, "reset", None)
+            (reset or self.app.close)()
         self.peer.close()
         self._on_close(self, reason, exc)
 

@@ -72,6 +72,7 @@ class TlsEndpoint:
     @classmethod
     def server(cls, ctx: ssl.SSLContext, raw: socket.socket) -> TlsEndpoint:
         """`raw` must be non-blocking already (each FIONBIO is a syscall)."""
+        _require_non_blocking(raw)
         return cls(ctx.wrap_socket(raw, server_side=True, do_handshake_on_connect=False))
 
     @classmethod
@@ -82,6 +83,7 @@ class TlsEndpoint:
         server_name: str | None,
         session: ssl.SSLSession | None = None,
     ) -> TlsEndpoint:
+        _require_non_blocking(raw)
         sock = ctx.wrap_socket(
             raw,
             server_side=False,
@@ -125,7 +127,8 @@ class TlsEndpoint:
         obj = self._obj
         got = 0
         room = len(buf)
-        while room - got >= _READ_ROOM:
+        # Keep reading records while a whole one still fits; always try at least once.
+        while got == 0 or room - got >= _READ_ROOM:
             try:
                 n: int = obj.read(room - got, buf[got:])
             except ssl.SSLWantReadError:
@@ -205,6 +208,12 @@ class TlsEndpoint:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def _require_non_blocking(sock: socket.socket) -> None:
+    # A blocking socket here would stall the whole loop inside OpenSSL, silently.
+    if sock.gettimeout() != 0.0:
+        raise ValueError("the engine needs a non-blocking socket (setblocking(False))")
 
 
 def _ready(loop: asyncio.AbstractEventLoop, fd: int, *, write: bool) -> asyncio.Future[None]:

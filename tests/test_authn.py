@@ -1,0 +1,373 @@
+"""Authentication on chains that OpenSSL really verified, and the outbound expected-ID match.
+
+The chains come from real mTLS handshakes over a socketpair between contexts built by
+`sidecar.tls.contexts` (our side) and plain ssl contexts presenting whatever SVID a test
+needs (the peer). OpenSSL trusts every anchor we hold, ours and the federated ones, so
+these are exactly the chains `Authenticator.full` sees in production.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import socket
+import ssl
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import NameOID
+
+from sidecar import pki
+from sidecar.authn import Authenticator, AuthnError, Peer, matches_expected
+from sidecar.endpoint import WANT_READ, WANT_WRITE
+from sidecar.identity import Identity, load_identity
+from sidecar.pki import CA, Svid
+from sidecar.reasons import Reason
+from sidecar.tls import contexts
+from sidecar.tls.contexts import Contexts
+from sidecar.tls.engine import TlsEndpoint
+
+pytestmark = pytest.mark.timeout(30)
+
+TD = "example.org"
+OTHER_TD = "other.org"
+SERVER_ID = f"spiffe://{TD}/ns/default/sa/server"
+CLIENT_ID = f"spiffe://{TD}/ns/default/sa/client"
+HANDSHAKE_BUDGET = 5.0
+
+
+@pytest.fixture(scope="module")
+def ours() -> tuple[CA, CA]:
+    root = pki.new_root(TD)
+    return root, pki.new_intermediate(root)
+
+
+@pytest.fixture(scope="module")
+def theirs() -> tuple[CA, CA]:
+    """The federated trust domain's CAs."""
+    root = pki.new_root(OTHER_TD)
+    return root, pki.new_intermediate(root)
+
+
+@pytest.fixture(scope="module")
+def identity(ours: tuple[CA, CA], theirs: tuple[CA, CA],
+             tmp_path_factory: pytest.TempPathFactory) -> Identity:
+    """Our server: SVID of example.org, federated with other.org."""
+    d = tmp_path_factory.mktemp("server")
+    files = pki.write_svid(d, pki.issue_svid(ours[1], SERVER_ID), [ours[0].cert])
+    (d / "other.pem").write_bytes(pki.certs_pem([theirs[0].cert]))
+    return load_identity(d / files.cert, d / files.key, d / files.bundle,
+                         {OTHER_TD: d / "other.pem"})
+
+
+@pytest.fixture
+def server(identity: Identity) -> Contexts:
+    return contexts.build(identity)
+
+
+def socket_pair() -> tuple[socket.socket, socket.socket]:
+    """A connected pair, non-blocking: the engine requires that of the sockets it gets."""
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.setblocking(False)
+    return a, b
+
+
+def der(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+def chain_of(svid: Svid, ca: CA) -> list[bytes]:
+    """A verified chain as OpenSSL hands it over: leaf, intermediates, root."""
+    return [der(svid.cert), *(der(c) for c in svid.intermediates), der(ca.trust_anchor)]
+
+
+class Client:
+    """A client presenting `svid`, trusting our root; keeps its last session."""
+
+    def __init__(self, svid: Svid, ours: CA, tmp_path: Path) -> None:
+        self.svid = svid
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        self.ctx.check_hostname = False
+        self.ctx.load_verify_locations(cadata=pki.certs_pem([ours.cert]).decode("ascii"))
+        path = tmp_path / f"peer-{secrets.token_hex(4)}.pem"
+        path.write_bytes(svid.chain_pem() + svid.key_pem())
+        self.ctx.load_cert_chain(path)
+        self.session: ssl.SSLSession | None = None
+
+
+@pytest.fixture
+def held() -> Iterator[list[TlsEndpoint]]:
+    endpoints: list[TlsEndpoint] = []
+    yield endpoints
+    for ep in endpoints:
+        ep.close()
+
+
+async def _ready(fd: int) -> None:
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[None] = loop.create_future()
+    loop.add_reader(fd, lambda: fut.done() or fut.set_result(None))
+    try:
+        await fut
+    finally:
+        loop.remove_reader(fd)
+
+
+async def connect(server_ctx: ssl.SSLContext, peer: Client, held: list[TlsEndpoint]
+                  ) -> TlsEndpoint:
+    """Handshake; returns our (server) end, open. The peer keeps its session ticket."""
+    a, b = socket_pair()
+    srv = TlsEndpoint.server(server_ctx, a)
+    cli = TlsEndpoint.client(peer.ctx, b, None, session=peer.session)
+    held += [srv, cli]
+    async with asyncio.timeout(HANDSHAKE_BUDGET):
+        s, c = await asyncio.gather(srv.handshake(), cli.handshake(), return_exceptions=True)
+        assert s is None and c is None, (s, c)  # OpenSSL let the peer in
+        # The ticket arrives after the handshake; then let the peer read to the end.
+        srv.write(b"!")
+        buf = memoryview(bytearray(64 * 1024))
+        while cli.read_into(buf) in (WANT_READ, WANT_WRITE):
+            await _ready(cli.fd)
+    peer.session = cli.session()
+    return srv
+
+
+async def full_chain(server_ctx: ssl.SSLContext, peer: Client, held: list[TlsEndpoint]
+                     ) -> list[bytes]:
+    srv = await connect(server_ctx, peer, held)
+    assert not srv.resumed()
+    chain = srv.verified_chain()
+    assert chain and chain[0] == der(peer.svid.cert)
+    return chain
+
+
+def refused(authn: Authenticator, chain: list[bytes], identity: Identity) -> AuthnError:
+    with pytest.raises(AuthnError) as caught:
+        authn.full(chain, identity)
+    assert caught.value.detail
+    return caught.value
+
+
+# --- full handshakes ----------------------------------------------------------------------
+
+
+async def test_good_peer(server: Contexts, identity: Identity, ours: tuple[CA, CA],
+                         tmp_path: Path, held: list[TlsEndpoint]) -> None:
+    peer = Client(pki.issue_svid(ours[1], CLIENT_ID), ours[0], tmp_path)
+    chain = await full_chain(server.server, peer, held)
+    assert chain == chain_of(peer.svid, ours[1])
+    authn = Authenticator()
+    assert authn.full(chain, identity) == Peer(CLIENT_ID, TD)
+    # Intermediates seen in verified chains become known (for missing_intermediate).
+    assert ours[1].cert.subject in authn.known_intermediates
+
+
+async def test_good_federated_peer(server: Contexts, identity: Identity, ours: tuple[CA, CA],
+                                   theirs: tuple[CA, CA], tmp_path: Path,
+                                   held: list[TlsEndpoint]) -> None:
+    peer_id = f"spiffe://{OTHER_TD}/ns/billing/sa/api"
+    peer = Client(pki.issue_svid(theirs[1], peer_id), ours[0], tmp_path)
+    chain = await full_chain(server.server, peer, held)
+    assert chain[-1] == der(theirs[0].cert)
+    assert Authenticator().full(chain, identity) == Peer(peer_id, OTHER_TD)
+
+
+async def test_federated_ca_cannot_vouch_for_our_trust_domain(
+    server: Contexts, identity: Identity, ours: tuple[CA, CA], theirs: tuple[CA, CA],
+    tmp_path: Path, held: list[TlsEndpoint],
+) -> None:
+    # other.org's CA issues an SVID claiming example.org: OpenSSL accepts the chain (it
+    # holds every anchor), authentication must not.
+    peer = Client(pki.issue_svid(theirs[1], f"spiffe://{TD}/ns/default/sa/admin"), ours[0],
+                 tmp_path)
+    chain = await full_chain(server.server, peer, held)
+    assert chain[-1] == der(theirs[0].cert)
+    assert refused(Authenticator(), chain, identity).reason is Reason.UNKNOWN_CA
+
+
+async def test_trust_domain_without_a_bundle(
+    server: Contexts, identity: Identity, ours: tuple[CA, CA], tmp_path: Path,
+    held: list[TlsEndpoint],
+) -> None:
+    # Our own CA signed an SVID of a trust domain we hold no bundle for.
+    peer = Client(pki.issue_svid(ours[1], "spiffe://third.org/ns/x/sa/y"), ours[0], tmp_path)
+    chain = await full_chain(server.server, peer, held)
+    error = refused(Authenticator(), chain, identity)
+    assert error.reason is Reason.UNKNOWN_CA
+    assert "third.org" in error.detail
+
+
+def test_trust_domain_without_a_bundle_built_chain(identity: Identity) -> None:
+    root = pki.new_root("third.org")
+    inter = pki.new_intermediate(root)
+    svid = pki.issue_svid(inter, "spiffe://third.org/ns/x/sa/y")
+    assert refused(Authenticator(), chain_of(svid, inter), identity).reason is Reason.UNKNOWN_CA
+
+
+def test_trust_domain_is_matched_by_bundle_not_by_name(identity: Identity,
+                                                        theirs: tuple[CA, CA]) -> None:
+    # A root that only calls itself other.org is not other.org's bundle.
+    impostor = pki.new_intermediate(pki.new_root(OTHER_TD))
+    svid = pki.issue_svid(impostor, f"spiffe://{OTHER_TD}/ns/x/sa/y")
+    assert refused(Authenticator(), chain_of(svid, impostor), identity).reason is \
+        Reason.UNKNOWN_CA
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        {"extra_uris": [f"spiffe://{TD}/second"]},
+        {"uris": ()},
+        {"uris": ["https://example.org/web"]},
+        {"uris": [f"spiffe://{TD}"]},
+    ],
+    ids=["two-uris", "no-uri", "https-uri", "no-path"],
+)
+async def test_invalid_svid_leaf(server: Contexts, identity: Identity, ours: tuple[CA, CA],
+                                 tmp_path: Path, held: list[TlsEndpoint],
+                                 override: dict[str, object]) -> None:
+    svid = pki.issue_svid(ours[1], CLIENT_ID, **override)  # type: ignore[arg-type]
+    peer = Client(svid, ours[0], tmp_path)
+    chain = await full_chain(server.server, peer, held)
+    assert refused(Authenticator(), chain, identity).reason is Reason.INVALID_SVID
+
+
+def test_invalid_svid_leaf_rules_openssl_may_not_check(identity: Identity,
+                                                        ours: tuple[CA, CA]) -> None:
+    for override in ({"is_ca": True}, {"include_key_usage": False},
+                     {"key_usage": pki.make_key_usage(digital_signature=True,
+                                                      key_cert_sign=True)}):
+        svid = pki.issue_svid(ours[1], CLIENT_ID, **override)  # type: ignore[arg-type]
+        error = refused(Authenticator(), chain_of(svid, ours[1]), identity)
+        assert error.reason is Reason.INVALID_SVID, override
+
+
+def test_no_chain_and_garbage(identity: Identity) -> None:
+    assert refused(Authenticator(), [], identity).reason is Reason.NO_CLIENT_CERT
+    assert refused(Authenticator(), [b"not a certificate"], identity).reason is \
+        Reason.INVALID_SVID
+
+
+# --- resumed handshakes ----------------------------------------------------------------------
+
+
+async def test_resumed_uses_the_cache(server: Contexts, identity: Identity,
+                                      ours: tuple[CA, CA], tmp_path: Path,
+                                      held: list[TlsEndpoint]) -> None:
+    peer = Client(pki.issue_svid(ours[1], CLIENT_ID), ours[0], tmp_path)
+    authn = Authenticator()
+    first = authn.full(await full_chain(server.server, peer, held), identity)
+
+    srv = await connect(server.server, peer, held)
+    assert srv.resumed()
+    assert srv.verified_chain() == []
+    leaf = srv.peer_leaf()
+    assert leaf == der(peer.svid.cert)
+    again = authn.resumed(leaf, identity)
+    assert again is first  # the remembered answer, not a second parse
+    assert authn.resumed(leaf, identity) is first
+
+
+def test_resumed_without_a_leaf(ours: tuple[CA, CA], identity: Identity) -> None:
+    with pytest.raises(AuthnError) as caught:
+        Authenticator().resumed(None, identity)
+    assert caught.value.reason is Reason.NO_CLIENT_CERT
+
+
+def test_resumed_leaf_breaking_svid_rules(ours: tuple[CA, CA], identity: Identity) -> None:
+    svid = pki.issue_svid(ours[1], CLIENT_ID, extra_uris=[f"spiffe://{TD}/second"])
+    with pytest.raises(AuthnError) as caught:
+        Authenticator().resumed(der(svid.cert), identity)
+    assert caught.value.reason is Reason.INVALID_SVID
+
+
+def test_a_resumed_leaf_from_a_known_intermediate_is_accepted_without_a_cache(
+    ours: tuple[CA, CA], identity: Identity
+) -> None:
+    """Another worker made the session: this process knows the issuer, not the leaf."""
+    authn = Authenticator()
+    authn.learn(identity)  # our own chain's intermediate belongs to our trust domain
+    leaf = der(pki.issue_svid(ours[1], CLIENT_ID).cert)
+    assert authn.resumed(leaf, identity).spiffe_id == CLIENT_ID
+
+
+def test_a_resumed_leaf_whose_issuer_name_is_copied_is_refused(
+    ours: tuple[CA, CA], identity: Identity
+) -> None:
+    """A CA that names itself like our intermediate does not get its leaves in."""
+    authn = Authenticator()
+    authn.learn(identity)
+    cn = ours[1].cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+    impostor = pki.new_intermediate(pki.new_root(TD), name=str(cn))
+    assert impostor.cert.subject == ours[1].cert.subject
+    leaf = der(pki.issue_svid(impostor, CLIENT_ID).cert)
+    with pytest.raises(AuthnError) as caught:
+        authn.resumed(leaf, identity)
+    assert caught.value.reason is Reason.UNKNOWN_CA
+
+
+@pytest.mark.parametrize("case", ["federated-ca-claims-our-domain", "domain-without-bundle"])
+async def test_refused_peer_is_not_let_in_by_resuming(
+    server: Contexts, identity: Identity, ours: tuple[CA, CA], theirs: tuple[CA, CA],
+    tmp_path: Path, held: list[TlsEndpoint], case: str,
+) -> None:
+    if case == "federated-ca-claims-our-domain":
+        svid = pki.issue_svid(theirs[1], f"spiffe://{TD}/ns/default/sa/admin")
+    else:
+        svid = pki.issue_svid(ours[1], "spiffe://third.org/ns/x/sa/y")
+    peer = Client(svid, ours[0], tmp_path)
+    authn = Authenticator()
+    assert refused(authn, await full_chain(server.server, peer, held), identity).reason is \
+        Reason.UNKNOWN_CA
+    assert peer.session is not None
+
+    srv = await connect(server.server, peer, held)  # the proxy's handshake.secure() path
+    with pytest.raises(AuthnError) as caught:
+        if srv.resumed():
+            authn.resumed(srv.peer_leaf(), identity)
+        else:
+            authn.full(srv.verified_chain(), identity)
+    assert caught.value.reason is Reason.UNKNOWN_CA
+
+
+# --- matches_expected ----------------------------------------------------------------------
+
+PAYMENTS = "spiffe://example.org/ns/default/sa/payments"
+
+
+@pytest.mark.parametrize(
+    ("peer_id", "expected", "matches"),
+    [
+        (PAYMENTS, [PAYMENTS], True),
+        (PAYMENTS, ["spiffe://example.org/ns/default/sa/web", PAYMENTS], True),
+        (PAYMENTS, ["spiffe://example.org/ns/default/sa/web"], False),
+        (PAYMENTS, [], False),
+        # trust-domain wildcard
+        (PAYMENTS, ["spiffe://example.org/*"], True),
+        ("spiffe://example.org/x", ["spiffe://example.org/*"], True),
+        (PAYMENTS, ["spiffe://example.com/*"], False),
+        ("spiffe://example.org.evil.com/x", ["spiffe://example.org/*"], False),
+        ("spiffe://evil-example.org/x", ["spiffe://example.org/*"], False),
+        ("spiffe://sub.example.org/x", ["spiffe://example.org/*"], False),
+        # trust domains compare case-insensitively, paths do not
+        ("spiffe://Example.ORG/ns/default/sa/payments", [PAYMENTS], True),
+        (PAYMENTS, ["spiffe://EXAMPLE.org/ns/default/sa/payments"], True),
+        (PAYMENTS, ["spiffe://EXAMPLE.ORG/*"], True),
+        ("spiffe://example.org/ns/default/sa/Payments", [PAYMENTS], False),
+        # a prefix is not a match, not at a segment boundary nor inside one
+        (PAYMENTS + "x", [PAYMENTS], False),
+        (PAYMENTS + "/x", [PAYMENTS], False),
+        (PAYMENTS, [PAYMENTS + "x"], False),
+        ("spiffe://example.org/ns/default/sa/pay", [PAYMENTS], False),
+        (PAYMENTS, ["spiffe://example.org/ns/default"], False),
+        (PAYMENTS, ["spiffe://example.org"], False),
+        ("spiffe://example.orgx/ns/default/sa/payments", [PAYMENTS], False),
+        (PAYMENTS, ["spiffe://example.o/*"], False),
+    ],
+)
+def test_matches_expected(peer_id: str, expected: list[str], matches: bool) -> None:
+    assert matches_expected(peer_id, expected) is matches

@@ -1,0 +1,510 @@
+"""The byte pump: a Duplex between a real app socket and a real peer, on a real loop.
+
+The app side is a TCP connection over 127.0.0.1; the peer side is either a TLS connection
+(TlsEndpoint on both ends, as the proxy runs) or a plain TCP one (TcpEndpoint, for the pump
+alone). The test holds the far end of each: `app` plays the local app, `remote` the
+remote workload. Every test runs on the stdlib loop and on uvloop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import random
+import socket
+import ssl
+import struct
+import termios
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvloop
+
+from sidecar import pki
+from sidecar.endpoint import DONE, WANT_WRITE, Endpoint, TcpEndpoint
+from sidecar.identity import load_identity
+from sidecar.proxy.pump import CHUNK, Duplex, Flow
+from sidecar.tls import contexts
+from sidecar.tls.contexts import Contexts
+from sidecar.tls.engine import TlsEndpoint
+
+pytestmark = pytest.mark.timeout(60)
+
+TD = "example.org"
+TIMEOUT = 20.0
+MIB = 1024 * 1024
+
+type Run = Callable[..., Any]
+
+LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+    "asyncio": asyncio.SelectorEventLoop,
+    "uvloop": uvloop.new_event_loop,
+}
+
+
+@pytest.fixture(params=sorted(LOOPS))
+def run(request: pytest.FixtureRequest) -> Iterator[Run]:
+    """Run a coroutine to completion on a fresh loop of the parametrized kind, bounded."""
+    with asyncio.Runner(loop_factory=LOOPS[request.param]) as runner:
+
+        def run_(coro: Awaitable[Any], timeout: float = TIMEOUT) -> Any:
+            async def bounded() -> Any:
+                loop = asyncio.get_running_loop()
+                assert isinstance(loop, uvloop.Loop) == (request.param == "uvloop")
+                async with asyncio.timeout(timeout):
+                    return await coro
+
+            return runner.run(bounded())
+
+        yield run_
+
+
+# --- PKI ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> tuple[Contexts, Contexts]:
+    """(proxy's contexts, remote's contexts), both from load_identity as in production."""
+    root = pki.new_root(TD)
+    inter = pki.new_intermediate(root)
+
+    def build(name: str) -> Contexts:
+        d: Path = tmp_path_factory.mktemp(name)
+        files = pki.write_svid(d, pki.issue_svid(inter, f"spiffe://{TD}/{name}"), [root.cert])
+        return contexts.build(load_identity(d / files.cert, d / files.key, d / files.bundle))
+
+    return build("proxy"), build("remote")
+
+
+# --- sockets and the rig ----------------------------------------------------------------------
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """A TCP connection over loopback, both ends non-blocking as endpoints require."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        near = socket.create_connection(listener.getsockname())
+        far, _ = listener.accept()
+    near.setblocking(False)
+    far.setblocking(False)
+    return near, far
+
+
+def _ioctl_int(fd: int, request: int) -> int:
+    value: int = struct.unpack("i", fcntl.ioctl(fd, request, b"\0\0\0\0"))[0]
+    return value
+
+
+def inq(fd: int) -> int:
+    """Bytes waiting in the kernel's receive queue of fd (SIOCINQ)."""
+    return _ioctl_int(fd, termios.FIONREAD)
+
+
+def outq(fd: int) -> int:
+    """Bytes in the kernel's send queue of fd, not yet acknowledged (SIOCOUTQ)."""
+    return _ioctl_int(fd, termios.TIOCOUTQ)
+
+
+@dataclass
+class Rig:
+    duplex: Duplex
+    app: TcpEndpoint  # the test plays the local app here
+    remote: Endpoint  # ...and the remote workload here
+    app_side: TcpEndpoint  # the Duplex's endpoints
+    peer_side: Endpoint
+    closes: list[tuple[str, BaseException | None]] = field(default_factory=list)
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def peer_fd(self) -> int:
+        return self.peer_side.fd
+
+    async def wait_closed(self) -> tuple[str, BaseException | None]:
+        await self.closed.wait()
+        assert len(self.closes) == 1, self.closes
+        return self.closes[0]
+
+
+@pytest.fixture
+def rigs() -> Iterator[list[Rig]]:
+    made: list[Rig] = []
+    yield made
+    for r in made:
+        for ep in (r.app, r.remote, r.app_side, r.peer_side):
+            ep.close()
+
+
+async def open_rig(kind: str, tls: tuple[Contexts, Contexts], made: list[Rig]) -> Rig:
+    loop = asyncio.get_running_loop()
+    app, app_side_sock = tcp_pair()
+    remote_sock, peer_sock = tcp_pair()
+    peer_side: Endpoint
+    remote: Endpoint
+    if kind == "tls":
+        proxy_ctx, remote_ctx = tls
+        peer_side = TlsEndpoint.server(proxy_ctx.server, peer_sock)
+        remote = TlsEndpoint.client(remote_ctx.client, remote_sock, None)
+        await asyncio.gather(peer_side.handshake(), remote.handshake())
+    else:
+        peer_side, remote = TcpEndpoint(peer_sock), TcpEndpoint(remote_sock)
+    app_side = TcpEndpoint(app_side_sock)
+    rig: Rig
+
+    def on_close(d: Duplex, reason: str, exc: BaseException | None) -> None:
+        assert d is rig.duplex
+        rig.closes.append((reason, exc))
+        rig.closed.set()
+
+    rig = Rig(Duplex(loop, app_side, peer_side, on_close), TcpEndpoint(app), remote,
+              app_side, peer_side)
+    made.append(rig)
+    rig.duplex.start()
+    return rig
+
+
+# --- driving endpoints from the test ----------------------------------------------------------
+
+
+async def ready(fd: int, *, write: bool = False) -> None:
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[None] = loop.create_future()
+
+    def fire() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    (loop.add_writer if write else loop.add_reader)(fd, fire)
+    try:
+        await fut
+    finally:
+        (loop.remove_writer if write else loop.remove_reader)(fd)
+
+
+async def send_all(ep: Endpoint, data: bytes) -> None:
+    view = memoryview(data)
+    for start in range(0, len(view), CHUNK):
+        piece = view[start : start + CHUNK]
+        while piece:
+            n = ep.write(piece)  # a wish is retried with the very same bytes
+            if n < 0:
+                await ready(ep.fd, write=n == WANT_WRITE)
+            else:
+                piece = piece[n:]
+
+
+async def end(ep: Endpoint) -> None:
+    while (rc := ep.shutdown_write()) != DONE:
+        await ready(ep.fd, write=rc == WANT_WRITE)
+
+
+async def recv(ep: Endpoint, limit: int | None = None) -> bytes:
+    """Read to the end of the stream, or until `limit` bytes have come."""
+    buf = memoryview(bytearray(CHUNK))
+    got = bytearray()
+    while limit is None or len(got) < limit:
+        n = ep.read_into(buf)
+        if n < 0:
+            await ready(ep.fd, write=n == WANT_WRITE)
+        elif n == 0:
+            break
+        else:
+            got += buf[:n]
+    return bytes(got)
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Let the loop run until `condition` holds (the run fixture bounds the wait)."""
+    while not condition():
+        await asyncio.sleep(0.001)
+
+
+async def settles(condition: Callable[[], bool], within: float = 5.0) -> bool:
+    """Whether `condition` comes to hold within `within` seconds."""
+    try:
+        async with asyncio.timeout(within):
+            await until(condition)
+    except TimeoutError:
+        return False
+    return True
+
+
+async def turns(n: int = 20) -> None:
+    """Give the loop n iterations: time for a misbehaving pump to show itself."""
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+def payload(size: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+async def assert_close_notify(remote: Endpoint) -> None:
+    """The TLS end came as close_notify, not as a bare TCP FIN (a truncation)."""
+    assert isinstance(remote, TlsEndpoint)
+    remote.sock.suppress_ragged_eofs = False
+    while True:
+        try:
+            assert remote.sock.recv(1) == b""
+            return
+        except ssl.SSLWantReadError:
+            await ready(remote.fd)
+
+
+KINDS = ["tls", "tcp"]
+
+
+# --- moving bytes -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bytes_both_ways_intact(run: Run, rigs: list[Rig], tls: tuple[Contexts, Contexts],
+                                kind: str) -> None:
+    up, down = payload(4 * MIB + 12345, 1), payload(3 * MIB + 777, 2)
+
+    async def body() -> None:
+        rig = await open_rig(kind, tls, rigs)
+
+        async def app_sends() -> None:
+            await send_all(rig.app, up)
+            await end(rig.app)
+
+        async def remote_sends() -> None:
+            await send_all(rig.remote, down)
+            await end(rig.remote)
+
+        _, _, at_remote, at_app = await asyncio.gather(
+            app_sends(), remote_sends(), recv(rig.remote), recv(rig.app))
+        assert len(at_remote) == len(up) and at_remote == up
+        assert len(at_app) == len(down) and at_app == down
+        assert await rig.wait_closed() == ("closed", None)
+        assert rig.duplex.from_app.moved == len(up)
+        assert rig.duplex.to_app.moved == len(down)
+        assert rig.duplex.moved == len(up) + len(down)
+        assert rig.duplex.closed
+
+    run(body())
+
+
+# --- backpressure -------------------------------------------------------------------------------
+
+
+class Filler:
+    """Writes random bytes into an endpoint, without blocking, until the kernel takes no
+    more; the data grows as needed, since socket buffers differ from host to host."""
+
+    def __init__(self, ep: Endpoint) -> None:
+        self.ep = ep
+        self.data = bytearray()
+        self.sent = 0
+        self.piece: memoryview | None = None  # a TLS write that wants retrying, as it was
+
+    def fill(self) -> None:
+        while True:
+            if self.piece is None:
+                if len(self.data) < self.sent + CHUNK:
+                    self.data += os.urandom(MIB)
+                self.piece = memoryview(bytes(self.data[self.sent : self.sent + CHUNK]))
+            n = self.ep.write(self.piece)
+            if n < 0:
+                return
+            self.sent += n
+            self.piece = None if n == len(self.piece) else self.piece[n:]
+
+    async def finish(self) -> None:
+        """Complete the write under way (a TLS write must be), then end the stream."""
+        while self.piece is not None:
+            n = self.ep.write(self.piece)
+            if n < 0:
+                await ready(self.ep.fd, write=n == WANT_WRITE)
+                continue
+            self.sent += n
+            self.piece = None if n == len(self.piece) else self.piece[n:]
+        await end(self.ep)
+
+    @property
+    def delivered(self) -> bytes:
+        return bytes(self.data[: self.sent])
+
+
+async def block(flow: Flow, source: Filler) -> None:
+    """Fill the source until the flow is stuck on its destination and the source is full."""
+    while flow.wait != (flow.dst, True):
+        source.fill()
+        await turns(1)  # the pump sees the source readable...
+        await until(lambda: flow.wait is not None)  # ...and settles, one way or the other
+    source.fill()  # whatever room the pump made before it stopped reading
+    await turns()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_backpressure_holds_one_chunk_and_stops_reading(
+    run: Run, rigs: list[Rig], tls: tuple[Contexts, Contexts], kind: str
+) -> None:
+    async def body() -> None:
+        rig = await open_rig(kind, tls, rigs)
+        d = rig.duplex
+        from_app, to_app = Filler(rig.app), Filler(rig.remote)
+        # Nobody reads: the app never reads what the remote sends, and the other way round.
+        await block(d.from_app, from_app)
+        await block(d.to_app, to_app)
+
+        for flow in (d.from_app, d.to_app):
+            assert flow.wait == (flow.dst, True)
+            assert flow.pending is not None
+            assert 0 < len(flow.pending) <= CHUNK
+        snapshot = [(f.moved, bytes(f.pending or b"")) for f in (d.from_app, d.to_app)]
+        queued_app, queued_peer = inq(rig.app_side.fd), inq(rig.peer_fd)
+        # The sources' kernel buffers hold the rest: the pump stopped reading them.
+        assert queued_app > 0 and queued_peer > 0
+        await turns()
+        assert [(f.moved, bytes(f.pending or b"")) for f in (d.from_app, d.to_app)] == snapshot
+        assert (inq(rig.app_side.fd), inq(rig.peer_fd)) == (queued_app, queued_peer)
+        # Every byte the app wrote is already moved, in the pump's one pending chunk, or
+        # still in a kernel queue; none is anywhere else. (The kernel's counts settle
+        # once delayed ACKs are out: received-but-unacked bytes count on both sides.)
+        held = len(d.from_app.pending or b"")
+        assert await settles(lambda: from_app.sent == d.from_app.moved + held
+                             + inq(rig.app_side.fd) + outq(rig.app.fd)), (
+            from_app.sent, d.from_app.moved, held, inq(rig.app_side.fd), outq(rig.app.fd))
+        assert await settles(lambda: d.to_app.moved == inq(rig.app.fd)
+                             + outq(rig.app_side.fd)), (
+            d.to_app.moved, inq(rig.app.fd), outq(rig.app_side.fd))
+        assert not d.closed and rig.closes == []
+
+        # Reading again releases everything, in order.
+        results = await asyncio.gather(from_app.finish(), to_app.finish(),
+                                       recv(rig.remote), recv(rig.app))
+        assert results[2] == from_app.delivered
+        assert results[3] == to_app.delivered
+        assert await rig.wait_closed() == ("closed", None)
+
+    run(body(), timeout=40)
+
+
+# --- half-close ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("first", ["app", "remote"])
+def test_half_close_is_carried_through(run: Run, rigs: list[Rig], tls: tuple[Contexts, Contexts],
+                                       kind: str, first: str) -> None:
+    async def body() -> None:
+        rig = await open_rig(kind, tls, rigs)
+        closer, other = (rig.app, rig.remote) if first == "app" else (rig.remote, rig.app)
+        await send_all(closer, b"request")
+        await end(closer)
+        if first == "app" and kind == "tls":
+            assert await recv(other, 7) == b"request"
+            await assert_close_notify(other)
+        else:
+            assert await recv(other) == b"request"  # and then the end
+        # The other direction still works, in full, after the first one ended.
+        reply = payload(MIB, 5)
+        await send_all(other, reply)
+        assert await recv(closer, len(reply)) == reply
+        assert rig.closes == []
+        await end(other)
+        assert await recv(closer) == b""
+        assert await rig.wait_closed() == ("closed", None)
+        assert (rig.duplex.from_app.moved, rig.duplex.to_app.moved) == (
+            (7, MIB) if first == "app" else (MIB, 7))
+
+    run(body())
+
+
+# --- errors and the end -------------------------------------------------------------------------
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close with RST instead of FIN."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_app_reset_aborts_once(run: Run, rigs: list[Rig], tls: tuple[Contexts, Contexts],
+                               kind: str) -> None:
+    async def body() -> None:
+        rig = await open_rig(kind, tls, rigs)
+        await send_all(rig.app, b"hello")
+        assert await recv(rig.remote, 5) == b"hello"
+        _reset(rig.app.sock)
+        reason, exc = await rig.wait_closed()
+        assert reason == "error"
+        assert isinstance(exc, OSError)
+        await after_abort(rig)
+
+    run(body())
+
+
+def test_tls_garbage_from_remote_aborts_once(run: Run, rigs: list[Rig],
+                                             tls: tuple[Contexts, Contexts]) -> None:
+    async def body() -> None:
+        rig = await open_rig("tls", tls, rigs)
+        await send_all(rig.remote, b"hello")
+        assert await recv(rig.app, 5) == b"hello"
+        # An application-data record whose authentication tag cannot verify.
+        os.write(rig.remote.fd, b"\x17\x03\x03\x00\x20" + os.urandom(32))
+        reason, exc = await rig.wait_closed()
+        assert reason == "error"
+        assert isinstance(exc, ssl.SSLError)
+        await after_abort(rig)
+
+    run(body())
+
+
+async def after_abort(rig: Rig) -> None:
+    """Both of the Duplex's sockets are closed, and nothing calls on_close again."""
+    assert rig.duplex.closed
+    assert rig.app_side.sock.fileno() == -1
+    peer_sock = rig.peer_side.sock  # type: ignore[attr-defined]
+    assert peer_sock.fileno() == -1
+    rig.duplex.abort("error", RuntimeError("again"))
+    rig.duplex.finish()
+    await turns()
+    assert len(rig.closes) == 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_finish_ends_both_directions_gracefully(run: Run, rigs: list[Rig],
+                                                tls: tuple[Contexts, Contexts],
+                                                kind: str) -> None:
+    async def body() -> None:
+        rig = await open_rig(kind, tls, rigs)
+        await send_all(rig.app, b"up")
+        await send_all(rig.remote, b"down")
+        assert await recv(rig.remote, 2) == b"up"
+        assert await recv(rig.app, 4) == b"down"
+        rig.duplex.finish()
+        assert await recv(rig.app) == b""  # a FIN, not a reset
+        if kind == "tls":
+            await assert_close_notify(rig.remote)
+        else:
+            assert await recv(rig.remote) == b""
+        assert await rig.wait_closed() == ("closed", None)
+        assert (rig.duplex.from_app.moved, rig.duplex.to_app.moved) == (2, 4)
+
+    run(body())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_finish_flushes_the_held_chunk(run: Run, rigs: list[Rig], tls: tuple[Contexts, Contexts],
+                                       kind: str) -> None:
+    async def body() -> None:
+        rig = await open_rig(kind, tls, rigs)
+        flow = rig.duplex.from_app
+        filler = Filler(rig.app)
+        await block(flow, filler)
+        assert flow.pending is not None
+        will_arrive = flow.moved + len(flow.pending)
+        rig.duplex.finish()
+        got = await recv(rig.remote)  # the remote reads again: what was held, then the end
+        assert len(got) == will_arrive
+        assert got == filler.delivered[:will_arrive]
+        assert await rig.wait_closed() == ("closed", None)
+        assert flow.moved == will_arrive
+
+    run(body(), timeout=40)

@@ -1,0 +1,525 @@
+"""The TLS engine: a non-blocking SSLSocket per connection, driven by a real event loop.
+
+Every test runs on the stdlib selector loop and on uvloop (the `run` fixture), over a real
+socketpair, with contexts built by `sidecar.tls.contexts` from dev-PKI SVIDs loaded
+through `load_identity`, exactly as the proxy builds them.
+"""
+
+from __future__ import annotations
+
+import _ssl
+import asyncio
+import os
+import secrets
+import socket
+import ssl
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvloop
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from sidecar import pki
+from sidecar.authn import Authenticator
+from sidecar.endpoint import DONE, WANT_READ, WANT_WRITE
+from sidecar.identity import Identity, load_identity
+from sidecar.pki import CA, Svid
+from sidecar.reasons import Reason
+from sidecar.tls import contexts, openssl, peerchain
+from sidecar.tls.classify import classify
+from sidecar.tls.contexts import Contexts
+from sidecar.tls.engine import TlsEndpoint
+
+pytestmark = pytest.mark.timeout(30)
+
+TD = "example.org"
+SERVER_ID = f"spiffe://{TD}/ns/default/sa/server"
+CLIENT_ID = f"spiffe://{TD}/ns/default/sa/client"
+TIMEOUT = 10.0  # per test body, on top of pytest-timeout: a hang fails, never stalls
+CHUNK = 64 * 1024
+
+type Run = Callable[..., Any]
+
+LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+    "asyncio": asyncio.SelectorEventLoop,
+    "uvloop": uvloop.new_event_loop,
+}
+
+
+@pytest.fixture(params=sorted(LOOPS))
+def run(request: pytest.FixtureRequest) -> Iterator[Run]:
+    """Run a coroutine to completion on a fresh loop of the parametrized kind, bounded."""
+    with asyncio.Runner(loop_factory=LOOPS[request.param]) as runner:
+
+        def run_(coro: Awaitable[Any], timeout: float = TIMEOUT) -> Any:
+            async def bounded() -> Any:
+                loop = asyncio.get_running_loop()
+                assert isinstance(loop, uvloop.Loop) == (request.param == "uvloop")
+                async with asyncio.timeout(timeout):
+                    return await coro
+
+            return runner.run(bounded())
+
+        yield run_
+
+
+# --- PKI and contexts ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cas() -> tuple[CA, CA]:
+    root = pki.new_root(TD)
+    return root, pki.new_intermediate(root)
+
+
+def _identity(directory: Path, svid: Svid, anchors: list[x509.Certificate]) -> Identity:
+    files = pki.write_svid(directory, svid, anchors)
+    return load_identity(directory / files.cert, directory / files.key, directory / files.bundle)
+
+
+@pytest.fixture(scope="module")
+def server_identity(cas: tuple[CA, CA], tmp_path_factory: pytest.TempPathFactory) -> Identity:
+    svid = pki.issue_svid(cas[1], SERVER_ID)
+    return _identity(tmp_path_factory.mktemp("server"), svid, [cas[0].cert])
+
+
+@pytest.fixture(scope="module")
+def client_identity(cas: tuple[CA, CA], tmp_path_factory: pytest.TempPathFactory) -> Identity:
+    svid = pki.issue_svid(cas[1], CLIENT_ID)
+    return _identity(tmp_path_factory.mktemp("client"), svid, [cas[0].cert])
+
+
+@pytest.fixture
+def server(server_identity: Identity) -> Contexts:
+    return contexts.build(server_identity)
+
+
+@pytest.fixture
+def client(client_identity: Identity) -> Contexts:
+    return contexts.build(client_identity)
+
+
+def raw_client_context(
+    svid: Svid, anchors: list[x509.Certificate], tmp_path: Path, *, tls12: bool = False
+) -> ssl.SSLContext:
+    """A client presenting whatever `svid` holds, bad or not (load_identity would refuse)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    if tls12:
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_verify_locations(cadata=pki.certs_pem(anchors).decode("ascii"))
+    path = tmp_path / f"client-{secrets.token_hex(4)}.pem"
+    path.write_bytes(svid.chain_pem() + svid.key_pem())
+    ctx.load_cert_chain(path)
+    return ctx
+
+
+def socket_pair() -> tuple[socket.socket, socket.socket]:
+    """A connected pair, non-blocking: the engine requires that of the sockets it gets."""
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.setblocking(False)
+    return a, b
+
+
+def der(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+def uri_of(leaf_der: bytes) -> list[str]:
+    cert = x509.load_der_x509_certificate(leaf_der)
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return san.get_values_for_type(x509.UniformResourceIdentifier)
+
+
+# --- driving endpoints from a test --------------------------------------------------------
+
+
+async def ready(fd: int, *, write: bool = False) -> None:
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[None] = loop.create_future()
+
+    def fire() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    if write:
+        loop.add_writer(fd, fire)
+    else:
+        loop.add_reader(fd, fire)
+    try:
+        await fut
+    finally:
+        if write:
+            loop.remove_writer(fd)
+        else:
+            loop.remove_reader(fd)
+
+
+async def wait_for(code: int, fd: int) -> None:
+    assert code in (WANT_READ, WANT_WRITE), code
+    await ready(fd, write=code == WANT_WRITE)
+
+
+async def read_some(ep: TlsEndpoint, buf: memoryview) -> int:
+    """The next read_into result that is not a wish: bytes, or 0 at the end."""
+    while True:
+        n = ep.read_into(buf)
+        if n >= 0:
+            return n
+        await wait_for(n, ep.fd)
+
+
+async def read_exactly(ep: TlsEndpoint, size: int) -> bytes:
+    buf = memoryview(bytearray(CHUNK))
+    got = bytearray()
+    while len(got) < size:
+        n = await read_some(ep, buf)
+        assert n > 0, f"EOF after {len(got)} of {size} bytes"
+        got += buf[:n]
+    return bytes(got)
+
+
+async def read_to_end(ep: TlsEndpoint) -> bytes:
+    buf = memoryview(bytearray(CHUNK))
+    got = bytearray()
+    while n := await read_some(ep, buf):
+        got += buf[:n]
+    return bytes(got)
+
+
+async def write_all(ep: TlsEndpoint, data: bytes,
+                    on_want: Callable[[], None] = lambda: None) -> int:
+    """Write in CHUNK pieces, retrying a wish with the very same bytes; returns the wishes."""
+    view = memoryview(data)
+    wishes = 0
+    for start in range(0, len(view), CHUNK):
+        piece = view[start : start + CHUNK]
+        while piece:
+            n = ep.write(piece)
+            if n < 0:
+                wishes += 1
+                on_want()
+                await wait_for(n, ep.fd)
+                continue
+            piece = piece[n:]
+    return wishes
+
+
+async def shutdown(ep: TlsEndpoint) -> None:
+    while (rc := ep.shutdown_write()) != DONE:
+        await wait_for(rc, ep.fd)
+
+
+class Pair:
+    """A server and a client TlsEndpoint over one socketpair, closed by the test's end."""
+
+    def __init__(self, server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext,
+                 session: ssl.SSLSession | None = None) -> None:
+        a, b = socket_pair()
+        self.server = TlsEndpoint.server(server_ctx, a)
+        self.client = TlsEndpoint.client(client_ctx, b, None, session=session)
+
+    async def handshake(self) -> tuple[BaseException | None, BaseException | None]:
+        s, c = await asyncio.gather(
+            self.server.handshake(), self.client.handshake(), return_exceptions=True)
+        return s, c
+
+    def close(self) -> None:
+        self.server.close()
+        self.client.close()
+
+
+@pytest.fixture
+def pairs() -> Iterator[Callable[..., Pair]]:
+    made: list[Pair] = []
+
+    def make(*args: Any, **kwargs: Any) -> Pair:
+        made.append(Pair(*args, **kwargs))
+        return made[-1]
+
+    yield make
+    for p in made:
+        p.close()
+
+
+async def connected(p: Pair) -> Pair:
+    s, c = await p.handshake()
+    assert s is None and c is None, (s, c)
+    return p
+
+
+# --- handshake ----------------------------------------------------------------------------
+
+
+def test_mutual_handshake(run: Run, pairs: Callable[..., Pair], server: Contexts,
+                          client: Contexts, cas: tuple[CA, CA]) -> None:
+    async def body() -> None:
+        p = await connected(pairs(server.server, client.client))
+        for ep in (p.server, p.client):
+            assert ep.version() == "TLSv1.3"
+            assert ep.cipher()
+            assert ep.cpu_seconds > 0
+            assert ep.resumed() is False
+        # Each side verified the other's SVID up to the root it trusts.
+        root, inter = cas
+        for ep, peer_id in ((p.server, CLIENT_ID), (p.client, SERVER_ID)):
+            chain = ep.verified_chain()
+            assert len(chain) == 3
+            assert uri_of(chain[0]) == [peer_id]
+            assert chain[1:] == [der(inter.cert), der(root.cert)]
+            assert ep.peer_leaf() == chain[0]
+
+    run(body())
+
+
+def test_cpu_seconds_cover_only_the_handshake(run: Run, pairs: Callable[..., Pair],
+                                             server: Contexts, client: Contexts) -> None:
+    async def body() -> None:
+        p = await connected(pairs(server.server, client.client))
+        spent = p.server.cpu_seconds
+        await asyncio.gather(write_all(p.client, os.urandom(256 * 1024)),
+                             read_exactly(p.server, 256 * 1024))
+        assert p.server.cpu_seconds == spent
+
+    run(body())
+
+
+def test_session_resumes_on_second_connection(run: Run, pairs: Callable[..., Pair],
+                                              server: Contexts, client: Contexts) -> None:
+    async def body() -> None:
+        first = await connected(pairs(server.server, client.client))
+        # TLS 1.3 tickets come after the handshake: read something first.
+        await write_all(first.server, b"hi")
+        assert await read_exactly(first.client, 2) == b"hi"
+        session = first.client.session()
+        assert session is not None and session.has_ticket
+        leaf = first.server.peer_leaf()
+
+        second = await connected(pairs(server.server, client.client, session))
+        assert second.client.resumed() is True
+        assert second.server.resumed() is True
+        assert second.server.verified_chain() == []  # resumed: no chain, only the leaf
+        assert second.server.peer_leaf() == leaf
+
+    run(body())
+
+
+def test_handshake_timeout_leaves_no_registration(run: Run, server: Contexts) -> None:
+    async def body() -> None:
+        a, b = socket_pair()
+        ep = TlsEndpoint.server(server.server, a)
+        try:
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.05):
+                    await ep.handshake()  # the client never speaks
+            # Nothing left registered: removing says there was nothing to remove (the stdlib
+            # loop answers True/False; uvloop always None, so there this cannot tell).
+            loop = asyncio.get_running_loop()
+            assert not loop.remove_reader(ep.fd)
+            assert not loop.remove_writer(ep.fd)
+        finally:
+            ep.close()
+            b.close()
+
+    run(body())
+
+
+# --- reading and writing ------------------------------------------------------------------
+
+
+def test_read_into_wants_read_then_data_then_zero_at_close_notify(
+    run: Run, pairs: Callable[..., Pair], server: Contexts, client: Contexts
+) -> None:
+    async def body() -> None:
+        p = await connected(pairs(server.server, client.client))
+        buf = memoryview(bytearray(CHUNK))
+        assert p.server.read_into(buf) == WANT_READ
+        await write_all(p.client, b"ping")
+        await ready(p.server.fd)
+        n = await read_some(p.server, buf)
+        assert bytes(buf[:n]) == b"ping"
+        assert p.server.read_into(buf) == WANT_READ
+        await shutdown(p.client)
+        assert await read_some(p.server, buf) == 0
+        assert p.server.read_into(buf) == 0  # and stays at the end
+
+    run(body())
+
+
+def test_read_into_a_small_buffer_is_not_end_of_stream(
+    run: Run, pairs: Callable[..., Pair], server: Contexts, client: Contexts
+) -> None:
+    async def body() -> None:
+        p = await connected(pairs(server.server, client.client))
+        await write_all(p.client, b"x" * 100)
+        await ready(p.server.fd)
+        small = memoryview(bytearray(4096))
+        n = await read_some(p.server, small)
+        assert n == 100, "0 means end of stream, but the peer is still there"
+
+    run(body())
+
+
+def test_write_one_mebibyte_through_want_write(run: Run, pairs: Callable[..., Pair],
+                                              server: Contexts, client: Contexts) -> None:
+    data = os.urandom(1024 * 1024)
+
+    async def body() -> None:
+        p = await connected(pairs(server.server, client.client))
+        blocked = asyncio.Event()
+
+        async def reader() -> bytes:
+            await blocked.wait()  # only once the writer has hit a full socket buffer
+            return await read_to_end(p.server)
+
+        async def writer() -> int:
+            wishes = await write_all(p.client, data, on_want=blocked.set)
+            blocked.set()
+            await shutdown(p.client)
+            return wishes
+
+        got, wishes = await asyncio.gather(reader(), writer())
+        assert wishes > 0, "the test never filled the socket buffer"
+        assert len(got) == len(data)
+        assert got == data  # nothing lost, nothing sent twice by the retries
+
+    run(body())
+
+
+# --- half-close -----------------------------------------------------------------------------
+
+
+def test_shutdown_write_is_a_half_close(run: Run, pairs: Callable[..., Pair],
+                                        server: Contexts, client: Contexts) -> None:
+    async def body() -> None:
+        p = await connected(pairs(server.server, client.client))
+        a, b = p.server, p.client
+        # B's bytes reach A's socket before A says it is done: unwrap() would lose them.
+        await write_all(b, b"sent before the close_notify")
+        await ready(a.fd)
+        await shutdown(a)
+        assert await read_exactly(a, 28) == b"sent before the close_notify"
+        assert await read_to_end(b) == b""  # B sees A's end...
+        await write_all(b, b"and after it")  # ...and still talks to A
+        assert await read_exactly(a, 12) == b"and after it"
+        await shutdown(b)
+        assert await read_to_end(a) == b""
+
+    run(body())
+
+
+def test_shutdown_write_sends_close_notify_not_a_tcp_fin(
+    run: Run, pairs: Callable[..., Pair], server: Contexts, client: Contexts
+) -> None:
+    async def body() -> None:
+        p = await connected(pairs(server.server, client.client))
+        assert p.server.shutdown_write() == DONE
+        assert p.server.shutdown_write() == DONE  # once is enough; again is harmless
+        sock = p.client.sock
+        sock.suppress_ragged_eofs = False  # a bare TCP FIN would raise SSLEOFError here
+        while True:
+            try:
+                assert sock.recv(100) == b""
+                break
+            except ssl.SSLWantReadError:
+                await ready(p.client.fd)
+
+    run(body())
+
+
+def test_openssl_layout_is_trusted_here(run: Run, pairs: Callable[..., Pair],
+                                        server: Contexts, client: Contexts) -> None:
+    assert openssl.available() is True
+
+    async def body() -> None:
+        p = await connected(pairs(server.server, client.client))
+        ptrs = {openssl.ssl_pointer(p.server.sock), openssl.ssl_pointer(p.client.sock)}
+        assert None not in ptrs
+        assert len(ptrs) == 2
+
+    run(body())
+
+
+# --- the chain the peer presented -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", ["1.3", "1.2"])
+def test_missing_intermediate_is_seen_in_the_presented_chain(
+    run: Run, pairs: Callable[..., Pair], server_identity: Identity, cas: tuple[CA, CA],
+    tmp_path: Path, version: str
+) -> None:
+    root, inter = cas
+    leaf_only = pki.issue_svid(inter, CLIENT_ID, include_intermediates=False)
+    server_ctx = contexts.build(server_identity, min_version=version).server
+    client_ctx = raw_client_context(leaf_only, [root.cert], tmp_path, tls12=version == "1.2")
+    authn = Authenticator()
+    authn.learn(server_identity)  # our own intermediate is a known one
+
+    async def body() -> None:
+        p = pairs(server_ctx, client_ctx)
+        exc, _ = await p.handshake()
+        assert isinstance(exc, ssl.SSLCertVerificationError), exc
+        assert p.server.presented_chain() == [der(leaf_only.cert)]
+        failure = classify(exc, presented=p.server.presented_chain(),
+                           known_intermediates=authn.known_intermediates)
+        assert failure.reason is Reason.MISSING_INTERMEDIATE
+
+    run(body())
+
+
+def test_foreign_ca_is_seen_in_the_presented_chain(
+    run: Run, pairs: Callable[..., Pair], server: Contexts, server_identity: Identity,
+    cas: tuple[CA, CA], tmp_path: Path
+) -> None:
+    foreign = pki.new_intermediate(pki.new_root(TD))
+    svid = pki.issue_svid(foreign, CLIENT_ID)
+    client_ctx = raw_client_context(svid, [cas[0].cert], tmp_path)
+    authn = Authenticator()
+    authn.learn(server_identity)
+
+    async def body() -> None:
+        p = pairs(server.server, client_ctx)
+        exc, _ = await p.handshake()
+        assert isinstance(exc, ssl.SSLCertVerificationError), exc
+        assert p.server.presented_chain() == [der(svid.cert), der(foreign.cert)]
+        failure = classify(exc, presented=p.server.presented_chain(),
+                           known_intermediates=authn.known_intermediates)
+        assert failure.reason is Reason.UNKNOWN_CA
+
+    run(body())
+
+
+def test_presented_chain_is_dropped_after_a_good_handshake(
+    run: Run, pairs: Callable[..., Pair], server: Contexts, client: Contexts
+) -> None:
+    # Count the debugging hook's calls: after the handshake it must be detached, not
+    # called on every record for the connection's whole life. The hook is the C-level
+    # attribute peerchain.install sets; wrap what it set in a counter.
+    hook_attr = _ssl._SSLContext.__dict__["_msg_callback"]
+    calls: list[tuple[Any, ...]] = []
+    for ctx in (server.server, client.client):
+        hook = hook_attr.__get__(ctx)
+        assert hook is not None
+
+        def counting(*args: Any, hook: Any = hook) -> None:
+            calls.append(args[1:5])
+            hook(*args)
+
+        hook_attr.__set__(ctx, counting)
+
+    async def body() -> None:
+        p = await connected(pairs(server.server, client.client))
+        for ep in (p.server, p.client):
+            assert ep.presented_chain() is None
+            assert peerchain.ATTRIBUTE not in ep.sock.__dict__
+        seen = len(calls)
+        assert seen > 0  # the hook did run during the handshake
+        await asyncio.gather(write_all(p.client, os.urandom(256 * 1024)),
+                             read_exactly(p.server, 256 * 1024))
+        assert len(calls) == seen
+
+    run(body())
