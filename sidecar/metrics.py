@@ -65,6 +65,13 @@ reloads = Counter(
 ktls_connections = Counter(
     "sidecar_ktls_connections_total", "Connections by kTLS state per path",
     ["direction", "path", "state"], registry=REGISTRY)
+loop_lag = Histogram(
+    "sidecar_event_loop_lag_seconds", "How late the event loop ran a 10 ms timer: the time "
+    "every connection of this process waited on something else", buckets=(
+        0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0), registry=REGISTRY)
+loop_lag_max = Gauge(
+    "sidecar_event_loop_lag_max_seconds", "The longest event-loop stall seen since start",
+    registry=REGISTRY, multiprocess_mode="max")
 worker_restarts = Counter(
     "sidecar_worker_restarts_total", "Workers that died and were replaced",
     registry=REGISTRY)

@@ -34,6 +34,7 @@ from sidecar.tls import contexts as tls_contexts
 from sidecar.tls import ktls, openssl
 
 SWEEP_EVERY = 1.0  # seconds between idle / lifetime sweeps
+LAG_TICK = 0.01  # the loop-lag probe's period: 100 cheap callbacks a second
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +60,8 @@ class Server:
         self._reloadables: list[reload.Reloadable] = []
         self._admin: asyncio.Server | None = None
         self.ktls = ktls.Support(False, "not detected yet")
+        self._lag_max = 0.0
+        self._lag_handle: asyncio.TimerHandle | None = None
 
     # -- snapshots ------------------------------------------------------------------------
 
@@ -262,8 +265,11 @@ class Server:
             on_ready(self)
         self._notify("ready")
         sweeper = loop.call_later(SWEEP_EVERY, self._sweep)
+        self._lag_handle = loop.call_later(LAG_TICK, self._lag, loop.time() + LAG_TICK)
         await self._stop.wait()
         sweeper.cancel()
+        if self._lag_handle is not None:
+            self._lag_handle.cancel()
         for task in background:
             task.cancel()
         await self._drain()
@@ -408,6 +414,17 @@ class Server:
         if not self.draining:
             for lst in self.listeners:
                 lst.resume()
+
+    def _lag(self, due: float) -> None:
+        """Measure how late a 10 ms timer fires: a blocked loop delays every connection."""
+        assert self.rt is not None
+        now = self.rt.loop.time()
+        late = max(0.0, now - due)
+        metrics.loop_lag.observe(late)
+        if late > self._lag_max:
+            self._lag_max = late
+            metrics.loop_lag_max.set(late)
+        self._lag_handle = self.rt.loop.call_later(LAG_TICK, self._lag, now + LAG_TICK)
 
     def _sweep(self) -> None:
         assert self.rt is not None
