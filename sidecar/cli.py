@@ -35,6 +35,12 @@ def _config_path(args: argparse.Namespace) -> Path | None:
     return Path(value) if value else None
 
 
+def _broken_kinds() -> list[Any]:
+    from sidecar.pki import Broken
+
+    return list(Broken)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="sidecar", description="An mTLS sidecar proxy for SPIFFE workloads.")
@@ -65,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--dns", action="append", default=[], help="a DNS SAN (repeatable)")
         sp.add_argument("--layout", choices=["spiffe-helper", "csi", "k8s"],
                         default="spiffe-helper", help="file names and write pattern")
+        if name == "issue":
+            sp.add_argument("--broken", choices=[b.value for b in _broken_kinds()],
+                            help="issue a deliberately broken SVID to see a failure reason")
         if name == "rotate":
             sp.add_argument("--every", type=_duration, required=True, help="e.g. 30s")
             sp.add_argument("--count", type=int, default=None, help="stop after N rotations")
@@ -181,6 +190,7 @@ def _pki(args: argparse.Namespace) -> int:
     layout = pki.Layout(args.layout)
     ttl = timedelta(seconds=args.ttl)
     if args.pki_command == "issue":
-        return pki.cmd_issue(args.dir, args.spiffe_id, args.out, ttl, args.dns, layout)
+        broken = pki.Broken(args.broken) if args.broken else None
+        return pki.cmd_issue(args.dir, args.spiffe_id, args.out, ttl, args.dns, layout, broken)
     return pki.cmd_rotate(args.dir, args.spiffe_id, args.out, args.every, ttl, args.dns,
                           layout, count=args.count)

@@ -36,6 +36,10 @@ HANDSHAKE_TIMEOUT = 10.0
 # How long to wait for the server's verdict on our certificate after the handshake: a
 # ticket or an alert comes within one round trip; an idle server sends nothing.
 VERDICT_WAIT = 1.5
+# Outcomes that mean "the server would not take our certificate" from the client's seat.
+_REFUSED_US = frozenset({str(r) for r in (Reason.PEER_CLOSED, Reason.OTHER, Reason.UNKNOWN_CA,
+                                          Reason.CERT_EXPIRED, Reason.BAD_SIGNATURE,
+                                          Reason.INVALID_SVID)})
 _CLIENT_HELLO = 1  # TLS handshake message types
 _CERTIFICATE_REQUEST = 13
 
@@ -77,6 +81,9 @@ def _context(args: argparse.Namespace) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = (ssl.TLSVersion.TLSv1_2 if args.tls_min == "1.2"
                            else ssl.TLSVersion.TLSv1_3)
+    if args.tls_max == "1.2":
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
     ctx.check_hostname = False  # SVIDs are checked by SPIFFE ID, not DNS name
     if args.bundle:
         ctx.load_verify_locations(cafile=args.bundle)
@@ -113,6 +120,36 @@ def _known_intermediates(cert_path: str | None) -> list[x509.Name]:
     return [c.subject for c in certs[1:]]
 
 
+def _own_certificate(args: argparse.Namespace) -> tuple[Reason, str] | None:
+    """What is wrong with the certificate we are about to present, if anything.
+
+    A server tells a refused client little (TLS 1.3: an alert, or a hang-up after the
+    handshake), but our own files can be read: when the server refuses us and our own
+    certificate is broken, that is the reason to report.
+    """
+    if not args.cert:
+        return None
+    from datetime import UTC, datetime, timedelta
+
+    from sidecar import inspect
+
+    try:
+        with open(args.cert, "rb") as f:
+            contents = inspect.read_pem(f.read())
+        bundle = None
+        if args.bundle:
+            with open(args.bundle, "rb") as f:
+                bundle = inspect.BundleFile(args.bundle, inspect.read_pem(f.read()).certs)
+    except OSError:
+        return None
+    report = inspect.examine(args.cert, contents, now=datetime.now(UTC),
+                             skew=timedelta(seconds=args.clock_skew_hint), bundle=bundle)
+    for finding in report.findings:
+        if finding.reason is not None:
+            return finding.reason, finding.message
+    return None
+
+
 def run(args: argparse.Namespace) -> Outcome:
     out = Outcome()
     host, _, port_text = args.target.rpartition(":")
@@ -129,7 +166,15 @@ def run(args: argparse.Namespace) -> Outcome:
         out.step("load files", False, f"cannot load --cert/--key/--bundle: {exc}")
         out.reason = "usage"
         return out
+    own = _own_certificate(args)
+    if own is not None:
+        out.step("our certificate", False, f"{own[0]}: {own[1]}")
     session = _attempt(args, ctx, host, port, out, first=True)
+    if not out.ok and own is not None and out.reason in _REFUSED_US:
+        # The server refused us, and our own certificate says why.
+        reason, detail = own
+        out.steps.pop()  # the generic outcome line
+        out.fail(reason, f"the server refused our certificate: {detail}")
     if session is None or not out.ok:
         return out
     _attempt(args, ctx, host, port, out, first=False, session=session)
@@ -157,7 +202,8 @@ def _attempt(
     seen: set[int] = ctx.__dict__["seen_messages"]
     seen.clear()
     with sock:
-        offered = "TLS 1.3" if args.tls_min == "1.3" else "TLS 1.2 and 1.3"
+        offered = {("1.3", "1.3"): "TLS 1.3", ("1.2", "1.3"): "TLS 1.2 and 1.3"}.get(
+            (args.tls_min, args.tls_max), "TLS 1.2 only")
         try:
             sock.do_handshake()
         except (OSError, ValueError) as exc:
@@ -271,6 +317,8 @@ def main(argv: Sequence[str]) -> int:
                    help="the SPIFFE ID the server must have (repeatable; spiffe://TD/* too)")
     p.add_argument("--server-name", help="SNI (default: the host)")
     p.add_argument("--tls-min", choices=["1.2", "1.3"], default="1.3")
+    p.add_argument("--tls-max", choices=["1.2", "1.3"], default="1.3",
+                   help="offer at most this version (to play an old peer)")
     p.add_argument("--clock-skew-hint", type=parse_duration, default=300.0)
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)

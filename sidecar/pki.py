@@ -772,11 +772,54 @@ def _prepare(command: str, dir: Path, spiffe_id: str) -> CA | int:
     return intermediate
 
 
+class Broken(StrEnum):
+    """`sidecar pki issue --broken KIND`: an SVID with one thing wrong, on purpose, so a user
+    can watch each failure reason happen (README, "When a handshake fails")."""
+
+    EXPIRED = "expired"  # cert_expired
+    NOT_YET_VALID = "not-yet-valid"  # cert_not_yet_valid (by 2 min: "check the clocks")
+    NO_URI_SAN = "no-uri-san"  # invalid_svid
+    TWO_URI_SANS = "two-uri-sans"  # invalid_svid
+    CA_LEAF = "ca-leaf"  # invalid_svid
+    BAD_SIGNATURE = "bad-signature"  # bad_signature
+    NO_INTERMEDIATE = "no-intermediate"  # missing_intermediate
+    FOREIGN_CA = "foreign-ca"  # unknown_ca: signed by a new CA nobody trusts
+
+
+def _broken_overrides(kind: Broken, ca: CA, spiffe_id: str) -> dict[str, object]:
+    now = datetime.now(UTC)
+    match kind:
+        case Broken.EXPIRED:
+            return {"not_before": now - timedelta(hours=2), "not_after": now - timedelta(hours=1)}
+        case Broken.NOT_YET_VALID:
+            return {"not_before": now + timedelta(minutes=2),
+                    "not_after": now + timedelta(hours=1)}
+        case Broken.NO_URI_SAN:
+            return {"uris": ()}
+        case Broken.TWO_URI_SANS:
+            return {"extra_uris": (spiffe_id + "-twin",)}
+        case Broken.CA_LEAF:
+            return {"is_ca": True}
+        case Broken.BAD_SIGNATURE:
+            return {"issuer_key": new_key()}
+        case Broken.NO_INTERMEDIATE:
+            return {"include_intermediates": False}
+        case Broken.FOREIGN_CA:
+            return {}
+    return {}
+
+
 def _issue_into(
-    ca: CA, spiffe_id: str, out: Path, ttl: timedelta, dns: Sequence[str], layout: Layout
+    ca: CA, spiffe_id: str, out: Path, ttl: timedelta, dns: Sequence[str], layout: Layout,
+    broken: Broken | None = None,
 ) -> Svid:
-    svid = issue_svid(ca, spiffe_id, ttl=ttl, dns=dns)
-    write_svid(out, svid, [ca.trust_anchor], layout)
+    bundle = [ca.trust_anchor]
+    if broken is Broken.FOREIGN_CA:
+        td = trust_domain_of(ca.trust_anchor)
+        ca = new_intermediate(new_root(td))  # the bundle written stays the real one
+    overrides = _broken_overrides(broken, ca, spiffe_id) if broken else {}
+    svid = issue_svid(ca, spiffe_id, ttl=ttl, dns=dns, **overrides)  # type: ignore[arg-type]
+    write_svid(out, svid, bundle, layout)
     return svid
 
 
@@ -787,18 +830,20 @@ def cmd_issue(
     ttl: timedelta,
     dns: Sequence[str],
     layout: Layout = Layout.SPIFFE_HELPER,
+    broken: Broken | None = None,
 ) -> int:
     ca = _prepare("issue", dir, spiffe_id)
     if isinstance(ca, int):
         return ca
     try:
-        svid = _issue_into(ca, spiffe_id, out, ttl, dns, layout)
+        svid = _issue_into(ca, spiffe_id, out, ttl, dns, layout, broken)
     except (PkiError, ValueError, OSError) as e:
         return _error("issue", str(e))
     f = layout.files
     print(
         f"issued {spiffe_id} serial {svid.serial:#x} not after {_fmt_time(svid.not_after)} "
         f"into {out} ({f.cert}, {f.key}, {f.bundle})"
+        + (f", broken on purpose: {broken}" if broken else "")
     )
     return 0
 
