@@ -86,19 +86,25 @@ class Flow:
             if n == 0:
                 self.eof = True
                 continue
-            data = _buffer[:n]
-            w = self.dst.write(data)
-            if w == n:
-                self.moved += n
-                continue
-            if w >= 0:
-                self.moved += w
-                self.pending = memoryview(bytes(data[w:]))
-                self.wait = (self.dst, True)
-            else:
-                self.pending = memoryview(bytes(data))
-                self.wait = (self.dst, w == WANT_WRITE)
+            if not self.forward(n):
+                return True
+
+    def forward(self, n: int) -> bool:
+        """Write the n bytes just read into the shared buffer; False when the destination
+        held some back (they are copied aside and the flow waits)."""
+        data = _buffer[:n]
+        w = self.dst.write(data)
+        if w == n:
+            self.moved += n
             return True
+        if w >= 0:
+            self.moved += w
+            self.pending = memoryview(bytes(data[w:]))
+            self.wait = (self.dst, True)
+        else:
+            self.pending = memoryview(bytes(data))
+            self.wait = (self.dst, w == WANT_WRITE)
+        return False
 
 
 class SpliceFlow(Flow):
@@ -142,14 +148,9 @@ class SpliceFlow(Flow):
                 if n == 0:
                     self.eof = True
                     continue
-                w = self.dst.write(_buffer[:n])
-                if w == n:
-                    self.moved += n
-                    continue
-                self.moved += max(w, 0)
-                self.pending = memoryview(bytes(_buffer[max(w, 0):n]))
-                self.wait = (self.dst, w >= 0 or w == WANT_WRITE)
-                return True
+                if not self.forward(n):
+                    return True
+                continue
             if n == 0:
                 self.eof = True
                 continue
