@@ -34,6 +34,7 @@ from sidecar.tls import contexts as tls_contexts
 from sidecar.tls import ktls, openssl
 
 SWEEP_EVERY = 1.0  # seconds between idle / lifetime sweeps
+FD_RESERVE = 64  # descriptors for listeners, the admin port, files, the watcher, logs
 LAG_TICK = 0.01  # the loop-lag probe's period: 100 cheap callbacks a second
 
 
@@ -84,6 +85,27 @@ class Server:
     def ticket_keys(self, identity: Identity) -> bytes:
         return tls_contexts.ticket_keys(self.ticket_secret, self.ticket_epoch(),
                                         identity.trust_version)
+
+    def _raise_fd_limit(self) -> None:
+        """Each proxied connection holds two descriptors; raise the soft limit to the hard
+        one, and say so when `max_connections` still cannot fit."""
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard != resource.RLIM_INFINITY and soft < hard:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+                soft = hard
+            except (ValueError, OSError):
+                pass
+        needed = 2 * self.config.limits.max_connections + FD_RESERVE
+        if soft != resource.RLIM_INFINITY and needed > soft:
+            fits = max(0, (soft - FD_RESERVE) // 2)
+            logs.event(logging.WARNING, f"limits.max_connections "
+                       f"{self.config.limits.max_connections} needs ~{needed} open files, "
+                       f"but this process may open {soft}: about {fits} connections fit; "
+                       "lower max_connections or raise the limit (ulimit -n)",
+                       fd_limit=soft, connections_that_fit=fits)
 
     def detect_ktls(self) -> str | None:
         """Settle the kTLS mode; an error message when `ktls: on` cannot be honoured."""
@@ -181,6 +203,7 @@ class Server:
     async def run(self, on_ready: Callable[[Server], None] | None = None) -> int:
         loop = asyncio.get_running_loop()
         cfg = self.config
+        self._raise_fd_limit()
         refusal = self.detect_ktls()
         if refusal is not None:
             logs.event(logging.ERROR, f"cannot start: {refusal}")

@@ -32,6 +32,7 @@ from .conftest import (
     EchoApp,
     Pki,
     Sidecar,
+    SidecarFactory,
     TlsClient,
     recv_all,
     wait_for,
@@ -380,3 +381,12 @@ def test_a_second_sigterm_ends_the_drain_at_once(
     assert recv_all(s) == b""
     s.close()
     threading.Event().wait(0)  # nothing else to wait on
+
+
+def test_a_max_connections_the_fd_limit_cannot_hold_is_warned_about(
+    sidecar: SidecarFactory, echo_app: Callable[..., EchoApp]
+) -> None:
+    b = sidecar("b", inbound=[{"name": "in", "forward_to": echo_app().address}],
+                limits={"max_connections": 5_000_000, "max_pending_handshakes": 1024})
+    line = b.wait_line(lambda ln: "open files" in str(ln.get("msg")))
+    assert line["level"] == "warning" and line["connections_that_fit"] < 5_000_000, line
