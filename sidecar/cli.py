@@ -153,7 +153,10 @@ def _run(args: argparse.Namespace) -> int:
     if role is None and count > 1:
         workers.prepare_metrics_dir()  # before anything imports prometheus_client
         supervisor = workers.Supervisor(config, path, count, loop_name)
-        return asyncio.run(supervisor.run())
+        try:
+            return asyncio.run(supervisor.run())
+        finally:
+            _ignore_stop_signals()
     from sidecar.server import Server, WorkerRole
 
     worker = None
@@ -165,11 +168,23 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _run_loop(main: Coroutine[Any, Any, int], loop_name: str) -> int:
-    if loop_name == "uvloop":
-        import uvloop
+    try:
+        if loop_name == "uvloop":
+            import uvloop
 
-        return asyncio.run(main, loop_factory=uvloop.new_event_loop)
-    return asyncio.run(main)
+            return asyncio.run(main, loop_factory=uvloop.new_event_loop)
+        return asyncio.run(main)
+    finally:
+        # The loop's handlers are gone: one more SIGTERM (a supervisor repeating itself)
+        # must not turn a clean exit into death by signal.
+        _ignore_stop_signals()
+
+
+def _ignore_stop_signals() -> None:
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _check(args: argparse.Namespace) -> int:

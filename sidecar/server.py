@@ -86,6 +86,22 @@ class Server:
         return tls_contexts.ticket_keys(self.ticket_secret, self.ticket_epoch(),
                                         identity.trust_version)
 
+    async def _first_identity(self) -> Identity | None:
+        """Load the identity to start with, retrying as a reload does: a sidecar started
+        while spiffe-helper is mid-write must not exit (a crash loop in Kubernetes)."""
+        last: ProblemsError | None = None
+        for delay in (0.0, *reload.RETRY_DELAYS):
+            if delay:
+                await asyncio.sleep(delay)
+            try:
+                return await asyncio.to_thread(self.load_identity)
+            except ProblemsError as exc:
+                last = exc
+        assert last is not None
+        logs.event(logging.ERROR, "cannot start: no valid identity",
+                   problems=[str(p) for p in last.problems])
+        return None
+
     def _raise_fd_limit(self) -> None:
         """Each proxied connection holds two descriptors; raise the soft limit to the hard
         one, and say so when `max_connections` still cannot fit."""
@@ -208,11 +224,8 @@ class Server:
         if refusal is not None:
             logs.event(logging.ERROR, f"cannot start: {refusal}")
             return 1
-        try:
-            identity = self.load_identity()
-        except ProblemsError as exc:
-            logs.event(logging.ERROR, "cannot start: no valid identity",
-                       problems=[str(p) for p in exc.problems])
+        identity = await self._first_identity()
+        if identity is None:
             return 1
         try:
             policy = self.load_policy()
