@@ -161,8 +161,10 @@ class Sidecar:
         self._reader = threading.Thread(target=self._read, name=f"stderr-{self.name}",
                                         daemon=True)
         self._reader.start()
-        ready = self.wait_line(lambda ln: ln.get("msg") == "ready", START_TIMEOUT,
-                               "the 'ready' line")
+        # With workers, each worker logs its own "ready" (tagged "worker"); the process is
+        # ready when the supervisor says so, untagged.
+        ready = self.wait_line(lambda ln: ln.get("msg") == "ready" and "worker" not in ln,
+                               START_TIMEOUT, "the 'ready' line")
         for ln in self.lines[: self.lines.index(ready)]:
             if ln.get("msg") == "listening":
                 self.ports[ln["listener"]] = int(ln["address"].rpartition(":")[2])
