@@ -34,6 +34,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import re
+import reprlib
 import sys
 from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -307,8 +308,12 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[ob
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
+# repr() of a YAML alias bomb would take minutes and gigabytes: bound it.
+_BOUNDED = reprlib.Repr(maxlevel=2, maxlist=4, maxdict=4, maxstring=80, maxother=80)
+
+
 def _shown(value: object) -> str:
-    text = repr(value)
+    text = _BOUNDED.repr(value)
     return text if len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS] + "..."
 
 

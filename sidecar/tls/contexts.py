@@ -23,6 +23,12 @@ TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 # One ticket per full handshake: a sidecar's client keeps one session per upstream, and
 # each ticket costs the server an encryption (OpenSSL's default is two).
 TICKETS_PER_HANDSHAKE = 1
+# Intermediates a peer's chain may hold: SPIRE's nested and upstream-CA setups use 1-3;
+# anything much longer is a peer making us do work (a 100-certificate chain verified).
+MAX_CHAIN_DEPTH = 8
+# Bytes a peer's Certificate message may hold: a SPIFFE chain of leaf + 3 intermediates is
+# 2-6 KiB (ECDSA to RSA-4096); 16 KiB leaves room, and refuses a 50-certificate padding.
+MAX_CHAIN_BYTES = 16 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +115,7 @@ def _base(
     peerchain.install(ctx)
     openssl.release_buffers(ctx)
     openssl.read_ahead(ctx)
+    openssl.bound_peer_chain(ctx, MAX_CHAIN_DEPTH, MAX_CHAIN_BYTES)
     return ctx
 
 

@@ -32,6 +32,7 @@ _PTR = ctypes.sizeof(ctypes.c_void_p)
 SSL_CTRL_MODE = 33
 SSL_MODE_RELEASE_BUFFERS = 0x10
 SSL_CTRL_SET_READ_AHEAD = 41
+SSL_CTRL_SET_MAX_CERT_LIST = 51
 SSL_CTRL_SET_TLSEXT_TICKET_KEYS = 59
 TICKET_KEYS_LEN = 80  # OpenSSL 3: 16-byte key name + 32-byte HMAC key + 32-byte AES key
 SSL_ERROR_WANT_READ = 2
@@ -56,6 +57,7 @@ def _load() -> Any:
             "SSL_get_error": ([ctypes.c_void_p, ctypes.c_int], ctypes.c_int),
             "ERR_clear_error": ([], None),
             "SSL_set_num_tickets": ([ctypes.c_void_p, ctypes.c_size_t], ctypes.c_int),
+            "SSL_CTX_set_verify_depth": ([ctypes.c_void_p, ctypes.c_int], None),
             "SSL_set_msg_callback": ([ctypes.c_void_p, ctypes.c_void_p], None),
             "SSL_get_wbio": ([ctypes.c_void_p], ctypes.c_void_p),
             "SSL_get_rbio": ([ctypes.c_void_p], ctypes.c_void_p),
@@ -157,6 +159,18 @@ def set_ticket_keys(ctx: ssl.SSLContext, keys: bytes) -> bool:
         return False
     buf = ctypes.create_string_buffer(keys, TICKET_KEYS_LEN)
     return bool(_lib.SSL_CTX_ctrl(ptr, SSL_CTRL_SET_TLSEXT_TICKET_KEYS, TICKET_KEYS_LEN, buf))
+
+
+def bound_peer_chain(ctx: ssl.SSLContext, depth: int, max_bytes: int) -> bool:
+    """Bound the chain a peer may make OpenSSL parse and walk: how many intermediates
+    (Python sets no depth: OpenSSL's 100 applies) and how many bytes its Certificate
+    message may hold (OpenSSL's default is 100 KiB)."""
+    ptr = context_pointer(ctx)
+    if _lib is None or ptr is None or not _self_test_passed():
+        return False
+    _lib.SSL_CTX_set_verify_depth(ptr, depth)
+    _lib.SSL_CTX_ctrl(ptr, SSL_CTRL_SET_MAX_CERT_LIST, max_bytes, None)
+    return True
 
 
 def read_ahead(ctx: ssl.SSLContext) -> bool:
