@@ -82,7 +82,8 @@ class Tracker:
         self.idle_timeout = idle_timeout
         self.max_lifetime = max_lifetime
         self.active = 0
-        self.pending: OrderedDict[Record, asyncio.Task[None]] = OrderedDict()
+        self.pending: OrderedDict[Record, tuple[asyncio.Task[None], Callable[[], bool]]] = (
+            OrderedDict())
         self.live: dict[Duplex, Record] = {}
         self.on_full: Callable[[], None] = lambda: None  # pause listeners
         self.on_capacity: Callable[[], None] = lambda: None  # resume paused listeners
@@ -97,18 +98,41 @@ class Tracker:
         series = metrics.series(direction, listener)
         series.connections.inc()
         series.active.inc()
-        if self.active >= self.max_connections:
+        if self.active >= self.max_connections and not self._evict(silent_only=True):
+            # Full of real work: stop accepting; new peers wait in the kernel's backlog.
+            # (Full of peers that never said hello: one of them made room above instead,
+            # or stalled peers would hold every slot until their timeout.)
             self.on_full()
         return Record(direction, listener, peer_addr, time.monotonic())
 
-    def begin_handshake(self, rec: Record, task: asyncio.Task[None]) -> None:
+    def begin_handshake(self, rec: Record, task: asyncio.Task[None],
+                        progress: Callable[[], bool]) -> None:
+        """`progress()` tells whether the peer has sent its hello yet."""
         while len(self.pending) >= self.max_pending:
-            oldest, victim = self.pending.popitem(last=False)
-            oldest.evicted = True
-            victim.cancel()
-            metrics.connections_rejected.labels(
-                oldest.direction, oldest.listener, "max_pending_handshakes").inc()
-        self.pending[rec] = task
+            self._evict(silent_only=False)
+        self.pending[rec] = (task, progress)
+
+    def _evict(self, *, silent_only: bool) -> bool:
+        """Close one pending handshake: the oldest that has not sent its hello (a stalled
+        or slow peer) within the first EVICT_SCAN, else (unless silent_only) the oldest.
+        A good client mid-handshake is the last to go."""
+        victim_rec = None
+        for i, (rec, (_, progress)) in enumerate(self.pending.items()):
+            if i == EVICT_SCAN:
+                break
+            if not progress():
+                victim_rec = rec
+                break
+        if victim_rec is None:
+            if silent_only or not self.pending:
+                return False
+            victim_rec = next(iter(self.pending))
+        task, _ = self.pending.pop(victim_rec)
+        victim_rec.evicted = True
+        task.cancel()
+        metrics.connections_rejected.labels(
+            victim_rec.direction, victim_rec.listener, "max_pending_handshakes").inc()
+        return True
 
     def end_handshake(self, rec: Record) -> None:
         self.pending.pop(rec, None)
@@ -163,10 +187,14 @@ class Tracker:
         for duplex, rec in list(self.live.items()):
             rec.close = rec.close or how
             duplex.abort(how)
-        for rec, task in list(self.pending.items()):
+        for rec, (task, _) in list(self.pending.items()):
             rec.close = how
             task.cancel()
 
+
+# Pending handshakes looked at for one that never said hello before the oldest is taken:
+# enough to find a stalled peer among good ones, bounded so an eviction stays cheap.
+EVICT_SCAN = 64
 
 # After a lifetime close has passed the end of stream on, how long the peers get to
 # finish before the connection is cut: long enough for an in-flight response.

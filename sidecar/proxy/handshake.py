@@ -22,7 +22,7 @@ async def secure(
     """Handshake and authenticate; on failure close ep, count, finish rec, return None."""
     task = asyncio.current_task()
     assert task is not None
-    rt.tracker.begin_handshake(rec, task)
+    rt.tracker.begin_handshake(rec, task, ep.hello_seen)
     identity = rt.contexts.identity
     try:
         async with asyncio.timeout(rt.limits.handshake_timeout):

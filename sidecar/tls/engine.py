@@ -117,6 +117,11 @@ class TlsEndpoint:
                 self.after_handshake()
                 return
 
+    def hello_seen(self) -> bool:
+        """Has the peer's first flight arrived (a cipher is chosen)? A peer that connected
+        and never got this far is the first to go when handshakes must be shed."""
+        return self._obj.cipher() is not None
+
     def after_handshake(self) -> None:
         """Drop per-handshake state that would otherwise stay for the connection's life."""
         self.sock.__dict__.pop(peerchain.ATTRIBUTE, None)
