@@ -64,14 +64,17 @@ def _sidecar(d: Path, name: str, workers: int, app_port: int, files: dict[str, s
         "identity": files, "workers": workers, "admin": {"listen": "127.0.0.1:0"},
         "inbound": [{"name": "in", "listen": "127.0.0.1:0",
                      "forward_to": f"127.0.0.1:{app_port}"}],
-        "policy": str(d / "policy.yaml"), "log": {"level": "warning", "format": "json"},
+        "policy": str(d / "policy.yaml"), "log": {"level": "info", "format": "json"},
         "limits": {"max_connections": 4000}}))
     proc = subprocess.Popen([sys.executable, "-m", "sidecar", "run", "-c", str(cfg)],
                             stderr=subprocess.PIPE, env={**ENV})
     assert proc.stderr is not None
     port = 0
     for raw in proc.stderr:
-        line = json.loads(raw)
+        try:
+            line = json.loads(raw)
+        except ValueError:
+            continue  # a library's warning, not one of our lines
         if line.get("msg") == "listening" and line.get("listener") == "in":
             port = int(line["address"].rpartition(":")[2])
         if line.get("msg") == "ready" and "worker" not in line:
