@@ -108,3 +108,29 @@ def test_a_killed_worker_is_replaced_and_counted(
     assert _status(pair)["workers"][0]["restarts"] == 1
     assert metric(pair, "sidecar_worker_restarts_total") == 1
     assert admin_get(pair, "/readyz")[0] == 200
+
+
+def test_a_policy_change_reaches_every_worker(
+    pair: Sidecar, ca: Pki, tls_client: TlsClient, tmp_path: Path
+) -> None:
+    ctx = tls_client.context(ca.svid(FRONTEND))
+    (tmp_path / "policy.yaml").write_text(json.dumps({"default": "deny", "rules": []}))
+    wait_for(lambda: sum(1 for ln in pair.lines if ln.get("msg") == "policy reloaded") >= 2,
+             15, "both workers to reload the policy")
+    workers = {ln.get("worker") for ln in pair.lines if ln.get("msg") == "policy reloaded"}
+    assert workers == {0, 1}
+    refused = 0
+    for _ in range(20):
+        try:
+            _call(pair.port("in"), ctx)
+        except (AssertionError, OSError):
+            refused += 1
+    assert refused == 20
+    denied = pair.wait_connections(20, decision="deny")
+    assert {ln.get("worker") for ln in denied} == {0, 1}
+
+
+def test_auto_counts_the_cpus_this_process_may_use() -> None:
+    from sidecar.workers import usable_cpus
+
+    assert 1 <= usable_cpus() <= len(os.sched_getaffinity(0))
