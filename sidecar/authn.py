@@ -18,6 +18,7 @@ cached per leaf, so a peer that resumes often pays for this once.
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -46,6 +47,8 @@ class AuthnError(Exception):
 class Peer:
     spiffe_id: str
     trust_domain: str
+    not_before: float = 0.0  # the leaf's validity, Unix time: a resumed session has no
+    not_after: float = float("inf")  # verification of its own, so we check it here
 
 
 class Authenticator:
@@ -103,7 +106,7 @@ class Authenticator:
         peer = self._resumed.get(leaf_der)
         if peer is not None:
             self._resumed.move_to_end(leaf_der)
-            return peer
+            return _still_valid(peer)
         leaf = x509.load_der_x509_certificate(leaf_der)
         peer = _svid_peer(leaf)
         bundle = identity.bundles.get(peer.trust_domain)
@@ -120,7 +123,7 @@ class Authenticator:
             except (ValueError, TypeError, InvalidSignature):
                 continue
             self._cache(leaf_der, peer)
-            return peer
+            return _still_valid(peer)
         raise AuthnError(Reason.UNKNOWN_CA, f"resumed session of {peer.spiffe_id}: its issuer "
                          f"'{leaf.issuer.rfc4514_string()}' is not known to belong to "
                          f"'{peer.trust_domain}' here; a full handshake decides")
@@ -146,7 +149,20 @@ def _svid_peer(leaf: x509.Certificate) -> Peer:
         sid = spiffe.spiffe_id_of(leaf)
     except spiffe.SvidError as exc:
         raise AuthnError(Reason.INVALID_SVID, "; ".join(p.message for p in exc.problems)) from exc
-    return Peer(str(sid), sid.trust_domain.name)
+    return Peer(str(sid), sid.trust_domain.name, leaf.not_valid_before_utc.timestamp(),
+                leaf.not_valid_after_utc.timestamp())
+
+
+def _still_valid(peer: Peer) -> Peer:
+    """A ticket outlives a short SVID (tickets ~2 h, SVIDs often 1 h): OpenSSL does not
+    re-verify on resumption, so an expired leaf must be caught here."""
+    now = time.time()
+    if now > peer.not_after:
+        raise AuthnError(Reason.CERT_EXPIRED, f"{peer.spiffe_id} resumed a session, but its "
+                         "certificate has expired since")
+    if now < peer.not_before:
+        raise AuthnError(Reason.CERT_NOT_YET_VALID, f"{peer.spiffe_id}: not valid yet")
+    return peer
 
 
 def matches_expected(peer_id: str, expected: Collection[str]) -> bool:

@@ -18,6 +18,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
@@ -89,6 +90,25 @@ def load_identity(
     now: dt.datetime | None = None,
 ) -> Identity:
     """Read and cross-check the files; ProblemsError names each file and what is wrong."""
+    try:
+        return _load_identity(cert, key, bundle, federated, crls, now)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        if isinstance(exc, ProblemsError):
+            raise
+        # cryptography parses certificates lazily: a damaged field (subject, public key)
+        # only fails when it is first read, deep in the checks (found by fuzzing).
+        raise ProblemsError([Problem(str(cert), f"a malformed certificate or key: {exc}")]
+                            ) from exc
+
+
+def _load_identity(
+    cert: Path,
+    key: Path,
+    bundle: Path,
+    federated: Mapping[str, Path] | None,
+    crls: tuple[Path, ...],
+    now: dt.datetime | None,
+) -> Identity:
     now = now or dt.datetime.now(dt.UTC)
     problems: list[Problem] = []
     chain = _read_certs(cert, problems)

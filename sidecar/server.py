@@ -62,6 +62,7 @@ class Server:
         self._admin: asyncio.Server | None = None
         self.ktls = ktls.Support(False, "not detected yet")
         self._lag_max = 0.0
+        self._sweep_handle: asyncio.TimerHandle | None = None
         self._lag_handle: asyncio.TimerHandle | None = None
 
     # -- snapshots ------------------------------------------------------------------------
@@ -300,10 +301,11 @@ class Server:
         if on_ready:
             on_ready(self)
         self._notify("ready")
-        sweeper = loop.call_later(SWEEP_EVERY, self._sweep)
+        self._sweep_handle = loop.call_later(SWEEP_EVERY, self._sweep)
         self._lag_handle = loop.call_later(LAG_TICK, self._lag, loop.time() + LAG_TICK)
         await self._stop.wait()
-        sweeper.cancel()
+        if self._sweep_handle is not None:
+            self._sweep_handle.cancel()
         if self._lag_handle is not None:
             self._lag_handle.cancel()
         for task in background:
@@ -464,8 +466,9 @@ class Server:
 
     def _sweep(self) -> None:
         assert self.rt is not None
+        # Next sweep first: an error in this one must not end idle and lifetime limits.
+        self._sweep_handle = self.rt.loop.call_later(SWEEP_EVERY, self._sweep)
         self.rt.tracker.sweep()
-        self.rt.loop.call_later(SWEEP_EVERY, self._sweep)
 
     def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
         try:

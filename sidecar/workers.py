@@ -195,6 +195,8 @@ class Supervisor:
                 sys.executable, "-m", "sidecar", "run", "-c", str(self.config_path),
                 "--loop", self.loop_name, env=env, pass_fds=(write_fd,))
             os.close(write_fd)
+            if self.draining:  # the stop signal came while this one was starting
+                w.proc.send_signal(signal.SIGTERM)
             w.started_at = loop.time()
             w.pid_history.append(w.proc.pid)
             reader = asyncio.create_task(self._read_states(w, read_fd))

@@ -161,7 +161,8 @@ async def test_good_peer(server: Contexts, identity: Identity, ours: tuple[CA, C
     chain = await full_chain(server.server, peer, held)
     assert chain == chain_of(peer.svid, ours[1])
     authn = Authenticator()
-    assert authn.full(chain, identity) == Peer(CLIENT_ID, TD)
+    peer = authn.full(chain, identity)
+    assert (peer.spiffe_id, peer.trust_domain) == (CLIENT_ID, TD)
     # Intermediates seen in verified chains become known (for missing_intermediate).
     assert ours[1].cert.subject in authn.known_intermediates
 
@@ -173,7 +174,8 @@ async def test_good_federated_peer(server: Contexts, identity: Identity, ours: t
     peer = Client(pki.issue_svid(theirs[1], peer_id), ours[0], tmp_path)
     chain = await full_chain(server.server, peer, held)
     assert chain[-1] == der(theirs[0].cert)
-    assert Authenticator().full(chain, identity) == Peer(peer_id, OTHER_TD)
+    peer = Authenticator().full(chain, identity)
+    assert (peer.spiffe_id, peer.trust_domain) == (peer_id, OTHER_TD)
 
 
 async def test_federated_ca_cannot_vouch_for_our_trust_domain(
@@ -371,3 +373,18 @@ PAYMENTS = "spiffe://example.org/ns/default/sa/payments"
 )
 def test_matches_expected(peer_id: str, expected: list[str], matches: bool) -> None:
     assert matches_expected(peer_id, expected) is matches
+
+
+def test_a_resumed_peer_whose_certificate_expired_since_is_refused(
+    ours: tuple[CA, CA], identity: Identity
+) -> None:
+    """Tickets outlive short SVIDs and OpenSSL does not re-verify on resumption."""
+    import time as _time
+
+
+    authn = Authenticator()
+    leaf = der(pki.issue_svid(ours[1], CLIENT_ID).cert)
+    authn._cache(leaf, Peer(CLIENT_ID, TD, 0.0, _time.time() - 1))
+    with pytest.raises(AuthnError) as caught:
+        authn.resumed(leaf, identity)
+    assert caught.value.reason is Reason.CERT_EXPIRED

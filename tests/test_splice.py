@@ -11,6 +11,8 @@ import asyncio
 import hashlib
 import os
 import socket
+import struct
+import time
 
 import pytest
 
@@ -110,3 +112,39 @@ async def test_a_destination_that_does_not_read_holds_at_most_one_chunk() -> Non
     duplex.abort("test")
     for s in (app_far, peer_far):
         s.close()
+
+
+def test_a_failed_write_leaves_nothing_in_the_shared_pipe_for_the_next_connection() -> None:
+    """One pipe serves every connection: bytes of a connection whose destination reset
+    must never come out of another connection's splice."""
+    a_src_peer, a_src = tcp_pair()
+    a_dst, a_dst_peer = tcp_pair()
+    a_dst_peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    a_dst_peer.close()  # a reset: the next write to a_dst fails
+    a_src_peer.setblocking(True)
+    a_src_peer.sendall(b"SECRET-OF-CONNECTION-A")
+    flow_a = SpliceFlow(TcpEndpoint(a_src), TcpEndpoint(a_dst))
+    deadline = time.monotonic() + 5
+    with pytest.raises(OSError):  # the reset surfaces on a write (bounded retries)
+        while time.monotonic() < deadline:
+            flow_a.run()
+    b_src_peer, b_src = tcp_pair()
+    b_dst, b_dst_peer = tcp_pair()
+    b_src_peer.setblocking(True)
+    b_src_peer.sendall(b"b-data")
+    b_src_peer.shutdown(socket.SHUT_WR)
+    flow_b = SpliceFlow(TcpEndpoint(b_src), TcpEndpoint(b_dst))
+    while not flow_b.done and time.monotonic() < deadline:
+        flow_b.run()
+    b_dst_peer.setblocking(True)
+    b_dst_peer.settimeout(5)
+    assert recv_all_plain(b_dst_peer) == b"b-data"
+    for s in (a_src_peer, a_src, a_dst, b_src_peer, b_src, b_dst, b_dst_peer):
+        s.close()
+
+
+def recv_all_plain(sock: socket.socket) -> bytes:
+    got = bytearray()
+    while data := sock.recv(65536):
+        got += data
+    return bytes(got)

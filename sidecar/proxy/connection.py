@@ -179,7 +179,7 @@ class Tracker:
             if self.max_lifetime and now - duplex.started > self.max_lifetime:
                 if rec.close is None:
                     rec.close = "max_lifetime"
-                    duplex.finish()  # graceful: both sides see an end of stream
+                    duplex.finish(client_is_peer=rec.direction == "inbound")
                 elif now - duplex.started > self.max_lifetime + _LIFETIME_GRACE:
                     duplex.abort("max_lifetime")
 

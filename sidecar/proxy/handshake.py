@@ -9,6 +9,7 @@ from collections.abc import Collection
 
 from sidecar import metrics
 from sidecar.authn import AuthnError, Peer, matches_expected
+from sidecar.identity import Identity
 from sidecar.proxy.connection import Record
 from sidecar.proxy.runtime import Runtime
 from sidecar.reasons import Reason
@@ -17,13 +18,14 @@ from sidecar.tls.engine import TlsEndpoint
 
 
 async def secure(
-    rt: Runtime, rec: Record, ep: TlsEndpoint, *, expect: Collection[str] | None = None
+    rt: Runtime, rec: Record, ep: TlsEndpoint, identity: Identity, *,
+    expect: Collection[str] | None = None,
 ) -> Peer | None:
-    """Handshake and authenticate; on failure close ep, count, finish rec, return None."""
+    """Handshake and authenticate against `identity`, the snapshot whose contexts made
+    `ep`; on failure close ep, count, finish rec, return None."""
     task = asyncio.current_task()
     assert task is not None
     rt.tracker.begin_handshake(rec, task, ep.hello_seen)
-    identity = rt.contexts.identity
     try:
         async with asyncio.timeout(rt.limits.handshake_timeout):
             await ep.handshake()

@@ -31,17 +31,19 @@ def acceptor(rt: Runtime, cfg: InboundListener) -> AcceptCallback:
 
 
 async def serve(rt: Runtime, cfg: InboundListener, rec: Record, sock: socket.socket) -> None:
+    contexts = rt.contexts
     try:
-        ep = TlsEndpoint.server(rt.contexts.server, sock)
+        ep = TlsEndpoint.server(contexts.server, sock)
     except OSError as exc:  # the peer reset between accept and wrap
         sock.close()
         rec.close, rec.detail = "error", str(exc)
         rt.tracker.finish(rec)
         return
-    peer = await secure(rt, rec, ep)
+    peer = await secure(rt, rec, ep, contexts.identity)
     if peer is None:
         return
-    decision = rt.policy.decide(peer.spiffe_id, cfg.name)
+    policy = rt.policy
+    decision = policy.decide(peer.spiffe_id, cfg.name)
     rec.decision, rec.rule = str(decision.kind), decision.rule
     metrics.count_decision(cfg.name, decision.kind, decision.rule)
     if not decision.allowed:
@@ -59,6 +61,17 @@ async def serve(rt: Runtime, cfg: InboundListener, rec: Record, sock: socket.soc
         rec.detail = f"cannot reach the app at {cfg.forward_to}: {exc or 'timed out'}"
         rt.tracker.finish(rec)
         return
+    if rt.policy is not policy:
+        # The policy changed while we dialed: a recheck could not see this connection yet.
+        decision = rt.policy.decide(peer.spiffe_id, cfg.name)
+        if not decision.allowed:
+            metrics.count_decision(cfg.name, decision.kind, decision.rule)
+            rec.decision, rec.rule, rec.close = str(decision.kind), decision.rule, \
+                "policy_recheck"
+            app.close()
+            ep.close()
+            rt.tracker.finish(rec)
+            return
     duplex = Duplex(rt.loop, TcpEndpoint(app), ep, rt.tracker.closed)
     rt.tracker.attach(rec, duplex)
     duplex.start()

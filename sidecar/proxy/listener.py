@@ -18,6 +18,8 @@ from sidecar.config import Address
 BACKLOG = 4096
 # Connections accepted per readiness event before other work gets a turn.
 ACCEPTS_PER_TURN = 64
+# How long accepting pauses when the process is out of descriptors.
+ACCEPT_BACKOFF = 0.1
 
 AcceptCallback = Callable[[socket.socket, str], None]
 
@@ -72,10 +74,18 @@ class Listener:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
-                return  # EMFILE and friends: the next readiness event retries
-            conn.setblocking(False)
-            if conn.family != socket.AF_UNIX:
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                # Out of descriptors (EMFILE/ENFILE) or memory: the socket stays readable,
+                # so waiting for the next event would spin a core. Back off instead.
+                self.pause()
+                self._loop.call_later(ACCEPT_BACKOFF, self.resume)
+                return
+            try:
+                conn.setblocking(False)
+                if conn.family != socket.AF_UNIX:
+                    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                conn.close()  # reset between accept and here
+                continue
             self._on_accept(conn, _peer(addr))
             if self._paused:
                 return

@@ -54,7 +54,7 @@ async def serve(rt: Runtime, cfg: OutboundListener, rec: Record, app: socket.soc
         rec.close, rec.detail = "error", str(exc)
         rt.tracker.finish(rec)
         return
-    peer = await secure(rt, rec, ep, expect=cfg.expect_ids)
+    peer = await secure(rt, rec, ep, contexts.identity, expect=cfg.expect_ids)
     if peer is None:
         app.close()
         return

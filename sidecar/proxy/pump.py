@@ -158,6 +158,11 @@ class SpliceFlow(Flow):
                 out = os.splice(pipe_r, self.dst.fd, n, flags=_SPLICE_FLAGS)
             except BlockingIOError:
                 out = 0
+            except OSError:
+                # The pipe is shared by every connection: never leave this one's bytes in
+                # it for the next connection's splice to deliver.
+                _read_exactly(pipe_r, n)
+                raise
             self.moved += out
             if out < n:
                 self.pending = memoryview(_read_exactly(pipe_r, n - out))
@@ -234,12 +239,14 @@ class Duplex:
     def moved(self) -> int:
         return self.to_app.moved + self.from_app.moved
 
-    def finish(self) -> None:
-        """Close gracefully: stop reading, flush what is held, pass the end on both ways."""
-        for flow in (self.to_app, self.from_app):
-            if not flow.done:
-                flow.eof = True
-        self._step((self.to_app, self.from_app))
+    def finish(self, client_is_peer: bool) -> None:
+        """Close gracefully: end the client's direction only (no more requests), and let
+        the answers flow until the server side ends too (the sweeper cuts it after a
+        grace period). Inbound the client is the remote peer; outbound it is the app."""
+        flow = self.to_app if client_is_peer else self.from_app
+        if not flow.done:
+            flow.eof = True
+            self._step((flow,))
 
     def abort(self, reason: str, exc: BaseException | None = None) -> None:
         if self.closed:

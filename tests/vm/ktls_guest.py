@@ -32,6 +32,7 @@ import json
 import os
 import platform
 import re
+import select
 import shutil
 import signal
 import socket
@@ -360,20 +361,28 @@ class Transfer:
     error: str | None = None
 
 
-def transfer(port: int, nbytes: int, verify: bool, timeout: float) -> Transfer:
+def transfer(port: int, nbytes: int, verify: bool, timeout: float,
+             midway: Callable[[], None] | None = None) -> Transfer:
     """Send `nbytes` of random data through the outbound listener while reading the echo;
     half-close; read to EOF. Each socket operation is bounded by IO_TIMEOUT and the whole
-    exchange by `timeout`."""
+    exchange by `timeout`. `midway`, if given, runs in the sender once half the bytes are
+    sent (the connection is then open and idle until it returns)."""
     out = Transfer()
     deadline = time.monotonic() + timeout
     sock = socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT)
     errors: list[str] = []
+    hooks = [midway] if midway is not None else []
 
     def send() -> None:
         h = hashlib.sha256()
         try:
             left = nbytes
             while left > 0:
+                if hooks and left <= nbytes // 2:
+                    try:
+                        hooks.pop()()
+                    except Exception as exc:  # reported, and the transfer goes on
+                        errors.append(f"midway: {type(exc).__name__}: {exc}")
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"sending took more than {timeout:.0f}s")
                 chunk = os.urandom(min(CHUNK, left))
@@ -436,14 +445,19 @@ class Pair:
         self._loop = loop
         self._svids: dict[str, Any] = {}
         self._bundle: list[Any] = []
+        self._inter: Any = None
+        self.svid_dirs: dict[str, Path] = {}
+        self.extra: list[SidecarProc] = []  # scenario sidecars, apart from the pair's
         LIVE.append(self)
 
-    def _config(self, name: str, **listeners: Any) -> Path:
+    def _config(self, name: str, svid: str | None = None, tls: dict[str, Any] | None = None,
+                **listeners: Any) -> Path:
         from sidecar import pki
 
         d = self.workdir / f"{name}-ktls-{self.ktls}"
         d.mkdir(parents=True)
-        files = pki.write_svid(d / "svid", self._svids[name], self._bundle)
+        self.svid_dirs[name] = d / "svid"
+        files = pki.write_svid(d / "svid", self._svids[svid or name], self._bundle)
         cfg: dict[str, Any] = {
             "identity": {"cert": str(d / "svid" / files.cert),
                          "key": str(d / "svid" / files.key),
@@ -451,7 +465,7 @@ class Pair:
             "admin": {"listen": "127.0.0.1:0"},
             "log": {"level": "info", "format": "json"},
             "drain_timeout": "5s",
-            "tls": {"ktls": self.ktls},
+            "tls": {"ktls": self.ktls, **(tls or {})},
             **listeners,
         }
         if "inbound" in listeners:
@@ -469,6 +483,7 @@ class Pair:
 
         root = pki.new_root(TRUST_DOMAIN)
         inter = pki.new_intermediate(root)
+        self._inter = inter
         self._svids = {"inbound": pki.issue_svid(inter, SERVER_ID),
                        "outbound": pki.issue_svid(inter, CLIENT_ID)}
         self._bundle = [root.cert]
@@ -493,15 +508,48 @@ class Pair:
     def outbound(self) -> SidecarProc:
         return self.sidecars[1]
 
+    def start_inbound12(self) -> SidecarProc:
+        """Another inbound sidecar in front of the same echo app, TLS 1.2 allowed (OpenSSL
+        3.0 offloads RX for TLS 1.2 only)."""
+        assert self.echo is not None
+        sc = SidecarProc("inbound12", self._config(
+            "inbound12", svid="inbound", tls={"min_version": "1.2"}, inbound=[{
+                "name": "in12", "listen": "127.0.0.1:0",
+                "forward_to": f"127.0.0.1:{self.echo.port}"}]), self._loop)
+        self.extra.append(sc)
+        sc.start()
+        return sc
+
+    def client_files(self) -> tuple[Path, Path, Path]:
+        """The outbound identity's SVID as files a plain ssl client can load: cert chain,
+        key, bundle."""
+        from sidecar import pki
+
+        files = pki.write_svid(self.workdir / "client12", self._svids["outbound"],
+                               self._bundle)
+        d = self.workdir / "client12"
+        return d / files.cert, d / files.key, d / files.bundle
+
+    def rotate(self, name: str) -> Any:
+        """A new SVID for the same ID from the same intermediate, written over `name`'s files
+        in place the way spiffe-helper does; returns it."""
+        from sidecar import pki
+
+        spiffe_id = self._svids[name].spiffe_id
+        svid = pki.issue_svid(self._inter, spiffe_id)
+        pki.write_svid(self.svid_dirs[name], svid, self._bundle)
+        return svid
+
     def close(self) -> dict[str, int]:
-        codes = {sc.name: sc.stop() for sc in reversed(self.sidecars)}
+        codes = {sc.name: sc.stop() for sc in reversed(self.extra)}
+        codes.update({sc.name: sc.stop() for sc in reversed(self.sidecars)})
         if self.echo is not None:
             self.echo.close()
         return codes
 
     def kill(self) -> None:
         """The watchdog's way: no drain, no waiting."""
-        for sc in self.sidecars:
+        for sc in self.sidecars + self.extra:
             sc.kill()
 
 
@@ -519,16 +567,19 @@ def pair(workdir: Path, ktls: str, loop: str, verify: bool) -> Iterator[Pair]:
         p.close()
 
 
-def run_transfer(p: Pair, mib: float, verify: bool, timeout: float | None) -> dict[str, Any]:
+def run_transfer(p: Pair, mib: float, verify: bool, timeout: float | None,
+                 midway: Callable[[], None] | None = None) -> dict[str, Any]:
     nbytes = int(mib * MIB)
     limit = timeout or TRANSFER_FLOOR + TRANSFER_PER_MIB * mib
     cpu0 = {sc.name: cpu_seconds(sc.pid) for sc in p.sidecars}
+    assert p.echo is not None
+    first = len(p.echo.received)  # this transfer's connection at the app
     before = tls_stat()
-    t = transfer(p.outbound.ports["out"], nbytes, verify, limit)
+    t = transfer(p.outbound.ports["out"], nbytes, verify, limit, midway)
     after = tls_stat()
     cpu = {sc.name: round(cpu_seconds(sc.pid) - cpu0[sc.name], 3) for sc in p.sidecars}
-    assert p.echo is not None
-    app = p.echo.received[-1] if p.echo.received else Received(error="no connection")
+    app = (p.echo.received[first] if len(p.echo.received) > first
+           else Received(error="no connection"))
     counts_ok = t.sent == nbytes == app.count == t.received and t.eof
     hashes_ok = counts_ok and (not verify or t.sha_sent == app.sha256 == t.sha_received)
     return {
@@ -554,6 +605,217 @@ def access_line(sc: SidecarProc) -> dict[str, Any]:
     line = sc.wait_line(lambda ln: ln.get("msg") == "connection", LINE_TIMEOUT,
                         "the access-log line of the transfer")
     return {k: line[k] for k in keys if k in line}
+
+
+def access_lines(sc: SidecarProc, n: int, what: str) -> list[dict[str, Any]]:
+    """The first `n` access-log lines of `sc` (waiting for them), trimmed like
+    `access_line`."""
+    keys = ("direction", "tls_version", "cipher", "resumed", "decision", "reason",
+            "bytes_to_app", "bytes_from_app", "close", "ktls_tx", "ktls_rx", "detail")
+
+    def enough(_: dict[str, Any]) -> bool:
+        return sum(1 for ln in sc.lines if ln.get("msg") == "connection") >= n
+
+    sc.wait_line(enough, LINE_TIMEOUT, what)
+    with sc._cond:
+        lines = [ln for ln in sc.lines if ln.get("msg") == "connection"][:n]
+    return [{k: ln[k] for k in keys if k in ln} for ln in lines]
+
+
+def ktls_samples(sc: SidecarProc) -> dict[str, float]:
+    """sidecar_ktls_connections_total as {"direction/path/state": value}."""
+    out: dict[str, float] = {}
+    for line in sc.ktls_metrics()[1]:
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', line.partition("}")[0]))
+        key = f"{labels.get('direction')}/{labels.get('path')}/{labels.get('state')}"
+        out[key] = out.get(key, 0.0) + float(line.rpartition(" ")[2])
+    return out
+
+
+# --- scenarios beyond the main transfer (issue 7: RX offload, resumption, rotation) -----
+
+
+def tls12_client_transfer(port: int, nbytes: int, cert: Path, key: Path, ca: Path,
+                          timeout: float) -> dict[str, Any]:
+    """A TLS 1.2-only client with OP_ENABLE_KTLS and a client SVID, straight to an inbound
+    listener: `nbytes` each way (non-blocking, interleaved), sha256 of both, then
+    close_notify with unwrap(), which waits for the sidecar's close_notify in turn."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    ctx.options |= ssl.OP_ENABLE_KTLS
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(cafile=str(ca))
+    ctx.load_cert_chain(str(cert), str(key))
+    out: dict[str, Any] = {"sent": 0, "received": 0, "error": None, "unwrap": None}
+    deadline = time.monotonic() + timeout
+    data = os.urandom(nbytes)
+    view = memoryview(data)
+    hr = hashlib.sha256()
+    raw = socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT)
+    t0 = time.monotonic()
+    try:
+        s = ctx.wrap_socket(raw)
+        out["version"], out["cipher"] = s.version(), (s.cipher() or ("?",))[0]
+        try:
+            ulp = s.getsockopt(socket.IPPROTO_TCP, 31, 16)  # TCP_ULP
+            out["client_ulp"] = ulp.rstrip(b"\0").decode()
+        except OSError as exc:
+            out["client_ulp"] = f"{type(exc).__name__}: {exc}"
+        s.setblocking(False)
+        sent = received = 0
+        while received < nbytes:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"took more than {timeout:.0f}s ({sent} sent, "
+                                   f"{received} back)")
+            _r, w, _ = select.select([s], [s] if sent < nbytes else [], [], 1.0)
+            if sent < nbytes and w:
+                try:
+                    sent += s.send(view[sent:sent + CHUNK])
+                except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                    pass
+            while True:  # drain what OpenSSL holds, not only what select saw
+                try:
+                    chunk = s.recv(CHUNK)
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    break
+                if not chunk:
+                    raise EOFError(f"EOF after {received} of {nbytes} bytes back")
+                hr.update(chunk)
+                received += len(chunk)
+        out["sent"], out["received"] = sent, received
+        s.settimeout(IO_TIMEOUT)
+        try:
+            s.unwrap().close()
+            out["unwrap"] = "ok"
+        except (OSError, ssl.SSLError) as exc:
+            out["unwrap"] = f"{type(exc).__name__}: {exc}"
+            raw.close()
+    except (OSError, ssl.SSLError, EOFError) as exc:
+        out["error"] = f"{type(exc).__name__}: {exc}"
+        raw.close()
+    out["seconds"] = round(time.monotonic() - t0, 3)
+    out["sha_sent"] = hashlib.sha256(data).hexdigest()
+    out["sha_received"] = hr.hexdigest()
+    return out
+
+
+def served_serial(p: Pair, port: int) -> str:
+    """The serial (hex) of the certificate a listener presents to a full handshake."""
+    from cryptography import x509
+
+    cert, key, ca = p.client_files()
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.load_verify_locations(cafile=str(ca))
+    ctx.load_cert_chain(str(cert), str(key))
+    with (socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT) as raw,
+          ctx.wrap_socket(raw) as s):
+        der = s.getpeercert(binary_form=True)
+        with contextlib.suppress(OSError, ssl.SSLError):
+            s.unwrap()
+    return f"{x509.load_der_x509_certificate(der).serial_number:x}" if der else ""
+
+
+def scenario_rx_tls12(p: Pair, mib: float) -> dict[str, Any]:
+    """RX offload and the RX splice path: TLS 1.2 into an inbound sidecar with kTLS on,
+    then the client's close_notify, a non-data record on the sidecar's kTLS RX socket."""
+    t0 = time.monotonic()
+    sc = p.start_inbound12()
+    assert p.echo is not None
+    nbytes = int(mib * MIB)
+    cert, key, ca = p.client_files()
+    first = len(p.echo.received)
+    before = tls_stat()
+    c = tls12_client_transfer(sc.ports["in12"], nbytes, cert, key, ca,
+                              TRANSFER_FLOOR + TRANSFER_PER_MIB * mib)
+    after = tls_stat()
+    app = (p.echo.received[first] if len(p.echo.received) > first
+           else Received(error="no connection"))
+    conn = access_lines(sc, 1, "the access-log line of the TLS 1.2 connection")[0]
+    samples = ktls_samples(sc)
+    hashes_ok = (c["sent"] == c["received"] == app.count == nbytes
+                 and c["sha_sent"] == app.sha256 == c["sha_received"])
+    return {"mib": mib, "client": {k: v for k, v in c.items() if not k.startswith("sha")},
+            "sha256": {"client_sent": c["sha_sent"], "app_received": app.sha256,
+                       "client_received": c["sha_received"]},
+            "app": {"count": app.count, "error": app.error},
+            "hashes_ok": hashes_ok, "tls_stat_delta": delta(before, after),
+            "ktls_metrics": samples, "connection": conn, "problems": sc.problems(),
+            "seconds": round(time.monotonic() - t0, 3)}
+
+
+def scenario_resumption(p: Pair, mib: float, verify: bool, n_before: int) -> dict[str, Any]:
+    """A second connection through the kTLS pair: resumed, intact, TX offloaded."""
+    res = run_transfer(p, mib, verify, None)
+    n = n_before + 1
+    return {"mib": mib, "hashes_ok": res["hashes_ok"], "bytes": res["bytes"],
+            "error": res["error"], "seconds": res["seconds"],
+            "tls_stat_delta": res["tls_stat_delta_transfer"],
+            "outbound": access_lines(p.outbound, n, "the resumed connection's line")[-1],
+            "inbound": access_lines(p.inbound, n, "the resumed connection's line")[-1]}
+
+
+def scenario_rotation(p: Pair, mib: float, verify: bool, n_before: int) -> dict[str, Any]:
+    """The inbound sidecar's SVID rewritten in place (spiffe-helper) halfway through a
+    transfer through the kTLS pair; then a new connection."""
+    rotated: dict[str, Any] = {}
+
+    def rotate() -> None:
+        t = time.monotonic()
+        svid = p.rotate("inbound")
+        serial = f"{svid.serial:x}"
+        rotated["serial"] = serial
+        line = p.inbound.wait_line(
+            lambda ln: ln.get("msg") == "identity reloaded" and ln.get("serial") == serial,
+            45.0, "its 'identity reloaded' line after the rotation")
+        rotated["reload_line"] = {k: line.get(k) for k in ("msg", "serial", "trust_changed")}
+        rotated["reload_s"] = round(time.monotonic() - t, 3)
+        log(f"rotation: identity reloaded in {rotated['reload_s']}s")
+
+    during = run_transfer(p, mib, verify, None, midway=rotate)
+    after = run_transfer(p, mib, verify, None)
+    # The pair's next connection resumes (the ticket keys survive a reload), so it never
+    # sees a certificate: ask the inbound listener directly which one it serves now.
+    served = served_serial(p, p.inbound.ports["in"])
+    n = n_before + 2
+    out_lines = access_lines(p.outbound, n, "the rotation connections' lines")
+    in_lines = access_lines(p.inbound, n, "the rotation connections' lines")
+    pick = ("hashes_ok", "bytes", "error", "seconds")
+    return {"mib": mib, **rotated, "served_serial_after": served,
+            "during": {**{k: during[k] for k in pick},
+                       "tls_stat_delta": during["tls_stat_delta_transfer"],
+                       "outbound": out_lines[-2], "inbound": in_lines[-2]},
+            "after": {**{k: after[k] for k in pick},
+                      "tls_stat_delta": after["tls_stat_delta_transfer"],
+                      "outbound": out_lines[-1], "inbound": in_lines[-1]}}
+
+
+def run_scenarios(p: Pair, mib: float, verify: bool) -> dict[str, Any]:
+    """Each scenario on its own: one failing still lets the others run and report."""
+    out: dict[str, Any] = {}
+    n = 1  # connections through the pair so far: the main transfer
+    steps: list[tuple[str, Callable[[], dict[str, Any]]]] = [
+        ("rx_tls12", lambda: scenario_rx_tls12(p, mib)),
+        ("resumption", lambda: scenario_resumption(p, mib, verify, n)),
+        ("rotation", lambda: scenario_rotation(p, mib, verify, n)),
+    ]
+    for name, step in steps:
+        t = time.monotonic()
+        log(f"scenario {name}")
+        try:
+            out[name] = step()
+        except Exception as exc:  # reported in the JSON
+            import traceback
+
+            out[name] = {"scenario_error": f"{type(exc).__name__}: {exc}",
+                         "traceback": traceback.format_exc()[-3000:]}
+        out[name]["scenario_s"] = round(time.monotonic() - t, 3)
+        log(f"scenario {name} done in {out[name]['scenario_s']}s")
+        if name != "rx_tls12":
+            n = sum(1 for ln in p.outbound.lines if ln.get("msg") == "connection")
+    return out
 
 
 # --- modes -----------------------------------------------------------------------------
@@ -583,9 +845,14 @@ def mode_transfer(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             sidecars[sc.name] = {"ktls_metrics": metrics, "ktls_metrics_raw": raw,
                                  "ktls_status": status, "connection": access_line(sc)}
         result["sidecars"] = sidecars
+        if args.scenarios:
+            result["scenarios"] = run_scenarios(p, args.scenario_mib, not args.no_verify)
     for sc in p.sidecars:
         sidecars[sc.name]["exit_code"] = sc.returncode
         sidecars[sc.name]["problems"] = sc.problems()
+    for sc in p.extra:
+        result["scenarios"]["rx_tls12"]["exit_code"] = sc.returncode
+        result["scenarios"]["rx_tls12"]["problems"] = sc.problems()
     after_all = tls_stat()
     # The whole run also counts each sidecar's start-up detection probe (a loopback kTLS
     # handshake, TX on both of its ends); the transfer delta above counts only the pair.
@@ -681,6 +948,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
             sp.add_argument("--ktls", choices=["on", "auto", "off"], default="on")
             sp.add_argument("--no-verify", action="store_true",
                             help="check byte counts only, no sha256")
+            sp.add_argument("--scenarios", action="store_true",
+                            help="after the transfer: TLS 1.2 RX offload into an inbound "
+                                 "sidecar, a resumed connection, an SVID rotation")
+            sp.add_argument("--scenario-mib", type=float, default=8.0,
+                            help="MiB each way in each scenario (default 8)")
         else:
             sp.add_argument("--rounds", type=int, default=6,
                             help="transfers per mode, alternating between the pairs")

@@ -17,6 +17,13 @@ Skipped, with the reason, where qemu or virtme-ng (or a host tool they need) is 
 unless SIDECAR_VM_TESTS=1: then it installs what it needs (Debian packages, virtme-ng
 from PyPI, the kernel into ~/.cache/sidecar-ktls-vm) and runs. CI sets it.
 SIDECAR_VM_TESTS=0 always skips; SIDECAR_VM_MIB sets the size (default 100).
+
+The same guest run then plays three scenarios of SIDECAR_VM_SCENARIO_MIB (default 8) each
+way, judged below: TLS 1.2 into an inbound sidecar with `min_version: "1.2"`, where
+OpenSSL 3.0 offloads RX too, so its receive direction takes the splice path, ended by the
+client's close_notify (a non-data record on the kTLS RX socket); a second connection
+through the pair, which resumes; and the inbound sidecar's SVID rewritten in place
+halfway through a transfer, then a new connection.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import pytest
 from . import run_in_vm
 
 MIB = float(os.environ.get("SIDECAR_VM_MIB", "100"))
+SCENARIO_MIB = float(os.environ.get("SIDECAR_VM_SCENARIO_MIB", "8"))
 RUN_TIMEOUT = 1500.0  # boot + start + transfer under emulation; run_in_vm kills after
 SETUP_ALLOWANCE = 900.0  # a first apt-get install of qemu on a fresh CI machine
 
@@ -58,7 +66,8 @@ pytestmark = [
 def vm() -> dict[str, Any]:
     try:
         setup = run_in_vm.ensure()
-        result = run_in_vm.run(["transfer", "--mib", str(MIB), "--ktls", "on"],
+        result = run_in_vm.run(["transfer", "--mib", str(MIB), "--ktls", "on",
+                                "--scenarios", "--scenario-mib", str(SCENARIO_MIB)],
                                timeout=RUN_TIMEOUT, setup=setup)
     except run_in_vm.VmError as exc:
         pytest.fail(f"the VM run failed: {exc}")
@@ -116,3 +125,66 @@ def test_rx_is_counted_and_matches_the_kernel(vm: dict[str, Any]) -> None:
 def test_the_sidecars_logged_no_warnings_or_tracebacks(vm: dict[str, Any]) -> None:
     problems = {name: sc["problems"] for name, sc in vm["sidecars"].items() if sc["problems"]}
     assert not problems, json.dumps(problems, indent=1)
+
+
+def _scenario(vm: dict[str, Any], name: str) -> dict[str, Any]:
+    sc: dict[str, Any] = (vm.get("scenarios") or {}).get(name) or {}
+    # a scenario that raised has `scenario_error` and a traceback instead of its results
+    assert sc and "scenario_error" not in sc, json.dumps(sc or vm.get("error"), indent=1)
+    return sc
+
+
+def _intact(res: dict[str, Any]) -> None:
+    expected = int(SCENARIO_MIB * 1024 * 1024)
+    assert res["hashes_ok"], res
+    assert res["bytes"] == {"client_sent": expected, "app_received": expected,
+                            "client_received": expected, "expected": expected}, res
+    assert res["error"] is None, res
+
+
+def _tx_offloaded(res: dict[str, Any]) -> None:
+    assert res["tls_stat_delta"].get("TlsTxSw", 0) >= 2, res["tls_stat_delta"]
+    for side in ("outbound", "inbound"):
+        assert res[side].get("ktls_tx") is True, (side, res[side])
+        assert res[side].get("close") == "closed", (side, res[side])
+
+
+def test_tls12_rx_is_offloaded_and_the_rx_splice_path_ends_cleanly(
+        vm: dict[str, Any]) -> None:
+    sc = _scenario(vm, "rx_tls12")
+    expected = int(SCENARIO_MIB * 1024 * 1024)
+    client = sc["client"]
+    assert client["error"] is None, sc
+    assert client["version"] == "TLSv1.2", client
+    assert client["sent"] == client["received"] == sc["app"]["count"] == expected, sc
+    assert sc["hashes_ok"], sc["sha256"]
+    # the client's close_notify went through and the sidecar answered with its own
+    assert client["unwrap"] == "ok", client
+    stat = sc["tls_stat_delta"]
+    assert stat.get("TlsRxSw", 0) >= 1 and stat.get("TlsTxSw", 0) >= 1, stat
+    assert sc["ktls_metrics"].get("inbound/rx/enabled", 0) >= 1, sc["ktls_metrics"]
+    assert sc["ktls_metrics"].get("inbound/tx/enabled", 0) >= 1, sc["ktls_metrics"]
+    conn = sc["connection"]
+    assert conn["tls_version"] == "TLSv1.2", conn
+    assert conn.get("ktls_rx") is True and conn.get("ktls_tx") is True, conn
+    assert conn["close"] == "closed", conn
+    assert conn["bytes_to_app"] == conn["bytes_from_app"] == expected, conn
+    assert sc["exit_code"] == 0, sc["problems"]
+    assert not sc["problems"], json.dumps(sc["problems"], indent=1)
+
+
+def test_a_second_connection_resumes_with_tx_offloaded(vm: dict[str, Any]) -> None:
+    sc = _scenario(vm, "resumption")
+    _intact(sc)
+    _tx_offloaded(sc)
+    assert sc["outbound"].get("resumed") is True, sc["outbound"]
+
+
+def test_rotation_during_a_transfer_keeps_it_intact_and_new_ones_work(
+        vm: dict[str, Any]) -> None:
+    sc = _scenario(vm, "rotation")
+    assert sc["reload_line"]["serial"] == sc["serial"], sc
+    assert sc["served_serial_after"] == sc["serial"], sc
+    for phase in ("during", "after"):
+        _intact(sc[phase])
+        _tx_offloaded(sc[phase])
