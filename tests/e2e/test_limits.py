@@ -116,3 +116,20 @@ def test_a_peer_pushing_into_an_app_that_does_not_read_keeps_memory_flat(
         assert pushed < 64 * 2**20
     finally:
         s.close()
+
+
+def test_max_connection_lifetime_ends_a_connection_gracefully(
+    sidecar: SidecarFactory, echo_app: Callable[..., EchoApp], ca: Pki, tls_client: TlsClient
+) -> None:
+    b = sidecar("b", inbound=[{"name": "in", "forward_to": echo_app().address}],
+                limits={"max_connection_lifetime": "1s", "idle_timeout": "5m"})
+    raw = socket.create_connection(("127.0.0.1", b.port("in")), timeout=IO_TIMEOUT)
+    with tls_client.context(ca.svid(FRONTEND)).wrap_socket(raw) as s:
+        s.sendall(b"before")
+        assert recv_all(s, 6) == b"before"
+        # Past its lifetime the sidecar stops taking requests (the app sees an end of
+        # stream), lets the app finish, and ends the stream with close_notify: a clean EOF.
+        s.settimeout(5)
+        assert recv_all(s) == b""
+    line = b.connection(close="max_lifetime")
+    assert line["reason"] is None and line["bytes_to_app"] == 6, line
