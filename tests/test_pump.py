@@ -241,6 +241,18 @@ def payload(size: int, seed: int) -> bytes:
     return random.Random(seed).randbytes(size)
 
 
+async def end(ep: Endpoint) -> None:
+    """This side sends its end of stream (a wish is retried until it goes out)."""
+    loop = asyncio.get_running_loop()
+    while (rc := ep.shutdown_write()) < 0:
+        ready = loop.create_future()
+        (loop.add_writer if rc == WANT_WRITE else loop.add_reader)(ep.fd, ready.set_result, None)
+        try:
+            await ready
+        finally:
+            (loop.remove_writer if rc == WANT_WRITE else loop.remove_reader)(ep.fd)
+
+
 async def assert_close_notify(remote: Endpoint) -> None:
     """The TLS end came as close_notify, not as a bare TCP FIN (a truncation)."""
     assert isinstance(remote, TlsEndpoint)
@@ -463,7 +475,7 @@ async def after_abort(rig: Rig) -> None:
     peer_sock = rig.peer_side.sock  # type: ignore[attr-defined]
     assert peer_sock.fileno() == -1
     rig.duplex.abort("error", RuntimeError("again"))
-    rig.duplex.finish()
+    rig.duplex.finish(client_is_peer=True)
     await turns()
     assert len(rig.closes) == 1
 
@@ -478,14 +490,19 @@ def test_finish_ends_both_directions_gracefully(run: Run, rigs: list[Rig],
         await send_all(rig.remote, b"down")
         assert await recv(rig.remote, 2) == b"up"
         assert await recv(rig.app, 4) == b"down"
-        rig.duplex.finish()
-        assert await recv(rig.app) == b""  # a FIN, not a reset
+        # The app is the client (outbound): its direction ends first, with a clean end...
+        rig.duplex.finish(client_is_peer=False)
         if kind == "tls":
             await assert_close_notify(rig.remote)
         else:
             assert await recv(rig.remote) == b""
+        # ...and the remote's answers still reach the app until the remote ends too.
+        await send_all(rig.remote, b"late")
+        assert await recv(rig.app, 4) == b"late"
+        await end(rig.remote)
+        assert await recv(rig.app) == b""  # a FIN, not a reset
         assert await rig.wait_closed() == ("closed", None)
-        assert (rig.duplex.from_app.moved, rig.duplex.to_app.moved) == (2, 4)
+        assert (rig.duplex.from_app.moved, rig.duplex.to_app.moved) == (2, 8)
 
     run(body())
 
@@ -500,10 +517,12 @@ def test_finish_flushes_the_held_chunk(run: Run, rigs: list[Rig], tls: tuple[Con
         await block(flow, filler)
         assert flow.pending is not None
         will_arrive = flow.moved + len(flow.pending)
-        rig.duplex.finish()
+        rig.duplex.finish(client_is_peer=False)
         got = await recv(rig.remote)  # the remote reads again: what was held, then the end
         assert len(got) == will_arrive
         assert got == filler.delivered[:will_arrive]
+        await end(rig.remote)
+        assert await recv(rig.app) == b""
         assert await rig.wait_closed() == ("closed", None)
         assert flow.moved == will_arrive
 
