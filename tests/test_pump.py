@@ -241,18 +241,6 @@ def payload(size: int, seed: int) -> bytes:
     return random.Random(seed).randbytes(size)
 
 
-async def end(ep: Endpoint) -> None:
-    """This side sends its end of stream (a wish is retried until it goes out)."""
-    loop = asyncio.get_running_loop()
-    while (rc := ep.shutdown_write()) < 0:
-        ready = loop.create_future()
-        (loop.add_writer if rc == WANT_WRITE else loop.add_reader)(ep.fd, ready.set_result, None)
-        try:
-            await ready
-        finally:
-            (loop.remove_writer if rc == WANT_WRITE else loop.remove_reader)(ep.fd)
-
-
 async def assert_close_notify(remote: Endpoint) -> None:
     """The TLS end came as close_notify, not as a bare TCP FIN (a truncation)."""
     assert isinstance(remote, TlsEndpoint)
