@@ -13,12 +13,11 @@ import os
 import secrets
 import socket
 import ssl
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvloop
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
@@ -43,27 +42,7 @@ CHUNK = 64 * 1024
 
 type Run = Callable[..., Any]
 
-LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
-    "asyncio": asyncio.SelectorEventLoop,
-    "uvloop": uvloop.new_event_loop,
-}
-
-
-@pytest.fixture(params=sorted(LOOPS))
-def run(request: pytest.FixtureRequest) -> Iterator[Run]:
-    """Run a coroutine to completion on a fresh loop of the parametrized kind, bounded."""
-    with asyncio.Runner(loop_factory=LOOPS[request.param]) as runner:
-
-        def run_(coro: Awaitable[Any], timeout: float = TIMEOUT) -> Any:
-            async def bounded() -> Any:
-                loop = asyncio.get_running_loop()
-                assert isinstance(loop, uvloop.Loop) == (request.param == "uvloop")
-                async with asyncio.timeout(timeout):
-                    return await coro
-
-            return runner.run(bounded())
-
-        yield run_
+# `run` (tests/conftest.py): runs a coroutine on the stdlib loop and on uvloop, bounded.
 
 
 # --- PKI and contexts ---------------------------------------------------------------------
