@@ -79,15 +79,20 @@ class Flow:
                 self.wait = None
                 return False
             rounds += 1
-            n = self.src.read_into(_buffer)
-            if n < 0:
-                self.wait = (self.src, n == WANT_WRITE)
+            if not self.read_once():
                 return True
-            if n == 0:
-                self.eof = True
-                continue
-            if not self.forward(n):
-                return True
+
+    def read_once(self) -> bool:
+        """Read one chunk through the source endpoint and pass it on; False when the flow
+        must now wait (nothing to read, or the destination held some back)."""
+        n = self.src.read_into(_buffer)
+        if n < 0:
+            self.wait = (self.src, n == WANT_WRITE)
+            return False
+        if n == 0:
+            self.eof = True
+            return True
+        return self.forward(n)
 
     def forward(self, n: int) -> bool:
         """Write the n bytes just read into the shared buffer; False when the destination
@@ -141,14 +146,7 @@ class SpliceFlow(Flow):
                 if exc.errno not in _NOT_DATA:
                     raise
                 # A control record on a kTLS receive socket: OpenSSL reads it.
-                n = self.src.read_into(_buffer)
-                if n < 0:
-                    self.wait = (self.src, n == WANT_WRITE)
-                    return True
-                if n == 0:
-                    self.eof = True
-                    continue
-                if not self.forward(n):
+                if not self.read_once():
                     return True
                 continue
             if n == 0:
