@@ -8,6 +8,7 @@ is left alone.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -111,14 +112,22 @@ def series(direction: str, listener: str) -> Series:
     return found
 
 
-_decisions: dict[tuple[str, str, str], object] = {}
+_children: dict[tuple[object, tuple[str, ...]], Any] = {}
+
+
+def _inc(metric: Counter, *labels: str) -> None:
+    """`metric.labels(*labels).inc()`, with the child looked up once per label set."""
+    child = _children.get((metric, labels))
+    if child is None:
+        if len(_children) > 10_000:  # rule names come from a reloadable file: bound it
+            _children.clear()
+        child = _children[(metric, labels)] = metric.labels(*labels)
+    child.inc()
 
 
 def count_decision(listener: str, decision: str, rule: str) -> None:
-    child = _decisions.get((listener, decision, rule))
-    if child is None:
-        if len(_decisions) > 10_000:  # rule names come from a reloadable file: bound it
-            _decisions.clear()
-        child = _decisions[(listener, decision, rule)] = authz_decisions.labels(
-            listener, decision, rule)
-    child.inc()  # type: ignore[attr-defined]
+    _inc(authz_decisions, listener, decision, rule)
+
+
+def count_ktls(direction: str, path: str, state: str) -> None:
+    _inc(ktls_connections, direction, path, state)

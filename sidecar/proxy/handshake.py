@@ -80,13 +80,12 @@ def _count_ktls(rt: Runtime, rec: Record, ep: TlsEndpoint) -> None:
     if rt.ktls == "off":
         return
     if rt.ktls == "unavailable":
-        for path in ("tx", "rx"):
-            metrics.ktls_connections.labels(rec.direction, path, "unavailable").inc()
+        metrics.count_ktls(rec.direction, "tx", "unavailable")
+        metrics.count_ktls(rec.direction, "rx", "unavailable")
         return
     rec.ktls_tx, rec.ktls_rx = ep.ktls()
-    for path, on in (("tx", rec.ktls_tx), ("rx", rec.ktls_rx)):
-        metrics.ktls_connections.labels(rec.direction, path,
-                                        "enabled" if on else "failed").inc()
+    metrics.count_ktls(rec.direction, "tx", "enabled" if rec.ktls_tx else "failed")
+    metrics.count_ktls(rec.direction, "rx", "enabled" if rec.ktls_rx else "failed")
 
 
 def _fail(

@@ -315,6 +315,12 @@ def test_handshake_metrics_count_what_happened(
                       listener=listener, resumed="true") == 4
     assert metric(b.sc, "sidecar_authz_decisions_total", listener="in", decision="allow",
                   rule="frontend") == 5
+    # Every connection is counted once per kTLS path, in the state this host allows.
+    status = json.loads(admin_get(b.sc, "/status")[1])
+    states = ("enabled", "failed") if status["ktls"]["available"] else ("unavailable",)
+    for path in ("tx", "rx"):
+        assert sum(metric(b.sc, "sidecar_ktls_connections_total", direction="inbound",
+                          path=path, state=s) for s in states) == 5
     assert metric(b.sc, "sidecar_svid_expiry_timestamp_seconds", spiffe_id=PAYMENTS) == \
         ca.svid(PAYMENTS).not_after.timestamp()
     status = json.loads(admin_get(b.sc, "/status")[1])
