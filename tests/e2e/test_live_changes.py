@@ -297,7 +297,8 @@ def test_handshake_metrics_count_what_happened(
             s.shutdown(socket.SHUT_WR)
             assert recv_all(s) == b"x" * 100
     a.sc.wait_connections(5)
-    b.sc.wait_connections(5)
+    for line in b.sc.wait_connections(5):  # the access line carries the handshake's CPU
+        assert line["handshake_cpu_ms"] > 0, line
     for sc, direction, listener in ((a.sc, "outbound", "out"), (b.sc, "inbound", "in")):
         full = metric(sc, "sidecar_handshakes_total", direction=direction, listener=listener,
                       result="ok", resumed="false")
