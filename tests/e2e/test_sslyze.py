@@ -45,7 +45,8 @@ from .conftest import (
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
 sslyze = pytest.importorskip(
-    "sslyze", reason="sslyze is not installed (pip install sslyze; it is in the test extras)")
+    "sslyze", reason="sslyze is not installed: pip install pydantic && pip install --no-deps "
+    "sslyze nassl tls-parser (it pins an older cryptography; .ci/run does this)")
 
 SCAN_TIMEOUT_S = 5  # sslyze's per-connection network timeout (an int in its API)
 
