@@ -41,6 +41,14 @@ runs `nbthread 1` in two processes (inbound and outbound, mirroring the two side
 does less than the sidecar per connection: no SPIFFE-ID policy inbound, no expected-ID
 check outbound; it sends OpenSSL's default of 2 session tickets per full handshake where
 the sidecar sends 1.
+
+Resumption: the sidecar (one process: `tls.session_store: auto` is `memory`) keeps
+sessions in OpenSSL's in-process cache and resumes without decoding anything; HAProxy
+resumes from stateless tickets by default, and OpenSSL 3.0 decodes the whole session
+from each, client certificate and its public key included (~3 M instructions).
+`--sidecar-session-store tickets` measures the sidecar that way too;
+`--haproxy-tickets off` measures HAProxy's own session cache (`no-tls-tickets`), which
+stores sessions serialized in shared memory and so decodes them as well.
 """
 
 from __future__ import annotations
@@ -271,12 +279,12 @@ class Pair:
 
 
 def sidecar_pair(p: Pki, work: Path, echo_port: int, *, callgrind: bool, loop: str,
-                 ktls: str) -> Pair:
+                 ktls: str, session_store: str) -> Pair:
     tls_port, plain_port = free_port(), free_port()
     (work / "policy.yaml").write_text(
         f"mode: enforce\ndefault: deny\nrules:\n"
         f"  - name: frontend\n    action: allow\n    from: [\"{CLIENT_ID}\"]\n")
-    common = (f"tls:\n  ktls: {ktls}\n"
+    common = (f"tls:\n  ktls: {ktls}\n  session_store: {session_store}\n"
               "admin:\n  listen: 127.0.0.1:{admin_port}\n"
               "limits:\n  handshake_timeout: 60s\n"  # a callgrind'ed first handshake is slow
               "log:\n  level: info\n  format: json\n")
@@ -326,12 +334,15 @@ def _says_ready(proc: Proc) -> bool:
     return '"msg":"ready"' in proc.log_text()
 
 
-def haproxy_pair(p: Pki, work: Path, echo_port: int, *, callgrind: bool) -> Pair:
+def haproxy_pair(p: Pki, work: Path, echo_port: int, *, callgrind: bool,
+                 tickets: bool) -> Pair:
     tls_port, plain_port = free_port(), free_port()
+    # no-tls-tickets: HAProxy keeps sessions in its own (shared-memory) cache instead.
+    no_tickets = "" if tickets else " no-tls-tickets"
     (work / "haproxy-inbound.cfg").write_text(
         HAPROXY_GLOBAL
         + f"frontend inbound\n  bind 127.0.0.1:{tls_port} ssl crt {p.server_pem}"
-        f" ca-file {p.bundle} verify required\n  default_backend app\n"
+        f" ca-file {p.bundle} verify required{no_tickets}\n  default_backend app\n"
         f"backend app\n  server app 127.0.0.1:{echo_port}\n")
     (work / "haproxy-outbound.cfg").write_text(
         HAPROXY_GLOBAL
@@ -506,9 +517,10 @@ def run_target(target: str, mode: str, args: argparse.Namespace, p: Pki, work: P
     log(f"{target}, {mode}: starting the two proxies" + (" under callgrind" if callgrind else ""))
     if target == "sidecar":
         pair = sidecar_pair(p, d, echo_port, callgrind=callgrind, loop=args.loop,
-                            ktls=args.sidecar_ktls)
+                            ktls=args.sidecar_ktls, session_store=args.sidecar_session_store)
     else:
-        pair = haproxy_pair(p, d, echo_port, callgrind=callgrind)
+        pair = haproxy_pair(p, d, echo_port, callgrind=callgrind,
+                            tickets=args.haproxy_tickets == "on")
     ctx = client_context(p)
     res: dict[str, Any] = results.setdefault(target, {}).setdefault(mode, {})
     res["unit"] = "instructions" if callgrind else "cpu_seconds"
@@ -567,8 +579,9 @@ def table(results: dict[str, Any], meta: dict[str, Any]) -> str:
         return None if v is None else float(v)
 
     lines = [
-        f"sidecar (python {meta['python']}, --loop {meta['loop']}, kTLS {meta['sidecar_ktls']})"
-        f" vs HAProxy {meta['haproxy']} (nbthread 1, two processes: inbound + outbound)",
+        f"sidecar (python {meta['python']}, --loop {meta['loop']}, kTLS {meta['sidecar_ktls']},"
+        f" session_store {meta['sidecar_session_store']}) vs HAProxy {meta['haproxy']}"
+        f" (nbthread 1, two processes: inbound + outbound, tls tickets {meta['haproxy_tickets']})",
         f"{meta['openssl']}; TLS 1.3 {meta['cipher']}; ECDSA P-256 SVIDs, root + intermediate;"
         f" client: stdlib ssl, one connection at a time; backend: one echo process",
         "",
@@ -630,6 +643,11 @@ def main() -> int:
                     help="the sidecar's event loop (default uvloop)")
     ap.add_argument("--sidecar-ktls", choices=["off", "auto"], default="off",
                     help="the sidecar's tls.ktls (default off: HAProxy 2.6 has no kTLS)")
+    ap.add_argument("--sidecar-session-store", choices=["auto", "memory", "tickets"],
+                    default="auto", help="the sidecar's tls.session_store (default auto: "
+                    "memory, one process)")
+    ap.add_argument("--haproxy-tickets", choices=["on", "off"], default="on",
+                    help="off: HAProxy's no-tls-tickets, its own session cache (default on)")
     ap.add_argument("--keep", type=Path, default=None,
                     help="work in this directory and keep it (configs, logs, callgrind dumps)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
@@ -655,6 +673,8 @@ def main() -> int:
     meta: dict[str, Any] = {
         "python": platform.python_version(), "loop": args.loop,
         "sidecar_ktls": args.sidecar_ktls, "openssl": ssl.OPENSSL_VERSION,
+        "sidecar_session_store": args.sidecar_session_store,
+        "haproxy_tickets": args.haproxy_tickets,
         "haproxy": hv[2] if len(hv) > 2 else "?", "native_scale": args.native_scale,
         "connections": args.connections, "mib": args.mib, "work_dir": str(work),
         "pymalloc": os.environ.get("PYTHONMALLOC", "default"),

@@ -77,6 +77,14 @@ class KtlsMode(StrEnum):
     OFF = "off"
 
 
+class SessionStore(StrEnum):
+    """Where an inbound listener keeps what a resumption needs."""
+
+    AUTO = "auto"  # memory with one worker, tickets with several
+    MEMORY = "memory"  # this process keeps the session; the ticket is only its ID
+    TICKETS = "tickets"  # the session travels encrypted in the ticket; any worker resumes
+
+
 class LogLevel(StrEnum):
     DEBUG = "debug"
     INFO = "info"
@@ -140,6 +148,10 @@ class TlsConfig:
     min_version: TlsVersion = TlsVersion.TLS_1_3
     session_resumption: bool = True
     session_ticket_rotation: float = 12 * 3600.0
+    session_store: SessionStore = SessionStore.AUTO
+    # Sessions the memory store keeps (the oldest go first); each holds the peer's
+    # parsed certificates, ~12 KiB once its connection has closed.
+    session_cache_size: int = 1024
     ktls: KtlsMode = KtlsMode.AUTO
 
 
@@ -683,6 +695,9 @@ def _tls(r: _Reader, raw: object) -> TlsConfig:
         session_ticket_rotation=r.value(
             m, "session_ticket_rotation", "tls", _positive_duration, d.session_ticket_rotation
         ),
+        session_store=r.value(m, "session_store", "tls", _choice(SessionStore), d.session_store),
+        session_cache_size=r.value(
+            m, "session_cache_size", "tls", _count, d.session_cache_size),
         ktls=r.value(m, "ktls", "tls", _ktls, d.ktls),
     )
 

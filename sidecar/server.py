@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sidecar import admin, logs, metrics, reload
-from sidecar.config import Address, Config
+from sidecar.config import Address, Config, SessionStore
 from sidecar.identity import Identity, load_identity
 from sidecar.policy import DENY_ALL, Policy, load_policy
 from sidecar.problems import ProblemsError
@@ -74,10 +74,21 @@ class Server:
 
     def build_contexts(self, identity: Identity) -> tls_contexts.Contexts:
         tls = self.config.tls
+        memory = self.session_store() == SessionStore.MEMORY
         return tls_contexts.build(identity, min_version=str(tls.min_version),
                                   session_resumption=tls.session_resumption,
                                   ktls=self.ktls.available,
-                                  ticket_keys=self.ticket_keys(identity))
+                                  ticket_keys=self.ticket_keys(identity),
+                                  session_cache_size=tls.session_cache_size if memory else None)
+
+    def session_store(self) -> SessionStore:
+        """`auto`: memory in a single process; tickets when workers share the port, since
+        the kernel spreads a peer's connections over the workers and a session kept by
+        one worker would not resume on another."""
+        store = self.config.tls.session_store
+        if store == SessionStore.AUTO:
+            return SessionStore.TICKETS if self.worker is not None else SessionStore.MEMORY
+        return store
 
     def ticket_epoch(self) -> int:
         rotation = self.config.tls.session_ticket_rotation
@@ -175,7 +186,9 @@ class Server:
             self.rt.contexts = tls_contexts.present(self.rt.contexts, new)
         else:
             # New trust: new contexts, so tickets issued under the old trust stop resuming.
+            retired = self.rt.contexts.server
             self.rt.contexts = self.build_contexts(new)
+            openssl.flush_sessions(retired)  # live connections keep it alive for a while
         self.rt.authn.learn(new)
         self.publish_identity(new)
         logs.event(logging.INFO, "identity reloaded", spiffe_id=str(new.spiffe_id),
@@ -330,7 +343,8 @@ class Server:
 
     async def _rotate_ticket_keys(self, every: float) -> None:
         """Install the next period's ticket keys at each epoch boundary (the same instant in
-        every worker). Tickets of the period before then fall back to a full handshake."""
+        every worker), or forget the sessions kept in memory. Tickets of the period before
+        then fall back to a full handshake."""
         assert self._stop is not None and self.rt is not None
         while not self._stop.is_set():
             wait = every - time.time() % every
@@ -339,8 +353,12 @@ class Server:
                     await self._stop.wait()
             except TimeoutError:
                 contexts = self.rt.contexts
-                openssl.set_ticket_keys(contexts.server, self.ticket_keys(contexts.identity))
-                logs.event(logging.INFO, "session ticket keys rotated", next_in_s=every)
+                if contexts.session_store == "memory":
+                    openssl.flush_sessions(contexts.server)
+                    logs.event(logging.INFO, "session cache flushed", next_in_s=every)
+                else:
+                    openssl.set_ticket_keys(contexts.server, self.ticket_keys(contexts.identity))
+                    logs.event(logging.INFO, "session ticket keys rotated", next_in_s=every)
 
     def stop(self) -> None:
         """Begin a drain (first call) or end it at once (second call)."""
@@ -425,8 +443,20 @@ class Server:
                             "pending_handshakes": len(self.rt.tracker.pending)},
             "draining": self.draining,
             "ktls": {"mode": str(self.config.tls.ktls), **self.ktls.as_dict()},
+            "sessions": self._sessions_status(),
             "workers": [{"pid": os.getpid()}],
         }
+
+    def _sessions_status(self) -> dict[str, Any]:
+        assert self.rt is not None
+        store = self.rt.contexts.session_store
+        out: dict[str, Any] = {"store": store, "configured": str(self.config.tls.session_store)}
+        if store == "memory":
+            stats = self.rt.contexts.server.session_stats()
+            out.update(cached=stats["number"], capacity=self.config.tls.session_cache_size,
+                       hits=stats["hits"], misses=stats["misses"],
+                       evicted=stats["cache_full"])
+        return out
 
     def _maybe_drained(self) -> None:
         if self.draining and self._drained is not None:

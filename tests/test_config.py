@@ -20,6 +20,7 @@ from sidecar.config import (
     LogFormat,
     LogLevel,
     Protocol,
+    SessionStore,
     TlsVersion,
     Unsupported,
     load_config,
@@ -158,6 +159,8 @@ def test_defaults_match_spec(tmp_path: Path) -> None:
     assert config.tls.min_version == TlsVersion.TLS_1_3
     assert config.tls.session_resumption is True
     assert config.tls.session_ticket_rotation == 12 * 3600
+    assert config.tls.session_store == SessionStore.AUTO
+    assert config.tls.session_cache_size == 1024
     assert config.tls.ktls == KtlsMode.AUTO
     limits = config.limits
     assert (limits.handshake_timeout, limits.idle_timeout, limits.connect_timeout) == (10, 300, 5)
@@ -806,6 +809,25 @@ def test_session_resumption_can_be_turned_off(tmp_path: Path) -> None:
     assert parse("tls: {session_resumption: false}\n", tmp_path).tls.session_resumption is False
 
 
+@pytest.mark.parametrize("store", list(SessionStore))
+def test_session_store_values(store: SessionStore, tmp_path: Path) -> None:
+    tls = parse(f"tls: {{session_store: {store}, session_cache_size: 50}}\n", tmp_path).tls
+    assert tls.session_store is store and tls.session_cache_size == 50
+
+
+def test_bad_session_store(tmp_path: Path) -> None:
+    problem = only_problem("tls: {session_store: disk}\n", tmp_path)
+    assert problem.where == "tls.session_store"
+    assert "'disk' is not one of auto, memory, tickets" in problem.message
+
+
+@pytest.mark.parametrize("value", [0, -5, "1k", 2.5, True])
+def test_bad_session_cache_size(value: object, tmp_path: Path) -> None:
+    problem = only_problem(yaml.safe_dump({"tls": {"session_cache_size": value}}), tmp_path)
+    assert problem.where == "tls.session_cache_size"
+    assert "whole number of at least 1" in problem.message
+
+
 @pytest.mark.parametrize("key", ["max_connections", "max_pending_handshakes"])
 @pytest.mark.parametrize("value", [0, -1, "10", 1.5, True])
 def test_bad_connection_counts(key: str, value: object, tmp_path: Path) -> None:
@@ -1002,6 +1024,8 @@ KEYS = st.one_of(
             "expect_ids",
             "min_version",
             "ktls",
+            "session_store",
+            "session_cache_size",
             "max_connections",
             "level",
         ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import _ssl
 import asyncio
+import gc
 import os
 import secrets
 import socket
@@ -283,6 +284,140 @@ def test_session_resumes_on_second_connection(run: Run, pairs: Callable[..., Pai
         assert second.server.resumed() is True
         assert second.server.verified_chain() == []  # resumed: no chain, only the leaf
         assert second.server.peer_leaf() == leaf
+
+    run(body())
+
+
+# --- the memory session store ------------------------------------------------------------
+
+
+@pytest.fixture
+def memory(server_identity: Identity) -> Contexts:
+    built = contexts.build(server_identity, session_cache_size=4)
+    assert built.session_store == "memory"
+    return built
+
+
+async def ticketed(p: Pair) -> ssl.SSLSession:
+    """Handshake, then a round trip so that the TLS 1.3 ticket has arrived."""
+    await connected(p)
+    await write_all(p.server, b"hi")
+    assert await read_exactly(p.client, 2) == b"hi"
+    session = p.client.session()
+    assert session is not None and session.has_ticket
+    return session
+
+
+def test_memory_store_resumes_from_the_cache(run: Run, pairs: Callable[..., Pair],
+                                             memory: Contexts, client: Contexts) -> None:
+    async def body() -> None:
+        first = pairs(memory.server, client.client)
+        session = await ticketed(first)
+        assert memory.server.session_stats()["number"] == 1
+        await shutdown(first.server)  # a clean end keeps the session in any case
+        first.close()
+
+        for _ in range(2):  # the ticket is an ID, not single-use
+            again = await connected(pairs(memory.server, client.client, session))
+            assert again.server.resumed() and again.client.resumed()
+        stats = memory.server.session_stats()
+        assert stats["hits"] == 2 and stats["number"] == 1, stats
+
+    run(body())
+
+
+def test_memory_store_keeps_an_authenticated_session_after_an_unclean_end(
+    run: Run, pairs: Callable[..., Pair], memory: Contexts, client: Contexts
+) -> None:
+    """An idle timeout or a reset ends a connection without our close_notify, and OpenSSL
+    drops such a session when the connection is freed; not one we authenticated."""
+    async def body() -> None:
+        first = Pair(memory.server, client.client)  # not kept alive by the fixture
+        session = await ticketed(first)
+        first.server.keep_session = True
+        first.close()  # no close_notify
+        del first
+        gc.collect()  # SSL_free, where OpenSSL would drop it
+
+        again = await connected(pairs(memory.server, client.client, session))
+        assert again.server.resumed()
+
+    run(body())
+
+
+def test_memory_store_survives_a_peer_hanging_up_without_close_notify(
+    run: Run, pairs: Callable[..., Pair], memory: Contexts, client: Contexts
+) -> None:
+    """To OpenSSL that is a fatal error, and fatal errors evict the session."""
+    async def body() -> None:
+        first = pairs(memory.server, client.client)
+        session = await ticketed(first)
+        first.client.close()  # no close_notify
+        assert await read_to_end(first.server) == b""
+        assert memory.server.session_stats()["number"] == 1
+        again = await connected(pairs(memory.server, client.client, session))
+        assert again.server.resumed()
+
+    run(body())
+
+
+def test_memory_store_forgets_a_refused_peers_session(
+    run: Run, pairs: Callable[..., Pair], memory: Contexts, client: Contexts
+) -> None:
+    async def body() -> None:
+        first = pairs(memory.server, client.client)
+        session = await ticketed(first)
+        first.server.forget_session()  # what secure() does when authentication fails
+        assert memory.server.session_stats()["number"] == 0
+        again = await connected(pairs(memory.server, client.client, session))
+        assert not again.server.resumed()
+
+    run(body())
+
+
+def test_flushing_the_memory_store_ends_resumption(run: Run, pairs: Callable[..., Pair],
+                                                   memory: Contexts, client: Contexts) -> None:
+    async def body() -> None:
+        first = pairs(memory.server, client.client)
+        session = await ticketed(first)
+        await shutdown(first.server)
+        openssl.flush_sessions(memory.server)
+        assert memory.server.session_stats()["number"] == 0
+        again = await connected(pairs(memory.server, client.client, session))
+        assert not again.server.resumed() and not again.client.resumed()
+
+    run(body())
+
+
+def test_the_memory_store_keeps_at_most_its_size(run: Run, pairs: Callable[..., Pair],
+                                                 memory: Contexts, client: Contexts) -> None:
+    async def body() -> None:
+        sessions = []
+        for _ in range(6):  # the fixture's cache holds 4
+            p = pairs(memory.server, client.client)
+            sessions.append(await ticketed(p))
+            await shutdown(p.server)
+        stats = memory.server.session_stats()
+        assert stats["number"] <= 4 and stats["cache_full"] >= 2, stats
+        oldest = await connected(pairs(memory.server, client.client, sessions[0]))
+        newest = await connected(pairs(memory.server, client.client, sessions[-1]))
+        assert not oldest.server.resumed()  # evicted first
+        assert newest.server.resumed()
+
+    run(body())
+
+
+def test_stateless_tickets_are_kept_by_the_client_only(
+    run: Run, pairs: Callable[..., Pair], server: Contexts, client: Contexts
+) -> None:
+    async def body() -> None:
+        assert server.session_store == "tickets"
+        first = pairs(server.server, client.client)
+        session = await ticketed(first)
+        first.close()  # an unclean end does not matter: the server kept nothing
+        assert server.server.session_stats()["number"] == 0
+        again = await connected(pairs(server.server, client.client, session))
+        assert again.server.resumed()
 
     run(body())
 

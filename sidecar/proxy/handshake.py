@@ -61,6 +61,7 @@ async def secure(
                 Reason.SPIFFE_ID_MISMATCH,
                 f"the server is {peer.spiffe_id}, expected {', '.join(expect)}")
     except AuthnError as exc:
+        ep.forget_session()  # its next connection must prove itself in full
         ep.shutdown_write()  # a close_notify rather than a bare reset, where it can
         _fail(rt, rec, ep, exc.reason, exc.detail, resumed=resumed)
         return None

@@ -42,6 +42,7 @@ async def serve(rt: Runtime, cfg: InboundListener, rec: Record, sock: socket.soc
     peer = await secure(rt, rec, ep, contexts.identity)
     if peer is None:
         return
+    ep.keep_session = contexts.session_store == "memory"
     policy = rt.policy
     decision = policy.decide(peer.spiffe_id, cfg.name)
     rec.decision, rec.rule = str(decision.kind), decision.rule

@@ -36,6 +36,8 @@ class Contexts:
     server: ssl.SSLContext
     client: ssl.SSLContext
     identity: Identity
+    # Where the server keeps resumable sessions: "memory", "tickets", or "off".
+    session_store: str = "tickets"
 
 
 def present(contexts: Contexts, identity: Identity) -> Contexts:
@@ -49,7 +51,7 @@ def present(contexts: Contexts, identity: Identity) -> Contexts:
     for ctx in (contexts.server, contexts.client):
         with _in_memory_file(pem) as path:
             ctx.load_cert_chain(path)
-    return Contexts(contexts.server, contexts.client, identity)
+    return Contexts(contexts.server, contexts.client, identity, contexts.session_store)
 
 
 def ticket_keys(secret: bytes, epoch: int, trust_version: str) -> bytes:
@@ -72,19 +74,32 @@ def build(
     session_resumption: bool = True,
     ktls: bool = False,
     ticket_keys: bytes | None = None,
+    session_cache_size: int | None = None,
 ) -> Contexts:
+    """`session_cache_size` set: keep sessions in memory (falls back to tickets when the
+    cache cannot be set up); else stateless tickets under `ticket_keys`."""
     server = _base(ssl.PROTOCOL_TLS_SERVER, identity, min_version, ktls)
+    store = "off"
     if session_resumption:
-        if ticket_keys is not None:
-            openssl.set_ticket_keys(server, ticket_keys)
         server.num_tickets = TICKETS_PER_HANDSHAKE
+        if session_cache_size is not None and openssl.server_session_cache(
+                server, session_cache_size):
+            server.options |= ssl.OP_NO_TICKET  # in TLS 1.3: stateful tickets
+            # A peer that hangs up without close_notify is a fatal error to OpenSSL, and a
+            # fatal error evicts the session. The engine reads both ends as an end already.
+            server.options |= ssl.OP_IGNORE_UNEXPECTED_EOF
+            store = "memory"
+        else:
+            if ticket_keys is not None:
+                openssl.set_ticket_keys(server, ticket_keys)
+            store = "tickets"
     else:
         server.num_tickets = 0
         server.options |= ssl.OP_NO_TICKET
     client = _base(ssl.PROTOCOL_TLS_CLIENT, identity, min_version, ktls)
     # SVIDs need not carry a DNS name: the caller checks the server's SPIFFE ID instead.
     client.check_hostname = False
-    return Contexts(server, client, identity)
+    return Contexts(server, client, identity, store)
 
 
 def _base(

@@ -56,8 +56,8 @@ _READ_ROOM = 16 * 1024  # one TLS record's plaintext: read more only if a record
 class TlsEndpoint:
     """A TLS connection over a socket it owns."""
 
-    __slots__ = ("_obj", "_ptr", "_server", "_shut", "cpu_seconds", "fd", "ktls_rx",
-                 "ktls_tx", "sock")
+    __slots__ = ("_obj", "_ptr", "_server", "_shut", "cpu_seconds", "fd", "keep_session",
+                 "ktls_rx", "ktls_tx", "sock")
 
     def __init__(self, sock: ssl.SSLSocket) -> None:
         self.sock = sock
@@ -68,6 +68,9 @@ class TlsEndpoint:
         self._server = sock.server_side
         self.cpu_seconds = 0.0
         self.ktls_tx = self.ktls_rx = False  # set by ktls() once the handshake is done
+        # Set once the peer is authenticated, when the server keeps sessions in memory: its
+        # session stays resumable however the connection ends (openssl.keep_session).
+        self.keep_session = False
 
     @classmethod
     def server(cls, ctx: ssl.SSLContext, raw: socket.socket) -> TlsEndpoint:
@@ -211,7 +214,15 @@ class TlsEndpoint:
     def presented_chain(self) -> list[bytes] | None:
         return peerchain.presented(self.sock)
 
+    def forget_session(self) -> None:
+        """A server-side session cache must not keep this connection's session."""
+        self.keep_session = False
+        if self._server and self._ptr is not None:
+            openssl.forget_session(self._ptr)
+
     def close(self) -> None:
+        if self.keep_session and not self._shut and self._ptr is not None:
+            openssl.keep_session(self._ptr)
         self.sock.close()
 
 

@@ -1,4 +1,4 @@
-"""Three OpenSSL calls that Python's ssl module does not expose, reached through ctypes.
+"""OpenSSL calls that Python's ssl module does not expose, reached through ctypes.
 
 Why this exists:
 - Half-close. `SSLSocket.unwrap()` calls `SSL_shutdown` twice: the second call reads
@@ -9,6 +9,10 @@ Why this exists:
 - Memory. `SSL_MODE_RELEASE_BUFFERS` lets OpenSSL free a connection's 16 KiB+ read and
   write buffers while it is idle, which is most of a held connection's cost.
 - kTLS state. Whether the kernel took over TX or RX is a property of the socket BIO.
+- A server-side session cache. Resuming from a stateless ticket decodes the whole session
+  again, the client's certificate with it, and OpenSSL 3.0 decodes its public key through
+  a decoder search that costs ~1.5 M instructions, twice per resumption (callgrind): more
+  than half of a resumed handshake. A session kept in memory resumes without decoding.
 
 How: the `SSL *` and `SSL_CTX *` live right after the object header in CPython's
 `PySSLSocket` and `PySSLContext`. Reading them is only trusted after checks that cannot
@@ -34,6 +38,10 @@ SSL_MODE_RELEASE_BUFFERS = 0x10
 SSL_CTRL_SET_READ_AHEAD = 41
 SSL_CTRL_SET_MAX_CERT_LIST = 51
 SSL_CTRL_SET_TLSEXT_TICKET_KEYS = 59
+SSL_CTRL_SET_SESS_CACHE_SIZE = 42
+SSL_CTRL_SET_SESS_CACHE_MODE = 44
+SSL_SESS_CACHE_SERVER = 0x2
+SSL_SENT_SHUTDOWN = 1
 TICKET_KEYS_LEN = 80  # OpenSSL 3: 16-byte key name + 32-byte HMAC key + 32-byte AES key
 SSL_ERROR_WANT_READ = 2
 SSL_ERROR_WANT_WRITE = 3
@@ -57,6 +65,13 @@ def _load() -> Any:
             "SSL_get_error": ([ctypes.c_void_p, ctypes.c_int], ctypes.c_int),
             "ERR_clear_error": ([], None),
             "SSL_set_num_tickets": ([ctypes.c_void_p, ctypes.c_size_t], ctypes.c_int),
+            "SSL_CTX_set_session_id_context": (
+                [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_uint], ctypes.c_int),
+            "SSL_CTX_flush_sessions": ([ctypes.c_void_p, ctypes.c_long], None),
+            "SSL_get_shutdown": ([ctypes.c_void_p], ctypes.c_int),
+            "SSL_set_shutdown": ([ctypes.c_void_p, ctypes.c_int], None),
+            "SSL_get_session": ([ctypes.c_void_p], ctypes.c_void_p),
+            "SSL_CTX_remove_session": ([ctypes.c_void_p, ctypes.c_void_p], ctypes.c_int),
             "SSL_CTX_set_verify_depth": ([ctypes.c_void_p, ctypes.c_int], None),
             "SSL_set_msg_callback": ([ctypes.c_void_p, ctypes.c_void_p], None),
             "SSL_get_wbio": ([ctypes.c_void_p], ctypes.c_void_p),
@@ -159,6 +174,56 @@ def set_ticket_keys(ctx: ssl.SSLContext, keys: bytes) -> bool:
         return False
     buf = ctypes.create_string_buffer(keys, TICKET_KEYS_LEN)
     return bool(_lib.SSL_CTX_ctrl(ptr, SSL_CTRL_SET_TLSEXT_TICKET_KEYS, TICKET_KEYS_LEN, buf))
+
+
+def server_session_cache(ctx: ssl.SSLContext, size: int) -> bool:
+    """Keep resumable sessions in this process (TLS 1.3 stateful tickets: the ticket is
+    only an ID). True when the cache is on.
+
+    Python sets no session ID context, and OpenSSL never caches a session made with a
+    client certificate without one (it could not tell which application it belongs to),
+    so resumption would silently never happen. The caller sets OP_NO_TICKET, which in
+    TLS 1.3 means "stateful tickets", not "no tickets".
+    """
+    ptr = context_pointer(ctx)
+    if _lib is None or ptr is None or not _self_test_passed():
+        return False
+    sid = b"sidecar"
+    if not _lib.SSL_CTX_set_session_id_context(ptr, sid, len(sid)):
+        return False
+    _lib.SSL_CTX_ctrl(ptr, SSL_CTRL_SET_SESS_CACHE_MODE, SSL_SESS_CACHE_SERVER, None)
+    _lib.SSL_CTX_ctrl(ptr, SSL_CTRL_SET_SESS_CACHE_SIZE, size, None)
+    return True
+
+
+def flush_sessions(ctx: ssl.SSLContext) -> None:
+    """Forget every session in a context's server cache (a rotation epoch, a trust
+    change): their peers fall back to a full handshake."""
+    ptr = context_pointer(ctx)
+    if _lib is not None and ptr is not None and _self_test_passed():
+        _lib.SSL_CTX_flush_sessions(ptr, 0)  # 0: every session, expired or not
+
+
+def keep_session(ptr: int) -> None:
+    """Let the session outlive a connection that ends without our close_notify.
+
+    OpenSSL drops a cached session when its connection is freed before close_notify was
+    sent (a "bad" session, in case the close was a truncation attack on TLS 1.2). An idle
+    timeout or a peer's reset ends an authenticated TLS 1.3 connection the same way; its
+    session is as good as ever, and dropping it would make the peer's next connection a
+    full handshake. Marking close_notify as sent changes nothing else: the socket is
+    about to be closed."""
+    assert _lib is not None
+    _lib.SSL_set_shutdown(ptr, _lib.SSL_get_shutdown(ptr) | SSL_SENT_SHUTDOWN)
+
+
+def forget_session(ptr: int) -> None:
+    """Take this connection's session out of its context's server cache, if it is there
+    (a peer refused after its handshake: its next connection proves itself in full)."""
+    assert _lib is not None
+    session = _lib.SSL_get_session(ptr)
+    if session:
+        _lib.SSL_CTX_remove_session(_lib.SSL_get_SSL_CTX(ptr), session)
 
 
 def bound_peer_chain(ctx: ssl.SSLContext, depth: int, max_bytes: int) -> bool:

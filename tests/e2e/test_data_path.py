@@ -6,9 +6,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import socket
+import urllib.request
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -32,15 +35,23 @@ MIB = 1024 * 1024
 
 
 def start_pair(
-    sidecar: SidecarFactory, app: EchoApp, loop: str = "uvloop"
+    sidecar: SidecarFactory, app: EchoApp, loop: str = "uvloop",
+    b_tls: dict[str, object] | None = None,
 ) -> tuple[Sidecar, Sidecar]:
     """B in front of `app`, and A routing to B expecting B's SPIFFE ID."""
-    b = sidecar("b", spiffe_id=PAYMENTS, loop=loop,
+    b = sidecar("b", spiffe_id=PAYMENTS, loop=loop, tls=b_tls,
                 inbound=[{"name": "in", "forward_to": app.address}])
     a = sidecar("a", spiffe_id=FRONTEND, loop=loop,
                 outbound=[{"name": "out", "connect_to": f"127.0.0.1:{b.port('in')}",
                            "expect_ids": [PAYMENTS]}])
     return a, b
+
+
+def status(sc: Sidecar) -> dict[str, Any]:
+    url = f"http://127.0.0.1:{sc.port('admin')}/status"
+    with urllib.request.urlopen(url, timeout=IO_TIMEOUT) as r:
+        out: dict[str, Any] = json.loads(r.read())
+    return out
 
 
 def assert_clean(line: dict[str, object], *, moved: int, peer_id: str) -> None:
@@ -136,11 +147,12 @@ async def test_200_concurrent_connections(
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("store", ["memory", "tickets"])
 def test_second_connection_resumes(
-    sidecar: SidecarFactory, echo_app: Callable[..., EchoApp]
+    sidecar: SidecarFactory, echo_app: Callable[..., EchoApp], store: str
 ) -> None:
     app = echo_app()
-    a, b = start_pair(sidecar, app)
+    a, b = start_pair(sidecar, app, b_tls={"session_store": store})
 
     first = plain_roundtrip(a.port("out"), b"first")
     assert first.received == b"first"
@@ -156,6 +168,10 @@ def test_second_connection_resumes(
     inbound = b.wait_connections(2, listener="in")
     assert sorted(ln["resumed"] for ln in inbound) == [False, True], inbound
     assert all(ln["peer_id"] == FRONTEND and ln["decision"] == "allow" for ln in inbound)
+    sessions = status(b)["sessions"]
+    assert sessions["store"] == store, sessions
+    if store == "memory":
+        assert sessions["cached"] == 1 and sessions["hits"] == 1, sessions
 
 
 @pytest.mark.timeout(60)
