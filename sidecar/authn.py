@@ -97,6 +97,9 @@ class Authenticator:
             issuer = x509.load_der_x509_certificate(der)
             self._remember_intermediate(issuer.subject)
             self._remember_issuer(peer.trust_domain, issuer)
+        known = self._resumed.get(chain[0])
+        if known == peer:
+            peer = known  # one Peer (and ID string) for all of a leaf's connections
         self._cache(chain[0], peer)
         return peer
 

@@ -150,7 +150,7 @@ class TlsConfig:
     session_ticket_rotation: float = 12 * 3600.0
     session_store: SessionStore = SessionStore.AUTO
     # Sessions the memory store keeps (the oldest go first); each holds the peer's
-    # parsed certificates, ~12 KiB once its connection has closed.
+    # parsed certificate, ~6.5 KiB once its connection has closed.
     session_cache_size: int = 1024
     ktls: KtlsMode = KtlsMode.AUTO
 

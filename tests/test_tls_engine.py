@@ -288,6 +288,40 @@ def test_session_resumes_on_second_connection(run: Run, pairs: Callable[..., Pai
     run(body())
 
 
+@pytest.mark.parametrize("store", ["tickets", "memory"])
+def test_dropping_the_peer_chains_keeps_the_connection_whole(
+    run: Run, pairs: Callable[..., Pair], server_identity: Identity, client: Contexts,
+    store: str,
+) -> None:
+    srv = contexts.build(server_identity,
+                         session_cache_size=8 if store == "memory" else None)
+
+    async def body() -> None:
+        first = pairs(srv.server, client.client)
+        session = await ticketed(first)
+        leaf = first.server.peer_leaf()
+        assert len(first.server.verified_chain()) == 3  # leaf, intermediate, root
+        first.server.drop_peer_chains()
+        first.client.drop_peer_chains()
+        assert first.server.verified_chain() == [] and first.client.verified_chain() == []
+        assert first.server.peer_leaf() == leaf and first.server.version() == "TLSv1.3"
+        data = os.urandom(200_000)
+        await asyncio.gather(write_all(first.client, data), write_all(first.server, data))
+        got = await asyncio.gather(read_exactly(first.server, len(data)),
+                                   read_exactly(first.client, len(data)))
+        assert got == [data, data]
+        await shutdown(first.server)
+        assert await read_to_end(first.client) == b""
+
+        again = await connected(pairs(srv.server, client.client, session))
+        assert again.server.resumed() and again.server.peer_leaf() == leaf
+        again.server.drop_peer_chains()  # nothing verified on a resumption: still fine
+        await write_all(again.client, b"ok")
+        assert await read_exactly(again.server, 2) == b"ok"
+
+    run(body())
+
+
 # --- the memory session store ------------------------------------------------------------
 
 

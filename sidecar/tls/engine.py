@@ -50,6 +50,7 @@ from typing import Any
 from sidecar.endpoint import DONE, WANT_READ, WANT_WRITE
 from sidecar.tls import openssl, peerchain
 
+_NAMES: dict[str, str] = {}  # TLS versions and cipher suites: a handful per process
 _READ_ROOM = 16 * 1024  # one TLS record's plaintext: read more only if a record fits
 
 
@@ -120,6 +121,12 @@ class TlsEndpoint:
                 self.after_handshake()
                 return
 
+    def drop_peer_chains(self) -> None:
+        """Once the peer is authenticated, its chain is dead weight (openssl.py says how
+        much). verified_chain() is empty from here on; peer_leaf() still answers."""
+        if self._ptr is not None:
+            openssl.drop_peer_chains(self._ptr)
+
     def hello_seen(self) -> bool:
         """Has the peer's first flight arrived (a cipher is chosen)? A peer that connected
         and never got this far is the first to go when handshakes must be shed."""
@@ -180,14 +187,15 @@ class TlsEndpoint:
             pass
         return DONE
 
-    # What the connection negotiated, for authentication, logs and metrics.
+    # What the connection negotiated, for authentication, logs and metrics. The names are
+    # shared (_NAMES) rather than a fresh string for every connection that holds them.
     def version(self) -> str | None:
         v: str | None = self._obj.version()
-        return v
+        return v if v is None else _NAMES.setdefault(v, v)
 
     def cipher(self) -> str | None:
         c = self._obj.cipher()
-        return c[0] if c else None
+        return _NAMES.setdefault(c[0], c[0]) if c else None
 
     def resumed(self) -> bool:
         return bool(self._obj.session_reused)

@@ -8,6 +8,9 @@ Why this exists:
   send close_notify once and keep reading; only a single `SSL_shutdown` call does that.
 - Memory. `SSL_MODE_RELEASE_BUFFERS` lets OpenSSL free a connection's 16 KiB+ read and
   write buffers while it is idle, which is most of a held connection's cost.
+- Memory, again. After the handshake OpenSSL keeps the peer's parsed intermediates for
+  the connection's life (in the verified chain and in the session's peer chain), ~5.5 KiB
+  each for an ECDSA one, though nothing reads them once the peer is authenticated.
 - kTLS state. Whether the kernel took over TX or RX is a property of the socket BIO.
 - A server-side session cache. Resuming from a stateless ticket decodes the whole session
   again, the client's certificate with it, and OpenSSL 3.0 decodes its public key through
@@ -71,6 +74,11 @@ def _load() -> Any:
             "SSL_get_shutdown": ([ctypes.c_void_p], ctypes.c_int),
             "SSL_set_shutdown": ([ctypes.c_void_p, ctypes.c_int], None),
             "SSL_get_session": ([ctypes.c_void_p], ctypes.c_void_p),
+            "SSL_get0_verified_chain": ([ctypes.c_void_p], ctypes.c_void_p),
+            "SSL_get_peer_cert_chain": ([ctypes.c_void_p], ctypes.c_void_p),
+            "OPENSSL_sk_num": ([ctypes.c_void_p], ctypes.c_int),
+            "OPENSSL_sk_pop": ([ctypes.c_void_p], ctypes.c_void_p),
+            "X509_free": ([ctypes.c_void_p], None),
             "SSL_CTX_remove_session": ([ctypes.c_void_p, ctypes.c_void_p], ctypes.c_int),
             "SSL_CTX_set_verify_depth": ([ctypes.c_void_p, ctypes.c_int], None),
             "SSL_set_msg_callback": ([ctypes.c_void_p, ctypes.c_void_p], None),
@@ -224,6 +232,25 @@ def forget_session(ptr: int) -> None:
     session = _lib.SSL_get_session(ptr)
     if session:
         _lib.SSL_CTX_remove_session(_lib.SSL_get_SSL_CTX(ptr), session)
+
+
+def drop_peer_chains(ptr: int) -> None:
+    """Release the peer's certificate chains of an authenticated connection: the verified
+    chain and the session's peer chain. The peer's leaf stays (the session holds it, and
+    a resumption reads it), and so does everything the record layer uses.
+
+    Only the stacks' elements go, with X509_free for the reference each held; the stacks
+    stay with their owners. A certificate is freed once neither stack holds it. Seen
+    here (OpenSSL 3.0.19): data both ways, a KeyUpdate, close_notify both ways and a
+    later resumption all work after it; the server-side cache (openssl.py's
+    server_session_cache) shares the session, so its entries shrink too.
+    """
+    assert _lib is not None
+    for stack in (_lib.SSL_get0_verified_chain(ptr), _lib.SSL_get_peer_cert_chain(ptr)):
+        if not stack:
+            continue
+        for _ in range(_lib.OPENSSL_sk_num(stack)):
+            _lib.X509_free(_lib.OPENSSL_sk_pop(stack))
 
 
 def bound_peer_chain(ctx: ssl.SSLContext, depth: int, max_bytes: int) -> bool:
