@@ -1,4 +1,4 @@
-"""Memory per idle proxied mTLS connection: the sidecar vs HAProxy (issue 11, item 1).
+"""Memory per idle proxied mTLS connection: the sidecar, HAProxy and a floor (issue 11, item 1).
 
 Run (from the repo root; needs haproxy):
 
@@ -9,12 +9,12 @@ Run (from the repo root; needs haproxy):
 Options: `--connections N` (9000) connections held at the end, `--checkpoints 2000`
 (comma-separated counts measured on the way up; the slope between a checkpoint and N is
 the marginal cost, free of one-off growth), `--clients K` (4 client processes, each
-holding N/K), `--targets sidecar,haproxy`, `--loop uvloop|asyncio` (the sidecar's),
+holding N/K), `--targets sidecar,haproxy,floor`, `--loop uvloop|asyncio` (the sidecar's),
 `--settle S` (2 s of quiet before each RSS reading), `--profile N2` (2000; 0 = skip: see
-below), `--top K` (10 allocation sites listed), `--keep DIR`, `--json`. Takes ~1.5 min at
+below), `--top K` (10 allocation sites listed), `--keep DIR`, `--json`. Takes ~2.5 min at
 the defaults.
 
-What is measured, the same way for both proxies, in one run:
+What is measured, the same way for both proxies and the floor, in one run:
 
 - certificates: the PKI of compare_haproxy.py (root -> intermediate -> ECDSA P-256 SVIDs,
   client `.../sa/frontend`, server `.../sa/payments`); TLS 1.3 only, client cert required;
@@ -26,15 +26,25 @@ What is measured, the same way for both proxies, in one run:
 - the proxy: the sidecar as users run it (`python -m sidecar run -c CFG --loop uvloop`,
   `limits: {max_connections: N+500, max_pending_handshakes: 1024}`, JSON log to a file),
   or HAProxy 2.6 `nbthread 1` (`maxconn N+500`, `bind ... ssl crt ... ca-file ... verify
-  required`, `option tcplog`).
+  required`, `option tcplog`);
+- the floor: the least any Python process using the stdlib `ssl` module on OpenSSL can
+  hold per idle mTLS server connection, a reference row next to the two proxies. A bare
+  process of this script (`--worker floor`): the sidecar's server SSLContext
+  (`sidecar.tls.contexts.build` from the same PKI files: the same TLS settings, released
+  buffers, memory session store), a blocking listening socket (backlog 1024) and one
+  accept loop; each connection gets a blocking handshake, the same 64-byte echo, then
+  `openssl.drop_peer_chains` (as the sidecar does once the peer is authenticated), and the
+  SSLSocket is kept in a list. No event loop, no app-side socket, no per-connection state
+  besides the SSLSocket. The first connection (the warm-up) is closed after its echo.
 
 Per connection = (VmRSS holding N - VmRSS once the listener is ready and one warm-up
 connection has been made and closed) / N, from /proc/PID/status, in KiB. The same deltas
 of /proc/PID/smaps_rollup (Anonymous, Private_Dirty) and the count of open descriptors
-(/proc/PID/fd, which must grow by 2 per connection) are shown as cross-checks.
+(/proc/PID/fd, which must grow by 2 per connection for a proxy, by 1 for the floor) are
+shown as cross-checks.
 
-Memory is the resident size of the proxy process only: socket buffers in the kernel are
-not in RSS, for either proxy.
+Memory is the resident size of the proxy (or floor) process only: socket buffers in the
+kernel are not in RSS, for any target.
 
 Where the sidecar's memory goes (`--profile N2`): a third run of the sidecar holds N2
 connections with two counters on (a wrapper around `python -m sidecar run`, profiling
@@ -80,6 +90,12 @@ ROOT = Path(__file__).resolve().parents[1]
 KIB = 1024
 REQUEST = ch.REQUEST  # 64 bytes
 GOAL_KIB = 20.0
+FLOOR_BACKLOG = 1024
+FLOOR_IDLE_EXIT = 3600.0  # seconds without a new connection after which the floor exits
+FLOOR_ABOUT = ("floor: a bare Python process holding only the TLS server sockets (stdlib ssl,"
+               " chains dropped), no event loop, no app-side socket")
+# Descriptors a held connection costs each target: a proxy holds both sides.
+FDS_PER_CONN = {"sidecar": 2, "haproxy": 2, "floor": 1}
 
 log = ch.log
 
@@ -516,12 +532,7 @@ def worker_hold(argv: list[str]) -> int:
                 raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 tls = ctx.wrap_socket(raw)
                 tls.sendall(REQUEST)
-                got = b""
-                while len(got) < len(REQUEST):
-                    part = tls.recv(len(REQUEST) - len(got))
-                    if not part:
-                        raise ConnectionError("closed before the echo")
-                    got += part
+                _recv_exactly(tls, len(REQUEST), "closed before the echo")
                 held.append(tls)
             except OSError as exc:
                 failed += 1
@@ -533,13 +544,108 @@ def worker_hold(argv: list[str]) -> int:
     return 0
 
 
-WORKERS = {"echo": worker_echo, "hold": worker_hold}
+def _recv_exactly(tls: ssl.SSLSocket, size: int, early_end: str) -> bytes:
+    got = b""
+    while len(got) < size:
+        part = tls.recv(size - len(got))
+        if not part:
+            raise ConnectionError(early_end)
+        got += part
+    return got
+
+
+def worker_floor(argv: list[str]) -> int:
+    """`floor CERT_DIR BUNDLE MOST`: the floor (see the docstring). Prints `ready PORT`,
+    then accepts at most MOST connections on a blocking socket, one at a time: blocking
+    handshake, one 64-byte echo, the peer's chains dropped, the SSLSocket kept. The first
+    (the warm-up) is closed after its echo. Runs until killed, or FLOOR_IDLE_EXIT seconds
+    without a new connection (an orphan ends)."""
+    from sidecar.config import TlsConfig
+    from sidecar.identity import load_identity
+    from sidecar.tls import contexts, openssl
+
+    cert_dir, bundle, most = Path(argv[0]), Path(argv[1]), int(argv[2])
+    identity = load_identity(cert_dir / "svid.pem", cert_dir / "svid_key.pem", bundle, {}, ())
+    # The sidecar's settings as this bench runs it: one process, so sessions in memory.
+    ctx = contexts.build(identity, session_cache_size=TlsConfig().session_cache_size).server
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(FLOOR_BACKLOG)
+    listener.settimeout(FLOOR_IDLE_EXIT)
+    print(f"ready {listener.getsockname()[1]}", flush=True)
+    held: list[ssl.SSLSocket] = []
+    failed = 0
+    for i in range(most):
+        try:
+            raw, _ = listener.accept()
+        except TimeoutError:
+            print(f"floor: no connection in {FLOOR_IDLE_EXIT:.0f} s, exiting", flush=True)
+            return 0
+        tls: ssl.SSLSocket | None = None
+        try:
+            raw.settimeout(60)  # a stalled client must not stop the loop for good
+            tls = ctx.wrap_socket(raw, server_side=True)
+            ptr = openssl.ssl_pointer(tls)
+            if ptr is None:
+                print("floor: openssl.ssl_pointer cannot read the SSL object",
+                      file=sys.stderr, flush=True)
+                return 1
+            openssl.drop_peer_chains(ptr)
+            tls.sendall(_recv_exactly(tls, len(REQUEST), "closed before the request"))
+            if i == 0:  # the warm-up: close_notify both ways, as the proxies answer it
+                try:
+                    tls.unwrap()
+                except (OSError, ValueError):
+                    pass
+                tls.close()
+                continue
+            held.append(tls)
+        except OSError as exc:
+            failed += 1
+            if failed <= 5:
+                print(f"floor: connection failed: {exc!r}", file=sys.stderr, flush=True)
+            (tls or raw).close()
+    listener.close()
+    print(f"floor: {most} connections accepted ({len(held)} held, {failed} failed); "
+          "holding them until killed", flush=True)
+    time.sleep(FLOOR_IDLE_EXIT)
+    return 0
+
+
+WORKERS = {"echo": worker_echo, "hold": worker_hold, "floor": worker_floor}
 
 
 def start_echo(script: str, work: Path, name: str = "echo") -> tuple[Worker, int]:
     w = Worker(script, ["echo"], work, name)
     port = int(w.expect("ready", 30).split()[1])
     return w, port
+
+
+def start_floor(p: ch.Pki, work: Path, *, most: int,
+                name: str = "floor") -> tuple[ch.Proc, int]:
+    """The floor process (`--worker floor`, the server's PKI files), listening; its port."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"]
+                                     if env.get("PYTHONPATH") else "")
+    argv = [sys.executable, __file__, "--worker", "floor", str(p.server_dir),
+            str(p.server_dir / "bundle.pem"), str(most)]
+    proc = ch.Proc(name, argv, work, callgrind=False, env=env)
+    # The port comes in the log ("ready PORT"): no probe connection, which would count.
+    try:
+        ch.wait_until(f"{name} ready", lambda: _floor_port(proc) is not None, [proc])
+    except BaseException:
+        proc.stop()
+        raise
+    port = _floor_port(proc)
+    assert port is not None
+    return proc, port
+
+
+def _floor_port(proc: ch.Proc) -> int | None:
+    for line in proc.log_text().splitlines():
+        if line.startswith("ready "):
+            return int(line.split()[1])
+    return None
 
 
 def shares(total: int, k: int) -> list[int]:
@@ -761,53 +867,73 @@ def run_haproxy(args: argparse.Namespace, p: ch.Pki, work: Path,
         echo.stop()
 
 
+def run_floor(args: argparse.Namespace, p: ch.Pki, work: Path,
+              counts: list[int]) -> TargetResult:
+    d = work / "floor"
+    d.mkdir()
+    proc = None
+    try:
+        # Attempts it accepts: the warm-up, N, and room for failures (as maxconn N+500).
+        proc, port = start_floor(p, d, most=max(counts) + 500)
+        log(f"floor: pid {proc.pid}, listening on {port}")
+        return hold_and_measure("floor", proc.pid, port, p, d, args, counts, [proc])
+    finally:
+        if proc is not None:
+            proc.stop()
+
+
 # --- report -----------------------------------------------------------------------------
 
 
 def report(results: dict[str, TargetResult], meta: dict[str, Any]) -> str:
-    sc, hp = results.get("sidecar"), results.get("haproxy")
+    sc, hp, fl = results.get("sidecar"), results.get("haproxy"), results.get("floor")
     lines = [
         f"memory per idle proxied mTLS connection: sidecar (python {meta['python']}, "
-        f"--loop {meta['loop']}) vs HAProxy {meta['haproxy']} (nbthread 1)",
+        f"--loop {meta['loop']}) vs HAProxy {meta['haproxy']} (nbthread 1), and a floor",
         f"{meta['openssl']}; TLS 1.3, ECDSA P-256 SVIDs, client cert required; "
         f"client: {meta['clients']} processes, blocking stdlib ssl; app: asyncio echo process",
-        "RSS growth per connection, KiB (VmRSS holding N - VmRSS after warm-up) / N",
-        f"{'':28}{'sidecar':>10}{'haproxy':>10}{'ratio':>8}",
+        FLOOR_ABOUT,
+        "RSS growth per connection, KiB (VmRSS holding N - VmRSS after warm-up) / N;"
+        " ratio = sidecar / haproxy",
+        f"{'':28}{'sidecar':>10}{'haproxy':>10}{'floor':>10}{'ratio':>8}",
     ]
 
-    def row(title: str, s: float | None, h: float | None, extra: str = "") -> None:
+    def row(title: str, s: float | None, h: float | None, f: float | None,
+            extra: str = "") -> None:
         r = s / h if s is not None and h is not None and abs(h) >= 1 else None
         lines.append(f"  {title:26}{ch._num(s, '10.1f')}{ch._num(h, '10.1f')}"
-                     f"{ch._num(r, '8.2f')}{extra}")
+                     f"{ch._num(f, '10.1f')}{ch._num(r, '8.2f')}{extra}")
 
-    npts = len((sc or hp).points) if (sc or hp) else 0  # type: ignore[union-attr]
+    def at(r: TargetResult | None, i: int, key: str = "rss") -> float | None:
+        return r.per_conn(r.points[i], key) if r and len(r.points) > i else None
+
+    present = [r for r in (sc, hp, fl) if r]
+    npts = max((len(r.points) for r in present), default=0)
     for i in range(npts):
-        held = [r.points[i].held for r in (sc, hp) if r]
-        s = sc.per_conn(sc.points[i]) if sc else None
-        h = hp.per_conn(hp.points[i]) if hp else None
+        held = [r.points[i].held for r in present if len(r.points) > i]
+        s, h = at(sc, i), at(hp, i)
         extra = ""
         if i == npts - 1 and s is not None:
             ok = s <= GOAL_KIB and (h is None or s < h)
             extra = f"   goal <= {GOAL_KIB:.0f} KiB and < haproxy: {'ok' if ok else 'OVER'}"
-        row(f"N = {'/'.join(str(x) for x in sorted(set(held)))}", s, h, extra)
+        row(f"N = {'/'.join(str(x) for x in sorted(set(held)))}", s, h, at(fl, i), extra)
     if npts >= 2:
-        lo = (sc or hp).points[0].held  # type: ignore[union-attr]
-        hi = (sc or hp).points[-1].held  # type: ignore[union-attr]
-        row(f"marginal, {lo} -> {hi}", sc.marginal() if sc else None,
-            hp.marginal() if hp else None)
+        lo, hi = present[0].points[0].held, present[0].points[-1].held
+        row(f"marginal, {lo} -> {hi}", *(r.marginal() if r else None for r in (sc, hp, fl)))
     lines.append("smaps_rollup growth per connection at the largest N, KiB")
     for key in ("Anonymous", "Private_Dirty", "Private_Clean", "Shared_Clean"):
-        row(key, sc.per_conn(sc.points[-1], key) if sc else None,
-            hp.per_conn(hp.points[-1], key) if hp else None)
+        row(key, *(at(r, -1, key) for r in (sc, hp, fl)))
     lines.append("cross-checks at the largest N")
-    for r in (sc, hp):
-        if r:
-            last = r.points[-1]
-            lines.append(
-                f"  {r.target:9} held {last.held}, failed {last.failed}, descriptors "
-                f"+{(last.fds - r.base.fds) / last.held:.2f} per connection, baseline RSS "
-                f"{r.base.rss_kib} KiB, at N {last.rss_kib} KiB"
-                + (f", /status active {last.active}" if last.active is not None else ""))
+    for r in present:
+        last = r.points[-1]
+        want = FDS_PER_CONN.get(r.target, 2)
+        got = (last.fds - r.base.fds) / last.held
+        off = "" if abs(got - want) < 0.05 else ": OFF"
+        lines.append(
+            f"  {r.target:9} held {last.held}, failed {last.failed}, descriptors "
+            f"+{got:.2f} per connection ({want} expected{off}), baseline RSS "
+            f"{r.base.rss_kib} KiB, at N {last.rss_kib} KiB"
+            + (f", /status active {last.active}" if last.active is not None else ""))
     tr = results.get("sidecar-traced")
     if tr and tr.traced:
         t = tr.traced
@@ -858,7 +984,7 @@ def main() -> int:
     ap.add_argument("--checkpoints", default="2000",
                     help="comma-separated smaller counts measured on the way up (2000)")
     ap.add_argument("--clients", type=int, default=4, help="client processes (4)")
-    ap.add_argument("--targets", default="sidecar,haproxy")
+    ap.add_argument("--targets", default="sidecar,haproxy,floor")
     ap.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
     ap.add_argument("--settle", type=float, default=2.0,
                     help="seconds of quiet before each reading (2)")
@@ -871,14 +997,14 @@ def main() -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     targets = [t for t in args.targets.split(",") if t]
-    if not set(targets) <= {"sidecar", "haproxy"}:
+    if not set(targets) <= {"sidecar", "haproxy", "floor"}:
         ap.error("unknown target")
     counts = sorted({int(c) for c in args.checkpoints.split(",") if c.strip()
                      if 0 < int(c) < args.connections} | {args.connections})
     limit = fd_limit()
-    need = 2 * args.connections + 100
+    need = max((FDS_PER_CONN[t] for t in targets), default=1) * args.connections + 100
     if need > limit:
-        print(f"memory_idle: {args.connections} proxied connections need ~{need} descriptors"
+        print(f"memory_idle: {args.connections} connections need ~{need} descriptors"
               f" in the proxy; the open-file limit here is {limit}", file=sys.stderr)
         return 2
     if "haproxy" in targets and not (shutil.which("haproxy") or Path("/usr/sbin/haproxy").exists()):
@@ -893,7 +1019,7 @@ def main() -> int:
     hv = subprocess.run([haproxy, "-v"], capture_output=True, text=True).stdout.split()
     meta = {"python": sys.version.split()[0], "loop": args.loop, "openssl": ssl.OPENSSL_VERSION,
             "haproxy": hv[2] if len(hv) > 2 else "?", "clients": args.clients,
-            "counts": counts, "fd_limit": limit, "work_dir": str(work)}
+            "counts": counts, "fd_limit": limit, "work_dir": str(work), "floor": FLOOR_ABOUT}
     started = time.monotonic()
     results: dict[str, TargetResult] = {}
     try:
@@ -902,6 +1028,8 @@ def main() -> int:
             results["sidecar"] = run_sidecar(args, p, work, counts)
         if "haproxy" in targets:
             results["haproxy"] = run_haproxy(args, p, work, counts)
+        if "floor" in targets:
+            results["floor"] = run_floor(args, p, work, counts)
         if "sidecar" in targets and args.profile:
             results["sidecar-traced"] = run_sidecar(args, p, work, [args.profile],
                                                     tracemalloc=True)
