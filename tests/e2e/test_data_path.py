@@ -175,6 +175,30 @@ def test_second_connection_resumes(
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize(("store", "event"), [("memory", "session cache flushed"),
+                                              ("tickets", "session ticket keys rotated")])
+def test_sessions_end_at_a_rotation_boundary(
+    sidecar: SidecarFactory, echo_app: Callable[..., EchoApp], store: str, event: str
+) -> None:
+    app = echo_app()
+    a, b = start_pair(sidecar, app,
+                      b_tls={"session_store": store, "session_ticket_rotation": "1s"})
+    first = plain_roundtrip(a.port("out"), b"first")
+    assert a.connection(peer_addr=first.local)["resumed"] is False
+
+    def boundaries() -> int:
+        return sum(1 for ln in list(b.lines) if ln.get("msg") == event)
+
+    # Two more: a line read late may belong to a boundary from before the session.
+    seen = boundaries()
+    b.wait_line(lambda _: boundaries() >= seen + 2, timeout=10, what=f"two '{event}' lines")
+    second = plain_roundtrip(a.port("out"), b"second")
+    assert second.received == b"second"
+    line = a.connection(peer_addr=second.local)
+    assert line["resumed"] is False and line["reason"] is None, line
+
+
+@pytest.mark.timeout(60)
 def test_denied_caller_gets_nothing_through(
     sidecar: SidecarFactory, echo_app: Callable[..., EchoApp]
 ) -> None:
