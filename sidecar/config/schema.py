@@ -1,0 +1,168 @@
+"""The config schema: enums and frozen dataclasses whose field names are the YAML keys
+and whose defaults are SPEC.md's, and the settings refused as not supported yet."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Final
+
+DEFAULT_CONFIG_ENV: Final = "SIDECAR_CONFIG"
+
+# spiffe-helper's file names in the directory the SPIFFE CSI driver usually mounts.
+_SPIFFE_DIR: Final = Path("/run/spiffe")
+
+
+class Protocol(StrEnum):
+    TCP = "tcp"
+    HTTP = "http"
+
+
+class TlsVersion(StrEnum):
+    TLS_1_2 = "1.2"
+    TLS_1_3 = "1.3"
+
+
+class KtlsMode(StrEnum):
+    AUTO = "auto"
+    ON = "on"
+    OFF = "off"
+
+
+class SessionStore(StrEnum):
+    """Where an inbound listener keeps what a resumption needs."""
+
+    AUTO = "auto"  # memory with one worker, tickets with several
+    MEMORY = "memory"  # this process keeps the session; the ticket is only its ID
+    TICKETS = "tickets"  # the session travels encrypted in the ticket; any worker resumes
+
+
+class LogLevel(StrEnum):
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
+class LogFormat(StrEnum):
+    JSON = "json"
+    TEXT = "text"
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """`host:port`, `[v6]:port`, or `unix:/path` (only where SPEC allows a socket file)."""
+
+    host: str = ""
+    port: int = 0
+    unix: str | None = None
+
+    def __str__(self) -> str:
+        if self.unix is not None:
+            return f"unix:{self.unix}"
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityConfig:
+    cert: Path = _SPIFFE_DIR / "svid.pem"
+    key: Path = _SPIFFE_DIR / "svid_key.pem"
+    bundle: Path = _SPIFFE_DIR / "bundle.pem"
+    # Read-only view: trust domain -> bundle file, never merged with our own bundle.
+    federated_bundles: Mapping[str, Path] = field(default_factory=lambda: MappingProxyType({}))
+    crl: tuple[Path, ...] = ()
+    watch: bool = True
+    reload_interval: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class InboundListener:
+    name: str
+    listen: Address
+    forward_to: Address
+    protocol: Protocol = Protocol.TCP
+    proxy_protocol: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundListener:
+    name: str
+    listen: Address
+    connect_to: Address
+    server_name: str  # SNI; the parser defaults it to connect_to's host
+    expect_ids: tuple[str, ...]  # exact SPIFFE IDs or spiffe://TD/*
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    min_version: TlsVersion = TlsVersion.TLS_1_3
+    session_resumption: bool = True
+    session_ticket_rotation: float = 12 * 3600.0
+    session_store: SessionStore = SessionStore.AUTO
+    # Sessions the memory store keeps (the oldest go first); each holds the peer's
+    # parsed certificate, ~6.5 KiB once its connection has closed.
+    session_cache_size: int = 1024
+    ktls: KtlsMode = KtlsMode.AUTO
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    handshake_timeout: float = 10.0
+    idle_timeout: float = 300.0
+    connect_timeout: float = 5.0
+    max_connections: int = 10_000
+    max_pending_handshakes: int = 1024
+    max_connection_lifetime: float = 0.0  # 0 = unlimited
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    listen: Address = Address("127.0.0.1", 9901)
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    level: LogLevel = LogLevel.INFO
+    format: LogFormat = LogFormat.JSON
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    identity: IdentityConfig = field(default_factory=IdentityConfig)
+    inbound: tuple[InboundListener, ...] = ()
+    outbound: tuple[OutboundListener, ...] = ()
+    policy: Path | None = None
+    policy_recheck: bool = True
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    limits: Limits = field(default_factory=Limits)
+    clock_skew_hint: float = 300.0
+    workers: int | None = 1  # None: `auto`, one per usable CPU
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    drain_timeout: float = 30.0
+    log: LogConfig = field(default_factory=LogConfig)
+    source: Path  # the file this came from; not a YAML key
+
+
+@dataclass(frozen=True, slots=True)
+class Unsupported:
+    path: str  # YAML path; `[]` stands for every item of a list
+    applies: Callable[[Any], bool]  # given the parsed value of a key the file sets
+    reason: str
+    instead: str
+
+
+def _is(expected: object) -> Callable[[object], bool]:
+    return lambda value: value == expected
+
+
+# A setting the proxy cannot honour yet is refused, never silently ignored. Delete a line
+# when its feature lands.
+NOT_SUPPORTED_YET: Final[tuple[Unsupported, ...]] = (
+    Unsupported("inbound[].protocol", _is("http"), "per-request HTTP policy is planned", "use tcp"),
+    Unsupported("inbound[].proxy_protocol", _is(True), "PROXY v2 headers are planned", "set false"),
+)
