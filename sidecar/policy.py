@@ -34,22 +34,16 @@ from __future__ import annotations
 import difflib
 import hashlib
 import re
-import reprlib
 import sys
 from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
-import yaml
-
-try:  # libyaml parses about 10x faster; a 10,000-rule policy is seconds in pure Python
-    from yaml import CSafeLoader as _SafeLoader
-except ImportError:  # pragma: no cover - PyYAML built without libyaml
-    from yaml import SafeLoader as _SafeLoader  # type: ignore[assignment]
-
+from sidecar import strict_yaml
 from sidecar.problems import Problem, ProblemsError
 from sidecar.spiffe import SCHEME_PREFIX, SpiffeId, SpiffeIdError, fold_trust_domain_case
+from sidecar.strict_yaml import show as _show
 
 
 class Mode(StrEnum):
@@ -90,7 +84,6 @@ _TOP_KEYS = ("mode", "default", "rules")
 _RULE_KEYS = ("name", "action", "from", "to")
 _TO_KEYS = ("listeners", "methods", "paths")
 _NEVER = sys.maxsize  # "no rule": larger than any rule index, so min() picks a real one
-_SHOWN_CHARS = 80
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,54 +272,6 @@ DENY_ALL = Policy(rules=(), source="", version="none", default_rule=NO_POLICY_RU
 # --- reading the file -------------------------------------------------------------------
 
 
-class _StrictLoader(_SafeLoader):
-    """SafeLoader that refuses duplicate keys.
-
-    PyYAML silently keeps the last of two equal keys, so a stray second `default: allow`
-    would flip the whole policy without a word.
-    """
-
-
-def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[object, object]:
-    seen: set[object] = set()
-    for key_node, _ in node.value:
-        if key_node.tag == "tag:yaml.org,2002:merge":
-            continue
-        key = loader.construct_object(key_node)
-        try:
-            duplicate = key in seen
-        except TypeError:
-            continue  # unhashable: construct_mapping below reports it
-        if duplicate:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r}", key_node.start_mark
-            )
-        seen.add(key)
-    return loader.construct_mapping(node)
-
-
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
-# repr() of a YAML alias bomb would take minutes and gigabytes: bound it.
-_BOUNDED = reprlib.Repr(maxlevel=2, maxlist=4, maxdict=4, maxstring=80, maxother=80)
-
-
-def _shown(value: object) -> str:
-    text = _BOUNDED.repr(value)
-    return text if len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS] + "..."
-
-
-def _yaml_problem(error: Exception) -> str:
-    if isinstance(error, RecursionError):
-        return "not valid YAML: nested too deeply"
-    mark = getattr(error, "problem_mark", None)
-    problem = getattr(error, "problem", None)
-    if mark is not None and problem:
-        return f"not valid YAML (line {mark.line + 1}, column {mark.column + 1}): {problem}"
-    return f"not valid YAML: {error}"
-
-
 class _Reader:
     """Walks the parsed YAML, collecting every problem with its path."""
 
@@ -341,14 +286,14 @@ class _Reader:
 
     def mapping(self, value: object, where: str, keys: tuple[str, ...], what: str) -> bool:
         if not isinstance(value, dict):
-            self.problem(where, f"{what} must be a mapping, not {_shown(value)}")
+            self.problem(where, f"{what} must be a mapping, not {_show(value)}")
             return False
         for key in value:
             if key not in keys:
                 close = difflib.get_close_matches(str(key), keys, n=1)
                 hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(keys)}"
                 at = f"{where}.{key}" if where else str(key)
-                self.problem(at, f"unknown key {_shown(key)}; {hint}")
+                self.problem(at, f"unknown key {_show(key)}; {hint}")
         return True
 
     def choice[E: StrEnum](self, value: object, where: str, kind: type[E]) -> E | None:
@@ -356,7 +301,7 @@ class _Reader:
             return kind(value)
         choices = " or ".join(member.value for member in kind)
         hint = " (YAML reads unquoted yes/no/on/off as booleans)" if isinstance(value, bool) else ""
-        self.problem(where, f"{_shown(value)} is not valid here: write {choices}{hint}")
+        self.problem(where, f"{_show(value)} is not valid here: write {choices}{hint}")
         return None
 
     def strings(self, value: object, where: str, what: str) -> Iterator[tuple[str, str]]:
@@ -365,13 +310,13 @@ class _Reader:
         A generator, so problems are recorded in file order with the caller's own.
         """
         if not isinstance(value, list) or not value:
-            self.problem(where, f"must be a non-empty list of {what}, not {_shown(value)}")
+            self.problem(where, f"must be a non-empty list of {what}, not {_show(value)}")
             return
         for i, item in enumerate(value):
             if isinstance(item, str):
                 yield f"{where}[{i}]", item
             else:
-                self.problem(f"{where}[{i}]", f"must be a string ({what}), not {_shown(item)}")
+                self.problem(f"{where}[{i}]", f"must be a string ({what}), not {_show(item)}")
 
     def policy(self, doc: object, text: str) -> Policy | None:
         if doc is None:
@@ -385,7 +330,7 @@ class _Reader:
         raw_rules = doc.get("rules", [])
         if not isinstance(raw_rules, list):
             self.problem(
-                "rules", f"must be a list of rules (`rules: []` for none), not {_shown(raw_rules)}"
+                "rules", f"must be a list of rules (`rules: []` for none), not {_show(raw_rules)}"
             )
             raw_rules = []
         rules = [self.rule(raw, i) for i, raw in enumerate(raw_rules)]
@@ -419,7 +364,7 @@ class _Reader:
         elif not isinstance(name, str) or _RULE_NAME_RE.fullmatch(name) is None:
             self.problem(
                 where,
-                f"{_shown(name)} is not a valid rule name: use 1-128 letters, digits, "
+                f"{_show(name)} is not a valid rule name: use 1-128 letters, digits, "
                 "'.', '_', ':' or '-', starting with a letter or digit",
             )
         elif name in _RESERVED_NAMES:
@@ -459,7 +404,7 @@ class _Reader:
         if "*" in base:
             self.problem(
                 where,
-                f"{_shown(text)}: '*' is allowed only as a final '/*', as in "
+                f"{_show(text)}: '*' is allowed only as a final '/*', as in "
                 "spiffe://example.org/ns/batch/* or spiffe://example.org/*",
             )
             return None
@@ -473,13 +418,13 @@ class _Reader:
                 if exact and base.endswith("/")
                 else ""
             )
-            self.problem(where, f"{_shown(text)} is not {what}: {error.reason}{hint}")
+            self.problem(where, f"{_show(text)} is not {what}: {error.reason}{hint}")
             return None
         if not peer.path:
             if kind is PatternKind.EXACT:
                 self.problem(
                     where,
-                    f"{_shown(text)} names a trust domain, which no workload presents; write "
+                    f"{_show(text)} names a trust domain, which no workload presents; write "
                     f"'{text}/*' to match every ID of the trust domain",
                 )
                 return None
@@ -501,7 +446,7 @@ class _Reader:
         if "methods" in to:
             for at, method in self.strings(to["methods"], f"{where}.methods", "HTTP methods"):
                 if _METHOD_RE.fullmatch(method) is None:
-                    self.problem(at, f"{_shown(method)}: HTTP methods are uppercase, like GET")
+                    self.problem(at, f"{_show(method)}: HTTP methods are uppercase, like GET")
                 else:
                     methods.append(method)
         paths = []
@@ -509,7 +454,7 @@ class _Reader:
             for at, path in self.strings(to["paths"], f"{where}.paths", "URL paths"):
                 if not path.startswith("/") or "*" in path.removesuffix("/*"):
                     self.problem(
-                        at, f"{_shown(path)}: a path starts with '/' and may end with '/*'"
+                        at, f"{_show(path)}: a path starts with '/' and may end with '/*'"
                     )
                 else:
                     paths.append(path)
@@ -532,9 +477,10 @@ def parse_policy(text: str, source: str, listeners: Collection[str] | None = Non
     """
     reader = _Reader(source, listeners)
     try:
-        doc = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass: no arbitrary objects
-    except (yaml.YAMLError, RecursionError) as error:
-        raise ProblemsError([Problem(source, _yaml_problem(error))]) from None
+        doc = strict_yaml.load(text)  # libyaml: a 10,000-rule policy is seconds in pure Python
+    except strict_yaml.YamlError as exc:
+        where = f" ({exc.where})" if exc.where else ""
+        raise ProblemsError([Problem(source, f"not valid YAML{where}: {exc.problem}")]) from None
     policy = reader.policy(doc, text)
     if policy is None:
         raise ProblemsError(reader.problems)

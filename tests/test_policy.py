@@ -286,7 +286,7 @@ def test_yaml_syntax_error_has_a_line() -> None:
 def test_duplicate_yaml_keys_are_errors() -> None:
     (message,) = problems("default: deny\nmode: enforce\ndefault: allow\n")
     assert message.startswith("policy.yaml: not valid YAML (line 3, column 1)")
-    assert "duplicate key 'default'" in message
+    assert "key 'default' is written twice (first on line 1); keep one" in message
 
 
 def test_top_level_must_be_a_mapping() -> None:
@@ -329,7 +329,7 @@ def test_every_problem_is_listed_with_its_path() -> None:
     assert found == [
         "policy.yaml: defualt: unknown key 'defualt'; did you mean 'default'?",
         "policy.yaml: mode: 'enforcing' is not valid here: write enforce or audit",
-        "policy.yaml: default: True is not valid here: write allow or deny "
+        "policy.yaml: default: true is not valid here: write allow or deny "
         "(YAML reads unquoted yes/no/on/off as booleans)",
         "policy.yaml: rules[0].action: 'permit' is not valid here: write allow or deny",
         "policy.yaml: rules[0].from[0]: 'spiffe://Example.org/x' is not a SPIFFE ID: "
@@ -389,7 +389,7 @@ def test_bad_from_entries(entry: str, fragment: str) -> None:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("rules:", "policy.yaml: rules: must be a list of rules (`rules: []` for none), not None"),
+        ("rules:", "policy.yaml: rules: must be a list of rules (`rules: []` for none), not null"),
         ("rules: {a: 1}", "policy.yaml: rules: must be a list of rules"),
         (
             "rules: [{name: r, action: allow, from: spiffe://example.org/x}]",
@@ -397,7 +397,7 @@ def test_bad_from_entries(entry: str, fragment: str) -> None:
         ),
         (
             "rules: [{name: r, action: allow, from: [spiffe://e.org/x], to: null}]",
-            "policy.yaml: rules[0].to: `to` must be a mapping, not None",
+            "policy.yaml: rules[0].to: `to` must be a mapping, not null",
         ),
         (
             "rules: [{name: r, action: allow, from: [spiffe://e.org/x], to: {listeners: []}}]",

@@ -4,66 +4,21 @@ that walks it with YAML paths, collecting every problem instead of stopping at t
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
 
-import yaml
-from yaml.nodes import MappingNode
-
-from sidecar.config.values import _kind, _show
+from sidecar import strict_yaml
+from sidecar.config.values import _kind
 from sidecar.problems import Problem, ProblemsError
-
-# libyaml's loader where installed: the pure-Python one takes seconds on a deeply nested
-# hostile file (fuzzed: 5,000 levels took 1.3-4 s), libyaml milliseconds.
-_SafeLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
-class _StrictLoader(_SafeLoader):  # type: ignore[misc]
-    """SafeLoader that refuses a key written twice in one mapping.
-
-    Plain PyYAML lets the last one win, so a second `listen:` pasted into a listener would
-    quietly replace the first: the typo the unknown-key rule exists to catch.
-    """
-
-    def construct_mapping(self, node: MappingNode, deep: bool = False) -> dict[Hashable, Any]:
-        first_lines: dict[tuple[type, object], int] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue  # keys merged in with `<<:` may be overridden; that is their point
-            key = self.construct_object(key_node, deep=True)
-            try:
-                first_line = first_lines.get((type(key), key))
-            except TypeError:
-                continue  # unhashable; the base class reports it with its position
-            if first_line is not None:
-                raise yaml.constructor.ConstructorError(
-                    None,
-                    None,
-                    f"key {_show(key)} is written twice (first on line {first_line + 1}); keep one",
-                    key_node.start_mark,
-                )
-            first_lines[(type(key), key)] = key_node.start_mark.line
-        mapping: dict[Hashable, Any] = super().construct_mapping(node, deep)
-        return mapping
+from sidecar.strict_yaml import show as _show
 
 
 def _load_yaml(text: str) -> object:
-    where, message = "", ""
     try:
-        return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader: builds no Python objects
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        message = exc.problem or exc.context or "unreadable"
-    except yaml.YAMLError as exc:
-        message = str(exc)
-    except ValueError as exc:  # PyYAML lets some bad scalars through: 2024-13-01, huge ints
-        message = f"a value is out of range: {exc}"
-    except RecursionError:
-        message = "nested too deeply"
-    raise ProblemsError([Problem(where, f"not valid YAML: {message}")])
+        return strict_yaml.load(text)
+    except strict_yaml.YamlError as exc:
+        raise ProblemsError([Problem(exc.where, f"not valid YAML: {exc.problem}")]) from None
 
 
 class _Reader:

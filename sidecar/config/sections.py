@@ -40,11 +40,11 @@ from sidecar.config.values import (
     _name,
     _positive_duration,
     _server_name,
-    _show,
     _tls_version,
     _workers,
     parse_duration,
 )
+from sidecar.strict_yaml import show as _show
 
 
 def _build(r: _Reader, document: object, source: Path) -> Config:

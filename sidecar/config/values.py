@@ -6,12 +6,12 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
-import reprlib
 from collections.abc import Callable
 from enum import StrEnum
 from typing import Final
 
 from sidecar.config.schema import Address, KtlsMode, TlsVersion
+from sidecar.strict_yaml import show as _show
 
 # Linux's sockaddr_un.sun_path is 108 bytes, one of which is the terminating NUL.
 _UNIX_PATH_MAX: Final = 107
@@ -223,18 +223,3 @@ def _kind(value: object) -> str:
     if isinstance(value, dict):
         return "a mapping"
     return f"a {type(value).__name__}"
-
-
-# repr() of a YAML alias bomb (a small file whose aliases expand exponentially) would
-# take minutes and gigabytes; reprlib stops after a few items and levels.
-_BOUNDED = reprlib.Repr(maxlevel=2, maxlist=4, maxdict=4, maxstring=80, maxother=80)
-
-
-def _show(value: object) -> str:
-    """A value as the user wrote it in YAML, cut short: messages must stay one line."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if value is None:
-        return "null"
-    text = _BOUNDED.repr(value.value if isinstance(value, StrEnum) else value)
-    return text if len(text) <= 80 else text[:77] + "..."
