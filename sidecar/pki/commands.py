@@ -1,0 +1,152 @@
+"""The `sidecar pki init|issue|rotate` commands: `cli.py` parses the arguments and calls
+these, which print what they did and return the exit status."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from sidecar.pki.broken import Broken, broken_overrides
+from sidecar.pki.ca import CA, new_intermediate, new_root, trust_domain_of
+from sidecar.pki.cadir import INTERMEDIATE_CERT, ROOT_CERT, init_ca_dir, load_ca_dir
+from sidecar.pki.errors import PkiError
+from sidecar.pki.layouts import Layout, write_svid
+from sidecar.pki.svid import Svid, issue_svid
+
+
+def _fmt_time(t: datetime) -> str:
+    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _id_problem(spiffe_id: str, trust_domain: str) -> str | None:
+    """A light check so the dev CA never issues another trust domain's ID.
+
+    The full SPIFFE-ID grammar lives in spiffe.py; this only stops the mistakes a user of
+    `pki issue` makes.
+    """
+    if not spiffe_id.lower().startswith("spiffe://"):
+        return f"{spiffe_id!r} is not a SPIFFE ID: it must start with spiffe://"
+    authority, _, path = spiffe_id[len("spiffe://") :].partition("/")
+    if authority.lower() != trust_domain:
+        return (
+            f"{spiffe_id} belongs to trust domain {authority!r}, but this CA is for "
+            f"{trust_domain!r}; issue spiffe://{trust_domain}/... or use that domain's CA"
+        )
+    if not path:
+        return (
+            f"{spiffe_id} names the trust domain, not a workload; add a path, e.g. "
+            f"spiffe://{trust_domain}/ns/default/sa/web"
+        )
+    return None
+
+
+def _error(command: str, message: str) -> int:
+    print(f"sidecar pki {command}: error: {message}", file=sys.stderr)
+    return 1
+
+
+def cmd_init(dir: Path, trust_domain: str, *, force: bool = False) -> int:
+    try:
+        root, intermediate = init_ca_dir(dir, trust_domain, force=force)
+    except (PkiError, ValueError, OSError) as e:
+        return _error("init", str(e))
+    print(f"created a dev CA for trust domain {trust_domain} in {dir}")
+    print(f"  root:         {dir / ROOT_CERT} (not after {_fmt_time(root.not_after)})")
+    print(
+        f"  intermediate: {dir / INTERMEDIATE_CERT} (not after {_fmt_time(intermediate.not_after)})"
+    )
+    print(f"  give peers {dir / ROOT_CERT} as their bundle; keep the *_key.pem files private")
+    return 0
+
+
+def _prepare(command: str, dir: Path, spiffe_id: str) -> CA | int:
+    try:
+        _, intermediate = load_ca_dir(dir)
+    except (PkiError, OSError) as e:
+        return _error(command, str(e))
+    problem = _id_problem(spiffe_id, intermediate.trust_domain)
+    if problem:
+        return _error(command, problem)
+    return intermediate
+
+
+def _issue_into(
+    ca: CA, spiffe_id: str, out: Path, ttl: timedelta, dns: Sequence[str], layout: Layout,
+    broken: Broken | None = None,
+) -> Svid:
+    bundle = [ca.trust_anchor]
+    if broken is Broken.FOREIGN_CA:
+        td = trust_domain_of(ca.trust_anchor)
+        ca = new_intermediate(new_root(td))  # the bundle written stays the real one
+    overrides = broken_overrides(broken, ca, spiffe_id) if broken else {}
+    svid = issue_svid(ca, spiffe_id, ttl=ttl, dns=dns, **overrides)  # type: ignore[arg-type]
+    write_svid(out, svid, bundle, layout)
+    return svid
+
+
+def cmd_issue(
+    dir: Path,
+    spiffe_id: str,
+    out: Path,
+    ttl: timedelta,
+    dns: Sequence[str],
+    layout: Layout = Layout.SPIFFE_HELPER,
+    broken: Broken | None = None,
+) -> int:
+    ca = _prepare("issue", dir, spiffe_id)
+    if isinstance(ca, int):
+        return ca
+    try:
+        svid = _issue_into(ca, spiffe_id, out, ttl, dns, layout, broken)
+    except (PkiError, ValueError, OSError) as e:
+        return _error("issue", str(e))
+    f = layout.files
+    print(
+        f"issued {spiffe_id} serial {svid.serial:#x} not after {_fmt_time(svid.not_after)} "
+        f"into {out} ({f.cert}, {f.key}, {f.bundle})"
+        + (f", broken on purpose: {broken}" if broken else "")
+    )
+    return 0
+
+
+def cmd_rotate(
+    dir: Path,
+    spiffe_id: str,
+    out: Path,
+    every: float,
+    ttl: timedelta,
+    dns: Sequence[str],
+    layout: Layout = Layout.SPIFFE_HELPER,
+    count: int | None = None,
+    stop: threading.Event | None = None,
+) -> int:
+    """Issue now, then again every `every` seconds with a fresh key each time.
+
+    Stops after `count` rotations, when `stop` is set, or on Ctrl-C (exit 0 in all three).
+    """
+    if every <= 0 or (count is not None and count < 1):
+        return _error("rotate", "--every must be positive and the count at least 1")
+    ca = _prepare("rotate", dir, spiffe_id)
+    if isinstance(ca, int):
+        return ca
+    stop = stop or threading.Event()
+    done = 0
+    try:
+        while True:
+            svid = _issue_into(ca, spiffe_id, out, ttl, dns, layout)
+            done += 1
+            print(
+                f"rotation {done}: {spiffe_id} serial {svid.serial:#x} "
+                f"not after {_fmt_time(svid.not_after)}",
+                flush=True,  # the demo and tests read this line as it happens
+            )
+            if (count is not None and done >= count) or stop.wait(every):
+                break
+    except KeyboardInterrupt:
+        print(f"stopped after {done} rotations")
+    except (PkiError, ValueError, OSError) as e:
+        return _error("rotate", str(e))
+    return 0
