@@ -1,80 +1,31 @@
-"""Authorization: the policy file, compiled once per load, and `Policy.decide`.
-
-Authentication has already proved who the peer is; this module only answers "may that
-SPIFFE ID use this inbound listener?". It is pure: no TLS, no sockets, and the only I/O is
-`load_policy` reading one file.
-
-Semantics (SPEC.md, "Policy file"):
-- a rule matches when one of its `from` patterns matches the peer and its `to.listeners`
-  (omitted: every inbound listener) includes the listener;
-- any matching deny rule wins over every allow rule; with no match, `default` decides;
-  there is no implicit allow: a missing `default` means deny;
-- in audit mode a deny is reported as `audit_deny` and let through;
-- a rule naming `methods` or `paths` is for http listeners and never matches at the
-  connection level, which is what `decide` answers (HTTP mode is not built yet:
-  `policy_warnings` points such rules out);
-- the reported rule is deterministic: the first matching deny rule in file order, else the
-  first matching allow rule in file order.
-
-Patterns: an exact ID; `spiffe://td/a/b/*`, every ID strictly under `/a/b` on a segment
-boundary (`/a/b/c`, `/a/b/c/d`, not `/a/b` and not `/a/bc`); `spiffe://td/*`, every
-workload ID of the trust domain. A peer ID without a path names a trust domain, not a
-workload (X.509-SVID 5.2 forbids it on a leaf), so it is denied like a malformed one.
-
-Cost: compiling turns the rules into two dicts keyed by the plain string
-`trust_domain + path`: exact IDs, and the paths patterns match under (`""` for a whole
-trust domain). A decision is one lookup for the exact ID plus one per proper path prefix
-of the peer, so it grows with the peer's path depth, never with the number of rules. Each
-key holds the first deny and first allow rule for every listener plus, only if some rules
-are listener-scoped, the same per listener: one table, whatever the number of listeners.
-"""
+"""Reading a policy file: every problem listed with its YAML path, then compiled into a
+`Policy`; and the warnings about rules that cannot match at the connection level."""
 
 from __future__ import annotations
 
 import difflib
 import hashlib
 import re
-import sys
-from collections.abc import Collection, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Collection, Iterable, Iterator
 from enum import StrEnum
 from pathlib import Path
 
 from sidecar import strict_yaml
+from sidecar.policy.model import (
+    DEFAULT_RULE,
+    INVALID_PEER_RULE,
+    NO_POLICY_RULE,
+    Action,
+    Mode,
+    PatternKind,
+    PeerPattern,
+    Policy,
+    Rule,
+)
 from sidecar.problems import Problem, ProblemsError
-from sidecar.spiffe import SCHEME_PREFIX, SpiffeId, SpiffeIdError, fold_trust_domain_case
+from sidecar.spiffe import SCHEME_PREFIX, SpiffeId, SpiffeIdError
 from sidecar.strict_yaml import show as _show
 
-
-class Mode(StrEnum):
-    ENFORCE = "enforce"
-    AUDIT = "audit"  # count and log what would be denied, and allow it
-
-
-class Action(StrEnum):
-    ALLOW = "allow"
-    DENY = "deny"
-
-
-class DecisionKind(StrEnum):
-    """The `decision` label of `sidecar_authz_decisions_total` (SPEC.md)."""
-
-    ALLOW = "allow"
-    DENY = "deny"
-    AUDIT_DENY = "audit_deny"
-
-
-class PatternKind(StrEnum):
-    EXACT = "exact"
-    PREFIX = "prefix"  # spiffe://td/a/b/*
-    TRUST_DOMAIN = "trust_domain"  # spiffe://td/*
-
-
-# The `rule` label when no rule of the file decided. They are reserved as rule names so a
-# metric or log line always says unambiguously where a decision came from.
-DEFAULT_RULE = "default"
-NO_POLICY_RULE = "no_policy"
-INVALID_PEER_RULE = "invalid_peer_id"
 _RESERVED_NAMES = frozenset({DEFAULT_RULE, NO_POLICY_RULE, INVALID_PEER_RULE})
 
 # Rule names become metric label values and log fields: keep them short, plain tokens.
@@ -83,193 +34,6 @@ _METHOD_RE = re.compile(r"[A-Z]+")  # HTTP methods are case-sensitive (RFC 9110 
 _TOP_KEYS = ("mode", "default", "rules")
 _RULE_KEYS = ("name", "action", "from", "to")
 _TO_KEYS = ("listeners", "methods", "paths")
-_NEVER = sys.maxsize  # "no rule": larger than any rule index, so min() picks a real one
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    kind: DecisionKind
-    rule: str  # the deciding rule's name, or DEFAULT_RULE / NO_POLICY_RULE / INVALID_PEER_RULE
-
-    @property
-    def allowed(self) -> bool:
-        return self.kind is not DecisionKind.DENY
-
-
-@dataclass(frozen=True, slots=True)
-class PeerPattern:
-    """One `from` entry."""
-
-    kind: PatternKind
-    trust_domain: str
-    path: str  # exact: the ID's path; prefix: the path IDs must be under; trust_domain: ""
-    text: str  # as written in the file
-
-    @property
-    def key(self) -> str:
-        return self.trust_domain + self.path
-
-
-@dataclass(frozen=True, slots=True)
-class Rule:
-    name: str
-    action: Action
-    peers: tuple[PeerPattern, ...]
-    listeners: tuple[str, ...] | None = None  # None: every inbound listener
-    methods: tuple[str, ...] = ()
-    paths: tuple[str, ...] = ()
-
-    @property
-    def http_only(self) -> bool:
-        """True when the rule names methods or paths, so it never matches a tcp listener."""
-        return bool(self.methods or self.paths)
-
-
-# One index slot: (first deny, first allow) rule indexes for rules on every listener, and
-# the same per listener for listener-scoped rules (None when there are none).
-type _Slot = tuple[int, int, Mapping[str, tuple[int, int]] | None]
-
-
-@dataclass(frozen=True, slots=True)
-class _Index:
-    exact: Mapping[str, _Slot]  # key: trust domain + full path
-    under: Mapping[str, _Slot]  # key: trust domain + the path IDs are strictly under
-
-
-def _compile(rules: tuple[Rule, ...]) -> _Index:
-    # Mutable while building: [deny, allow, {listener: [deny, allow]}]
-    tables: dict[PatternKind, dict[str, tuple[list[int], dict[str, list[int]]]]] = {
-        PatternKind.EXACT: {},
-        PatternKind.PREFIX: {},
-    }
-    for index, rule in enumerate(rules):
-        if rule.http_only:
-            continue
-        column = 0 if rule.action is Action.DENY else 1
-        for pattern in rule.peers:
-            kind = PatternKind.EXACT if pattern.kind is PatternKind.EXACT else PatternKind.PREFIX
-            everywhere, by_listener = tables[kind].setdefault(pattern.key, ([_NEVER, _NEVER], {}))
-            pairs = (
-                [everywhere]
-                if rule.listeners is None
-                else [by_listener.setdefault(name, [_NEVER, _NEVER]) for name in rule.listeners]
-            )
-            for pair in pairs:
-                # Rules are visited in file order, so the first one set stays.
-                pair[column] = min(pair[column], index)
-
-    def freeze(table: dict[str, tuple[list[int], dict[str, list[int]]]]) -> dict[str, _Slot]:
-        return {
-            key: (
-                everywhere[0],
-                everywhere[1],
-                {name: (pair[0], pair[1]) for name, pair in by_listener.items()} or None,
-            )
-            for key, (everywhere, by_listener) in table.items()
-        }
-
-    return _Index(freeze(tables[PatternKind.EXACT]), freeze(tables[PatternKind.PREFIX]))
-
-
-_INVALID_PEER = Decision(DecisionKind.DENY, INVALID_PEER_RULE)
-
-
-def _peer_key(peer_id: str) -> str | None:
-    """`trust_domain + path` of a workload ID, trust domain lowercased; None if not one."""
-    if not isinstance(peer_id, str):  # the caller's types say str; a decision never raises
-        return None
-    try:
-        peer = SpiffeId.parse(peer_id)
-    except SpiffeIdError:
-        folded = fold_trust_domain_case(peer_id)
-        if folded == peer_id:
-            return None
-        try:
-            peer = SpiffeId.parse(folded)
-        except SpiffeIdError:
-            return None
-    if not peer.path:
-        return None
-    return peer.trust_domain.name + peer.path
-
-
-def _merge(slot: _Slot, listener: str, deny: int, allow: int) -> tuple[int, int]:
-    everywhere_deny, everywhere_allow, by_listener = slot
-    deny, allow = min(deny, everywhere_deny), min(allow, everywhere_allow)
-    if by_listener is not None:
-        scoped = by_listener.get(listener)
-        if scoped is not None:
-            deny, allow = min(deny, scoped[0]), min(allow, scoped[1])
-    return deny, allow
-
-
-@dataclass(frozen=True, slots=True, eq=False)
-class Policy:
-    """A validated, compiled policy; immutable, so a reload swaps the whole object."""
-
-    rules: tuple[Rule, ...]
-    default: Action = Action.DENY
-    mode: Mode = Mode.ENFORCE
-    source: str = ""  # where it was read from, for messages
-    version: str = ""  # short sha256 of the source text
-    default_rule: str = DEFAULT_RULE  # the `rule` label when no rule matches
-    _index: _Index = field(init=False, repr=False)
-    _decisions: tuple[Decision, ...] = field(init=False, repr=False)  # one per rule
-    _fallback: Decision = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        names = [rule.name for rule in self.rules]
-        if len(set(names)) != len(names):
-            raise ValueError("rule names must be unique")
-        object.__setattr__(self, "_index", _compile(self.rules))
-        object.__setattr__(
-            self, "_decisions", tuple(self._outcome(r.action, r.name) for r in self.rules)
-        )
-        object.__setattr__(self, "_fallback", self._outcome(self.default, self.default_rule))
-
-    def _outcome(self, action: Action, rule: str) -> Decision:
-        if action is Action.ALLOW:
-            return Decision(DecisionKind.ALLOW, rule)
-        kind = DecisionKind.AUDIT_DENY if self.mode is Mode.AUDIT else DecisionKind.DENY
-        return Decision(kind, rule)
-
-    @property
-    def rule_names(self) -> tuple[str, ...]:
-        return tuple(rule.name for rule in self.rules)
-
-    def decide(self, peer_id: str, listener: str) -> Decision:
-        """May `peer_id` (already authenticated) use inbound `listener`? Never raises.
-
-        An ID that is not a valid workload SPIFFE ID is denied even in audit mode: it means
-        authentication let something through that it must not, which audit cannot excuse.
-        """
-        key = _peer_key(peer_id)
-        if key is None:
-            return _INVALID_PEER
-        deny = allow = _NEVER
-        slot = self._index.exact.get(key)
-        if slot is not None:
-            deny, allow = _merge(slot, listener, deny, allow)
-        under = self._index.under
-        # Each "/" ends a proper prefix: "td" (whole trust domain), "td/a", "td/a/b", ...
-        cut = key.find("/")
-        while cut != -1:
-            slot = under.get(key[:cut])
-            if slot is not None:
-                deny, allow = _merge(slot, listener, deny, allow)
-            cut = key.find("/", cut + 1)
-        if deny != _NEVER:
-            return self._decisions[deny]
-        if allow != _NEVER:
-            return self._decisions[allow]
-        return self._fallback
-
-
-DENY_ALL = Policy(rules=(), source="", version="none", default_rule=NO_POLICY_RULE)
-"""In force when no valid policy was ever loaded: every connection is denied."""
-
-
-# --- reading the file -------------------------------------------------------------------
 
 
 class _Reader:
