@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
-from sidecar import spiffe
+from sidecar import spiffe, svid
 from sidecar.identity import Identity
 from sidecar.reasons import Reason
 
@@ -149,8 +149,8 @@ class Authenticator:
 
 def _svid_peer(leaf: x509.Certificate) -> Peer:
     try:
-        sid = spiffe.spiffe_id_of(leaf)
-    except spiffe.SvidError as exc:
+        sid = svid.spiffe_id_of(leaf)
+    except svid.SvidError as exc:
         raise AuthnError(Reason.INVALID_SVID, "; ".join(p.message for p in exc.problems)) from exc
     return Peer(str(sid), sid.trust_domain.name, leaf.not_valid_before_utc.timestamp(),
                 leaf.not_valid_after_utc.timestamp())

@@ -25,7 +25,7 @@ from typing import Any
 
 from cryptography import x509
 
-from sidecar import spiffe
+from sidecar import svid
 from sidecar.authn import matches_expected
 from sidecar.reasons import Reason
 from sidecar.tls.classify import Failure, classify, skew_note
@@ -249,8 +249,8 @@ def _check_server(sock: ssl.SSLSocket, args: argparse.Namespace, out: Outcome) -
     trust = "verified against --bundle" if args.bundle else "NOT verified (no --bundle given)"
     out.step("server chain", True, f"{shown}; {trust}")
     try:
-        sid = str(spiffe.spiffe_id_of(leaf))
-    except spiffe.SvidError as exc:
+        sid = str(svid.spiffe_id_of(leaf))
+    except svid.SvidError as exc:
         out.fail(Reason.INVALID_SVID, "; ".join(p.message for p in exc.problems))
         return False
     out.peer_spiffe_id = sid

@@ -22,7 +22,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from sidecar import spiffe
+from sidecar import spiffe, svid
 from sidecar.problems import Problem, ProblemsError
 
 MIN_RSA_BITS = 2048  # SPEC: "RSA >= 2048"
@@ -213,7 +213,7 @@ def _read_bundle(path: Path, td: str | None, problems: list[Problem]) -> Bundle 
     certs = _read_certs(path, problems)
     if not certs:
         return None
-    bad = [p for c in certs for p in spiffe.ca_problems(c)]
+    bad = [p for c in certs for p in svid.ca_problems(c)]
     for p in bad:
         problems.append(Problem(str(path), f"not a CA certificate: {p.message}"))
     if bad:
@@ -274,8 +274,8 @@ def _check_leaf(
                                            f"{leaf.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}; "
                                            "is the SVID issuer still rotating?"))
     try:
-        return spiffe.spiffe_id_of(leaf)
-    except spiffe.SvidError as exc:
+        return svid.spiffe_id_of(leaf)
+    except svid.SvidError as exc:
         for p in exc.problems:
             problems.append(Problem(str(path), f"not a valid X.509-SVID: {p.message}"))
         return None

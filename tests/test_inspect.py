@@ -17,7 +17,7 @@ from cryptography.x509.oid import NameOID
 from sidecar import inspect, pki
 from sidecar.pki import CA, KeyFormat, KeyType, Svid
 from sidecar.reasons import Reason
-from sidecar.spiffe import SvidRule
+from sidecar.svid import SvidRule
 
 TD = "example.org"
 WEB = f"spiffe://{TD}/ns/default/sa/web"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sidecar import spiffe
+from sidecar import svid
 from sidecar.inspection.findings import FileProblem
 from sidecar.inspection.pem import read_pem
 from sidecar.inspection.report import BundleFile, no_certificate
@@ -38,6 +38,6 @@ def load_bundle(path: str) -> BundleFile | str:
     if not contents.certs:
         return no_certificate(contents)
     for n, cert in enumerate(contents.certs, 1):
-        for p in spiffe.ca_problems(cert):
+        for p in svid.ca_problems(cert):
             return f"certificate {n} is not a usable CA ({p.message}); sidecar refuses this bundle"
     return BundleFile(path, contents.certs)

@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 
 from cryptography import x509
 
-from sidecar import spiffe
+from sidecar import svid
 from sidecar.inspection.certview import CertView, describe
 from sidecar.inspection.chain import MAX_CHAIN, Walk, walk_chain
 from sidecar.inspection.findings import FileProblem, Finding
@@ -100,8 +100,8 @@ def examine(
     in_chain = set(walk.order)
     checked = [i for i in range(len(certs)) if kind == "ca" or i in in_chain]
     rules = [(i, p) for i in checked for p in
-             (spiffe.svid_problems(certs[i]) if kind == "svid" and i == 0
-              else spiffe.ca_problems(certs[i]))]
+             (svid.svid_problems(certs[i]) if kind == "svid" and i == 0
+              else svid.ca_problems(certs[i]))]
     findings += [Finding(p.rule, f"{labels[i]}: {p.message}" if i else p.message,
                          Reason.INVALID_SVID) for i, p in rules]
     validities = [validity(v, now, skew) for v in views]

@@ -7,7 +7,7 @@ from enum import StrEnum
 
 from cryptography import x509
 
-from sidecar import spiffe
+from sidecar import svid
 from sidecar.authn import matches_expected
 from sidecar.reasons import Reason
 from sidecar.tls.classify import classify
@@ -88,8 +88,8 @@ def peer_id_error(der: bytes | None, expect: str) -> RequestError | None:
     if der is None:
         return RequestError(Reason.INVALID_SVID, "the server presented no certificate")
     try:
-        found = spiffe.spiffe_id_of(x509.load_der_x509_certificate(der))
-    except (spiffe.SvidError, ValueError) as exc:
+        found = svid.spiffe_id_of(x509.load_der_x509_certificate(der))
+    except (svid.SvidError, ValueError) as exc:
         return RequestError(Reason.INVALID_SVID,
                             f"the server's certificate is not an X.509-SVID: {exc}")
     if not matches_expected(str(found), [expect]):
