@@ -16,13 +16,12 @@ import logging
 import os
 import secrets
 import signal
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from sidecar import admin, logs, metrics, reload
-from sidecar.config import Address, Config, SessionStore
+from sidecar.config import Address, Config
 from sidecar.identity import Identity, load_identity
 from sidecar.policy import DENY_ALL, Policy, load_policy
 from sidecar.problems import ProblemsError
@@ -32,6 +31,7 @@ from sidecar.proxy.listener import Listener
 from sidecar.proxy.runtime import Runtime
 from sidecar.tls import contexts as tls_contexts
 from sidecar.tls import ktls, openssl
+from sidecar.tls.resumption import Resumption
 
 SWEEP_EVERY = 1.0  # seconds between idle / lifetime sweeps
 FD_RESERVE = 64  # descriptors for listeners, the admin port, files, the watcher, logs
@@ -52,7 +52,9 @@ class Server:
     def __init__(self, config: Config, worker: WorkerRole | None = None) -> None:
         self.config = config
         self.worker = worker
-        self.ticket_secret = worker.ticket_secret if worker else secrets.token_bytes(32)
+        self.resumption = Resumption(
+            config.tls, worker.ticket_secret if worker else secrets.token_bytes(32),
+            workers=worker is not None)
         self.listeners: list[Listener] = []
         self.rt: Runtime | None = None
         self.draining = False
@@ -74,29 +76,11 @@ class Server:
 
     def build_contexts(self, identity: Identity) -> tls_contexts.Contexts:
         tls = self.config.tls
-        memory = self.session_store() == SessionStore.MEMORY
         return tls_contexts.build(identity, min_version=str(tls.min_version),
                                   session_resumption=tls.session_resumption,
                                   ktls=self.ktls.available,
-                                  ticket_keys=self.ticket_keys(identity),
-                                  session_cache_size=tls.session_cache_size if memory else None)
-
-    def session_store(self) -> SessionStore:
-        """`auto`: memory in a single process; tickets when workers share the port, since
-        the kernel spreads a peer's connections over the workers and a session kept by
-        one worker would not resume on another."""
-        store = self.config.tls.session_store
-        if store == SessionStore.AUTO:
-            return SessionStore.TICKETS if self.worker is not None else SessionStore.MEMORY
-        return store
-
-    def ticket_epoch(self) -> int:
-        rotation = self.config.tls.session_ticket_rotation
-        return int(time.time() // rotation) if rotation > 0 else 0
-
-    def ticket_keys(self, identity: Identity) -> bytes:
-        return tls_contexts.ticket_keys(self.ticket_secret, self.ticket_epoch(),
-                                        identity.trust_version)
+                                  ticket_keys=self.resumption.ticket_keys(identity),
+                                  session_cache_size=self.resumption.cache_size())
 
     async def _first_identity(self) -> Identity | None:
         """Load the identity to start with, retrying as a reload does: a sidecar started
@@ -336,29 +320,9 @@ class Server:
             coros.append(reload.watch(self._reloadables, self._stop))
         if ident.reload_interval > 0:
             coros.append(reload.every(ident.reload_interval, self._reloadables, self._stop))
-        rotation = self.config.tls.session_ticket_rotation
-        if self.config.tls.session_resumption and rotation > 0:
-            coros.append(self._rotate_ticket_keys(rotation))
+        if self.config.tls.session_resumption and self.config.tls.session_ticket_rotation > 0:
+            coros.append(self.resumption.rotate_at_boundaries(lambda: rt.contexts, self._stop))
         return reload.spawn_all(coros)
-
-    async def _rotate_ticket_keys(self, every: float) -> None:
-        """Install the next period's ticket keys at each epoch boundary (the same instant in
-        every worker), or forget the sessions kept in memory. Tickets of the period before
-        then fall back to a full handshake."""
-        assert self._stop is not None and self.rt is not None
-        while not self._stop.is_set():
-            wait = every - time.time() % every
-            try:
-                async with asyncio.timeout(wait):
-                    await self._stop.wait()
-            except TimeoutError:
-                contexts = self.rt.contexts
-                if contexts.session_store == "memory":
-                    openssl.flush_sessions(contexts.server)
-                    logs.event(logging.INFO, "session cache flushed", next_in_s=every)
-                else:
-                    openssl.set_ticket_keys(contexts.server, self.ticket_keys(contexts.identity))
-                    logs.event(logging.INFO, "session ticket keys rotated", next_in_s=every)
 
     def stop(self) -> None:
         """Begin a drain (first call) or end it at once (second call)."""
@@ -443,20 +407,9 @@ class Server:
                             "pending_handshakes": len(self.rt.tracker.pending)},
             "draining": self.draining,
             "ktls": {"mode": str(self.config.tls.ktls), **self.ktls.as_dict()},
-            "sessions": self._sessions_status(),
+            "sessions": self.resumption.status(self.rt.contexts),
             "workers": [{"pid": os.getpid()}],
         }
-
-    def _sessions_status(self) -> dict[str, Any]:
-        assert self.rt is not None
-        store = self.rt.contexts.session_store
-        out: dict[str, Any] = {"store": store, "configured": str(self.config.tls.session_store)}
-        if store == "memory":
-            stats = self.rt.contexts.server.session_stats()
-            out.update(cached=stats["number"], capacity=self.config.tls.session_cache_size,
-                       hits=stats["hits"], misses=stats["misses"],
-                       evicted=stats["cache_full"])
-        return out
 
     def _maybe_drained(self) -> None:
         if self.draining and self._drained is not None:
