@@ -9,16 +9,13 @@ these are exactly the chains `Authenticator.full` sees in production.
 from __future__ import annotations
 
 import asyncio
-import secrets
-import socket
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
+from tls_pairs import client_context, closed_on_exit, der, endpoints, handshake_both, ready
 
 from sidecar import pki
 from sidecar.authn import Authenticator, AuthnError, Peer, matches_expected
@@ -68,18 +65,6 @@ def server(identity: Identity) -> Contexts:
     return contexts.build(identity)
 
 
-def socket_pair() -> tuple[socket.socket, socket.socket]:
-    """A connected pair, non-blocking: the engine requires that of the sockets it gets."""
-    a, b = socket.socketpair()
-    a.setblocking(False)
-    b.setblocking(False)
-    return a, b
-
-
-def der(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.DER)
-
-
 def chain_of(svid: Svid, ca: CA) -> list[bytes]:
     """A verified chain as OpenSSL hands it over: leaf, intermediates, root."""
     return [der(svid.cert), *(der(c) for c in svid.intermediates), der(ca.trust_anchor)]
@@ -90,48 +75,29 @@ class Client:
 
     def __init__(self, svid: Svid, ours: CA, tmp_path: Path) -> None:
         self.svid = svid
-        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        self.ctx.check_hostname = False
-        self.ctx.load_verify_locations(cadata=pki.certs_pem([ours.cert]).decode("ascii"))
-        path = tmp_path / f"peer-{secrets.token_hex(4)}.pem"
-        path.write_bytes(svid.chain_pem() + svid.key_pem())
-        self.ctx.load_cert_chain(path)
+        self.ctx = client_context(svid, [ours.cert], tmp_path)
         self.session: ssl.SSLSession | None = None
 
 
 @pytest.fixture
 def held() -> Iterator[list[TlsEndpoint]]:
-    endpoints: list[TlsEndpoint] = []
-    yield endpoints
-    for ep in endpoints:
-        ep.close()
-
-
-async def _ready(fd: int) -> None:
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[None] = loop.create_future()
-    loop.add_reader(fd, lambda: fut.done() or fut.set_result(None))
-    try:
-        await fut
-    finally:
-        loop.remove_reader(fd)
+    with closed_on_exit() as opened:
+        yield opened
 
 
 async def connect(server_ctx: ssl.SSLContext, peer: Client, held: list[TlsEndpoint]
                   ) -> TlsEndpoint:
     """Handshake; returns our (server) end, open. The peer keeps its session ticket."""
-    a, b = socket_pair()
-    srv = TlsEndpoint.server(server_ctx, a)
-    cli = TlsEndpoint.client(peer.ctx, b, None, session=peer.session)
+    srv, cli = endpoints(server_ctx, peer.ctx, peer.session)
     held += [srv, cli]
     async with asyncio.timeout(HANDSHAKE_BUDGET):
-        s, c = await asyncio.gather(srv.handshake(), cli.handshake(), return_exceptions=True)
+        s, c = await handshake_both(srv, cli)
         assert s is None and c is None, (s, c)  # OpenSSL let the peer in
         # The ticket arrives after the handshake; then let the peer read to the end.
         srv.write(b"!")
         buf = memoryview(bytearray(64 * 1024))
         while cli.read_into(buf) in (WANT_READ, WANT_WRITE):
-            await _ready(cli.fd)
+            await ready(cli.fd)
     peer.session = cli.session()
     return srv
 

@@ -8,7 +8,6 @@ Certificate messages is tested on hand-built messages, good, cut short and malfo
 from __future__ import annotations
 
 import asyncio
-import secrets
 import socket
 import ssl
 from collections.abc import Iterator
@@ -19,11 +18,21 @@ import pytest
 from cryptography import x509
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tls_pairs import (
+    client_context,
+    closed_on_exit,
+    der,
+    endpoints,
+    handshake_both,
+    present,
+    ready,
+    socket_pair,
+)
 
 from sidecar import pki
 from sidecar.endpoint import WANT_READ, WANT_WRITE
 from sidecar.identity import Identity, load_identity
-from sidecar.pki import CA, Svid
+from sidecar.pki import CA
 from sidecar.reasons import Reason
 from sidecar.tls import contexts, peerchain
 from sidecar.tls.classify import Failure, classify
@@ -58,46 +67,10 @@ def server_ctx(server_identity: Identity) -> ssl.SSLContext:
     return contexts.build(server_identity).server
 
 
-def client_context(
-    svid: Svid | None, root: CA, tmp_path: Path, *, max_version: ssl.TLSVersion | None = None
-) -> ssl.SSLContext:
-    """A client presenting `svid` as it is (bad ones included), or no certificate at all."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    if max_version is not None:
-        ctx.maximum_version = max_version
-    ctx.load_verify_locations(cadata=pki.certs_pem([root.cert]).decode("ascii"))
-    if svid is not None:
-        path = tmp_path / f"client-{secrets.token_hex(4)}.pem"
-        path.write_bytes(svid.chain_pem() + svid.key_pem())
-        ctx.load_cert_chain(path)
-    return ctx
-
-
-def socket_pair() -> tuple[socket.socket, socket.socket]:
-    """A connected pair, non-blocking: the engine requires that of the sockets it gets."""
-    a, b = socket.socketpair()
-    a.setblocking(False)
-    b.setblocking(False)
-    return a, b
-
-
 @pytest.fixture
 def sockets() -> Iterator[list[socket.socket | TlsEndpoint]]:
-    held: list[socket.socket | TlsEndpoint] = []
-    yield held
-    for s in held:
-        s.close()
-
-
-async def _ready(fd: int) -> None:
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[None] = loop.create_future()
-    loop.add_reader(fd, lambda: fut.done() or fut.set_result(None))
-    try:
-        await fut
-    finally:
-        loop.remove_reader(fd)
+    with closed_on_exit() as held:
+        yield held
 
 
 async def _first_read(ep: TlsEndpoint) -> Outcome:
@@ -110,19 +83,17 @@ async def _first_read(ep: TlsEndpoint) -> Outcome:
             return exc
         if n not in (WANT_READ, WANT_WRITE):
             return None
-        await _ready(ep.fd)
+        await ready(ep.fd)
 
 
 async def handshake(
     server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, held: list[socket.socket | TlsEndpoint]
 ) -> tuple[Outcome, Outcome]:
     """(server's exception, client's exception, from the handshake or its first read)."""
-    a, b = socket_pair()
-    srv = TlsEndpoint.server(server_ctx, a)
-    cli = TlsEndpoint.client(client_ctx, b, None)
+    srv, cli = endpoints(server_ctx, client_ctx)
     held += [srv, cli]
     async with asyncio.timeout(HANDSHAKE_BUDGET):
-        s, c = await asyncio.gather(srv.handshake(), cli.handshake(), return_exceptions=True)
+        s, c = await handshake_both(srv, cli)
         srv.close()  # any alert is out; a client that was let in then reads the end
         if c is None:
             c = await _first_read(cli)
@@ -163,7 +134,7 @@ async def test_refused_client_certificate(
     theirs: Reason | None,
 ) -> None:
     svid = make(cas[1])  # type: ignore[operator]
-    s, c = await handshake(server_ctx, client_context(svid, cas[0], tmp_path), sockets)
+    s, c = await handshake(server_ctx, client_context(svid, [cas[0].cert], tmp_path), sockets)
     assert isinstance(s, ssl.SSLCertVerificationError), s
     failure = classify(s)
     assert failure.reason is ours
@@ -187,7 +158,7 @@ async def test_revoked_by_a_loaded_crl(
     pki.write_crl(crl_file, pki.issue_crl(inter, [svid.serial]))
     server_ctx.load_verify_locations(cafile=crl_file)
     server_ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
-    s, c = await handshake(server_ctx, client_context(svid, root, tmp_path), sockets)
+    s, c = await handshake(server_ctx, client_context(svid, [root.cert], tmp_path), sockets)
     assert isinstance(s, ssl.SSLCertVerificationError), s
     assert classify(s).reason is Reason.REVOKED
     assert c is not None
@@ -204,14 +175,15 @@ async def test_a_crl_that_revokes_someone_else_lets_the_client_in(
     server_ctx.load_verify_locations(cafile=crl_file)
     server_ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
     ok = pki.issue_svid(inter, CLIENT_ID)
-    assert await handshake(server_ctx, client_context(ok, root, tmp_path), sockets) == (None, None)
+    client = client_context(ok, [root.cert], tmp_path)
+    assert await handshake(server_ctx, client, sockets) == (None, None)
 
 
 async def test_no_client_certificate(
     server_ctx: ssl.SSLContext, cas: tuple[CA, CA], tmp_path: Path,
     sockets: list[socket.socket | TlsEndpoint],
 ) -> None:
-    s, c = await handshake(server_ctx, client_context(None, cas[0], tmp_path), sockets)
+    s, c = await handshake(server_ctx, client_context(None, [cas[0].cert], tmp_path), sockets)
     assert s is not None and classify(s).reason is Reason.NO_CLIENT_CERT
     assert classify(s).by_peer is False
     assert c is not None and classify(c).reason is Reason.NO_CLIENT_CERT
@@ -223,7 +195,7 @@ async def test_tls12_client_against_tls13_server_on_both_sides(
     sockets: list[socket.socket | TlsEndpoint],
 ) -> None:
     svid = pki.issue_svid(cas[1], CLIENT_ID)
-    client = client_context(svid, cas[0], tmp_path, max_version=ssl.TLSVersion.TLSv1_2)
+    client = client_context(svid, [cas[0].cert], tmp_path, max_version=ssl.TLSVersion.TLSv1_2)
     s, c = await handshake(server_ctx, client, sockets)
     assert s is not None and classify(s).reason is Reason.PROTOCOL_VERSION
     assert c is not None and classify(c).reason is Reason.PROTOCOL_VERSION
@@ -237,10 +209,8 @@ async def test_server_from_a_foreign_ca_refused_by_the_client(
     foreign = pki.new_intermediate(pki.new_root(TD))
     bad_server = pki.issue_svid(foreign, SERVER_ID)
     server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    path = tmp_path / "server.pem"
-    path.write_bytes(bad_server.chain_pem() + bad_server.key_pem())
-    server.load_cert_chain(path)
-    client = client_context(pki.issue_svid(cas[1], CLIENT_ID), cas[0], tmp_path)
+    present(server, bad_server, tmp_path)
+    client = client_context(pki.issue_svid(cas[1], CLIENT_ID), [cas[0].cert], tmp_path)
     assert peerchain.install(client)
     s, c = await handshake(server, client, sockets)
     assert isinstance(c, ssl.SSLCertVerificationError), c
@@ -334,12 +304,10 @@ async def _unverified_leaf_only(
 ) -> tuple[ssl.SSLCertVerificationError, list[bytes]]:
     root, inter = cas
     svid = pki.issue_svid(inter, CLIENT_ID, include_intermediates=False)
-    a, b = socket_pair()
-    srv = TlsEndpoint.server(server_ctx, a)
-    cli = TlsEndpoint.client(client_context(svid, root, tmp_path), b, None)
+    srv, cli = endpoints(server_ctx, client_context(svid, [root.cert], tmp_path))
     sockets += [srv, cli]
     async with asyncio.timeout(HANDSHAKE_BUDGET):
-        s, _ = await asyncio.gather(srv.handshake(), cli.handshake(), return_exceptions=True)
+        s, _ = await handshake_both(srv, cli)
     assert isinstance(s, ssl.SSLCertVerificationError), s
     presented = srv.presented_chain()
     assert presented is not None
@@ -389,10 +357,8 @@ def tls13_message(certs: list[bytes], *, context: bytes = b"",
 
 
 def _real_chain(cas: tuple[CA, CA]) -> list[bytes]:
-    from cryptography.hazmat.primitives.serialization import Encoding
-
     svid = pki.issue_svid(cas[1], CLIENT_ID)
-    return [c.public_bytes(Encoding.DER) for c in (svid.cert, cas[1].cert)]
+    return [der(svid.cert), der(cas[1].cert)]
 
 
 def test_parse_tls12_message(cas: tuple[CA, CA]) -> None:

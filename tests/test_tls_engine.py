@@ -11,8 +11,6 @@ import _ssl
 import asyncio
 import gc
 import os
-import secrets
-import socket
 import ssl
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,7 +18,15 @@ from typing import Any
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from tls_pairs import (
+    client_context,
+    closed_on_exit,
+    der,
+    endpoints,
+    handshake_both,
+    ready,
+    socket_pair,
+)
 
 from sidecar import pki
 from sidecar.authn import Authenticator
@@ -82,33 +88,6 @@ def client(client_identity: Identity) -> Contexts:
     return contexts.build(client_identity)
 
 
-def raw_client_context(
-    svid: Svid, anchors: list[x509.Certificate], tmp_path: Path, *, tls12: bool = False
-) -> ssl.SSLContext:
-    """A client presenting whatever `svid` holds, bad or not (load_identity would refuse)."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    if tls12:
-        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_verify_locations(cadata=pki.certs_pem(anchors).decode("ascii"))
-    path = tmp_path / f"client-{secrets.token_hex(4)}.pem"
-    path.write_bytes(svid.chain_pem() + svid.key_pem())
-    ctx.load_cert_chain(path)
-    return ctx
-
-
-def socket_pair() -> tuple[socket.socket, socket.socket]:
-    """A connected pair, non-blocking: the engine requires that of the sockets it gets."""
-    a, b = socket.socketpair()
-    a.setblocking(False)
-    b.setblocking(False)
-    return a, b
-
-
-def der(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.DER)
-
-
 def uri_of(leaf_der: bytes) -> list[str]:
     cert = x509.load_der_x509_certificate(leaf_der)
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -116,27 +95,6 @@ def uri_of(leaf_der: bytes) -> list[str]:
 
 
 # --- driving endpoints from a test --------------------------------------------------------
-
-
-async def ready(fd: int, *, write: bool = False) -> None:
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[None] = loop.create_future()
-
-    def fire() -> None:
-        if not fut.done():
-            fut.set_result(None)
-
-    if write:
-        loop.add_writer(fd, fire)
-    else:
-        loop.add_reader(fd, fire)
-    try:
-        await fut
-    finally:
-        if write:
-            loop.remove_writer(fd)
-        else:
-            loop.remove_reader(fd)
 
 
 async def wait_for(code: int, fd: int) -> None:
@@ -199,14 +157,10 @@ class Pair:
 
     def __init__(self, server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext,
                  session: ssl.SSLSession | None = None) -> None:
-        a, b = socket_pair()
-        self.server = TlsEndpoint.server(server_ctx, a)
-        self.client = TlsEndpoint.client(client_ctx, b, None, session=session)
+        self.server, self.client = endpoints(server_ctx, client_ctx, session)
 
     async def handshake(self) -> tuple[BaseException | None, BaseException | None]:
-        s, c = await asyncio.gather(
-            self.server.handshake(), self.client.handshake(), return_exceptions=True)
-        return s, c
+        return await handshake_both(self.server, self.client)
 
     def close(self) -> None:
         self.server.close()
@@ -215,15 +169,13 @@ class Pair:
 
 @pytest.fixture
 def pairs() -> Iterator[Callable[..., Pair]]:
-    made: list[Pair] = []
+    with closed_on_exit() as made:
 
-    def make(*args: Any, **kwargs: Any) -> Pair:
-        made.append(Pair(*args, **kwargs))
-        return made[-1]
+        def make(*args: Any, **kwargs: Any) -> Pair:
+            made.append(Pair(*args, **kwargs))
+            return made[-1]
 
-    yield make
-    for p in made:
-        p.close()
+        yield make
 
 
 async def connected(p: Pair) -> Pair:
@@ -603,7 +555,8 @@ def test_missing_intermediate_is_seen_in_the_presented_chain(
     root, inter = cas
     leaf_only = pki.issue_svid(inter, CLIENT_ID, include_intermediates=False)
     server_ctx = contexts.build(server_identity, min_version=version).server
-    client_ctx = raw_client_context(leaf_only, [root.cert], tmp_path, tls12=version == "1.2")
+    client_ctx = client_context(leaf_only, [root.cert], tmp_path,
+                                max_version=ssl.TLSVersion.TLSv1_2 if version == "1.2" else None)
     authn = Authenticator()
     authn.learn(server_identity)  # our own intermediate is a known one
 
@@ -625,7 +578,7 @@ def test_foreign_ca_is_seen_in_the_presented_chain(
 ) -> None:
     foreign = pki.new_intermediate(pki.new_root(TD))
     svid = pki.issue_svid(foreign, CLIENT_ID)
-    client_ctx = raw_client_context(svid, [cas[0].cert], tmp_path)
+    client_ctx = client_context(svid, [cas[0].cert], tmp_path)
     authn = Authenticator()
     authn.learn(server_identity)
 
