@@ -363,6 +363,68 @@ def test_backpressure_holds_one_chunk_and_stops_reading(
     run(body(), timeout=40)
 
 
+class KtlsLikeWriter(TcpEndpoint):
+    """A TCP endpoint that writes the way OpenSSL does on a kTLS socket: straight from the
+    caller's buffer, and after WANT_WRITE, from that first buffer again, whatever the
+    retry passes (OpenSSL 3.0, do_ssl3_write with BIO_get_ktls_send: the record buffer
+    is set to the caller's data; ssl3_write_pending resumes from it)."""
+
+    __slots__ = ("held",)
+    ktls_tx = True
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(sock)
+        self.held: tuple[memoryview | bytes, int] | None = None  # (first buffer, sent)
+
+    def write(self, data: memoryview | bytes) -> int:
+        first, sent = self.held if self.held is not None else (data, 0)
+        try:
+            while sent < len(first):
+                sent += self.sock.send(first[sent:])
+        except BlockingIOError:
+            self.held = (first, sent)
+            return WANT_WRITE
+        self.held = None
+        return len(first)
+
+
+def test_a_ktls_destination_is_retried_with_bytes_no_other_flow_can_touch() -> None:
+    """Between a WANT_WRITE and its retry, another flow's read reuses the shared buffer; a
+    write OpenSSL resumes from the first buffer must not send that flow's bytes."""
+    app, app_far = socket.socketpair()
+    remote, remote_far = socket.socketpair()
+    other, other_far = socket.socketpair()
+    socks = (app, app_far, remote, remote_far, other, other_far)
+    for sk in socks:
+        sk.setblocking(False)
+    try:
+        flow = Flow(TcpEndpoint(app), KtlsLikeWriter(remote))
+        bystander = Flow(TcpEndpoint(other), TcpEndpoint(other_far))
+        sent = bytearray()
+        while flow.wait != (flow.dst, True):  # until the remote's buffer is full
+            chunk = os.urandom(CHUNK)
+            app_far.sendall(chunk)
+            sent += chunk
+            flow.run()
+        other_far.sendall(b"\xee" * CHUNK)
+        bystander.read_once()  # fills the shared buffer with its own bytes
+
+        got = bytearray()
+        for _ in range(10_000):  # bounded: each round drains the remote and retries
+            try:
+                got += remote_far.recv(1 << 20)
+            except BlockingIOError:
+                pass
+            flow.run()
+            if len(got) == len(sent):
+                break
+        assert len(got) == len(sent)
+        assert bytes(got) == bytes(sent), "bytes of another flow went out on this one"
+    finally:
+        for sk in socks:
+            sk.close()
+
+
 # --- half-close ---------------------------------------------------------------------------------
 
 

@@ -40,11 +40,17 @@ _buffer = memoryview(bytearray(CHUNK))
 class Flow:
     """One direction: src -> dst."""
 
-    __slots__ = ("done", "dst", "eof", "moved", "pending", "src", "wait")
+    __slots__ = ("done", "dst", "eof", "moved", "own_copy", "pending", "src", "wait")
 
     def __init__(self, src: Endpoint, dst: Endpoint) -> None:
         self.src = src
         self.dst = dst
+        # OpenSSL writes to a kTLS socket straight from the caller's buffer, and after
+        # WANT_WRITE it resumes from the buffer it was first given, whatever the retry
+        # passes (ACCEPT_MOVING_WRITE_BUFFER only relaxes the check). The shared buffer
+        # holds the next read of any flow by then: such a destination is written from a
+        # copy of its own, and retried with that very copy.
+        self.own_copy = dst.ktls_tx
         self.pending: memoryview | None = None
         self.eof = False
         self.done = False
@@ -97,17 +103,17 @@ class Flow:
     def forward(self, n: int) -> bool:
         """Write the n bytes just read into the shared buffer; False when the destination
         held some back (they are copied aside and the flow waits)."""
-        data = _buffer[:n]
+        data = memoryview(bytes(_buffer[:n])) if self.own_copy else _buffer[:n]
         w = self.dst.write(data)
         if w == n:
             self.moved += n
             return True
         if w >= 0:
             self.moved += w
-            self.pending = memoryview(bytes(data[w:]))
+            self.pending = memoryview(bytes(data[w:]))  # nothing of it is OpenSSL's now
             self.wait = (self.dst, True)
         else:
-            self.pending = memoryview(bytes(data))
+            self.pending = data if self.own_copy else memoryview(bytes(data))
             self.wait = (self.dst, w == WANT_WRITE)
         return False
 
