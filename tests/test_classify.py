@@ -27,6 +27,7 @@ from tls_pairs import (
     present,
     ready,
     socket_pair,
+    tcp_pair,
 )
 
 from sidecar import pki
@@ -258,20 +259,11 @@ async def test_timeout(server_ctx: ssl.SSLContext,
     assert classify(caught.value).reason is Reason.HANDSHAKE_TIMEOUT
 
 
-def _tcp_pair() -> tuple[socket.socket, socket.socket]:
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        c = socket.create_connection(listener.getsockname())
-        s, _ = listener.accept()
-    s.setblocking(False)
-    c.setblocking(False)
-    return s, c
-
-
 @pytest.mark.parametrize("kind", ["unix", "tcp"])
 @pytest.mark.parametrize("when", ["before-hello", "after-hello"])
 async def test_eof_mid_handshake(server_ctx: ssl.SSLContext, cas: tuple[CA, CA], kind: str,
                                  when: str, sockets: list[socket.socket | TlsEndpoint]) -> None:
-    a, b = socket_pair() if kind == "unix" else _tcp_pair()
+    a, b = socket_pair() if kind == "unix" else tcp_pair()
     srv = TlsEndpoint.server(server_ctx, a)
     sockets.append(srv)
     if when == "after-hello":

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tls_pairs import ready, tcp_pair
 
 from sidecar import pki
 from sidecar.endpoint import DONE, WANT_WRITE, Endpoint, TcpEndpoint
@@ -60,16 +61,6 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> tuple[Contexts, Contexts]:
 
 
 # --- sockets and the rig ----------------------------------------------------------------------
-
-
-def tcp_pair() -> tuple[socket.socket, socket.socket]:
-    """A TCP connection over loopback, both ends non-blocking as endpoints require."""
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        near = socket.create_connection(listener.getsockname())
-        far, _ = listener.accept()
-    near.setblocking(False)
-    far.setblocking(False)
-    return near, far
 
 
 def _ioctl_int(fd: int, request: int) -> int:
@@ -145,21 +136,6 @@ async def open_rig(kind: str, tls: tuple[Contexts, Contexts], made: list[Rig]) -
 
 
 # --- driving endpoints from the test ----------------------------------------------------------
-
-
-async def ready(fd: int, *, write: bool = False) -> None:
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[None] = loop.create_future()
-
-    def fire() -> None:
-        if not fut.done():
-            fut.set_result(None)
-
-    (loop.add_writer if write else loop.add_reader)(fd, fire)
-    try:
-        await fut
-    finally:
-        (loop.remove_writer if write else loop.remove_reader)(fd)
 
 
 async def send_all(ep: Endpoint, data: bytes) -> None:

@@ -61,6 +61,16 @@ async def handshake_both(server: TlsEndpoint, client: TlsEndpoint
     return s, c
 
 
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """A TCP connection over loopback, both ends non-blocking as endpoints require."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        near = socket.create_connection(listener.getsockname())
+        far, _ = listener.accept()
+    near.setblocking(False)
+    far.setblocking(False)
+    return near, far
+
+
 async def ready(fd: int, *, write: bool = False) -> None:
     """Wait until `fd` is readable (writable with write=True)."""
     loop = asyncio.get_running_loop()
