@@ -32,11 +32,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import socket
 import ssl
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -228,20 +226,11 @@ def main() -> int:
     directions = [d for d in args.directions.split(",") if d]
     if not set(directions) <= {"to_app", "from_app"}:
         ap.error("--directions: to_app and/or from_app")
-    if args.keep:
-        args.keep.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix="backpressure-", dir=args.keep))
-    else:
-        work = Path(tempfile.mkdtemp(prefix="sidecar-backpressure-"))
-    try:
+    def both(work: Path) -> list[dict[str, Any]]:
         p = ch.make_pki(work / "pki")
-        results = [one_direction(d, args, p, work) for d in directions]
-    except BaseException:
-        mi.print_events(work)
-        raise
-    finally:
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
+        return [one_direction(d, args, p, work) for d in directions]
+
+    results = mi.in_workdir("backpressure", args.keep, both)
     if args.json:
         print(json.dumps(results, indent=2))
     else:

@@ -38,11 +38,9 @@ import argparse
 import itertools
 import json
 import os
-import shutil
 import socket
 import ssl
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -309,19 +307,7 @@ def main() -> int:
         parse_mix(args.mix)
     except ValueError as exc:
         ap.error(str(exc))
-    if args.keep:
-        args.keep.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix="leak-", dir=args.keep))
-    else:
-        work = Path(tempfile.mkdtemp(prefix="sidecar-leak-"))
-    try:
-        r = run(args, work)
-    except BaseException:
-        mi.print_events(work)
-        raise
-    finally:
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
+    r = mi.in_workdir("leak", args.keep, lambda work: run(args, work))
     if args.json:
         print(json.dumps({"args": vars(args) | {"keep": str(args.keep)}, **r}, indent=2))
     else:

@@ -79,7 +79,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -367,6 +367,24 @@ def start_sidecar(
         proc.stop()
         raise
     return sc
+
+
+def in_workdir[T](name: str, keep: Path | None, body: Callable[[Path], T]) -> T:
+    """`body(work)` in a fresh work directory: under `keep` and kept, or a temporary one
+    removed afterwards. On a failure the sidecar logs' events are printed first."""
+    if keep:
+        keep.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=keep))
+    else:
+        work = Path(tempfile.mkdtemp(prefix=f"sidecar-{name}-"))
+    try:
+        return body(work)
+    except BaseException:
+        print_events(work)
+        raise
+    finally:
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def print_events(work: Path, last: int = 40) -> None:
@@ -1010,19 +1028,16 @@ def main() -> int:
     if "haproxy" in targets and not (shutil.which("haproxy") or Path("/usr/sbin/haproxy").exists()):
         print("memory_idle: haproxy is not installed", file=sys.stderr)
         return 1
-    if args.keep:
-        args.keep.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix="memory-", dir=args.keep))
-    else:
-        work = Path(tempfile.mkdtemp(prefix="sidecar-memory-"))
     haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
     hv = subprocess.run([haproxy, "-v"], capture_output=True, text=True).stdout.split()
     meta = {"python": sys.version.split()[0], "loop": args.loop, "openssl": ssl.OPENSSL_VERSION,
             "haproxy": hv[2] if len(hv) > 2 else "?", "clients": args.clients,
-            "counts": counts, "fd_limit": limit, "work_dir": str(work), "floor": FLOOR_ABOUT}
+            "counts": counts, "fd_limit": limit, "floor": FLOOR_ABOUT}
     started = time.monotonic()
     results: dict[str, TargetResult] = {}
-    try:
+
+    def measure(work: Path) -> None:
+        meta["work_dir"] = str(work)
         p = ch.make_pki(work / "pki")
         if "sidecar" in targets:
             results["sidecar"] = run_sidecar(args, p, work, counts)
@@ -1033,12 +1048,8 @@ def main() -> int:
         if "sidecar" in targets and args.profile:
             results["sidecar-traced"] = run_sidecar(args, p, work, [args.profile],
                                                     tracemalloc=True)
-    except BaseException:
-        print_events(work)
-        raise
-    finally:
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
+
+    in_workdir("memory", args.keep, measure)
     meta["seconds"] = round(time.monotonic() - started, 1)
     if args.json:
         out = {"meta": meta, "results": {

@@ -39,12 +39,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import shutil
 import socket
 import ssl
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -471,19 +469,7 @@ def main() -> int:
         ap.error("--handshake-timeout: give seconds, like 2s")
     if args.storm + 100 > mi.fd_limit():
         ap.error(f"--storm {args.storm} does not fit the open-file limit {mi.fd_limit()}")
-    if args.keep:
-        args.keep.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix="storm-", dir=args.keep))
-    else:
-        work = Path(tempfile.mkdtemp(prefix="sidecar-storm-"))
-    try:
-        r = run(args, work)
-    except BaseException:
-        mi.print_events(work)
-        raise
-    finally:
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
+    r = mi.in_workdir("storm", args.keep, lambda work: run(args, work))
     if args.json:
         print(json.dumps(r, indent=2))
     else:
