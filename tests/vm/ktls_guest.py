@@ -782,7 +782,7 @@ def scenario_rotation(p: Pair, mib: float, verify: bool, n_before: int) -> dict[
     n = n_before + 2
     out_lines = access_lines(p.outbound, n, "the rotation connections' lines")
     in_lines = access_lines(p.inbound, n, "the rotation connections' lines")
-    pick = ("hashes_ok", "bytes", "error", "seconds")
+    pick = ("hashes_ok", "bytes", "sha256", "error", "seconds")  # sha256: which way broke
     return {"mib": mib, **rotated, "served_serial_after": served,
             "during": {**{k: during[k] for k in pick},
                        "tls_stat_delta": during["tls_stat_delta_transfer"],
