@@ -8,6 +8,8 @@ starts again as soon as a connection ends.
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -145,7 +147,7 @@ async def dial(address: Address, timeout: float) -> socket.socket:
             sock = socket.socket(family, type_, proto)
             sock.setblocking(False)
             try:
-                await loop.sock_connect(sock, sockaddr)
+                await _connect(loop, sock, sockaddr)
             except OSError as exc:
                 sock.close()
                 last = exc
@@ -156,3 +158,26 @@ async def dial(address: Address, timeout: float) -> socket.socket:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             return sock
         raise last
+
+
+async def _connect(loop: asyncio.AbstractEventLoop, sock: socket.socket, sockaddr: Any) -> None:
+    """A non-blocking TCP connect to an address already resolved. Not loop.sock_connect:
+    uvloop's resolves the address again through its thread pool, even an IP literal, a
+    thread hop on every connection to the app."""
+    err = sock.connect_ex(sockaddr)
+    if err == errno.EINPROGRESS:
+        fd = sock.fileno()
+        writable: asyncio.Future[None] = loop.create_future()
+
+        def fire() -> None:
+            if not writable.done():
+                writable.set_result(None)
+
+        loop.add_writer(fd, fire)
+        try:
+            await writable
+        finally:
+            loop.remove_writer(fd)
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise OSError(err, f"connect to {_peer(sockaddr)} failed: {os.strerror(err)}")
