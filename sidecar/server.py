@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sidecar import admin, logs, metrics, reload
+from sidecar import admin, fdlimit, logs, metrics, reload, status
 from sidecar.config import Address, Config
 from sidecar.identity import Identity, load_identity
 from sidecar.policy import DENY_ALL, Policy, load_policy
@@ -34,7 +34,6 @@ from sidecar.tls import ktls, openssl
 from sidecar.tls.resumption import Resumption
 
 SWEEP_EVERY = 1.0  # seconds between idle / lifetime sweeps
-FD_RESERVE = 64  # descriptors for listeners, the admin port, files, the watcher, logs
 LAG_TICK = 0.01  # the loop-lag probe's period: 100 cheap callbacks a second
 
 
@@ -97,27 +96,6 @@ class Server:
         logs.event(logging.ERROR, "cannot start: no valid identity",
                    problems=[str(p) for p in last.problems])
         return None
-
-    def _raise_fd_limit(self) -> None:
-        """Each proxied connection holds two descriptors; raise the soft limit to the hard
-        one, and say so when `max_connections` still cannot fit."""
-        import resource
-
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if hard != resource.RLIM_INFINITY and soft < hard:
-            try:
-                resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-                soft = hard
-            except (ValueError, OSError):
-                pass
-        needed = 2 * self.config.limits.max_connections + FD_RESERVE
-        if soft != resource.RLIM_INFINITY and needed > soft:
-            fits = max(0, (soft - FD_RESERVE) // 2)
-            logs.event(logging.WARNING, f"limits.max_connections "
-                       f"{self.config.limits.max_connections} needs ~{needed} open files, "
-                       f"but this process may open {soft}: about {fits} connections fit; "
-                       "lower max_connections or raise the limit (ulimit -n)",
-                       fd_limit=soft, connections_that_fit=fits)
 
     def detect_ktls(self) -> str | None:
         """Settle the kTLS mode; an error message when `ktls: on` cannot be honoured."""
@@ -217,7 +195,7 @@ class Server:
     async def run(self, on_ready: Callable[[Server], None] | None = None) -> int:
         loop = asyncio.get_running_loop()
         cfg = self.config
-        self._raise_fd_limit()
+        fdlimit.raise_for(self.config.limits.max_connections)
         refusal = self.detect_ktls()
         if refusal is not None:
             logs.event(logging.ERROR, f"cannot start: {refusal}")
@@ -376,31 +354,13 @@ class Server:
             return "draining"
         if self.rt is None:
             return "starting"
-        identity = self.rt.contexts.identity
-        now = dt.datetime.now(dt.UTC)
-        if identity.not_after <= now:
-            expired = identity.not_after.strftime("%Y-%m-%dT%H:%M:%SZ")
-            return (f"the SVID {identity.spiffe_id} expired at {expired} and no valid one "
-                    "has been loaded since")
-        if identity.leaf.not_valid_before_utc > now:
-            return "the SVID is not valid yet (check the clock)"
-        return None
+        return status.identity_problem(self.rt.contexts.identity, dt.datetime.now(dt.UTC))
 
     def status(self) -> dict[str, Any]:
         assert self.rt is not None
-        identity = self.rt.contexts.identity
         return {
-            "spiffe_id": str(identity.spiffe_id),
-            "svid": {"serial": f"{identity.serial:x}", "not_after": identity.not_after,
-                     "not_before": identity.leaf.not_valid_before_utc,
-                     "version": identity.version},
-            "bundles": {td: [{"subject": ca.subject.rfc4514_string(),
-                              "not_after": ca.not_valid_after_utc} for ca in b.cas]
-                        for td, b in identity.bundles.items()},
-            "crls": [{"issuer": c.issuer.rfc4514_string(), "next_update": c.next_update_utc}
-                     for c in identity.crls],
-            "policy": {"version": self.rt.policy.version, "mode": str(self.rt.policy.mode),
-                       "source": self.rt.policy.source},
+            **status.describe_identity(self.rt.contexts.identity),
+            "policy": status.describe_policy(self.rt.policy),
             "listeners": [{"name": lst.name, "direction": lst.direction,
                            "address": lst.bound} for lst in self.listeners],
             "connections": {"active": self.rt.tracker.active,

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sidecar import logs
+from sidecar import logs, status
 from sidecar.config import Address, Config, InboundListener, OutboundListener
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -276,16 +276,12 @@ class Supervisor:
         if down:
             return f"worker(s) {down} not ready"
         ident = self._current_identity()
-        if ident is not None and ident.not_after <= dt.datetime.now(dt.UTC):
-            return "the SVID has expired"
-        return None
+        return None if ident is None else status.identity_problem(ident, dt.datetime.now(dt.UTC))
 
     def status(self) -> dict[str, Any]:
         ident = self._current_identity()
         return {
-            "spiffe_id": str(ident.spiffe_id) if ident else None,
-            "svid": {"serial": f"{ident.serial:x}", "not_after": ident.not_after}
-            if ident else None,
+            **(status.describe_identity(ident) if ident else {"spiffe_id": None, "svid": None}),
             "listeners": [{"name": n, "port": p} for n, p in self.ports.items()],
             "draining": self.draining,
             "workers": [{"index": w.index, "pid": w.proc.pid if w.proc else None,
