@@ -66,7 +66,8 @@ async def secure(
         _fail(rt, rec, ep, exc.reason, exc.detail, resumed=resumed)
         return None
     rec.peer_id = peer.spiffe_id
-    ep.drop_peer_chains()
+    if not resumed:  # a resumption verified nothing, and its session carries no chain
+        ep.drop_peer_chains()
     _count_ktls(rt, rec, ep)
     elapsed = time.monotonic() - rec.started
     rec.handshake_ms = round(elapsed * 1000, 3)
