@@ -129,9 +129,8 @@ def unpinnable() -> str | None:
 
     The pin is a defence against a CPU DoS before authentication, so where it cannot be
     applied the sidecar refuses to start rather than serve OpenSSL's defaults. Python's
-    ssl cannot set a group list (`set_ecdh_curve` sets one group, by another name); the
-    pin needs openssl.py's reach into the context, which a free-threaded or non-CPython
-    build does not give.
+    ssl sets one curve at most (`set_ecdh_curve`), never a list; the pin needs
+    openssl.py's reach into the context, which a free-threaded build does not give.
     """
     if openssl.available():
         return None
@@ -145,7 +144,7 @@ def unpinnable() -> str | None:
 
 def pin_handshake(ctx: ssl.SSLContext, groups: tuple[str, ...], min_version: str) -> bool:
     """Pin the key-exchange groups and signature algorithms of a context, client or server;
-    False when they could not be set (the context then keeps OpenSSL's defaults).
+    False when they could not all be set.
 
     The tools (diagnose, bench) call it too: their client contexts stand in for the
     sidecar's outbound side.
@@ -166,7 +165,8 @@ def _base(
         ctx.set_ciphers(TLS12_CIPHERS)
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     if not pin_handshake(ctx, groups, min_version):
-        raise PinError(unpinnable() or f"OpenSSL refused the key-exchange groups {groups}")
+        raise PinError(unpinnable() or f"OpenSSL refused the groups {list(groups)} or the "
+                       "signature algorithms it was given")
     if ktls:
         ctx.options |= ssl.OP_ENABLE_KTLS
     ctx.verify_mode = ssl.CERT_REQUIRED
