@@ -28,6 +28,7 @@ from cryptography import x509
 from sidecar import svid
 from sidecar.authn import matches_expected
 from sidecar.reasons import Reason
+from sidecar.tls import contexts
 from sidecar.tls.classify import Failure, classify, skew_note
 from sidecar.tls.peerchain import ATTRIBUTE as PRESENTED
 
@@ -84,6 +85,8 @@ def _context(args: argparse.Namespace) -> ssl.SSLContext:
     if args.tls_max == "1.2":
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    contexts.pin_handshake(ctx, contexts.GROUPS,
+                           "1.2" if ctx.minimum_version == ssl.TLSVersion.TLSv1_2 else "1.3")
     ctx.check_hostname = False  # SVIDs are checked by SPIFFE ID, not DNS name
     if args.bundle:
         ctx.load_verify_locations(cafile=args.bundle)

@@ -79,7 +79,8 @@ class Server:
                                   session_resumption=tls.session_resumption,
                                   ktls=self.ktls.available,
                                   ticket_keys=self.resumption.ticket_keys(identity),
-                                  session_cache_size=self.resumption.cache_size())
+                                  session_cache_size=self.resumption.cache_size(),
+                                  groups=tls.groups)
 
     async def _first_identity(self) -> Identity | None:
         """Load the identity to start with, retrying as a reload does: a sidecar started
@@ -196,7 +197,7 @@ class Server:
         loop = asyncio.get_running_loop()
         cfg = self.config
         fdlimit.raise_for(self.config.limits.max_connections)
-        refusal = self.detect_ktls()
+        refusal = self.detect_ktls() or tls_contexts.unpinnable()
         if refusal is not None:
             logs.event(logging.ERROR, f"cannot start: {refusal}")
             return 1

@@ -80,6 +80,7 @@ tls:
   session_resumption: true
   session_ticket_rotation: 12h
   ktls: auto                    # auto | on | off   (on: fail start if unavailable)
+  groups: [X25519, P-256, P-384]   # key exchange; no finite-field groups (CPU DoS before authn)
 limits:
   handshake_timeout: 10s
   idle_timeout: 5m
@@ -162,6 +163,7 @@ def test_defaults_match_spec(tmp_path: Path) -> None:
     assert config.tls.session_store == SessionStore.AUTO
     assert config.tls.session_cache_size == 1024
     assert config.tls.ktls == KtlsMode.AUTO
+    assert config.tls.groups == ("X25519", "P-256", "P-384")
     limits = config.limits
     assert (limits.handshake_timeout, limits.idle_timeout, limits.connect_timeout) == (10, 300, 5)
     assert (limits.max_connections, limits.max_pending_handshakes) == (10000, 1024)
@@ -805,6 +807,38 @@ def test_bad_ktls(tmp_path: Path) -> None:
     assert "is not one of auto, on, off" in problem.message
 
 
+def test_groups_in_the_order_written(tmp_path: Path) -> None:
+    config = parse("tls: {groups: [P-384, X25519, P-521, X448]}\n", tmp_path)
+    assert config.tls.groups == ("P-384", "X25519", "P-521", "X448")
+
+
+@pytest.mark.parametrize("group", ["ffdhe2048", "ffdhe8192", "FFDHE4096"])
+def test_finite_field_groups_are_refused(group: str, tmp_path: Path) -> None:
+    problem = only_problem(f"tls: {{groups: [X25519, {group}]}}\n", tmp_path)
+    assert problem.where == "tls.groups[1]"
+    assert "finite-field group" in problem.message
+    assert "before the peer is authenticated" in problem.message
+
+
+@pytest.mark.parametrize(
+    ("text", "where", "says"),
+    [
+        ("[X25519, bogus]", "tls.groups[1]", "'bogus' is not a key-exchange group; use some of"),
+        ("[secp384r1]", "tls.groups[0]", "write P-384"),
+        ("[x25519]", "tls.groups[0]", "write X25519"),
+        ("[X25519, P-256, X25519]", "tls.groups[2]", "X25519 is already listed"),
+        ("[]", "tls.groups", "is empty"),
+        ("X25519", "tls.groups", "for one group write [X25519]"),
+        ("{X25519: 1}", "tls.groups", "expected a list of key-exchange groups, found a mapping"),
+        ("[1]", "tls.groups[0]", "1 is not a key-exchange group"),
+    ],
+)
+def test_bad_groups(text: str, where: str, says: str, tmp_path: Path) -> None:
+    problem = only_problem(f"tls: {{groups: {text}}}\n", tmp_path)
+    assert problem.where == where
+    assert says in problem.message
+
+
 def test_session_resumption_can_be_turned_off(tmp_path: Path) -> None:
     assert parse("tls: {session_resumption: false}\n", tmp_path).tls.session_resumption is False
 
@@ -1024,6 +1058,7 @@ KEYS = st.one_of(
             "expect_ids",
             "min_version",
             "ktls",
+            "groups",
             "session_store",
             "session_cache_size",
             "max_connections",

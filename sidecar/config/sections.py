@@ -34,6 +34,7 @@ from sidecar.config.values import (
     _count,
     _expected_id,
     _forward_to,
+    _group,
     _kind,
     _ktls,
     _listen,
@@ -252,7 +253,32 @@ def _tls(r: _Reader, raw: object) -> TlsConfig:
         session_cache_size=r.value(
             m, "session_cache_size", "tls", _count, d.session_cache_size),
         ktls=r.value(m, "ktls", "tls", _ktls, d.ktls),
+        groups=r.value(m, "groups", "tls", lambda v: _groups(r, v), d.groups),
     )
+
+
+def _groups(r: _Reader, raw: object) -> tuple[str, ...]:
+    if isinstance(raw, str):
+        raise ValueError(f"expected a list, found a string; for one group write [{raw}]")
+    if not isinstance(raw, list):
+        raise ValueError(f"expected a list of key-exchange groups, found {_kind(raw)}")
+    if not raw:
+        raise ValueError(
+            "is empty: with no group no handshake could agree on a key; leave the key out "
+            "for the default, [X25519, P-256, P-384]"
+        )
+    groups: list[str] = []
+    for i, item in enumerate(raw):
+        try:
+            group = _group(item)
+        except ValueError as exc:
+            r.report(f"tls.groups[{i}]", str(exc))
+            continue
+        if group in groups:
+            r.report(f"tls.groups[{i}]", f"{group} is already listed; name each group once")
+        else:
+            groups.append(group)
+    return tuple(groups)
 
 
 def _limits(r: _Reader, raw: object) -> Limits:

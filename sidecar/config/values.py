@@ -25,6 +25,19 @@ _LISTENER_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 _HOST: Final = re.compile(r"[A-Za-z0-9_.-]+")
 _WILDCARD_HOSTS: Final = frozenset({"0.0.0.0", "::"})
 
+# tls.groups: the elliptic-curve groups OpenSSL 3.0 does in TLS, by the names it takes.
+# Server CPU for one ClientHello with each as its key share, ECDSA P-256 SVID, OpenSSL
+# 3.0 (bench/hello_cost.py): X25519 0.2 ms, P-256 0.3, X448 0.6, P-521 1.0, P-384 2.2.
+KEY_EXCHANGE_GROUPS: Final = ("X25519", "P-256", "P-384", "P-521", "X448")
+# Finite-field groups (RFC 7919) are refused: ffdhe2048 costs 2.7 ms and ffdhe8192 137 ms
+# of server CPU per ClientHello, before the peer is authenticated.
+_FINITE_FIELD_GROUPS: Final = ("ffdhe2048", "ffdhe3072", "ffdhe4096", "ffdhe6144", "ffdhe8192")
+_GROUP_ALIASES: Final = {
+    "x25519": "X25519", "x448": "X448", "prime256v1": "P-256", "secp256r1": "P-256",
+    "secp384r1": "P-384", "secp521r1": "P-521", "p-256": "P-256", "p-384": "P-384",
+    "p-521": "P-521",
+}
+
 _DURATION: Final = re.compile(r"(?:[0-9]+(?:\.[0-9]+)?(?:ms|h|m|s))+")
 _DURATION_PART: Final = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|h|m|s)")
 _UNIT_SECONDS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -207,6 +220,21 @@ def _tls_version(raw: object) -> TlsVersion:
     if isinstance(raw, float):
         raw = repr(raw)
     return _choice(TlsVersion)(raw)
+
+
+def _group(raw: object) -> str:
+    if isinstance(raw, str) and raw in KEY_EXCHANGE_GROUPS:
+        return raw
+    choices = ", ".join(KEY_EXCHANGE_GROUPS)
+    if isinstance(raw, str) and raw.lower() in _FINITE_FIELD_GROUPS:
+        raise ValueError(
+            f"{_show(raw)} is a finite-field group: one ClientHello offering it costs the "
+            "sidecar up to ~140 ms of CPU before the peer is authenticated, a denial of "
+            f"service anyone can send; use elliptic-curve groups: {choices}"
+        )
+    if isinstance(raw, str) and raw.lower() in _GROUP_ALIASES:
+        raise ValueError(f"{_show(raw)}: write {_GROUP_ALIASES[raw.lower()]}, its name here")
+    raise ValueError(f"{_show(raw)} is not a key-exchange group; use some of {choices}")
 
 
 def _kind(value: object) -> str:

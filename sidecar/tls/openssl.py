@@ -314,3 +314,38 @@ def _run_self_test() -> bool:
 
 def available() -> bool:
     return _self_test_passed()
+
+
+# --- handshake parameters: key-exchange groups and signature algorithms ------------------
+# Python's ssl sets neither (3.13 has no set_groups), so OpenSSL's defaults apply: groups
+# ffdhe2048..ffdhe8192 among them, one of which costs a server ~130 ms of CPU for a single
+# unauthenticated ClientHello. Constants from OpenSSL 3.0's <openssl/ssl.h>.
+SSL_CTRL_SET_GROUPS_LIST = 92
+SSL_CTRL_SET_SIGALGS_LIST = 98  # what we offer and accept for handshake signatures
+SSL_CTRL_SET_CLIENT_SIGALGS_LIST = 102  # what a server asks of client certificates
+
+
+def set_groups(ctx: ssl.SSLContext, groups: str) -> bool:
+    """Set the key-exchange groups a context offers and accepts ("X25519:P-256"), both
+    as client and as server. False when the layout is not trusted or OpenSSL refused a
+    name; the context is then unchanged."""
+    return _ctrl_string(ctx, SSL_CTRL_SET_GROUPS_LIST, groups)
+
+
+def set_sigalgs(ctx: ssl.SSLContext, sigalgs: str) -> bool:
+    """Set the signature algorithms a context signs with, accepts from its peer and asks
+    of a client certificate ("ed25519:rsa_pss_rsae_sha256"). False as for set_groups."""
+    return (_ctrl_string(ctx, SSL_CTRL_SET_SIGALGS_LIST, sigalgs)
+            and _ctrl_string(ctx, SSL_CTRL_SET_CLIENT_SIGALGS_LIST, sigalgs))
+
+
+def _ctrl_string(ctx: ssl.SSLContext, cmd: int, value: str) -> bool:
+    ptr = context_pointer(ctx)
+    if _lib is None or ptr is None or not _self_test_passed():
+        return False
+    # A refused name leaves an error on the thread's queue, which the next SSL call of
+    # any connection would report as its own (see shutdown_once).
+    _lib.ERR_clear_error()
+    ok = bool(_lib.SSL_CTX_ctrl(ptr, cmd, 0, value.encode("ascii")))
+    _lib.ERR_clear_error()
+    return ok
