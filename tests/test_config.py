@@ -53,7 +53,9 @@ policy: policy.yaml
 
 # SPEC.md's example, verbatim.
 SPEC_EXAMPLE = """\
-identity:                       # this workload's SVID, hot-reloaded
+identity:                       # this workload's SVID, hot-reloaded; files OR workload_api
+  # workload_api: unix:///run/spire/sockets/agent.sock   # SPIFFE Workload API (or SPIFFE_ENDPOINT_SOCKET)
+  # spiffe_id: spiffe://example.org/ns/default/sa/payments  # which SVID, when the agent serves several
   cert: /run/spiffe/svid.pem    # leaf followed by intermediates
   key: /run/spiffe/svid_key.pem
   bundle: /run/spiffe/bundle.pem          # trust anchors of our own trust domain
