@@ -522,3 +522,27 @@ def test_refused_client_flight_in_segments_reads_the_alert(
     assert heard.value.reason == "TLSV1_ALERT_UNKNOWN_CA", heard.value
     assert reason_for(b, local)["reason"] == "unknown_ca"
     assert_good_client(b, tls_client)
+
+
+def test_a_refused_client_that_stays_open_lingers_briefly_outside_the_pending_slots(
+    sidecar: SidecarFactory, app: EchoApp, tls_client: TlsClient, ca: Pki,
+) -> None:
+    """A refused client that never closes holds its socket for the linger (1 s) only, and
+    not in a pending-handshake slot: with one slot, a good client gets through meanwhile
+    and nobody is evicted."""
+    b = sidecar("b", spiffe_id=PAYMENTS, inbound=[{"name": "in", "forward_to": app.address}],
+                limits={"max_pending_handshakes": 1})
+    ctx = tls_client.context(pki.issue_svid(ca.foreign_intermediate, FRONTEND))
+    raw = socket.create_connection(("127.0.0.1", b.port("in")), timeout=IO_TIMEOUT)
+    local = addr(raw)
+    with ctx.wrap_socket(raw) as tls:
+        with pytest.raises(ssl.SSLError, match="UNKNOWN_CA"):
+            tls.recv(1)  # B has refused us and lingers; we stay open
+        heard = time.monotonic()
+        assert_good_client(b, tls_client)
+        line = reason_for(b, local)
+        assert line["reason"] == "unknown_ca", line
+        took = line["_t"] - heard
+        assert took <= 1.0 + 2.0, f"B held a refused client's socket for {took:.2f} s"
+    assert metric(b, "sidecar_connections_rejected_total",
+                  limit="max_pending_handshakes") == 0
