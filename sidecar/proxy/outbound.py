@@ -14,7 +14,7 @@ from sidecar import metrics
 from sidecar.config import OutboundListener
 from sidecar.endpoint import TcpEndpoint
 from sidecar.proxy.connection import Record
-from sidecar.proxy.handshake import secure
+from sidecar.proxy.handshake import judged, secure
 from sidecar.proxy.listener import AcceptCallback, dial
 from sidecar.proxy.pump import Duplex
 from sidecar.proxy.runtime import Runtime
@@ -60,6 +60,7 @@ async def serve(rt: Runtime, cfg: OutboundListener, rec: Record, app: socket.soc
         return
 
     def closed(duplex: Duplex, how: str, exc: BaseException | None) -> None:
+        judged(rec, ep, exc)  # TLS 1.3: a server that refused us says so only now
         s = ep.session()
         if rt.session_resumption and s is not None and s.has_ticket:
             rt.sessions[cfg.name] = (contexts.client, s)

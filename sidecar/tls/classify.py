@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from cryptography import x509
 
 from sidecar.reasons import Reason
+from sidecar.spiffe import quoted
 
 # X509_V_ERR_* codes from OpenSSL's x509_vfy.h; stable across 1.1 and 3.x.
 _VERIFY_CODES: dict[int, Reason] = {
@@ -31,7 +32,7 @@ _VERIFY_CODES: dict[int, Reason] = {
     19: Reason.UNKNOWN_CA,  # self-signed certificate in chain
     20: Reason.UNKNOWN_CA,  # unable to get local issuer certificate
     21: Reason.UNKNOWN_CA,  # unable to verify the first certificate
-    22: Reason.OTHER,  # chain too long
+    22: Reason.CHAIN_TOO_LONG,  # deeper than the verify depth (contexts.MAX_CHAIN_DEPTH)
     23: Reason.REVOKED,
     24: Reason.INVALID_SVID,  # invalid CA certificate in the chain
     26: Reason.INVALID_SVID,  # unsupported certificate purpose
@@ -60,6 +61,12 @@ _LIBRARY_REASONS: dict[str, Reason] = {
     "SSLV3_ALERT_CERTIFICATE_EXPIRED": Reason.CERT_EXPIRED,
     "SSLV3_ALERT_CERTIFICATE_REVOKED": Reason.REVOKED,
     "TLSV1_ALERT_DECRYPT_ERROR": Reason.BAD_SIGNATURE,
+    # The peer's CertificateVerify does not verify with its certificate's key: it holds
+    # a certificate, not the key (TLS 1.2 and 1.3 alike).
+    "BAD_SIGNATURE": Reason.BAD_SIGNATURE,
+    # A handshake message past what we read: once the hello is in, the peer's Certificate
+    # (contexts.MAX_CHAIN_BYTES), so a chain-size attack has a name of its own.
+    "EXCESSIVE_MESSAGE_SIZE": Reason.MESSAGE_TOO_LARGE,
     "SSLV3_ALERT_BAD_CERTIFICATE": Reason.OTHER,
     "SSLV3_ALERT_CERTIFICATE_UNKNOWN": Reason.OTHER,
     "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE": Reason.INVALID_SVID,
@@ -167,9 +174,9 @@ def _missing_issuer(
         return (
             Reason.MISSING_INTERMEDIATE,
             f"the peer sent {len(presented)} certificate(s) ending at one issued by "
-            f"'{issuer}', a known intermediate it did not send",
+            f"{quoted(issuer)}, a known intermediate it did not send",
         )
     return (
         Reason.UNKNOWN_CA,
-        f"the peer's chain ends at '{issuer}', which is not in our trust bundle",
+        f"the peer's chain ends at {quoted(issuer)}, which is not in our trust bundle",
     )
