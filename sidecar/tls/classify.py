@@ -143,10 +143,14 @@ def skew_note(presented: list[bytes] | None, hint: float, now: float | None = No
     at = now if now is not None else time.time()
     early = leaf.not_valid_before_utc.timestamp() - at
     late = at - leaf.not_valid_after_utc.timestamp()
-    gap = max(early, late)
-    if 0 < gap <= hint:
-        return (f"; off by only {_seconds(gap)}: check the clocks (the two hosts' clocks "
+    if 0 < early <= hint:
+        return (f"; off by only {_seconds(early)}: check the clocks (the two hosts' clocks "
                 "probably differ)")
+    if 0 < late <= hint:
+        # Just expired: a clock ahead of the issuer's looks the same as an issuer that
+        # stopped rotating one lifetime ago, and only the second is fixed by NTP.
+        return (f"; expired only {_seconds(late)} ago: the issuer may have stopped rotating "
+                "it, or the two hosts' clocks differ; check both")
     return ""
 
 
