@@ -20,9 +20,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sidecar import admin, fdlimit, logs, metrics, reload, status
+from sidecar import admin, fdlimit, logs, metrics, preflight, reload, status
 from sidecar.config import Address, Config
-from sidecar.identity import Identity, load_identity
+from sidecar.identity import Identity
 from sidecar.policy import DENY_ALL, Policy, load_policy
 from sidecar.problems import ProblemsError
 from sidecar.proxy import inbound, outbound
@@ -69,9 +69,7 @@ class Server:
     # -- snapshots ------------------------------------------------------------------------
 
     def load_identity(self) -> Identity:
-        ident = self.config.identity
-        return load_identity(ident.cert, ident.key, ident.bundle, ident.federated_bundles,
-                             ident.crl)
+        return preflight.identity_of(self.config)
 
     def build_contexts(self, identity: Identity) -> tls_contexts.Contexts:
         tls = self.config.tls
@@ -104,10 +102,11 @@ class Server:
             self.ktls = ktls.Support(False, "tls.ktls: off")
             return None
         self.ktls = ktls.detect()
+        refusal = preflight.ktls_refusal(self.config.tls.ktls, self.ktls)
         if self.ktls.available:
             logs.event(logging.INFO, "kTLS available", detail=self.ktls.why)
-        elif mode == "on":
-            return f"tls.ktls is on, but kTLS is not available here: {self.ktls.why}"
+        elif refusal is not None:
+            return refusal
         else:
             logs.event(logging.INFO, "kTLS unavailable; using user-space TLS",
                        detail=self.ktls.why)
@@ -203,6 +202,8 @@ class Server:
         identity = await self._first_identity()
         if identity is None:
             return 1
+        if self.worker is None:  # workers: the supervisor says these, once
+            preflight.log_warnings(cfg, identity, workers=1)
         try:
             policy = self.load_policy()
         except ProblemsError as exc:

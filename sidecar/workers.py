@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sidecar import logs, status
+from sidecar import logs, preflight, status
 from sidecar.config import Address, Config, InboundListener, OutboundListener
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -132,17 +132,15 @@ class Supervisor:
         except OSError as exc:
             logs.event(logging.ERROR, f"cannot reserve listener ports: {exc.strerror}")
             return 1
-        from sidecar.identity import load_identity
         from sidecar.problems import ProblemsError
 
-        ident = self.config.identity
         try:
-            self._identity = load_identity(ident.cert, ident.key, ident.bundle,
-                                           ident.federated_bundles, ident.crl)
+            self._identity = preflight.identity_of(self.config)
         except ProblemsError as exc:
             logs.event(logging.ERROR, "cannot start: no valid identity",
                        problems=[str(p) for p in exc.problems])
             return 1
+        preflight.log_warnings(self.config, self._identity, workers=self.count)
         from prometheus_client import CollectorRegistry, generate_latest
         from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -258,13 +256,10 @@ class Supervisor:
     def _current_identity(self) -> Any:
         """Re-read on each admin request (rare, cheap): the workers reload on their own,
         and the supervisor's view must follow the files, keeping the last good set."""
-        from sidecar.identity import load_identity
         from sidecar.problems import ProblemsError
 
-        ident = self.config.identity
         try:
-            self._identity = load_identity(ident.cert, ident.key, ident.bundle,
-                                           ident.federated_bundles, ident.crl)
+            self._identity = preflight.identity_of(self.config)
         except ProblemsError:
             pass
         return self._identity
