@@ -76,6 +76,7 @@ class Outcome:
     # resumed | not_resumed | no_ticket (none to resume) | second_failed | None (not got there)
     resumption: str | None = None
     server_verified: bool = False  # the server's chain was checked against --bundle
+    we_refused: bool = False  # our check of the server's chain failed (not its of ours)
     steps: list[Step] = field(default_factory=list)
 
     def step(self, name: str, ok: bool, detail: str, started: float | None = None) -> None:
@@ -127,14 +128,19 @@ def _context(args: argparse.Namespace) -> ssl.SSLContext:
 
 
 def _known_intermediates(cert_path: str | None) -> list[x509.Name]:
-    if not cert_path:
+    return _subjects(cert_path)[1:]
+
+
+def _subjects(path: str | None) -> list[x509.Name]:
+    """The subjects of the certificates in a PEM file, in order; [] when unreadable."""
+    if not path:
         return []
     try:
-        with open(cert_path, "rb") as f:
+        with open(path, "rb") as f:
             certs = x509.load_pem_x509_certificates(f.read())
     except (OSError, ValueError):
         return []
-    return [c.subject for c in certs[1:]]
+    return [c.subject for c in certs]
 
 
 def _own_certificate(args: argparse.Namespace) -> tuple[Reason, str] | None:
@@ -187,7 +193,7 @@ def run(args: argparse.Namespace) -> Outcome:
     if own is not None:
         out.step("our certificate", False, f"{own[0]}: {own[1]}")
     session = _attempt(args, ctx, host, port, out, first=True)
-    if not out.ok and own is not None and out.reason in _REFUSED_US:
+    if not out.ok and own is not None and out.reason in _REFUSED_US and not out.we_refused:
         # The server refused us, and our own certificate says why.
         reason, detail = own
         out.steps.pop()  # the generic outcome line
@@ -243,7 +249,8 @@ def _attempt(
             sock.do_handshake()
         except (OSError, ValueError) as exc:
             f = classify(exc, presented=sock.__dict__.get(PRESENTED),
-                         known_intermediates=_known_intermediates(args.cert))
+                         known_intermediates=_known_intermediates(args.cert),
+                         trusted_names=_subjects(args.bundle))
             if isinstance(exc, TimeoutError | socket.timeout):
                 f = Failure(Reason.HANDSHAKE_TIMEOUT, "the server did not answer in time")
             elif _CLIENT_HELLO in seen or (f.reason is Reason.OTHER
@@ -251,6 +258,7 @@ def _attempt(
                 # A ClientHello where a ServerHello belongs: our own bytes came back.
                 f = Failure(Reason.NOT_TLS, "the server answered with something other than "
                             "a TLS ServerHello (our own bytes echoed back?): not a TLS server")
+            out.we_refused = isinstance(exc, ssl.SSLCertVerificationError)
             note = skew_note(sock.__dict__.get(PRESENTED), args.clock_skew_hint)
             out.step("tls handshake" + label, False, f"offered {offered}: {f.detail}{note}",
                      started)

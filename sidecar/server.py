@@ -224,22 +224,22 @@ class Server:
                                clock_skew_hint=cfg.clock_skew_hint)
         rt.authn.learn(identity)
         self.publish_identity(identity)
-        try:
-            for ib in cfg.inbound:
-                self.listeners.append(Listener(loop, ib.name, inbound.DIRECTION,
-                                               self._address(ib.name, ib.listen),
-                                               inbound.acceptor(rt, ib),
+        wanted = [*((ib.name, inbound.DIRECTION, ib.listen, inbound.acceptor(rt, ib))
+                    for ib in cfg.inbound),
+                  *((ob.name, outbound.DIRECTION, ob.listen, outbound.acceptor(rt, ob))
+                    for ob in cfg.outbound)]
+        for name, direction, listen, acceptor in wanted:
+            address = self._address(name, listen)
+            try:
+                self.listeners.append(Listener(loop, name, direction, address, acceptor,
                                                reuse_port=self.worker is not None))
-            for ob in cfg.outbound:
-                self.listeners.append(Listener(loop, ob.name, outbound.DIRECTION,
-                                               self._address(ob.name, ob.listen),
-                                               outbound.acceptor(rt, ob),
-                                               reuse_port=self.worker is not None))
-        except OSError as exc:
-            logs.event(logging.ERROR, f"cannot listen: {exc.strerror}", error=str(exc))
-            for lst in self.listeners:
-                lst.close()
-            return 1
+            except OSError as exc:
+                logs.event(logging.ERROR, f"cannot listen: {direction} listener {name!r} "
+                           f"on {address}: {exc.strerror or exc}", listener=name,
+                           address=str(address), error=str(exc))
+                for lst in self.listeners:
+                    lst.close()
+                return 1
         try:
             if self.worker is None:  # workers: the supervisor serves the admin endpoint
                 admin_cfg = cfg.admin.listen

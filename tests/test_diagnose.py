@@ -69,13 +69,15 @@ def drop(conn: ssl.SSLSocket) -> None:
 
 @pytest.fixture
 def tls_server(cas: tuple[pki.CA, pki.CA], tmp_path: Path
-               ) -> Iterator[Callable[[Behaviour, int], int]]:
-    """start(behaviour, tickets) -> port: a mutual-TLS server, stopped by the fixture."""
+               ) -> Iterator[Callable[..., int]]:
+    """start(behaviour, tickets, svid=None) -> port: a mutual-TLS server presenting `svid`
+    (default: a good one), stopped by the fixture."""
     root, inter = cas
     stops: list[tuple[threading.Event, threading.Thread, socket.socket]] = []
 
-    def start(behaviour: Behaviour, tickets: int) -> int:
-        f = files(tmp_path / f"srv{len(stops)}", pki.issue_svid(inter, SERVER_ID), root)
+    def start(behaviour: Behaviour, tickets: int, svid: pki.Svid | None = None) -> int:
+        f = files(tmp_path / f"srv{len(stops)}", svid or pki.issue_svid(inter, SERVER_ID),
+                  root)
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_3
         ctx.load_cert_chain(f["cert"], f["key"])
@@ -128,7 +130,7 @@ def client(cas: tuple[pki.CA, pki.CA], tmp_path: Path) -> dict[str, str]:
 
 
 def test_a_server_without_tickets_is_not_said_to_resume(
-    tls_server: Callable[[Behaviour, int], int], client: dict[str, str],
+    tls_server: Callable[..., int], client: dict[str, str],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     port = tls_server(hold, 0)
@@ -141,7 +143,7 @@ def test_a_server_without_tickets_is_not_said_to_resume(
 
 
 def test_a_server_that_resumes_says_so(
-    tls_server: Callable[[Behaviour, int], int], client: dict[str, str],
+    tls_server: Callable[..., int], client: dict[str, str],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     port = tls_server(hold, 2)
@@ -151,7 +153,7 @@ def test_a_server_that_resumes_says_so(
 
 
 def test_a_hang_up_after_a_ticket_is_not_blamed_on_our_certificate(
-    tls_server: Callable[[Behaviour, int], int], client: dict[str, str],
+    tls_server: Callable[..., int], client: dict[str, str],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """A ticket, then close_notify: what a sidecar does on a policy denial."""
@@ -166,7 +168,7 @@ def test_a_hang_up_after_a_ticket_is_not_blamed_on_our_certificate(
 
 
 def test_a_hang_up_without_a_ticket_names_every_cause(
-    tls_server: Callable[[Behaviour, int], int], client: dict[str, str],
+    tls_server: Callable[..., int], client: dict[str, str],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     port = tls_server(drop, 0)
@@ -180,7 +182,7 @@ def test_a_hang_up_without_a_ticket_names_every_cause(
 
 
 def test_without_a_bundle_the_last_line_says_the_server_was_not_verified(
-    tls_server: Callable[[Behaviour, int], int], client: dict[str, str],
+    tls_server: Callable[..., int], client: dict[str, str],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     port = tls_server(hold, 2)
@@ -203,3 +205,41 @@ def test_a_just_expired_certificate_names_the_issuer_and_the_clocks(
                            not_after=now + timedelta(hours=1)).cert
     note = skew_note([early.public_bytes(serialization.Encoding.DER)], 300.0)
     assert "clocks" in note and "rotating" not in note
+
+
+def test_a_ca_copying_a_trusted_name_is_not_called_absent(
+    tls_server: Callable[..., int], client: dict[str, str],
+    capsys: pytest.CaptureFixture[str], tmp_path: Path,
+) -> None:
+    """The server's certificate comes from a rogue root named like our trusted one."""
+    trusted = pki.new_root(TD, name="example.org root CA")
+    rogue = pki.new_root(TD, name="example.org root CA")
+    bundle = tmp_path / "trusted.pem"
+    bundle.write_bytes(pki.certs_pem([trusted.cert]))
+    port = tls_server(hold, 2, pki.issue_svid(rogue, SERVER_ID))
+    code = diagnose.main([f"127.0.0.1:{port}", "--cert", client["cert"], "--key",
+                          client["key"], "--bundle", str(bundle), "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 1 and out["reason"] == "unknown_ca", out
+    words = json.dumps(out)
+    assert "not in our trust bundle" not in words
+    assert "a CA named 'CN=example.org root CA,O=SPIFFE' is trusted" in words
+    assert "different key" in words
+
+
+def test_inspect_names_a_ca_copying_a_trusted_name(tmp_path: Path) -> None:
+    from sidecar import inspect
+
+    trusted = pki.new_root(TD, name="example.org root CA")
+    rogue = pki.new_root(TD, name="example.org root CA")
+    leaf = tmp_path / "leaf.pem"
+    leaf.write_bytes(pki.issue_svid(rogue, CLIENT_ID).chain_pem())
+    bundle = tmp_path / "trusted.pem"
+    bundle.write_bytes(pki.certs_pem([trusted.cert]))
+    contents = inspect.read_pem(leaf.read_bytes())
+    report = inspect.examine(str(leaf), contents, now=datetime.now(UTC),
+                             bundle=inspect.BundleFile(str(bundle),
+                                                       inspect.read_pem(bundle.read_bytes()).certs))
+    messages = [f.message for f in report.findings]
+    assert any("a CA named 'CN=example.org root CA,O=SPIFFE' is trusted" in m
+               and "different key" in m for m in messages), messages
