@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import logging
 import os
 import secrets
+import select
 import signal
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -29,6 +31,7 @@ from sidecar.proxy import inbound, outbound
 from sidecar.proxy.connection import Tracker
 from sidecar.proxy.listener import Listener
 from sidecar.proxy.runtime import Runtime
+from sidecar.times import json_default, rfc3339
 from sidecar.tls import contexts as tls_contexts
 from sidecar.tls import ktls, openssl
 from sidecar.tls.resumption import Resumption
@@ -51,6 +54,9 @@ class Server:
     def __init__(self, config: Config, worker: WorkerRole | None = None) -> None:
         self.config = config
         self.worker = worker
+        if worker is not None:
+            # A supervisor that stops reading must never stall this loop on a full pipe.
+            os.set_blocking(worker.notify_fd, False)
         self.resumption = Resumption(
             config.tls, worker.ticket_secret if worker else secrets.token_bytes(32),
             workers=worker is not None)
@@ -153,7 +159,7 @@ class Server:
         self.rt.authn.learn(new)
         self.publish_identity(new)
         logs.event(logging.INFO, "identity reloaded", spiffe_id=str(new.spiffe_id),
-                   serial=f"{new.serial:x}", not_after=new.not_after.isoformat(),
+                   serial=f"{new.serial:x}", not_after=rfc3339(new.not_after),
                    trust_changed=new.trust_version != old.trust_version)
         return True
 
@@ -277,6 +283,8 @@ class Server:
         if on_ready:
             on_ready(self)
         self._notify("ready")
+        if self.worker is not None:
+            self._report()
         self._sweep_handle = loop.call_later(SWEEP_EVERY, self._sweep)
         self._lag_handle = loop.call_later(LAG_TICK, self._lag, loop.time() + LAG_TICK)
         await self._stop.wait()
@@ -361,16 +369,32 @@ class Server:
         assert self.rt is not None
         return {
             **status.describe_identity(self.rt.contexts.identity),
-            "policy": status.describe_policy(self.rt.policy),
             "listeners": [{"name": lst.name, "direction": lst.direction,
                            "address": lst.bound} for lst in self.listeners],
-            "connections": {"active": self.rt.tracker.active,
-                            "pending_handshakes": len(self.rt.tracker.pending)},
+            **self.serving(),
             "draining": self.draining,
-            "ktls": {"mode": str(self.config.tls.ktls), **self.ktls.as_dict()},
-            "sessions": self.resumption.status(self.rt.contexts),
             "workers": [{"pid": os.getpid()}],
         }
+
+    def serving(self) -> dict[str, Any]:
+        """What only the serving process knows; a worker sends it to its supervisor."""
+        assert self.rt is not None
+        return {
+            "policy": status.describe_policy(self.rt.policy),
+            "connections": {"active": self.rt.tracker.active,
+                            "pending_handshakes": len(self.rt.tracker.pending)},
+            "ktls": {"mode": str(self.config.tls.ktls), **self.ktls.as_dict()},
+            "sessions": self.resumption.status(self.rt.contexts),
+            "reloads": {r.kind: r.last.as_dict() for r in self._reloadables
+                        if r.last is not None},
+        }
+
+    def _report(self) -> None:
+        """A worker: send what /status needs to the supervisor, one line, all or nothing
+        (a pipe write up to PIPE_BUF is atomic; a longer report is skipped, not torn)."""
+        line = json.dumps(self.serving(), default=json_default, separators=(",", ":"))
+        if len(line) + len("status \n") <= select.PIPE_BUF:
+            self._notify(f"status {line}")
 
     def _maybe_drained(self) -> None:
         if self.draining and self._drained is not None:
@@ -386,7 +410,7 @@ class Server:
             try:
                 os.write(self.worker.notify_fd, f"{state}\n".encode())
             except OSError:
-                pass  # the supervisor is gone; the worker carries on until signalled
+                pass  # the supervisor is gone or not reading; the worker carries on
 
     def _pause_listeners(self) -> None:
         for lst in self.listeners:
@@ -413,6 +437,8 @@ class Server:
         # Next sweep first: an error in this one must not end idle and lifetime limits.
         self._sweep_handle = self.rt.loop.call_later(SWEEP_EVERY, self._sweep)
         self.rt.tracker.sweep()
+        if self.worker is not None:
+            self._report()
 
     def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
         try:

@@ -94,6 +94,7 @@ class Worker:
     started_at: float = 0.0
     fails_in_a_row: int = 0
     pid_history: list[int] = field(default_factory=list)
+    report: dict[str, Any] | None = None  # its last Server.serving(), about once a second
 
 
 class Supervisor:
@@ -200,7 +201,7 @@ class Supervisor:
             reader = asyncio.create_task(self._read_states(w, read_fd))
             code = await w.proc.wait()
             reader.cancel()
-            w.ready = False
+            w.ready, w.report = False, None
             from prometheus_client import multiprocess
 
             multiprocess.mark_process_dead(w.proc.pid)  # type: ignore[no-untyped-call]
@@ -228,7 +229,14 @@ class Supervisor:
             lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", 0))
         try:
             while line := await reader.readline():
-                w.ready = line.strip() == b"ready"
+                word, _, rest = line.strip().partition(b" ")
+                if word == b"status":
+                    try:
+                        w.report = json.loads(rest)
+                    except ValueError:
+                        pass  # never torn (one atomic write), but never fatal either
+                else:
+                    w.ready = word == b"ready"
         finally:
             transport.close()
 
@@ -274,13 +282,18 @@ class Supervisor:
         return None if ident is None else status.identity_problem(ident, dt.datetime.now(dt.UTC))
 
     def status(self) -> dict[str, Any]:
+        """As a single process's /status, from what the workers last reported (each
+        entry of `workers` also carries its own)."""
         ident = self._current_identity()
+        reports = [w.report for w in self.workers if w.report is not None]
         return {
             **(status.describe_identity(ident) if ident else {"spiffe_id": None, "svid": None}),
             "listeners": [{"name": n, "port": p} for n, p in self.ports.items()],
+            **status.combine(reports),
             "draining": self.draining,
             "workers": [{"index": w.index, "pid": w.proc.pid if w.proc else None,
-                         "ready": w.ready, "restarts": w.restarts} for w in self.workers],
+                         "ready": w.ready, "restarts": w.restarts, **(w.report or {})}
+                        for w in self.workers],
         }
 
 
