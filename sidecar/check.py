@@ -10,7 +10,7 @@ import datetime as dt
 from pathlib import Path
 
 from sidecar import fdlimit, preflight
-from sidecar.config import Config, load_config
+from sidecar.config import Config, KtlsMode, load_config
 from sidecar.policy import load_policy, policy_warnings
 from sidecar.problems import Problem, ProblemsError
 from sidecar.tls import ktls
@@ -31,7 +31,7 @@ def problems_of(path: Path) -> tuple[list[Problem], list[Problem], Config | None
         warnings.extend(preflight.identity_warnings(config, identity, dt.datetime.now(dt.UTC)))
     except ProblemsError as exc:
         errors.extend(exc.problems)
-    if str(config.tls.ktls) != "off":
+    if config.tls.ktls == KtlsMode.ON:  # only `on` can refuse; spare the probe otherwise
         refusal = preflight.ktls_refusal(config.tls.ktls, ktls.detect())
         if refusal is not None:
             errors.append(Problem("tls.ktls", refusal))

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from sidecar import logs, preflight, status
-from sidecar.config import Address, Config, InboundListener, OutboundListener
+from sidecar.config import Address, Config, InboundListener, KtlsMode, OutboundListener
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 ROLE_ENV = "SIDECAR_WORKER_ROLE"
@@ -142,6 +142,13 @@ class Supervisor:
                        problems=[str(p) for p in exc.problems])
             return 1
         preflight.log_warnings(self.config, self._identity, workers=self.count)
+        if self.config.tls.ktls == KtlsMode.ON:  # else every worker refuses, and restarts
+            from sidecar.tls import ktls
+
+            refusal = preflight.ktls_refusal(self.config.tls.ktls, ktls.detect())
+            if refusal is not None:
+                logs.event(logging.ERROR, f"cannot start: {refusal}")
+                return 1
         from prometheus_client import CollectorRegistry, generate_latest
         from prometheus_client.multiprocess import MultiProcessCollector
 

@@ -114,6 +114,13 @@ def test_ktls_on_where_it_is_unavailable(tmp_path: Path) -> None:
     agree(path, refused=True, says="kTLS is not available here")
 
 
+def test_ktls_on_with_workers_where_it_is_unavailable(tmp_path: Path) -> None:
+    if "tls" in Path("/proc/sys/net/ipv4/tcp_available_ulp").read_text():
+        pytest.skip("this kernel has kTLS: `ktls: on` starts here")
+    path = write_config(tmp_path, tls={"ktls": "on"}, workers=2)
+    agree(path, refused=True, says="kTLS is not available here")
+
+
 def test_more_connections_than_open_files(tmp_path: Path) -> None:
     import resource
 
