@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
-from sidecar import fdlimit, preflight
+from sidecar import fdlimit, preflight, workers
 from sidecar.config import Config, KtlsMode, load_config
 from sidecar.policy import load_policy, policy_warnings
 from sidecar.problems import Problem, ProblemsError
@@ -23,8 +23,7 @@ def problems_of(path: Path) -> tuple[list[Problem], list[Problem], Config | None
     except ProblemsError as exc:
         return list(exc.problems), [], None
     errors: list[Problem] = []
-    from sidecar import workers  # as run resolves `workers: auto`
-
+    # `workers: auto` resolved as run resolves it: the memory-store warning depends on it.
     warnings = preflight.config_warnings(config, config.workers or workers.usable_cpus())
     try:
         identity = preflight.identity_of(config)
