@@ -54,7 +54,7 @@ def config_warnings(config: Config, workers: int) -> list[Problem]:
 
 def identity_warnings(config: Config, identity: Identity, now: dt.datetime) -> list[Problem]:
     """What in a loadable identity will not do what its author expects."""
-    return [*_foreign_cas(config, identity), *_expiring(config, identity, now)]
+    return [*foreign_cas(config, identity), *_expiring(config, identity, now)]
 
 
 def log_warnings(config: Config, identity: Identity, workers: int) -> None:
@@ -64,7 +64,7 @@ def log_warnings(config: Config, identity: Identity, workers: int) -> None:
         logs.event(logging.WARNING, f"warning: {w}", where=w.where or None)
 
 
-def _foreign_cas(config: Config, identity: Identity) -> list[Problem]:
+def foreign_cas(config: Config, identity: Identity) -> list[Problem]:
     """CAs in our bundle file that name another trust domain (a merged federation bundle,
     as spiffe-helper writes one): bundles are never merged, so they vouch for nobody."""
     ours = identity.trust_domain

@@ -156,6 +156,8 @@ class Server:
             retired = self.rt.contexts.server
             self.rt.contexts = self.build_contexts(new)
             openssl.flush_sessions(retired)  # live connections keep it alive for a while
+            for w in preflight.foreign_cas(self.config, new):  # a bundle merged since start
+                logs.event(logging.WARNING, f"warning: {w}", where=w.where)
         self.rt.authn.learn(new)
         self.publish_identity(new)
         logs.event(logging.INFO, "identity reloaded", spiffe_id=str(new.spiffe_id),

@@ -100,3 +100,17 @@ def test_status_writes_times_in_rfc3339(sidecar: SidecarFactory,
     times = [st["svid"]["not_after"], st["svid"]["not_before"],
              *(ca["not_after"] for cas in st["bundles"].values() for ca in cas)]
     assert all(RFC3339.fullmatch(t) for t in times), times
+
+
+def test_a_bundle_merged_after_start_is_warned_about(
+    sidecar: SidecarFactory, echo_app: Callable[..., EchoApp],
+) -> None:
+    from sidecar import pki
+
+    b = sidecar("b", inbound=[{"name": "in", "forward_to": echo_app().address}])
+    other = pki.new_root("other.org")
+    bundle = next(b.config_path.parent.glob("svid/bundle.pem"))
+    bundle.write_bytes(bundle.read_bytes() + pki.certs_pem([other.cert]))
+    sighup(b)
+    line = b.wait_line(lambda ln: "belongs to trust domain other.org" in ln.get("msg", ""))
+    assert other.cert.subject.rfc4514_string() in line["msg"]
