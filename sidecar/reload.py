@@ -21,12 +21,14 @@ import asyncio
 import datetime as dt
 import logging
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import watchfiles
 
 from sidecar import logs, metrics
 from sidecar.problems import ProblemsError
+from sidecar.times import rfc3339
 
 # Retries of a set that does not validate: spiffe-helper's three writes land within
 # milliseconds of each other, so a few short waits cover a rotation caught halfway.
@@ -34,6 +36,25 @@ RETRY_DELAYS = (0.1, 0.3, 0.6, 1.0)
 # Group a burst of file events (three files, a symlink swap) into one reload.
 WATCH_STEP_MS = 100
 WATCH_DEBOUNCE_MS = 1000
+
+
+# A reload error as /status shows it: the first problems, not a 10,000-rule policy's list.
+STATUS_ERROR_CHARS = 500
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How the last reload of one kind ended, for /status."""
+
+    result: str  # ok | error (the `result` label of sidecar_reloads_total)
+    at: dt.datetime
+    trigger: str  # start, SIGHUP, file change, interval
+    changed: bool  # ok: a new snapshot was swapped in (False: the files were the same)
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        return {"result": self.result, "at": rfc3339(self.at), "trigger": self.trigger,
+                "changed": self.changed, "error": self.error}
 
 
 class Reloadable:
@@ -51,6 +72,7 @@ class Reloadable:
         self._load = load  # runs in a thread; raises ProblemsError
         self._swap = swap  # runs on the loop; False when nothing changed
         self._lock = asyncio.Lock()
+        self.last: Outcome | None = None
 
     def watches(self, changed: Path) -> bool:
         """Is a change at this path (in a watched dir) one of ours?"""
@@ -75,11 +97,19 @@ class Reloadable:
                 changed = self._swap(snapshot)
                 if changed:
                     metrics.reloads.labels(self.kind, "ok").inc()
+                self.last = Outcome("ok", dt.datetime.now(dt.UTC), why, changed)
+                logs.event(logging.INFO, f"{self.kind} reload: ok, "
+                           + ("new files in force" if changed else "nothing changed"),
+                           kind=self.kind, trigger=why, result="ok", changed=changed)
                 return True
             assert last is not None
             metrics.reloads.labels(self.kind, "error").inc()
+            error = "; ".join(str(p) for p in last.problems)
+            self.last = Outcome("error", dt.datetime.now(dt.UTC), why, False,
+                                error[:STATUS_ERROR_CHARS])
             logs.event(logging.ERROR, f"{self.kind} reload failed; the previous one stays in "
-                       "force", trigger=why, problems=[str(p) for p in last.problems])
+                       "force", kind=self.kind, trigger=why, result="error",
+                       problems=[str(p) for p in last.problems])
             return False
 
 
@@ -129,7 +159,7 @@ async def expiry_watch(
             warned_for = na
             logs.event(logging.WARNING, "SVID expires soon and no newer one has arrived; "
                        "is the issuer (spiffe-helper, SPIRE agent, cert-manager) rotating?",
-                       not_after=na.isoformat(), seconds_left=int(left.total_seconds()))
+                       not_after=rfc3339(na), seconds_left=int(left.total_seconds()))
         try:
             async with asyncio.timeout(check_every):
                 await stop.wait()

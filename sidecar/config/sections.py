@@ -26,7 +26,6 @@ from sidecar.config.schema import (
     TlsConfig,
 )
 from sidecar.config.values import (
-    _TRUST_DOMAIN,
     _WILDCARD_HOSTS,
     _bool,
     _choice,
@@ -42,6 +41,7 @@ from sidecar.config.values import (
     _positive_duration,
     _server_name,
     _tls_version,
+    _trust_domain,
     _workers,
     parse_duration,
 )
@@ -124,15 +124,13 @@ def _federated_bundles(r: _Reader, raw: object) -> Mapping[str, Path]:
         return MappingProxyType({})
     bundles: dict[str, Path] = {}
     for key, value in raw.items():
-        domain = str(key).lower()
         here = f"{where}.{key}"
-        if not _TRUST_DOMAIN.fullmatch(domain):
-            r.report(
-                here,
-                f"{_show(key)} is not a trust domain name: use lowercase letters, "
-                "digits, '.', '-' and '_' (at most 255), like example.org",
-            )
-        elif domain in bundles:
+        try:
+            domain = _trust_domain(key)
+        except ValueError as exc:
+            r.report(here, str(exc))
+            continue
+        if domain in bundles:
             r.report(here, f"trust domain {domain} is listed twice; keep one")
         else:
             bundles[domain] = r.value({domain: value}, domain, where, r.path, Path())

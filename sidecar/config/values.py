@@ -10,14 +10,12 @@ from collections.abc import Callable
 from enum import StrEnum
 from typing import Final
 
+from sidecar import spiffe
 from sidecar.config.schema import Address, KtlsMode, TlsVersion
 from sidecar.strict_yaml import show as _show
 
 # Linux's sockaddr_un.sun_path is 108 bytes, one of which is the terminating NUL.
 _UNIX_PATH_MAX: Final = 107
-
-# SPIFFE trust domain names: lowercase letters, digits, '.', '-', '_'; at most 255.
-_TRUST_DOMAIN: Final = re.compile(r"[a-z0-9._-]{1,255}")
 
 # Listener names label metrics and are named by policy rules, so keep them plain.
 _LISTENER_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
@@ -121,24 +119,29 @@ def _unix_address(value: str, allowed: bool) -> Address:
 
 
 def _expected_id(raw: object) -> str:
-    # Light checks only; sidecar/spiffe.py owns the full SPIFFE ID rules.
-    if not isinstance(raw, str) or not raw.startswith("spiffe://"):
+    # spiffe.py owns the SPIFFE-ID rules: an entry no valid ID can equal is refused there.
+    if not isinstance(raw, str):
         raise ValueError(
             f"{_show(raw)} is not a SPIFFE ID: write it like "
             "spiffe://example.org/ns/default/sa/payments"
         )
-    domain, _, path = raw.removeprefix("spiffe://").partition("/")
-    if not _TRUST_DOMAIN.fullmatch(domain):
+    try:
+        spiffe.parse_expected(raw)
+    except spiffe.SpiffeIdError as exc:
         raise ValueError(
-            f"{_show(raw)}: the trust domain {domain!r} must be lowercase "
-            "letters, digits, '.', '-' and '_'"
-        )
-    if "*" in raw and path != "*":
-        raise ValueError(
-            f"{_show(raw)}: a wildcard must be the whole path, spiffe://{domain}/*, "
-            "which accepts any workload of that trust domain"
-        )
+            f"{exc}; every call on this route would fail spiffe_id_mismatch. Write an ID "
+            "like spiffe://example.org/ns/default/sa/payments, or spiffe://example.org/*"
+        ) from None
     return raw
+
+
+def _trust_domain(raw: object) -> str:
+    """A trust domain as a config key (federated_bundles), lowercased."""
+    try:
+        return spiffe.TrustDomain.parse(str(raw)).name
+    except spiffe.SpiffeIdError as exc:
+        raise ValueError(f"{_show(raw)} is not a trust domain name: {exc.reason}; write one "
+                         "like example.org") from None
 
 
 def _listen(raw: object) -> Address:

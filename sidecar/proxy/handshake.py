@@ -67,7 +67,9 @@ async def secure(
         return None
     except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
         presented = ep.presented_chain()
-        f = classify(exc, presented=presented, known_intermediates=rt.authn.known_intermediates)
+        f = classify(exc, presented=presented, known_intermediates=rt.authn.known_intermediates,
+                     trusted_names=[ca.subject for b in rt.contexts.identity.bundles.values()
+                                    for ca in b.cas])
         detail = f.detail
         if f.reason in (Reason.CERT_EXPIRED, Reason.CERT_NOT_YET_VALID) and not f.by_peer:
             detail += skew_note(presented, rt.clock_skew_hint)

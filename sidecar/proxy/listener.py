@@ -128,7 +128,19 @@ def _peer(addr: object) -> str:
 
 
 async def dial(address: Address, timeout: float) -> socket.socket:
-    """Open a non-blocking stream to host:port (every address it resolves to) or unix:path."""
+    """Open a non-blocking stream to host:port (every address it resolves to) or unix:path.
+
+    A timeout raises TimeoutError("timed out after 5s"): asyncio's own has no words, and
+    callers log `cannot reach ADDRESS: {exc}`."""
+    try:
+        return await _dial(address, timeout)
+    except TimeoutError as exc:
+        if str(exc):  # the kernel's ETIMEDOUT, which says what it is
+            raise
+        raise TimeoutError(f"timed out after {timeout:g}s") from None
+
+
+async def _dial(address: Address, timeout: float) -> socket.socket:
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(timeout):
         if address.unix is not None:

@@ -103,12 +103,14 @@ def classify(
     *,
     presented: list[bytes] | None = None,
     known_intermediates: Collection[x509.Name] = (),
+    trusted_names: Collection[x509.Name] = (),
 ) -> Failure:
-    """Classify an exception raised while handshaking."""
+    """Classify an exception raised while handshaking. `trusted_names`: the subjects of
+    our bundle CAs, so a CA that copies one's name is not called "not in our bundle"."""
     if isinstance(exc, TimeoutError):
         return Failure(Reason.HANDSHAKE_TIMEOUT, "the handshake did not finish in time")
     if isinstance(exc, ssl.SSLCertVerificationError):
-        return _verification(exc, presented, known_intermediates)
+        return _verification(exc, presented, known_intermediates, trusted_names)
     if isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError):
         return Failure(Reason.PEER_CLOSED, "the peer closed the connection mid-handshake")
     if isinstance(exc, ssl.SSLError):
@@ -129,12 +131,13 @@ def _verification(
     exc: ssl.SSLCertVerificationError,
     presented: list[bytes] | None,
     known_intermediates: Collection[x509.Name],
+    trusted_names: Collection[x509.Name],
 ) -> Failure:
     code = exc.verify_code
     reason = _VERIFY_CODES.get(code, Reason.OTHER)
     detail = str(exc.verify_message)
     if code in _MISSING_ISSUER_CODES and presented:
-        reason, detail = _missing_issuer(presented, known_intermediates)
+        reason, detail = _missing_issuer(presented, known_intermediates, trusted_names)
     return Failure(reason, detail)
 
 
@@ -150,10 +153,14 @@ def skew_note(presented: list[bytes] | None, hint: float, now: float | None = No
     at = now if now is not None else time.time()
     early = leaf.not_valid_before_utc.timestamp() - at
     late = at - leaf.not_valid_after_utc.timestamp()
-    gap = max(early, late)
-    if 0 < gap <= hint:
-        return (f"; off by only {_seconds(gap)}: check the clocks (the two hosts' clocks "
+    if 0 < early <= hint:
+        return (f"; off by only {_seconds(early)}: check the clocks (the two hosts' clocks "
                 "probably differ)")
+    if 0 < late <= hint:
+        # Just expired: a clock ahead of the issuer's looks the same as an issuer that
+        # stopped rotating one lifetime ago, and only the second is fixed by NTP.
+        return (f"; expired only {_seconds(late)} ago: the issuer may have stopped rotating "
+                "it, or the two hosts' clocks differ; check both")
     return ""
 
 
@@ -162,7 +169,8 @@ def _seconds(s: float) -> str:
 
 
 def _missing_issuer(
-    presented: list[bytes], known_intermediates: Collection[x509.Name]
+    presented: list[bytes], known_intermediates: Collection[x509.Name],
+    trusted_names: Collection[x509.Name] = (),
 ) -> tuple[Reason, str]:
     """A chain that ends before a trust anchor: is a known intermediate left out?"""
     try:
@@ -175,6 +183,14 @@ def _missing_issuer(
             Reason.MISSING_INTERMEDIATE,
             f"the peer sent {len(presented)} certificate(s) ending at one issued by "
             f"{quoted(issuer)}, a known intermediate it did not send",
+        )
+    if last.issuer in trusted_names:
+        # OpenSSL looked the issuer up by name and key identifier and found none: a CA of
+        # that name is trusted, but not the one that signed this (a rogue copy of its name).
+        return (
+            Reason.UNKNOWN_CA,
+            f"a CA named '{issuer}' is trusted, but the peer's certificate was not signed "
+            "by it (different key): a different CA that copies a trusted one's name",
         )
     return (
         Reason.UNKNOWN_CA,
