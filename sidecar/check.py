@@ -34,6 +34,9 @@ def problems_of(path: Path) -> tuple[list[Problem], list[Problem], Config | None
         refusal = preflight.ktls_refusal(config.tls.ktls, ktls.detect())
         if refusal is not None:
             errors.append(Problem("tls.ktls", refusal))
+    pin = preflight.pin_refusal()
+    if pin is not None:
+        errors.append(Problem("tls.groups", pin))
     short = fdlimit.shortfall(config.limits.max_connections, fdlimit.raise_limit())
     if short is not None:
         warnings.append(Problem("limits.max_connections", short))

@@ -20,6 +20,7 @@ from sidecar import logs, spiffe
 from sidecar.config import Config, KtlsMode, SessionStore
 from sidecar.identity import Identity, load_identity
 from sidecar.problems import Problem
+from sidecar.tls import contexts as tls_contexts
 from sidecar.tls import ktls
 
 
@@ -35,6 +36,12 @@ def ktls_refusal(mode: KtlsMode, support: ktls.Support) -> str | None:
     if mode == KtlsMode.ON and not support.available:
         return f"tls.ktls is on, but kTLS is not available here: {support.why}"
     return None
+
+
+def pin_refusal() -> str | None:
+    """Why the key-exchange groups and signature algorithms cannot be pinned here, or None:
+    serving OpenSSL's defaults would reopen the finite-field CPU DoS, so run refuses."""
+    return tls_contexts.unpinnable()
 
 
 def config_warnings(config: Config, workers: int) -> list[Problem]:

@@ -204,7 +204,7 @@ class Server:
         loop = asyncio.get_running_loop()
         cfg = self.config
         fdlimit.raise_for(self.config.limits.max_connections)
-        refusal = self.detect_ktls() or tls_contexts.unpinnable()
+        refusal = self.detect_ktls() or preflight.pin_refusal()
         if refusal is not None:
             logs.event(logging.ERROR, f"cannot start: {refusal}")
             return 1

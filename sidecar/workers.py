@@ -142,6 +142,10 @@ class Supervisor:
                        problems=[str(p) for p in exc.problems])
             return 1
         preflight.log_warnings(self.config, self._identity, workers=self.count)
+        pin = preflight.pin_refusal()  # else every worker refuses, and restarts
+        if pin is not None:
+            logs.event(logging.ERROR, f"cannot start: {pin}")
+            return 1
         if self.config.tls.ktls == KtlsMode.ON:  # else every worker refuses, and restarts
             from sidecar.tls import ktls
 
