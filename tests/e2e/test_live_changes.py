@@ -469,3 +469,21 @@ def _env() -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     env.pop("SIDECAR_CONFIG", None)
     return env
+
+
+# --- reloads counted by what changed (issue 15, item 7d) --------------------------------
+
+
+def test_a_bundle_change_is_counted_as_bundle_not_svid(
+    node: Callable[..., Node], ca: Pki
+) -> None:
+    b = node()
+    svid_ok = metric(b.sc, "sidecar_reloads_total", kind="svid", result="ok")
+    (b.svid_dir / "bundle.pem").write_bytes(pki.certs_pem([*ca.bundle, ca.foreign_root.cert]))
+    wait_for(lambda: metric(b.sc, "sidecar_reloads_total", kind="bundle", result="ok") == 1,
+             RELOAD_WAIT, "the bundle change to be counted as kind=bundle")
+    (b.svid_dir / "bundle.pem").write_bytes(b"-----BEGIN CERTIFICATE-----\nMIIB")
+    wait_for(lambda: metric(b.sc, "sidecar_reloads_total", kind="bundle", result="error") == 1,
+             RELOAD_WAIT, "the broken bundle to be counted as kind=bundle")
+    assert metric(b.sc, "sidecar_reloads_total", kind="svid", result="ok") == svid_ok
+    assert metric(b.sc, "sidecar_reloads_total", kind="svid", result="error") == 0
