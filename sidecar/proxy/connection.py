@@ -44,7 +44,7 @@ class Record:
     reason: Reason | None = None  # why it failed, when it did
     detail: str | None = None
     close: str | None = None  # how it ended
-    evicted: bool = False
+    evicted: str | None = None  # the limit that shed this pending handshake, if one did
     finished: bool = False
     ktls_tx: bool | None = None
     ktls_rx: bool | None = None
@@ -99,10 +99,13 @@ class Tracker:
         series = metrics.series(direction, listener)
         series.connections.inc()
         series.active.inc()
-        if self.active >= self.max_connections and not self._evict(silent_only=True):
-            # Full of real work: stop accepting; new peers wait in the kernel's backlog.
-            # (Full of peers that never said hello: one of them made room above instead,
-            # or stalled peers would hold every slot until their timeout.)
+        if self.active >= self.max_connections and not self._evict(
+                "max_connections", silent_for=SILENT_AFTER):
+            # Full of real work: stop accepting; new peers wait in the kernel's backlog
+            # (the listener shows them). Full of peers that have said nothing for
+            # SILENT_AFTER: one of them made room above instead, or stalled peers would
+            # hold every slot until their timeout. A peer accepted a moment ago has had no
+            # time to speak: it is never taken for a stalled one.
             self.on_full()
         return Record(direction, listener, peer_addr, time.monotonic())
 
@@ -110,29 +113,30 @@ class Tracker:
                         progress: Callable[[], bool]) -> None:
         """`progress()` tells whether the peer has sent its hello yet."""
         while len(self.pending) >= self.max_pending:
-            self._evict(silent_only=False)
+            self._evict("max_pending_handshakes")
         self.pending[rec] = (task, progress)
 
-    def _evict(self, *, silent_only: bool) -> bool:
-        """Close one pending handshake: the oldest that has not sent its hello (a stalled
-        or slow peer) within the first EVICT_SCAN, else (unless silent_only) the oldest.
-        A good client mid-handshake is the last to go."""
+    def _evict(self, limit: str, *, silent_for: float | None = None) -> bool:
+        """Close one pending handshake, counted under `limit`: the oldest that has not
+        sent its hello (a stalled or slow peer) within the first EVICT_SCAN, else the
+        oldest. With `silent_for`, only a peer silent that long, or none."""
         victim_rec = None
+        now = time.monotonic()
         for i, (rec, (_, progress)) in enumerate(self.pending.items()):
-            if i == EVICT_SCAN:
-                break
+            if i == EVICT_SCAN or (silent_for is not None and now - rec.started < silent_for):
+                break  # oldest first: the rest are younger still
             if not progress():
                 victim_rec = rec
                 break
         if victim_rec is None:
-            if silent_only or not self.pending:
+            if silent_for is not None or not self.pending:
                 return False
             victim_rec = next(iter(self.pending))
         task, _ = self.pending.pop(victim_rec)
-        victim_rec.evicted = True
+        victim_rec.evicted = limit
         task.cancel()
         metrics.connections_rejected.labels(
-            victim_rec.direction, victim_rec.listener, "max_pending_handshakes").inc()
+            victim_rec.direction, victim_rec.listener, limit).inc()
         return True
 
     def end_handshake(self, rec: Record) -> None:
@@ -196,6 +200,10 @@ class Tracker:
 # Pending handshakes looked at for one that never said hello before the oldest is taken:
 # enough to find a stalled peer among good ones, bounded so an eviction stays cheap.
 EVICT_SCAN = 64
+# At max_connections, a pending peer silent this long may be shed to make room. A client
+# sends its hello right behind the TCP handshake, so it is usually queued when we accept;
+# a second covers a long round trip and a busy loop with room to spare.
+SILENT_AFTER = 1.0
 
 # After a lifetime close has passed the end of stream on, how long the peers get to
 # finish before the connection is cut: long enough for an in-flight response.

@@ -32,7 +32,8 @@ async def secure(
     except asyncio.CancelledError:
         if rec.evicted:
             _fail(rt, rec, ep, Reason.HANDSHAKE_TIMEOUT,
-                  "evicted: max_pending_handshakes reached, oldest pending handshake closed")
+                  f"evicted: {rec.evicted} reached, pending handshakes closed (those "
+                  "with no hello first) to make room")
         else:
             _fail(rt, rec, ep, None, "shutting down")
         return None

@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,6 +24,7 @@ from .conftest import (
     SidecarFactory,
     TlsClient,
     recv_all,
+    wait_for,
 )
 from .test_live_changes import admin_get, metric
 
@@ -133,3 +135,59 @@ def test_max_connection_lifetime_ends_a_connection_gracefully(
         assert recv_all(s) == b""
     line = b.connection(close="max_lifetime")
     assert line["reason"] is None and line["bytes_to_app"] == 6, line
+
+
+def _status(sc: Sidecar) -> dict[str, Any]:
+    status: dict[str, Any] = json.loads(admin_get(sc, "/status")[1])
+    return status
+
+
+def test_at_max_connections_a_fresh_client_is_not_evicted_and_the_wait_is_shown(
+    sidecar: SidecarFactory, echo_app: Callable[..., EchoApp], ca: Pki, tls_client: TlsClient
+) -> None:
+    """Issue 15, item 7a: the connection that fills the last slot used to evict a client
+    accepted a moment earlier whose hello had not been read yet, counted as a stalled
+    handshake; and clients waiting in the backlog showed nowhere."""
+    b = sidecar("b", inbound=[{"name": "in", "forward_to": echo_app().address}],
+                limits={"max_connections": 4, "max_pending_handshakes": 4})
+    port = b.port("in")
+    ctx = tls_client.context(ca.svid(FRONTEND))
+    live = []
+    try:
+        for _ in range(2):  # two slots of real work
+            s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port),
+                                                         timeout=IO_TIMEOUT))
+            s.sendall(b"x")
+            assert recv_all(s, 1) == b"x"
+            live.append(s)
+        # A: connected, its hello not sent yet (a client a round trip away).
+        a_raw = socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT)
+        live.append(a_raw)
+        wait_for(lambda: _status(b)["connections"]["pending_handshakes"] == 1, 10,
+                 "A's handshake to be pending")
+        # B takes the last slot; C finds the process full and waits in the backlog.
+        b_raw = socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT)
+        live.append(b_raw)
+        wait_for(lambda: metric(b, "sidecar_connections_total", listener="in") == 4, 10,
+                 "B to be accepted")
+        c_raw = socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT)
+        live.append(c_raw)
+        a = ctx.wrap_socket(a_raw)  # A speaks now: it must still be served
+        a.sendall(b"a")
+        assert recv_all(a, 1) == b"a"
+        assert metric(b, "sidecar_connections_rejected_total", listener="in") == 0
+        wait_for(lambda: metric(b, "sidecar_listener_backlog", listener="in") == 1, 10,
+                 "C to show in the backlog gauge")
+        assert metric(b, "sidecar_listener_paused", listener="in",
+                      reason="max_connections") == 1
+        # A slot frees: C is accepted and served, and the gauges fall back.
+        live[0].close()
+        c = ctx.wrap_socket(c_raw)
+        c.sendall(b"c")
+        assert recv_all(c, 1) == b"c"
+        assert metric(b, "sidecar_listener_paused", listener="in",
+                      reason="max_connections") == 0
+        assert metric(b, "sidecar_listener_backlog", listener="in") == 0
+    finally:
+        for s in live:
+            s.close()
