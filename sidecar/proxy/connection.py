@@ -48,6 +48,11 @@ class Record:
     finished: bool = False
     ktls_tx: bool | None = None
     ktls_rx: bool | None = None
+    # Bytes already added to sidecar_bytes_total: the sweeper adds what moved since, so a
+    # long stream shows as it flows (a metric call per moving connection a second, never
+    # one per chunk).
+    counted_to_app: int = 0
+    counted_from_app: int = 0
 
     def fields(self, duplex: Duplex | None) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -151,9 +156,7 @@ class Tracker:
         rec.close = rec.close or how
         if exc is not None and rec.detail is None:
             rec.detail = f"{type(exc).__name__}: {exc}"
-        series = metrics.series(rec.direction, rec.listener)
-        series.bytes_to_app.inc(duplex.to_app.moved)
-        series.bytes_from_app.inc(duplex.from_app.moved)
+        _count_bytes(rec, duplex)
         self.finish(rec, duplex)
 
     def finish(self, rec: Record, duplex: Duplex | None = None) -> None:
@@ -170,17 +173,25 @@ class Tracker:
             self.on_empty()
 
     def sweep(self) -> None:
-        """Close idle and over-age connections; run once a second."""
+        """Count the bytes moved since the last sweep; close idle and over-age
+        connections. Runs once a second."""
         now = self._loop.time()
         for duplex, rec in list(self.live.items()):
             moved = duplex.moved
             if moved != duplex.last_moved:
                 duplex.last_moved = moved
                 duplex.idle_since = now
+                _count_bytes(rec, duplex)
             elif self.idle_timeout and now - duplex.idle_since > self.idle_timeout:
-                rec.close = "idle_timeout"
-                duplex.abort("idle_timeout")
-                continue
+                # Asked only here, not every sweep: one ioctl per socket per idle period.
+                queued = duplex.queued()
+                if queued and queued != duplex.last_queued:
+                    duplex.last_queued = queued  # a slow reader is draining the kernel's queue
+                    duplex.idle_since = now
+                else:
+                    rec.close = "idle_timeout"
+                    duplex.abort("idle_timeout")
+                    continue
             if self.max_lifetime and now - duplex.started > self.max_lifetime:
                 if rec.close is None:
                     rec.close = "max_lifetime"
@@ -195,6 +206,17 @@ class Tracker:
         for rec, (task, _) in list(self.pending.items()):
             rec.close = how
             task.cancel()
+
+
+def _count_bytes(rec: Record, duplex: Duplex) -> None:
+    to_app, from_app = duplex.to_app.moved, duplex.from_app.moved
+    series = metrics.series(rec.direction, rec.listener)
+    if to_app != rec.counted_to_app:
+        series.bytes_to_app.inc(to_app - rec.counted_to_app)
+        rec.counted_to_app = to_app
+    if from_app != rec.counted_from_app:
+        series.bytes_from_app.inc(from_app - rec.counted_from_app)
+        rec.counted_from_app = from_app
 
 
 # Pending handshakes looked at for one that never said hello before the oldest is taken:
