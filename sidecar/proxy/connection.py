@@ -156,7 +156,9 @@ class Tracker:
         rec.close = rec.close or how
         if exc is not None and rec.detail is None:
             rec.detail = f"{type(exc).__name__}: {exc}"
-        _count_bytes(rec, duplex)
+        tally: Tally = {}
+        _tally(rec, duplex, tally)
+        _flush(tally)
         self.finish(rec, duplex)
 
     def finish(self, rec: Record, duplex: Duplex | None = None) -> None:
@@ -175,13 +177,20 @@ class Tracker:
     def sweep(self) -> None:
         """Count the bytes moved since the last sweep; close idle and over-age
         connections. Runs once a second."""
+        tally: Tally = {}
+        try:
+            self._sweep(tally)
+        finally:  # what was tallied is counted even if a close below failed
+            _flush(tally)
+
+    def _sweep(self, tally: Tally) -> None:
         now = self._loop.time()
         for duplex, rec in list(self.live.items()):
             moved = duplex.moved
             if moved != duplex.last_moved:
                 duplex.last_moved = moved
                 duplex.idle_since = now
-                _count_bytes(rec, duplex)
+                _tally(rec, duplex, tally)
             elif self.idle_timeout and now - duplex.idle_since > self.idle_timeout:
                 # Asked only here, not every sweep: one ioctl per socket per idle period.
                 queued = duplex.queued()
@@ -208,15 +217,29 @@ class Tracker:
             task.cancel()
 
 
-def _count_bytes(rec: Record, duplex: Duplex) -> None:
+# Bytes moved since they were last counted, per (direction, listener): [to_app, from_app].
+# A sweep adds them up and calls the counter once per listener and flow, not once per
+# connection: a Counter.inc takes a lock (~6,500 instructions under callgrind).
+Tally = dict[tuple[str, str], list[int]]
+
+
+def _tally(rec: Record, duplex: Duplex, tally: Tally) -> None:
     to_app, from_app = duplex.to_app.moved, duplex.from_app.moved
-    series = metrics.series(rec.direction, rec.listener)
-    if to_app != rec.counted_to_app:
-        series.bytes_to_app.inc(to_app - rec.counted_to_app)
-        rec.counted_to_app = to_app
-    if from_app != rec.counted_from_app:
-        series.bytes_from_app.inc(from_app - rec.counted_from_app)
-        rec.counted_from_app = from_app
+    sums = tally.get((rec.direction, rec.listener))
+    if sums is None:
+        sums = tally[(rec.direction, rec.listener)] = [0, 0]
+    sums[0] += to_app - rec.counted_to_app
+    sums[1] += from_app - rec.counted_from_app
+    rec.counted_to_app, rec.counted_from_app = to_app, from_app
+
+
+def _flush(tally: Tally) -> None:
+    for (direction, listener), (to_app, from_app) in tally.items():
+        series = metrics.series(direction, listener)
+        if to_app:
+            series.bytes_to_app.inc(to_app)
+        if from_app:
+            series.bytes_from_app.inc(from_app)
 
 
 # Pending handshakes looked at for one that never said hello before the oldest is taken:
