@@ -182,6 +182,11 @@ class Tracker:
             self._sweep(tally)
         finally:  # what was tallied is counted even if a close below failed
             _flush(tally)
+        if self.full:
+            # Paused while the peers holding the slots were too young to be taken for
+            # stalled: one that has stayed silent since makes room, and the accept that
+            # follows sheds the next (open) while peers wait in the backlog.
+            self._evict("max_connections", silent_for=SILENT_AFTER)
 
     def _sweep(self, tally: Tally) -> None:
         now = self._loop.time()

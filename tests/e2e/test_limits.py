@@ -284,3 +284,28 @@ def test_bytes_of_a_long_stream_show_in_metrics_before_it_ends(
                  == len(payload) + 4, 5, "the next bytes in /metrics")
     b.connection(bytes_to_app=len(payload) + 4)  # closed: counted once, not twice
     assert metric(b, "sidecar_bytes_total", listener="in", flow="to_app") == len(payload) + 4
+
+
+def test_at_max_connections_peers_silent_for_a_second_make_room_for_waiting_clients(
+    sidecar: SidecarFactory, echo_app: Callable[..., EchoApp], ca: Pki, tls_client: TlsClient
+) -> None:
+    """Fresh peers are never shed at max_connections; once silent for a second they are
+    (within a sweep), well before handshake_timeout, and counted under that limit."""
+    b = sidecar("b", inbound=[{"name": "in", "forward_to": echo_app().address}],
+                limits={"max_connections": 3, "max_pending_handshakes": 3,
+                        "handshake_timeout": "30s"})
+    port = b.port("in")
+    silent = [socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT)
+              for _ in range(3)]
+    try:
+        wait_for(lambda: _status(b)["connections"]["pending_handshakes"] == 3, 10,
+                 "the silent peers to hold every slot")
+        started = time.monotonic()
+        out = tls_client.exchange(port, tls_client.context(ca.svid(FRONTEND)), b"hello")
+        assert out.received == b"hello", (out.handshake_error, out.error)
+        assert time.monotonic() - started < 5  # a second of silence and a sweep, not 30 s
+        assert metric(b, "sidecar_connections_rejected_total", listener="in",
+                      limit="max_connections") >= 1
+    finally:
+        for s in silent:
+            s.close()
