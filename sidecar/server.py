@@ -24,7 +24,7 @@ from typing import Any
 
 from sidecar import admin, fdlimit, logs, metrics, preflight, reload, status
 from sidecar.config import Address, Config
-from sidecar.identity import Identity
+from sidecar.identity import Identity, changed_parts
 from sidecar.policy import DENY_ALL, Policy, load_policy
 from sidecar.problems import ProblemsError
 from sidecar.proxy import inbound, outbound
@@ -94,7 +94,11 @@ class Server:
             if delay:
                 await asyncio.sleep(delay)
             try:
-                return await asyncio.to_thread(self.load_identity)
+                return await reload.load_bounded(self.load_identity, str(
+                    self.config.identity.cert))
+            except reload.LoadStuckError as exc:
+                last = exc
+                break
             except ProblemsError as exc:
                 last = exc
         assert last is not None
@@ -135,11 +139,13 @@ class Server:
 
     def reloadables(self) -> list[reload.Reloadable]:
         ident = self.config.identity
+        trust = {path: "bundle" for path in (ident.bundle, *ident.federated_bundles.values())}
         out = [reload.Reloadable(
             "svid",
             (ident.cert, ident.key, ident.bundle, *ident.federated_bundles.values(),
              *ident.crl),
-            self.load_identity, self._swap_identity)]
+            self.load_identity, self._swap_identity, parts=changed_parts,
+            kind_of=trust | {path: "crl" for path in ident.crl})]
         if self.config.policy is not None:
             out.append(reload.Reloadable("policy", (self.config.policy,), self.load_policy,
                                          self._swap_policy))
@@ -214,7 +220,7 @@ class Server:
         if self.worker is None:  # workers: the supervisor says these, once
             preflight.log_warnings(cfg, identity, workers=1)
         try:
-            policy = self.load_policy()
+            policy = await reload.load_bounded(self.load_policy, str(cfg.policy))
         except ProblemsError as exc:
             logs.event(logging.ERROR, "policy invalid at start: every inbound connection "
                        "will be denied until a valid policy is loaded",

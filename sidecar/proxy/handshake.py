@@ -60,8 +60,8 @@ async def secure(
     except asyncio.CancelledError:
         if rec.evicted:
             await _fail(rt, rec, ep, Reason.HANDSHAKE_TIMEOUT,
-                        "evicted: max_pending_handshakes reached, oldest pending handshake "
-                        "closed", linger=False)
+                        f"evicted: {rec.evicted} reached, pending handshakes closed (those "
+                        "with no hello first) to make room", linger=False)
         else:
             await _fail(rt, rec, ep, None, "shutting down", linger=False)
         return None
