@@ -495,11 +495,19 @@ class BundleRotation(Rotation):
             self.stop_event.wait(0.05)
 
     def _run(self) -> None:
+        try:
+            self._stages()
+        except Exception as exc:  # reported with the results, not lost with the thread
+            self.problems.append(f"the bundle rotation stopped: {type(exc).__name__}: {exc}")
+
+    def _stages(self) -> None:
         span = self.seconds / len(self.stages)
         t0 = time.monotonic()
         for i, stage in enumerate(self.stages):
             if i:
                 self.settle(self.stages[i - 1])
+                if self.stop_event.is_set():
+                    return  # the run ended while the previous stage was loading
             self.begun.append((round(time.monotonic() - t0, 2), stage.about))
             end = t0 + span * (i + 1)
             while not self.stop_event.is_set() and time.monotonic() < end:
