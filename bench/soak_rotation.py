@@ -170,11 +170,10 @@ def recv_exactly(s: socket.socket, size: int) -> bytes:
 
 
 def one_stream(port: int, rate: float, rng: random.Random, stop: threading.Event,
-               tally: Tally) -> None:
-    """One long stream until `stop`: each chunk must come back byte for byte."""
+               tally: Tally, moved: list[int]) -> None:
+    """One long stream until `stop`: each chunk must come back byte for byte. `moved[0]`
+    counts the bytes echoed so far (0: the stream never opened)."""
     with socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT) as s:
-        with tally.lock:
-            tally.streams_opened += 1
         due = time.monotonic()
         while not stop.is_set():
             chunk = rng.randbytes(STREAM_CHUNK)
@@ -183,6 +182,8 @@ def one_stream(port: int, rate: float, rng: random.Random, stop: threading.Event
             with tally.lock:
                 tally.corrupted_bytes += differing(chunk, back)
                 tally.bytes_verified += len(chunk)
+                tally.streams_opened += moved[0] == 0
+            moved[0] += len(chunk)
             due += len(chunk) / rate
             stop.wait(max(0.0, due - time.monotonic()))
         s.shutdown(socket.SHUT_WR)
@@ -192,14 +193,21 @@ def one_stream(port: int, rate: float, rng: random.Random, stop: threading.Event
 
 def long_stream(port: int, rate: float, seed: int, stop: threading.Event,
                 tally: Tally) -> None:
-    """A stream through the whole run; a broken one is counted and reopened."""
+    """A stream through the whole run; a broken one is counted and reopened. One that
+    breaks before its first echo failed to open (its handshake, most likely): that is a
+    failed connection, not a broken stream."""
     rng = random.Random(seed)
     while not stop.is_set():
+        moved = [0]
         try:
-            one_stream(port, rate, rng, stop, tally)
+            one_stream(port, rate, rng, stop, tally, moved)
         except OSError as exc:
-            with tally.lock:
-                tally.streams_broken.append(f"{type(exc).__name__}: {exc}"[:200])
+            if moved[0] == 0:
+                tally.fail(f"stream open: {type(exc).__name__}", str(exc))
+            else:
+                with tally.lock:
+                    tally.streams_broken.append(
+                        f"{type(exc).__name__} after {moved[0] / 2**20:.1f} MiB: {exc}"[:200])
             stop.wait(0.5)  # a route that is down is not hammered
 
 
