@@ -326,6 +326,7 @@ class Counted:
 
     handshakes: int
     resumed: int
+    resumed_failed: int  # resumed="true", result="error": a resumption offered and lost
     errors: Counter[str]  # sidecar_handshake_errors_total by reason
     reloads: Counter[str]  # sidecar_reloads_total by "kind/result"
 
@@ -341,10 +342,13 @@ class Counted:
             reloads[f"{labels['kind']}/{labels['result']}"] += int(v)
         return Counted(handshakes=int(sum(v for _, v in hs)),
                        resumed=int(sum(v for lb, v in hs if lb.get("resumed") == "true")),
+                       resumed_failed=int(sum(v for lb, v in hs if lb.get("resumed") == "true"
+                                              and lb.get("result") == "error")),
                        errors=errors, reloads=reloads)
 
     def since(self, before: Counted) -> Counted:
         return Counted(self.handshakes - before.handshakes, self.resumed - before.resumed,
+                       self.resumed_failed - before.resumed_failed,
                        self.errors - before.errors, self.reloads - before.reloads)
 
 
@@ -553,6 +557,7 @@ class Result:
     corrupted_bytes: int
     handshakes: dict[str, int]  # side -> handshakes counted by that sidecar
     resumed: dict[str, int]
+    resumed_failed: dict[str, int]
     handshake_errors: dict[str, dict[str, int]]  # side -> reason -> count
     logged_reasons: dict[str, dict[str, int]]
     reloads: dict[str, dict[str, int]]
@@ -566,7 +571,10 @@ class Result:
 
     def ratio(self, side: str) -> str:
         n = self.handshakes[side]
-        return f"{self.resumed[side] / n:.3f} ({self.resumed[side]}/{n})" if n else "-"
+        if not n:
+            return "-"
+        return (f"{self.resumed[side] / n:.3f} ({self.resumed[side]}/{n}; "
+                f"{self.resumed_failed[side]} of the resumed failed)")
 
 
 def drive(pair: Pair, rotation: Rotation, args: argparse.Namespace,
@@ -646,6 +654,7 @@ def run_scenario(name: str, args: argparse.Namespace, work: Path) -> Result:
         mib_verified=tally.bytes_verified / 2**20, corrupted_bytes=tally.corrupted_bytes,
         handshakes={s: c.handshakes for s, c in counted.items()},
         resumed={s: c.resumed for s, c in counted.items()},
+        resumed_failed={s: c.resumed_failed for s, c in counted.items()},
         handshake_errors={s: dict(c.errors) for s, c in counted.items()},
         logged_reasons={s: dict(r) for s, r in reasons.items()},
         reloads={s: dict(c.reloads) for s, c in counted.items()}, rotation=done)
