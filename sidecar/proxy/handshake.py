@@ -17,12 +17,19 @@ from sidecar.tls.classify import classify, skew_note
 from sidecar.tls.engine import TlsEndpoint
 
 
+class ResumptionRefused(Exception):
+    """Our re-check refused a resumed session: the peer may still pass a full handshake.
+    Raised instead of finishing the record when the caller can redial (secure's
+    `retry_resumed`); the failed handshake is counted and its endpoint closed."""
+
+
 async def secure(
     rt: Runtime, rec: Record, ep: TlsEndpoint, identity: Identity, *,
-    expect: Collection[str] | None = None,
+    expect: Collection[str] | None = None, retry_resumed: bool = False,
 ) -> Peer | None:
     """Handshake and authenticate against `identity`, the snapshot whose contexts made
-    `ep`; on failure close ep, count, finish rec, return None."""
+    `ep`; on failure close ep, count, finish rec, return None (or, for a resumed session
+    with `retry_resumed`, raise ResumptionRefused and leave rec open)."""
     task = asyncio.current_task()
     assert task is not None
     rt.tracker.begin_handshake(rec, task, ep.hello_seen)
@@ -63,6 +70,10 @@ async def secure(
     except AuthnError as exc:
         ep.forget_session()  # its next connection must prove itself in full
         ep.shutdown_write()  # a close_notify rather than a bare reset, where it can
+        if resumed and retry_resumed:
+            _count_failure(rec, ep, exc.reason, resumed=True)
+            ep.close()
+            raise ResumptionRefused(exc.detail) from exc
         _fail(rt, rec, ep, exc.reason, exc.detail, resumed=resumed)
         return None
     rec.peer_id = peer.spiffe_id
@@ -100,10 +111,14 @@ def _fail(
     if reason is not None:
         rec.reason = reason
         rec.close = "handshake_failed"
-        r = "true" if resumed else "false"
-        metrics.handshakes.labels(rec.direction, rec.listener, "error", r).inc()
-        metrics.handshake_errors.labels(rec.direction, rec.listener, str(reason)).inc()
-        metrics.handshake_cpu.labels(rec.direction, rec.listener, r).inc(ep.cpu_seconds)
+        _count_failure(rec, ep, reason, resumed=resumed)
     else:
         rec.close = rec.close or "shutdown"
     rt.tracker.finish(rec)
+
+
+def _count_failure(rec: Record, ep: TlsEndpoint, reason: Reason, *, resumed: bool) -> None:
+    r = "true" if resumed else "false"
+    metrics.handshakes.labels(rec.direction, rec.listener, "error", r).inc()
+    metrics.handshake_errors.labels(rec.direction, rec.listener, str(reason)).inc()
+    metrics.handshake_cpu.labels(rec.direction, rec.listener, r).inc(ep.cpu_seconds)
