@@ -12,7 +12,9 @@ federated CA vouching for our trust domain) holds a ticket too. So a resumed lea
 trusted only if this process accepted it in a full handshake, or if it is signed by an
 issuer known to belong to the trust domain it claims: a CA of that domain's bundle, or an
 intermediate seen in an accepted chain of that domain (our own chain's included). The
-signature is checked, not just the issuer's name, which any CA can copy. The answer is
+signature is checked, not just the issuer's name, which any CA can copy. Without
+federation the question cannot arise (every anchor is that one domain's), so an unknown
+issuer is no reason to refuse there: another worker may have made the session. The answer is
 cached per leaf, so a peer that resumes often pays for this once.
 """
 
@@ -147,6 +149,16 @@ class Authenticator:
             except (ValueError, TypeError, InvalidSignature):
                 continue
             peer = _peer(sid, _narrow(above, leaf))
+            self._cache(leaf_der, peer)
+            return _still_valid(peer)
+        if len(identity.bundles) == 1:
+            # No federation: every anchor OpenSSL could have verified this leaf's chain
+            # against is in this trust domain's bundle, and a session never survives a
+            # change of trust (new ticket keys, a new cache). So the chain ended in the
+            # right bundle, though it was verified by another worker or before this
+            # process learned its intermediate: refusing would strand the peer, not make
+            # it safer. Its intermediates' expiry capped the session (peerchain.py).
+            peer = _peer(sid, _window([leaf]))
             self._cache(leaf_der, peer)
             return _still_valid(peer)
         raise AuthnError(Reason.UNKNOWN_CA, f"resumed session of {sid}: its issuer "

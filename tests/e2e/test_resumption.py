@@ -14,7 +14,10 @@ rewriting the identity files as spiffe-helper does, and waited for in the logs.
 
 from __future__ import annotations
 
+import json
 import secrets
+import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -27,13 +30,17 @@ from sidecar import pki
 
 from .conftest import (
     FRONTEND,
+    IO_TIMEOUT,
     PAYMENTS,
     EchoApp,
     Pki,
     Sidecar,
     SidecarFactory,
+    TlsClient,
     plain_roundtrip,
+    recv_all,
     wait_for,
+    write_svid_dir,
 )
 
 pytestmark = pytest.mark.timeout(120)
@@ -139,3 +146,72 @@ def test_short_svids_rotated_often_never_fail_and_mostly_resume(
     print(summary)
     assert all(results) and not failures, summary + f"\n{failures[:3]}"
     assert resumed / len(lines) >= 0.75, summary
+
+
+def _tls_call(port: int, ctx: ssl.SSLContext, session: ssl.SSLSession | None
+              ) -> tuple[bool, ssl.SSLSession | None, bool]:
+    """A stdlib client straight to an inbound listener: (echoed?, its session, resumed?)."""
+    payload = secrets.token_bytes(64)
+    with socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT) as raw:
+        try:
+            with ctx.wrap_socket(raw, session=session) as s:
+                s.sendall(payload)
+                back = recv_all(s, len(payload))
+                return back == payload, s.session, s.session_reused
+        except (OSError, ssl.SSLError):
+            return False, None, False
+
+
+@pytest.mark.parametrize("store", ["memory", "tickets"])
+def test_an_inbound_session_ends_with_the_client_certificate_it_proved(
+    sidecar: SidecarFactory, echo_app: Callable[..., EchoApp], ca: Pki, tls_client: TlsClient,
+    store: str,
+) -> None:
+    """A client nobody here wrote keeps its first session while its SVID rotates: once
+    that session's certificate expires, the inbound must make a full handshake of it
+    rather than refuse the client (92/119 calls failed with tickets, issue 15)."""
+    b = sidecar("b", tls={"session_store": store},
+                inbound=[{"name": "in", "forward_to": echo_app().address}])
+    first = ca.issue(FRONTEND, ttl=timedelta(seconds=3))
+    ctx = tls_client.context(first)
+    ok, session, _ = _tls_call(b.port("in"), ctx, None)
+    assert ok and session is not None
+    assert _tls_call(b.port("in"), ctx, session)[::2] == (True, True)
+    rotated = tls_client.directory / "rotated.pem"
+    fresh = ca.issue(FRONTEND)
+    rotated.write_bytes(pki.certs_pem([fresh.cert, *fresh.intermediates]) + fresh.key_pem())
+    ctx.load_cert_chain(rotated)  # the client's SVID rotated; it keeps its session
+    wait_for(lambda: time.time() > first.cert.not_valid_after_utc.timestamp() + 1, 10,
+             "the first certificate to expire")
+    ok, _, resumed = _tls_call(b.port("in"), ctx, session)
+    failures = [ln for ln in b.connections() if ln.get("reason")]
+    assert ok and not resumed, failures
+    assert not failures, failures
+
+
+def test_workers_resume_each_others_tickets_of_another_intermediate(
+    sidecar: SidecarFactory, echo_app: Callable[..., EchoApp], ca: Pki, tmp_path: Path,
+) -> None:
+    """Two workers share B's port and its ticket keys: a worker that never saw the
+    caller's intermediate in a full handshake must still let its resumption in."""
+    sibling = pki.new_intermediate(ca.root, name="spire-server-2")
+    (tmp_path / "policy.yaml").write_text(json.dumps({
+        "default": "deny", "rules": [{"name": "a", "action": "allow", "from": [FRONTEND]}]}))
+    config = tmp_path / "b.yaml"
+    config.write_text(json.dumps({
+        "identity": write_svid_dir(tmp_path / "b-svid", ca.issue(PAYMENTS), ca.bundle),
+        "inbound": [{"name": "in", "listen": "127.0.0.1:0",
+                     "forward_to": echo_app().address}],
+        "policy": str(tmp_path / "policy.yaml"), "workers": 2,
+        "tls": {"session_store": "tickets"}, "drain_timeout": "5s",
+        "admin": {"listen": "127.0.0.1:0"}, "log": {"level": "info", "format": "json"}}))
+    b = Sidecar("b", config, "uvloop")
+    sidecar.started.append(b)  # stopped, and checked to exit 0, with the others
+    b.start()
+    a = sidecar("a", svid=pki.issue_svid(sibling, FRONTEND), outbound=[{
+        "name": "out", "connect_to": f"127.0.0.1:{b.port('in')}", "expect_ids": [PAYMENTS]}])
+    results = [_call(a) for _ in range(CALLS * 2)]
+    lines = b.wait_connections(len(results))
+    failures = [ln for ln in lines if ln.get("reason")]
+    assert all(results) and not failures, failures[:3]
+    assert {ln.get("worker") for ln in lines if ln["resumed"]} == {0, 1}, lines
