@@ -140,18 +140,22 @@ async def _call(rt: Runtime, cfg: OutboundListener, apps: list[socket.socket]) -
     return got
 
 
-def _route(port: int) -> OutboundListener:
-    return OutboundListener("out", Address("127.0.0.1", 0), Address("127.0.0.1", port), "",
-                            (SERVER_ID,))
+async def _route(upstream: Start, handler: Serve, ours: Identity,
+                 apps: list[socket.socket]) -> tuple[Runtime, OutboundListener]:
+    """A route to a server running `handler`, with a session kept from a first call."""
+    port = await upstream(handler)
+    rt = _runtime(ours)
+    cfg = OutboundListener("out", Address("127.0.0.1", 0), Address("127.0.0.1", port), "",
+                           (SERVER_ID,))
+    assert await _call(rt, cfg, apps) == b"ping"
+    assert "out" in rt.sessions
+    return rt, cfg
 
 
 async def test_our_refusal_of_a_resumed_server_is_redialed_unseen_by_the_app(
     ours: Identity, upstream: Start, apps: list[socket.socket],
 ) -> None:
-    port = await upstream(_echo)
-    rt = _runtime(ours)
-    cfg = _route(port)
-    assert await _call(rt, cfg, apps) == b"ping"
+    rt, cfg = await _route(upstream, _echo, ours, apps)
     kept = rt.sessions["out"]
     # A process that has not learned the server's intermediate (another worker, say).
     rt.authn = Authenticator()
@@ -164,11 +168,7 @@ async def test_our_refusal_of_a_resumed_server_is_redialed_unseen_by_the_app(
 async def test_a_resumed_session_the_server_refused_is_not_offered_again(
     ours: Identity, upstream: Start, apps: list[socket.socket],
 ) -> None:
-    port = await upstream(_refuse_resumed)
-    rt = _runtime(ours)
-    cfg = _route(port)
-    assert await _call(rt, cfg, apps) == b"ping"
-    assert "out" in rt.sessions
+    rt, cfg = await _route(upstream, _refuse_resumed, ours, apps)
     assert await _call(rt, cfg, apps) == b""  # refused after the handshake: one call lost
     assert "out" not in rt.sessions  # ... and only one: the next one is a full handshake
     assert await _call(rt, cfg, apps) == b"ping"
