@@ -14,8 +14,8 @@ issuer known to belong to the trust domain it claims: a CA of that domain's bund
 intermediate seen in an accepted chain of that domain (our own chain's included). The
 signature is checked, not just the issuer's name, which any CA can copy. Without
 federation the question cannot arise (every anchor is that one domain's), so an unknown
-issuer is no reason to refuse there: another worker may have made the session. The answer is
-cached per leaf, so a peer that resumes often pays for this once.
+issuer is no reason to refuse there: another worker may have made the session. The
+answer is cached per leaf, so a peer that resumes often pays for this once.
 """
 
 from __future__ import annotations
