@@ -44,12 +44,19 @@ LINGER_SECONDS = 1.0
 LINGER_BYTES = 64 * 1024
 _DRAIN_CHUNK = 16 * 1024
 
+class ResumptionRefused(Exception):
+    """Our re-check refused a resumed session: the peer may still pass a full handshake.
+    Raised instead of finishing the record when the caller can redial (secure's
+    `retry_resumed`); the failed handshake is counted and its endpoint closed."""
+
+
 async def secure(
     rt: Runtime, rec: Record, ep: TlsEndpoint, identity: Identity, *,
-    expect: Collection[str] | None = None,
+    expect: Collection[str] | None = None, retry_resumed: bool = False,
 ) -> Peer | None:
     """Handshake and authenticate against `identity`, the snapshot whose contexts made
-    `ep`; on failure close ep, count, finish rec, return None."""
+    `ep`; on failure close ep, count, finish rec, return None (or, for a resumed session
+    with `retry_resumed`, raise ResumptionRefused and leave rec open)."""
     task = asyncio.current_task()
     assert task is not None
     rt.tracker.begin_handshake(rec, task, ep.hello_seen)
@@ -98,6 +105,10 @@ async def secure(
     except AuthnError as exc:
         ep.forget_session()  # its next connection must prove itself in full
         ep.shutdown_write()  # a close_notify rather than a bare reset, where it can
+        if resumed and retry_resumed:
+            _count_failure(rec, ep, exc.reason, resumed=True)
+            ep.close()
+            raise ResumptionRefused(exc.detail) from exc
         await _fail(rt, rec, ep, exc.reason, exc.detail, resumed=resumed,
                     linger=ep.sock.server_side)
         return None
@@ -170,7 +181,7 @@ def judged(rec: Record, ep: TlsEndpoint, exc: BaseException | None) -> None:
         if f.by_peer:
             rec.reason, rec.close = f.reason, "handshake_failed"
             rec.detail = f"{f.detail}, after our side of the TLS 1.3 handshake had finished"
-            _count_failure(rec, ep, f.reason, bool(rec.resumed))
+            _count_failure(rec, ep, f.reason, resumed=bool(rec.resumed))
             return
     count_ok()
 
@@ -198,7 +209,7 @@ async def _fail(
     if reason is not None:
         rec.reason = reason
         rec.close = "handshake_failed"
-        _count_failure(rec, ep, reason, resumed)
+        _count_failure(rec, ep, reason, resumed=resumed)
     else:
         rec.close = rec.close or "shutdown"
     try:
@@ -209,7 +220,7 @@ async def _fail(
         rt.tracker.finish(rec)
 
 
-def _count_failure(rec: Record, ep: TlsEndpoint, reason: Reason, resumed: bool) -> None:
+def _count_failure(rec: Record, ep: TlsEndpoint, reason: Reason, *, resumed: bool) -> None:
     r = "true" if resumed else "false"
     metrics.handshakes.labels(rec.direction, rec.listener, "error", r).inc()
     metrics.handshake_errors.labels(rec.direction, rec.listener, str(reason)).inc()

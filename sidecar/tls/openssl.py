@@ -74,6 +74,8 @@ def _load() -> Any:
             "SSL_get_shutdown": ([ctypes.c_void_p], ctypes.c_int),
             "SSL_set_shutdown": ([ctypes.c_void_p, ctypes.c_int], None),
             "SSL_get_session": ([ctypes.c_void_p], ctypes.c_void_p),
+            "SSL_SESSION_get_timeout": ([ctypes.c_void_p], ctypes.c_long),
+            "SSL_SESSION_set_timeout": ([ctypes.c_void_p, ctypes.c_long], ctypes.c_long),
             "SSL_get0_verified_chain": ([ctypes.c_void_p], ctypes.c_void_p),
             "SSL_get_peer_cert_chain": ([ctypes.c_void_p], ctypes.c_void_p),
             "OPENSSL_sk_num": ([ctypes.c_void_p], ctypes.c_int),
@@ -232,6 +234,25 @@ def forget_session(ptr: int) -> None:
     session = _lib.SSL_get_session(ptr)
     if session:
         _lib.SSL_CTX_remove_session(_lib.SSL_get_SSL_CTX(ptr), session)
+
+
+def cap_session_lifetime(sock: ssl.SSLSocket, seconds: int) -> bool:
+    """Let the session being made on `sock` resume for `seconds` at most (a server, while
+    the handshake reads the peer's certificates). False when it cannot be reached.
+
+    OpenSSL declines a timed-out session, from its cache or a ticket, and makes a full
+    handshake instead; a TLS 1.3 ticket also tells the client its lifetime (the session's
+    timeout), and OpenSSL's client stops offering it after that."""
+    ptr = ssl_pointer(sock)
+    if ptr is None or not _self_test_passed():
+        return False
+    assert _lib is not None
+    session = _lib.SSL_get_session(ptr)
+    if not session:
+        return False
+    if seconds < _lib.SSL_SESSION_get_timeout(session):
+        _lib.SSL_SESSION_set_timeout(session, max(seconds, 0))
+    return True
 
 
 def drop_peer_chains(ptr: int) -> None:
