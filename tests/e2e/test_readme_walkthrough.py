@@ -15,9 +15,9 @@ as JSON), and the driver stops every process it started, pass or fail; the test 
 driver's whole process group if it overruns.
 
 Checks: the call through the pair (curl -> sidecar A's outbound listener -> mTLS ->
-sidecar B's inbound -> the app) returns the app's page; the call as report-job is refused
-by policy rule `no-batch` (B's log says so) and never reaches the app; every other
-command exits 0, and both sidecars exit 0 on SIGTERM.
+sidecar B's inbound -> the app) returns the app's page; `sidecar check` sums up each
+config; the call as report-job is refused by policy rule `no-batch` (B's log says so) and
+never reaches the app; every other command exits 0, and both sidecars exit 0 on SIGTERM.
 """
 
 from __future__ import annotations
@@ -165,6 +165,12 @@ def test_the_readme_walkthrough_runs_as_written() -> None:
                      r"decision=deny rule=no-batch", payments["output"]), payments["output"]
     assert re.search(r"peer_id=spiffe://example.org/ns/web/sa/frontend .*"
                      r"decision=allow rule=frontend", payments["output"]), payments["output"]
+
+    checks = [r for r in results if r["command"].startswith("sidecar check")]
+    assert len(checks) == 2, results
+    for entry in checks:  # the summary a good config gets (issue 20, item 8)
+        assert re.search(r"^  identity: spiffe://example.org/ns/\S+, expires in ",
+                         entry["stdout"], re.M), _show(entry)
 
     for entry in results:
         if entry is refused or entry["command"].startswith("python3 -m http.server"):
