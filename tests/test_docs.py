@@ -14,10 +14,11 @@ import re
 import typing
 from pathlib import Path
 
+import yaml
 from prometheus_client.metrics import MetricWrapperBase
 
 from sidecar import metrics
-from sidecar.config import Address, Config
+from sidecar.config import Address, Config, parse_config
 from sidecar.reasons import Reason
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,6 +76,24 @@ def test_every_config_key_is_documented_and_every_documented_key_exists() -> Non
     documented = set(_rows("configuration.md"))
     assert sorted(in_code - documented) == [], "config keys missing from configuration.md"
     assert sorted(documented - in_code) == [], "configuration.md documents unknown keys"
+
+
+def test_the_documented_defaults_are_the_schemas() -> None:
+    """The default column, read back as a config file, gives the schema's defaults."""
+    document: dict[str, object] = {}
+    for key, row in _rows("configuration.md").items():
+        default = re.fullmatch(r"\s*`([^`]+)`\s*", row.split("|")[0])
+        if "[]" in key or default is None:  # list items; "required", "the host of ..."
+            continue
+        *sections, name = key.split(".")
+        place = document
+        for section in sections:
+            place = typing.cast(dict[str, object], place.setdefault(section, {}))
+        place[name] = yaml.safe_load(default.group(1))
+    assert {"identity", "tls", "limits", "admin", "log", "workers"} <= set(document)
+    source = Path("/nonexistent/sidecar.yaml")
+    as_documented = parse_config(yaml.safe_dump(document), source, check_files=False)
+    assert as_documented == Config(source=source)
 
 
 def test_every_metric_family_is_documented_with_its_type_and_labels() -> None:
