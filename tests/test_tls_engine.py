@@ -227,7 +227,7 @@ def test_session_resumes_on_second_connection(run: Run, pairs: Callable[..., Pai
         # TLS 1.3 tickets come after the handshake: read something first.
         await write_all(first.server, b"hi")
         assert await read_exactly(first.client, 2) == b"hi"
-        session = first.client.session()
+        session = first.client.new_session()
         assert session is not None and session.has_ticket
         leaf = first.server.peer_leaf()
 
@@ -296,7 +296,7 @@ async def ticketed(p: Pair) -> ssl.SSLSession:
     await connected(p)
     await write_all(p.server, b"hi")
     assert await read_exactly(p.client, 2) == b"hi"
-    session = p.client.session()
+    session = p.client.new_session()
     assert session is not None and session.has_ticket
     return session
 

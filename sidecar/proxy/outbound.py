@@ -60,8 +60,8 @@ async def serve(rt: Runtime, cfg: OutboundListener, rec: Record, app: socket.soc
         return
 
     def closed(duplex: Duplex, how: str, exc: BaseException | None) -> None:
-        s = ep.session()
-        if rt.session_resumption and s is not None and s.has_ticket:
+        s = ep.new_session() if rt.session_resumption else None  # never idly: it leaks
+        if s is not None and s.has_ticket:
             rt.sessions[cfg.name] = (contexts.client, s)
         rt.tracker.closed(duplex, how, exc)
 

@@ -22,13 +22,15 @@ How: the `SSL *` and `SSL_CTX *` live right after the object header in CPython's
 crash: the word before `SSL *` must be the address of the socket's own weakref (which
 CPython reuses), and `SSL_get_SSL_CTX(ssl)` must equal the context's pointer. Symbols are
 resolved through the `_ssl` extension itself, so they are the very libssl it links. When
-any check fails, `available()` is False and callers fall back (see engine.py).
+any check fails, `available()` is False and callers fall back (see engine.py);
+SIDECAR_NO_OPENSSL_REACH=1 forces that fallback.
 """
 
 from __future__ import annotations
 
 import _ssl
 import ctypes
+import os
 import ssl
 import sys
 import weakref
@@ -98,7 +100,10 @@ def _load() -> Any:
         return None
 
 
-_lib = _load()
+# Set to 1, this forces the fallback that runs where the reach is unavailable (a future
+# CPython, a free-threaded build), so that mode can be run and tested anywhere.
+FORCE_FALLBACK_ENV = "SIDECAR_NO_OPENSSL_REACH"
+_lib = None if os.environ.get(FORCE_FALLBACK_ENV) == "1" else _load()
 
 
 def _word(address: int) -> int | None:
@@ -314,3 +319,29 @@ def _run_self_test() -> bool:
 
 def available() -> bool:
     return _self_test_passed()
+
+
+# --- Client sessions: is there a ticket worth asking Python for? ----------------------------
+# CPython 3.13.0's `session` getter leaks a copy of the session on every call (gh-116810),
+# so the engine asks OpenSSL first; SSL_get_session borrows, it copies nothing.
+
+
+def _declare_has_ticket() -> None:
+    if _lib is None:
+        return
+    fn = _lib.SSL_SESSION_has_ticket
+    fn.argtypes = [ctypes.c_void_p]
+    fn.restype = ctypes.c_int
+
+
+try:
+    _declare_has_ticket()
+except AttributeError:  # an OpenSSL without it is older than any Python 3.13 accepts
+    _lib = None
+
+
+def has_ticket(ptr: int) -> bool:
+    """Does this connection's current session carry a ticket (TLS 1.3: one has arrived)?"""
+    assert _lib is not None
+    session = _lib.SSL_get_session(ptr)
+    return bool(session) and bool(_lib.SSL_SESSION_has_ticket(session))
