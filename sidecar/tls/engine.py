@@ -158,15 +158,22 @@ class TlsEndpoint:
             except ssl.SSLWantWriteError:
                 return got or WANT_WRITE
             except ssl.SSLZeroReturnError:
-                return got  # 0 when nothing came first: close_notify, the clean end
+                return got or self._end()
             except ssl.SSLEOFError:
                 return got or TRUNCATED  # a bare FIN: a killed peer, or a cut
             except ConnectionResetError:
                 return got or RESET
             if n == 0:
-                return got
+                return got or self._end()
             got += n
         return got
+
+    def _end(self) -> int:
+        """0 for a close_notify, the clean end; TRUNCATED for a bare FIN that
+        OP_IGNORE_UNEXPECTED_EOF (the in-memory session store) made look like one."""
+        if self._ptr is not None and openssl.read_hit_eof(self._ptr):
+            return TRUNCATED
+        return 0
 
     def write(self, data: memoryview | bytes) -> int:
         try:

@@ -345,3 +345,18 @@ def has_ticket(ptr: int) -> bool:
     assert _lib is not None
     session = _lib.SSL_get_session(ptr)
     return bool(session) and bool(_lib.SSL_SESSION_has_ticket(session))
+
+
+# --- A close_notify, or a bare end of the TCP stream? ------------------------------------
+BIO_CTRL_EOF = 2
+
+
+def read_hit_eof(ptr: int) -> bool:
+    """Did the socket under this connection return end-of-file to OpenSSL?
+
+    With OP_IGNORE_UNEXPECTED_EOF (the in-memory session store sets it, so that a peer
+    hanging up does not evict its session), OpenSSL reports a bare FIN exactly as it
+    reports a close_notify. The socket BIO still knows: it marks EOF when a read returned
+    0, and OpenSSL stops reading at a close_notify, before any such read."""
+    assert _lib is not None
+    return bool(_lib.BIO_ctrl(_lib.SSL_get_rbio(ptr), BIO_CTRL_EOF, 0, None))
