@@ -28,7 +28,7 @@ from sidecar import pki
 from sidecar.endpoint import DONE, RESET, WANT_READ, WANT_WRITE, Endpoint, TcpEndpoint
 from sidecar.identity import load_identity
 from sidecar.proxy.pump import CHUNK, Close, Duplex, Flow
-from sidecar.tls import contexts
+from sidecar.tls import contexts, openssl
 from sidecar.tls.contexts import Contexts
 from sidecar.tls.engine import TlsEndpoint
 
@@ -542,6 +542,32 @@ def test_public_close_notify_waits_for_the_peers_bytes(
             await send_all(theirs, b"the answer")
             await end(theirs)
             assert await recv(ours) == b"the answer"
+        finally:
+            ours.close()
+            theirs.close()
+
+    run(body())
+
+
+def test_public_close_notify_loses_no_record_that_arrives_meanwhile(
+        run: Run, tls: tuple[Contexts, Contexts]) -> None:
+    """A record of the peer's that reaches the socket while the public shutdown runs is
+    held back by the kernel (and sent again), not read and lost by its second
+    SSL_shutdown."""
+    async def body() -> None:
+        proxy_ctx, remote_ctx = tls
+        a, b = tcp_pair()
+        ours = TlsEndpoint.server(proxy_ctx.server, a)
+        theirs = TlsEndpoint.client(remote_ctx.client, b, None)
+        try:
+            await asyncio.gather(ours.handshake(), theirs.handshake())
+            public_api_only(ours, theirs)
+            with openssl.incoming_held(ours.sock):  # "meanwhile", made to last
+                await send_all(theirs, b"meanwhile")
+                assert inq(ours.fd) == 0
+                assert ours.shutdown_write() == DONE
+            assert await recv(ours, 9) == b"meanwhile"  # once the peer sends it again
+            assert await read_end(theirs) == 0
         finally:
             ours.close()
             theirs.close()

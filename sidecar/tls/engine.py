@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import _ssl
 import asyncio
+import contextlib
 import fcntl
 import socket
 import ssl
@@ -209,21 +210,29 @@ class TlsEndpoint:
     def _shutdown_public(self) -> int:
         """close_notify without the private reach, through the public shutdown (the call
         behind unwrap()). It calls SSL_shutdown twice, and the second call reads: a data
-        record of the peer already in the socket is then lost, and OpenSSL fails the
-        connection (APPLICATION_DATA_AFTER_CLOSE_NOTIFY; the pump resets both sides, so
-        nothing is lost silently). So it runs only once nothing is waiting to be read:
-        until then it asks for "readable", and by the time it runs again the other
-        direction has taken what was there. A peer that keeps the socket readable because
-        the app does not read has it run after _DEFER_LIMIT tries anyway."""
-        if self._deferred < _DEFER_LIMIT and (self._obj.pending() or _inq(self.fd)):
-            self._deferred += 1
-            return WANT_READ
-        try:
-            self._obj.shutdown()
-        except ssl.SSLWantWriteError:
-            return WANT_WRITE  # close_notify not out yet: the retry sends it
-        except ssl.SSLWantReadError:
-            pass  # sent; the peer's close_notify comes later, through read_into
+        record of the peer's already in the socket would be lost there, and OpenSSL would
+        fail the connection (APPLICATION_DATA_AFTER_CLOSE_NOTIFY). So the kernel is told
+        to hold back what arrives meanwhile (openssl.incoming_held), and the call runs only once
+        nothing is waiting to be read: until then it asks for "readable", and by the time
+        it runs again the other direction has taken what was there. A peer that keeps the
+        socket readable because the app does not read has it run after _DEFER_LIMIT tries
+        anyway; a record lost then fails the connection, and the pump resets both sides."""
+        with openssl.incoming_held(self.sock):
+            if self._deferred < _DEFER_LIMIT and (self._obj.pending() or _inq(self.fd)):
+                self._deferred += 1
+                return WANT_READ
+            try:
+                self._obj.shutdown()
+            except ssl.SSLWantWriteError:
+                return WANT_WRITE  # close_notify not out yet: the retry sends it
+            except ssl.SSLWantReadError:
+                pass  # sent; the peer's close_notify comes later, through read_into
+            except (ssl.SSLError, OSError):
+                # A record lost, or the peer gone: OpenSSL failed the connection and every
+                # read from now on says TRUNCATED. Ending our reading side makes the
+                # socket readable, so the pump learns that at once.
+                with contextlib.suppress(OSError):
+                    socket.socket.shutdown(self.sock, socket.SHUT_RD)
         self._shut = True
         return DONE
 

@@ -29,11 +29,15 @@ SIDECAR_NO_OPENSSL_REACH=1 forces that fallback.
 from __future__ import annotations
 
 import _ssl
+import contextlib
 import ctypes
 import os
+import socket
 import ssl
+import struct
 import sys
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
 _HEADER = object.__basicsize__  # ob_refcnt + ob_type: 16 on a default 64-bit build
@@ -360,3 +364,32 @@ def read_hit_eof(ptr: int) -> bool:
     0, and OpenSSL stops reading at a close_notify, before any such read."""
     assert _lib is not None
     return bool(_lib.BIO_ctrl(_lib.SSL_get_rbio(ptr), BIO_CTRL_EOF, 0, None))
+
+
+# --- Holding a socket's incoming segments (the public close_notify, engine.py) -------------
+# Not OpenSSL, but a raw pointer handed to the kernel: ctypes lives here only.
+
+
+@contextlib.contextmanager
+def incoming_held(sock: socket.socket) -> Iterator[None]:
+    """While inside, the kernel drops the TCP segments that reach `sock`, before they are
+    acknowledged or queued (a socket filter that accepts nothing), so the receive queue
+    cannot grow; the peer sends them again after its retransmission timeout (~0.2 s on
+    loopback), a delay paid only when a segment came in that instant. Where a filter
+    cannot be attached, nothing is held."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, _DROP_ALL_PROG)
+    except OSError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):  # ENOENT: an inner hold has detached it
+            sock.setsockopt(socket.SOL_SOCKET, _SO_DETACH_FILTER, 0)
+
+
+# Linux's classic BPF socket filter: one instruction, "return 0" (keep 0 bytes: drop).
+_SO_ATTACH_FILTER, _SO_DETACH_FILTER = 26, 27
+_DROP_ALL = ctypes.create_string_buffer(struct.pack("HBBI", 0x06, 0, 0, 0))  # BPF_RET|BPF_K
+_DROP_ALL_PROG = struct.pack("HP", 1, ctypes.addressof(_DROP_ALL))  # struct sock_fprog
