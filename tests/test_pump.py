@@ -9,6 +9,7 @@ remote workload. Every test runs on the stdlib loop and on uvloop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import os
 import random
@@ -16,7 +17,7 @@ import socket
 import ssl
 import struct
 import termios
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -520,19 +521,30 @@ def test_a_clean_remote_end_is_a_fin_with_every_byte(
     run(body())
 
 
+@contextlib.asynccontextmanager
+async def public_pair(tls: tuple[Contexts, Contexts]) -> AsyncIterator[tuple[TlsEndpoint,
+                                                                             TlsEndpoint]]:
+    """(ours, theirs): a connected TLS pair on the public API alone; closed on exit."""
+    proxy_ctx, remote_ctx = tls
+    a, b = tcp_pair()
+    ours = TlsEndpoint.server(proxy_ctx.server, a)
+    theirs = TlsEndpoint.client(remote_ctx.client, b, None)
+    try:
+        await asyncio.gather(ours.handshake(), theirs.handshake())
+        public_api_only(ours, theirs)
+        yield ours, theirs
+    finally:
+        ours.close()
+        theirs.close()
+
+
 def test_public_close_notify_waits_for_the_peers_bytes(
         run: Run, tls: tuple[Contexts, Contexts]) -> None:
     """Without the private reach, close_notify goes through the public shutdown, whose
     second SSL_shutdown would swallow (and fail on) a record already in the socket: it
     waits until that record is read, and the record arrives whole."""
     async def body() -> None:
-        proxy_ctx, remote_ctx = tls
-        a, b = tcp_pair()
-        ours = TlsEndpoint.server(proxy_ctx.server, a)
-        theirs = TlsEndpoint.client(remote_ctx.client, b, None)
-        try:
-            await asyncio.gather(ours.handshake(), theirs.handshake())
-            public_api_only(ours, theirs)
+        async with public_pair(tls) as (ours, theirs):
             await send_all(theirs, b"in flight")
             await until(lambda: inq(ours.fd) > 0)
             assert ours.shutdown_write() == WANT_READ  # the record first
@@ -542,9 +554,6 @@ def test_public_close_notify_waits_for_the_peers_bytes(
             await send_all(theirs, b"the answer")
             await end(theirs)
             assert await recv(ours) == b"the answer"
-        finally:
-            ours.close()
-            theirs.close()
 
     run(body())
 
@@ -555,22 +564,13 @@ def test_public_close_notify_loses_no_record_that_arrives_meanwhile(
     held back by the kernel (and sent again), not read and lost by its second
     SSL_shutdown."""
     async def body() -> None:
-        proxy_ctx, remote_ctx = tls
-        a, b = tcp_pair()
-        ours = TlsEndpoint.server(proxy_ctx.server, a)
-        theirs = TlsEndpoint.client(remote_ctx.client, b, None)
-        try:
-            await asyncio.gather(ours.handshake(), theirs.handshake())
-            public_api_only(ours, theirs)
+        async with public_pair(tls) as (ours, theirs):
             with openssl.incoming_held(ours.sock):  # "meanwhile", made to last
                 await send_all(theirs, b"meanwhile")
                 assert inq(ours.fd) == 0
                 assert ours.shutdown_write() == DONE
             assert await recv(ours, 9) == b"meanwhile"  # once the peer sends it again
             assert await read_end(theirs) == 0
-        finally:
-            ours.close()
-            theirs.close()
 
     run(body())
 
