@@ -16,6 +16,7 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from sidecar import metrics
+from sidecar.times import json_default
 
 MAX_REQUEST = 8192  # bytes of request line + headers; probes send ~100
 REQUEST_TIMEOUT = 5.0  # seconds to send them
@@ -73,6 +74,6 @@ def answer(head: bytes, probe: Probe) -> tuple[str, str, bytes]:
                 return "200 OK", "text/plain", b"ready\n"
             return "503 Service Unavailable", "text/plain", f"not ready: {why}\n".encode()
         case "/status":
-            body = json.dumps(probe.status(), indent=2, default=str).encode() + b"\n"
+            body = json.dumps(probe.status(), indent=2, default=json_default).encode() + b"\n"
             return "200 OK", "application/json", body
     return "404 Not Found", "text/plain", b"try /metrics /healthz /readyz /status\n"

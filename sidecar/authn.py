@@ -12,15 +12,17 @@ federated CA vouching for our trust domain) holds a ticket too. So a resumed lea
 trusted only if this process accepted it in a full handshake, or if it is signed by an
 issuer known to belong to the trust domain it claims: a CA of that domain's bundle, or an
 intermediate seen in an accepted chain of that domain (our own chain's included). The
-signature is checked, not just the issuer's name, which any CA can copy. The answer is
-cached per leaf, so a peer that resumes often pays for this once.
+signature is checked, not just the issuer's name, which any CA can copy. Without
+federation the question cannot arise (every anchor is that one domain's), so an unknown
+issuer is no reason to refuse there: another worker may have made the session. The
+answer is cached per leaf, so a peer that resumes often pays for this once.
 """
 
 from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -47,8 +49,16 @@ class AuthnError(Exception):
 class Peer:
     spiffe_id: str
     trust_domain: str
-    not_before: float = 0.0  # the leaf's validity, Unix time: a resumed session has no
-    not_after: float = float("inf")  # verification of its own, so we check it here
+    # The validity window of the whole verified chain, Unix time: a resumed session has no
+    # verification of its own, so we check it here (and the outbound offers a session
+    # no longer than this).
+    not_before: float = 0.0
+    not_after: float = float("inf")
+
+
+# A validity window, Unix time: (latest notBefore, earliest notAfter) of some certificates.
+Window = tuple[float, float]
+EVER: Window = (0.0, float("inf"))
 
 
 class Authenticator:
@@ -57,20 +67,29 @@ class Authenticator:
     def __init__(self) -> None:
         self._resumed: OrderedDict[bytes, Peer] = OrderedDict()
         self._intermediates: OrderedDict[x509.Name, None] = OrderedDict()
-        # Issuers proven to belong to a trust domain, by (trust domain, subject).
-        self._issuers: OrderedDict[tuple[str, x509.Name], x509.Certificate] = OrderedDict()
+        # Issuers proven to belong to a trust domain, by (trust domain, subject), with the
+        # validity window of the chain from them up to the anchor.
+        self._issuers: OrderedDict[tuple[str, x509.Name], tuple[x509.Certificate, Window]] = \
+            OrderedDict()
+        self._trust: str | None = None  # the trust_version these answers were given under
 
     @property
     def known_intermediates(self) -> Collection[x509.Name]:
         return self._intermediates.keys()
 
     def learn(self, identity: Identity) -> None:
-        """A new identity snapshot: forget resumption answers given under older trust."""
-        self._resumed.clear()
-        self._issuers.clear()
-        for c in identity.intermediates:
+        """A new identity snapshot: forget resumption answers given under older trust, keep
+        them across a reload of our own SVID."""
+        if identity.trust_version != self._trust:
+            self._resumed.clear()
+            self._issuers.clear()
+            self._trust = identity.trust_version
+        top = identity.intermediates[-1] if identity.intermediates else identity.leaf
+        above = _window(c for c in identity.own_bundle.cas if c.subject == top.issuer)
+        for c in reversed(identity.intermediates):
+            above = _narrow(above, c)
             self._remember_intermediate(c.subject)
-            self._remember_issuer(identity.trust_domain, c)
+            self._remember_issuer(identity.trust_domain, c, above)
 
     def full(self, chain: list[bytes], identity: Identity) -> Peer:
         if not chain:
@@ -79,24 +98,27 @@ class Authenticator:
             leaf = x509.load_der_x509_certificate(chain[0])
         except ValueError as exc:
             raise AuthnError(Reason.INVALID_SVID, f"unparsable certificate: {exc}") from exc
-        peer = _svid_peer(leaf)
-        bundle = identity.bundles.get(peer.trust_domain)
+        sid = _svid_id(leaf)
+        bundle = identity.bundles.get(sid.trust_domain.name)
         if bundle is None:
             raise AuthnError(
                 Reason.UNKNOWN_CA,
-                f"no trust bundle for trust domain '{peer.trust_domain}' "
+                f"no trust bundle for trust domain '{sid.trust_domain.name}' "
                 "(add it under identity.federated_bundles to accept it)",
             )
         if chain[-1] not in bundle.ders:
             raise AuthnError(
                 Reason.UNKNOWN_CA,
-                f"the chain of {peer.spiffe_id} ends at a CA of another trust domain, "
-                f"not in the bundle of '{peer.trust_domain}'",
+                f"the chain of {sid} ends at a CA of another trust domain, "
+                f"not in the bundle of '{sid.trust_domain.name}'",
             )
-        for der in chain[1:-1]:
+        above = _window([x509.load_der_x509_certificate(chain[-1])] if len(chain) > 1 else [])
+        for der in reversed(chain[1:-1]):  # from the anchor down: each one's window above it
             issuer = x509.load_der_x509_certificate(der)
+            above = _narrow(above, issuer)
             self._remember_intermediate(issuer.subject)
-            self._remember_issuer(peer.trust_domain, issuer)
+            self._remember_issuer(sid.trust_domain.name, issuer, above)
+        peer = _peer(sid, _narrow(above, leaf))
         known = self._resumed.get(chain[0])
         if known == peer:
             peer = known  # one Peer (and ID string) for all of a leaf's connections
@@ -111,33 +133,46 @@ class Authenticator:
             self._resumed.move_to_end(leaf_der)
             return _still_valid(peer)
         leaf = x509.load_der_x509_certificate(leaf_der)
-        peer = _svid_peer(leaf)
-        bundle = identity.bundles.get(peer.trust_domain)
+        sid = _svid_id(leaf)
+        td = sid.trust_domain.name
+        bundle = identity.bundles.get(td)
         if bundle is None:
             raise AuthnError(Reason.UNKNOWN_CA, f"no trust bundle for trust domain "
-                             f"'{peer.trust_domain}' (a resumed session)")
-        candidates = [ca for ca in bundle.cas if ca.subject == leaf.issuer]
-        known = self._issuers.get((peer.trust_domain, leaf.issuer))
+                             f"'{td}' (a resumed session)")
+        candidates = [(ca, _window([ca])) for ca in bundle.cas if ca.subject == leaf.issuer]
+        known = self._issuers.get((td, leaf.issuer))
         if known is not None:
             candidates.append(known)
-        for issuer in candidates:
+        for issuer, above in candidates:
             try:
                 leaf.verify_directly_issued_by(issuer)
             except (ValueError, TypeError, InvalidSignature):
                 continue
+            peer = _peer(sid, _narrow(above, leaf))
             self._cache(leaf_der, peer)
             return _still_valid(peer)
-        raise AuthnError(Reason.UNKNOWN_CA, f"resumed session of {peer.spiffe_id}: its issuer "
+        if len(identity.bundles) == 1:
+            # No federation: every anchor OpenSSL could have verified this leaf's chain
+            # against is in this trust domain's bundle, and a session never survives a
+            # change of trust (new ticket keys, a new cache). So the chain ended in the
+            # right bundle, though it was verified by another worker or before this
+            # process learned its intermediate: refusing would strand the peer, not make
+            # it safer. Its intermediates' expiry capped the session (peerchain.py).
+            peer = _peer(sid, _window([leaf]))
+            self._cache(leaf_der, peer)
+            return _still_valid(peer)
+        raise AuthnError(Reason.UNKNOWN_CA, f"resumed session of {sid}: its issuer "
                          f"'{leaf.issuer.rfc4514_string()}' is not known to belong to "
-                         f"'{peer.trust_domain}' here; a full handshake decides")
+                         f"'{td}' here; a full handshake decides")
 
     def _cache(self, der: bytes, peer: Peer) -> None:
         self._resumed[der] = peer
         if len(self._resumed) > RESUMED_CACHE:
             self._resumed.popitem(last=False)
 
-    def _remember_issuer(self, trust_domain: str, cert: x509.Certificate) -> None:
-        self._issuers[(trust_domain, cert.subject)] = cert
+    def _remember_issuer(self, trust_domain: str, cert: x509.Certificate,
+                         window: Window) -> None:
+        self._issuers[(trust_domain, cert.subject)] = (cert, window)
         if len(self._issuers) > KNOWN_INTERMEDIATES:
             self._issuers.popitem(last=False)
 
@@ -147,22 +182,42 @@ class Authenticator:
             self._intermediates.popitem(last=False)
 
 
-def _svid_peer(leaf: x509.Certificate) -> Peer:
+def _svid_id(leaf: x509.Certificate) -> spiffe.SpiffeId:
     try:
-        sid = svid.spiffe_id_of(leaf)
+        return svid.spiffe_id_of(leaf)
     except svid.SvidError as exc:
         raise AuthnError(Reason.INVALID_SVID, "; ".join(p.message for p in exc.problems)) from exc
-    return Peer(str(sid), sid.trust_domain.name, leaf.not_valid_before_utc.timestamp(),
-                leaf.not_valid_after_utc.timestamp())
+
+
+def _peer(sid: spiffe.SpiffeId, window: Window) -> Peer:
+    return Peer(str(sid), sid.trust_domain.name, *window)
+
+
+def _window(certs: Iterable[x509.Certificate]) -> Window:
+    window = EVER
+    for c in certs:
+        window = _narrow(window, c)
+    return window
+
+
+def _narrow(window: Window, cert: x509.Certificate) -> Window:
+    return (max(window[0], cert.not_valid_before_utc.timestamp()),
+            min(window[1], cert.not_valid_after_utc.timestamp()))
+
+
+def chain_window(identity: Identity) -> Window:
+    """Our own chain's validity window: what a session we resume presents to the server."""
+    return _window((identity.leaf, *identity.intermediates))
 
 
 def _still_valid(peer: Peer) -> Peer:
     """A ticket outlives a short SVID (tickets ~2 h, SVIDs often 1 h): OpenSSL does not
-    re-verify on resumption, so an expired leaf must be caught here."""
+    re-verify on resumption, so a chain that expired since must be caught here."""
     now = time.time()
     if now > peer.not_after:
-        raise AuthnError(Reason.CERT_EXPIRED, f"{peer.spiffe_id} resumed a session, but its "
-                         "certificate has expired since")
+        raise AuthnError(Reason.CERT_EXPIRED, f"{peer.spiffe_id} resumed a session, but a "
+                         "certificate of its chain has expired since; a full handshake "
+                         "with its current SVID decides")
     if now < peer.not_before:
         raise AuthnError(Reason.CERT_NOT_YET_VALID, f"{peer.spiffe_id}: not valid yet")
     return peer

@@ -1,14 +1,19 @@
-"""`sidecar check`: every problem of config, policy and SVID files, each with its place."""
+"""`sidecar check`: every problem of config, policy and SVID files, each with its place.
+
+It refuses and warns about what `sidecar run` refuses and warns about at start, by calling
+the same functions (preflight.py, fdlimit.py, the config and policy loaders).
+"""
 
 from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
 
-from sidecar.config import Config, load_config
-from sidecar.identity import load_identity
+from sidecar import fdlimit, preflight, workers
+from sidecar.config import Config, KtlsMode, load_config
 from sidecar.policy import load_policy, policy_warnings
 from sidecar.problems import Problem, ProblemsError
+from sidecar.tls import ktls
 
 
 def problems_of(path: Path) -> tuple[list[Problem], list[Problem], Config | None]:
@@ -18,17 +23,23 @@ def problems_of(path: Path) -> tuple[list[Problem], list[Problem], Config | None
     except ProblemsError as exc:
         return list(exc.problems), [], None
     errors: list[Problem] = []
-    warnings: list[Problem] = []
-    ident = config.identity
+    # `workers: auto` resolved as run resolves it: the memory-store warning depends on it.
+    warnings = preflight.config_warnings(config, config.workers or workers.usable_cpus())
     try:
-        identity = load_identity(ident.cert, ident.key, ident.bundle, ident.federated_bundles)
-        left = identity.not_after - dt.datetime.now(dt.UTC)
-        lifetime = identity.not_after - identity.leaf.not_valid_before_utc
-        if left < lifetime / 3:
-            warnings.append(Problem(str(ident.cert), f"expires in {_human(left)}: less than a "
-                                    "third of its lifetime left; is the issuer rotating?"))
+        identity = preflight.identity_of(config)
+        warnings.extend(preflight.identity_warnings(config, identity, dt.datetime.now(dt.UTC)))
     except ProblemsError as exc:
         errors.extend(exc.problems)
+    if config.tls.ktls == KtlsMode.ON:  # only `on` can refuse; spare the probe otherwise
+        refusal = preflight.ktls_refusal(config.tls.ktls, ktls.detect())
+        if refusal is not None:
+            errors.append(Problem("tls.ktls", refusal))
+    pin = preflight.pin_refusal()
+    if pin is not None:
+        errors.append(Problem("tls.groups", pin))
+    short = fdlimit.shortfall(config.limits.max_connections, fdlimit.raise_limit())
+    if short is not None:
+        warnings.append(Problem("limits.max_connections", short))
     if config.policy is not None:
         try:
             policy = load_policy(config.policy, listeners=[ib.name for ib in config.inbound])
@@ -37,17 +48,6 @@ def problems_of(path: Path) -> tuple[list[Problem], list[Problem], Config | None
         except ProblemsError as exc:
             errors.extend(exc.problems)
     return errors, warnings, config
-
-
-def _human(delta: dt.timedelta) -> str:
-    s = int(delta.total_seconds())
-    if s < 0:
-        return f"{_human(-delta)} ago"
-    if s >= 86400:
-        return f"{s // 86400}d {s % 86400 // 3600}h"
-    if s >= 3600:
-        return f"{s // 3600}h {s % 3600 // 60}m"
-    return f"{s // 60} min" if s >= 60 else f"{s}s"
 
 
 def check(path: Path) -> int:
@@ -59,5 +59,5 @@ def check(path: Path) -> int:
     if errors:
         print(f"{path}: {len(errors)} problem(s)")
         return 1
-    print(f"{path}: ok")
+    print(f"{path}: ok" + (f" ({len(warnings)} warning(s))" if warnings else ""))
     return 0

@@ -5,10 +5,20 @@ it asked for and accepted our certificate, whether a second connection resumes),
 outcome is one of SPEC.md's reasons with its explanation and likely fix (reasons.py).
 
 Two TLS 1.3 facts shape it. The server judges our certificate after our side of the
-handshake is complete, so a refusal only shows when we read: the tool reads once and
-waits for either an alert, an end of stream, or a session ticket (a server sends tickets
-only after it accepted us). And whether the server asked for a certificate is a
-CertificateRequest message we see through the handshake hook (peerchain.py).
+handshake is complete, so a refusal only shows when we read: the tool reads for a short
+while (`VERDICT_WAIT`) and sees an alert, an end of stream, a session ticket, or nothing.
+And whether the server asked for a certificate is a CertificateRequest message we see
+through the handshake hook (peerchain.py).
+
+What the client's seat can tell apart, and so all the tool claims:
+- an alert with a reason: the server's TLS stack refused us, and the alert says why;
+- a session ticket: the server's TLS stack accepted our certificate (a TLS 1.3 server
+  sends tickets only once it has verified the client's Finished and certificate);
+- a ticket, then the end of the stream: accepted at the handshake, then closed by the
+  application above TLS. A sidecar does that on a policy denial, when it cannot reach its
+  app, or when our SVID breaks a rule it checks after the handshake; only its log says
+  which, so the tool names all three;
+- the end of the stream with no ticket: any of the above, or a refusal with no alert.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ from cryptography import x509
 from sidecar import svid
 from sidecar.authn import matches_expected
 from sidecar.reasons import Reason
+from sidecar.tls import contexts
 from sidecar.tls.classify import Failure, classify, skew_note
 from sidecar.tls.peerchain import ATTRIBUTE as PRESENTED
 
@@ -62,16 +73,24 @@ class Outcome:
     cipher: str | None = None
     peer_spiffe_id: str | None = None
     server_asked_for_cert: bool | None = None
-    resumed_second: bool | None = None
+    resumed_second: bool | None = None  # None: no second connection was made
+    # resumed | not_resumed | no_ticket (none to resume) | second_failed | None (not got there)
+    resumption: str | None = None
+    server_verified: bool = False  # the server's chain was checked against --bundle
+    we_refused: bool = False  # our check of the server's chain failed (not its of ours)
     steps: list[Step] = field(default_factory=list)
 
     def step(self, name: str, ok: bool, detail: str, started: float | None = None) -> None:
         ms = round((time.perf_counter() - started) * 1000, 2) if started else None
         self.steps.append(Step(name, ok, detail, ms))
 
-    def fail(self, reason: Reason, detail: str) -> Outcome:
+    def fail(self, reason: Reason, detail: str, *, explanation: str | None = None,
+             fix: str | None = None) -> Outcome:
+        """Fail with `reason`; `explanation` and `fix` replace the reason's own words where
+        the client's seat knows better (reasons.py speaks of the handshake)."""
         self.ok, self.reason = False, str(reason)
-        self.explanation, self.fix = reason.explanation, reason.fix
+        self.explanation = explanation or reason.explanation
+        self.fix = fix or reason.fix
         self.step("outcome", False, f"{reason}: {detail}")
         return self
 
@@ -84,6 +103,8 @@ def _context(args: argparse.Namespace) -> ssl.SSLContext:
     if args.tls_max == "1.2":
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    contexts.pin_handshake(ctx, contexts.GROUPS,
+                           "1.2" if ctx.minimum_version == ssl.TLSVersion.TLSv1_2 else "1.3")
     ctx.check_hostname = False  # SVIDs are checked by SPIFFE ID, not DNS name
     if args.bundle:
         ctx.load_verify_locations(cafile=args.bundle)
@@ -110,14 +131,19 @@ def _context(args: argparse.Namespace) -> ssl.SSLContext:
 
 
 def _known_intermediates(cert_path: str | None) -> list[x509.Name]:
-    if not cert_path:
+    return _subjects(cert_path)[1:]
+
+
+def _subjects(path: str | None) -> list[x509.Name]:
+    """The subjects of the certificates in a PEM file, in order; [] when unreadable."""
+    if not path:
         return []
     try:
-        with open(cert_path, "rb") as f:
+        with open(path, "rb") as f:
             certs = x509.load_pem_x509_certificates(f.read())
     except (OSError, ValueError):
         return []
-    return [c.subject for c in certs[1:]]
+    return [c.subject for c in certs]
 
 
 def _own_certificate(args: argparse.Namespace) -> tuple[Reason, str] | None:
@@ -170,14 +196,29 @@ def run(args: argparse.Namespace) -> Outcome:
     if own is not None:
         out.step("our certificate", False, f"{own[0]}: {own[1]}")
     session = _attempt(args, ctx, host, port, out, first=True)
-    if not out.ok and own is not None and out.reason in _REFUSED_US:
+    if not out.ok and own is not None and out.reason in _REFUSED_US and not out.we_refused:
         # The server refused us, and our own certificate says why.
         reason, detail = own
         out.steps.pop()  # the generic outcome line
         out.fail(reason, f"the server refused our certificate: {detail}")
-    if session is None or not out.ok:
+    if not out.ok:
+        return out
+    if session is None:
+        out.resumption = "no_ticket"
+        out.step("resumption", False, "not tried: the server sent no session ticket to "
+                 f"resume within {VERDICT_WAIT:g} s (session resumption off on the server?)")
         return out
     _attempt(args, ctx, host, port, out, first=False, session=session)
+    if out.resumed_second is None:
+        out.resumption = "second_failed"
+        out.step("resumption", False, "unknown: the second connection failed (see above)")
+    elif out.resumed_second:
+        out.resumption = "resumed"
+        out.step("resumption", True, "a second connection resumed the session")
+    else:
+        out.resumption = "not_resumed"
+        out.step("resumption", False, "a second connection offered the server's ticket "
+                 "and was not resumed (the server refuses its own tickets?)")
     return out
 
 
@@ -197,8 +238,11 @@ def _attempt(
     out.step("tcp connect" + label, True, f"connected to {host}:{port}", started)
     started = time.perf_counter()
     raw.settimeout(HANDSHAKE_TIMEOUT)
+    # suppress_ragged_eofs off: a hang-up without close_notify reads as SSLEOFError, so
+    # the tool can say which of the two the server did.
     sock = ctx.wrap_socket(raw, server_hostname=args.server_name or host,
-                           do_handshake_on_connect=False, session=session)
+                           do_handshake_on_connect=False, session=session,
+                           suppress_ragged_eofs=False)
     seen: set[int] = ctx.__dict__["seen_messages"]
     seen.clear()
     with sock:
@@ -208,7 +252,8 @@ def _attempt(
             sock.do_handshake()
         except (OSError, ValueError) as exc:
             f = classify(exc, presented=sock.__dict__.get(PRESENTED),
-                         known_intermediates=_known_intermediates(args.cert))
+                         known_intermediates=_known_intermediates(args.cert),
+                         trusted_names=_subjects(args.bundle))
             if isinstance(exc, TimeoutError | socket.timeout):
                 f = Failure(Reason.HANDSHAKE_TIMEOUT, "the server did not answer in time")
             elif _CLIENT_HELLO in seen or (f.reason is Reason.OTHER
@@ -216,6 +261,7 @@ def _attempt(
                 # A ClientHello where a ServerHello belongs: our own bytes came back.
                 f = Failure(Reason.NOT_TLS, "the server answered with something other than "
                             "a TLS ServerHello (our own bytes echoed back?): not a TLS server")
+            out.we_refused = isinstance(exc, ssl.SSLCertVerificationError)
             note = skew_note(sock.__dict__.get(PRESENTED), args.clock_skew_hint)
             out.step("tls handshake" + label, False, f"offered {offered}: {f.detail}{note}",
                      started)
@@ -246,8 +292,9 @@ def _check_server(sock: ssl.SSLSocket, args: argparse.Namespace, out: Outcome) -
     leaf = x509.load_der_x509_certificate(der)
     shown = " <- ".join(x509.load_der_x509_certificate(c).subject.rfc4514_string() or "(empty)"
                         for c in chain) if chain else leaf.subject.rfc4514_string()
+    out.server_verified = bool(args.bundle)
     trust = "verified against --bundle" if args.bundle else "NOT verified (no --bundle given)"
-    out.step("server chain", True, f"{shown}; {trust}")
+    out.step("server chain", bool(args.bundle), f"{shown}; {trust}")
     try:
         sid = str(svid.spiffe_id_of(leaf))
     except svid.SvidError as exc:
@@ -264,23 +311,20 @@ def _check_server(sock: ssl.SSLSocket, args: argparse.Namespace, out: Outcome) -
 
 
 def _verdict(sock: ssl.SSLSocket, args: argparse.Namespace, out: Outcome) -> ssl.SSLSession | None:
-    """Read once: a ticket means the server accepted us; an alert or EOF means it did not."""
+    """Read for VERDICT_WAIT: an alert, an end of stream, a ticket, or nothing (see the
+    module docstring for what each tells, and what it cannot)."""
     asked = out.server_asked_for_cert
+    # One read, bounded as a whole: Python's ssl keeps one deadline across the records it
+    # takes in (a ticket does not end the read; data, an end or an alert does).
     sock.settimeout(VERDICT_WAIT)
-    deadline = time.monotonic() + VERDICT_WAIT
+    ended: str | None = None  # how the stream ended, when it did
     try:
-        while time.monotonic() < deadline:
-            if sock.session is not None and sock.session.has_ticket:
-                break
-            if sock.recv(1) == b"":
-                out.step("client certificate", False, "the server closed the connection "
-                         "right after the handshake")
-                out.fail(Reason.PEER_CLOSED, "the server hung up right after the handshake: "
-                         "it refused our certificate, or its policy denies our SPIFFE ID "
-                         "(its access log says which)")
-                return None
+        if sock.recv(1) == b"":
+            ended = "with a close_notify"
     except TimeoutError:
         pass  # nothing in time: no alert either, the server is waiting for a request
+    except (ssl.SSLEOFError, ConnectionError):
+        ended = "without a close_notify"
     except ssl.SSLError as exc:
         f = classify(exc)
         if not args.cert:
@@ -291,6 +335,10 @@ def _verdict(sock: ssl.SSLSocket, args: argparse.Namespace, out: Outcome) -> ssl
         out.step("client certificate", False, f"the server refused it: {f.detail}")
         out.fail(f.reason, f"the server refused our certificate: {f.detail}")
         return None
+    ticket = sock.session is not None and sock.session.has_ticket
+    if ended is not None:
+        _closed_after_handshake(out, ended, ticket=ticket)
+        return None
     if not asked:
         note = "the server did not ask for a client certificate: this is not mutual TLS"
         out.step("client certificate", False, note)
@@ -300,10 +348,31 @@ def _verdict(sock: ssl.SSLSocket, args: argparse.Namespace, out: Outcome) -> ssl
         out.fail(Reason.NO_CLIENT_CERT, "the server asks for a client certificate; pass "
                  "--cert and --key")
         return None
-    out.step("client certificate", True, "the server asked for it and accepted it")
+    how = ("it sent a session ticket, which a TLS 1.3 server does only once it has verified "
+           "the client" if ticket else
+           f"no alert and no hang-up within {VERDICT_WAIT:g} s")
+    out.step("client certificate", True, f"the server asked for it and accepted it ({how})")
     out.ok = True
-    session = sock.session
-    return session if session is not None and session.has_ticket else None
+    return sock.session if ticket else None
+
+
+def _closed_after_handshake(out: Outcome, ended: str, *, ticket: bool) -> None:
+    """The server hung up after the handshake, without an alert: say what that shows."""
+    if ticket:
+        seen = (f"the server accepted our certificate at the handshake (it sent a session "
+                f"ticket), then closed the connection {ended} and no alert")
+        causes = ("its policy denies our SPIFFE ID, it could not reach its app, or it "
+                  "refused our SVID after the handshake")
+    else:
+        seen = (f"the server closed the connection right after the handshake, {ended}, "
+                "with no alert and no session ticket")
+        causes = ("it refused our certificate without saying why, its policy denies our "
+                  "SPIFFE ID, or it could not reach its app")
+    out.step("after the handshake", False, seen)
+    out.fail(Reason.PEER_CLOSED, f"{seen}: {causes}",
+             explanation=f"the server closed the connection after the handshake: {causes}",
+             fix="read the server's log for this connection: it names the cause (a sidecar "
+                 "logs decision=deny, reason=upstream_unavailable, or the SVID rule)")
 
 
 def main(argv: Sequence[str]) -> int:
@@ -326,19 +395,23 @@ def main(argv: Sequence[str]) -> int:
     if out.reason == "usage":
         print(f"sidecar diagnose: {out.steps[-1].detail}", file=sys.stderr)
         return 2
-    if out.ok and out.resumed_second is False:
-        out.step("resumption", False, "a second connection did not resume (the server "
-                 "issues no tickets, or refuses them)")
-    elif out.ok:
-        out.step("resumption", True, "a second connection resumed the session")
     if args.json:
         print(json.dumps(asdict(out), indent=2))
     else:
         for s in out.steps:
             ms = f" ({s.ms} ms)" if s.ms is not None else ""
             print(f"{'ok ' if s.ok else 'FAIL'} {s.step}: {s.detail}{ms}")
-        if out.ok:
-            print(f"\nOK: mutual TLS works with {out.peer_spiffe_id} ({out.tls_version}).")
-        else:
-            print(f"\n{out.reason}: {out.explanation}.\nLikely fix: {out.fix}.")
+        print("\n" + verdict_line(out))
+    # SPEC: exit 0 when a full mTLS round trip works, verified or not; the words say which.
     return 0 if out.ok else 1
+
+
+def verdict_line(out: Outcome) -> str:
+    """The last line a person reads: what worked, and what was not checked."""
+    if not out.ok:
+        return f"{out.reason}: {out.explanation}.\nLikely fix: {out.fix}."
+    if not out.server_verified:
+        return (f"UNVERIFIED: the mutual TLS round trip works, but the server was not "
+                f"verified (no --bundle): anyone could have answered as "
+                f"{out.peer_spiffe_id} ({out.tls_version}). Pass --bundle to verify it.")
+    return f"OK: mutual TLS works with {out.peer_spiffe_id} ({out.tls_version})."

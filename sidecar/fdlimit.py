@@ -10,9 +10,9 @@ from sidecar import logs
 RESERVE = 64  # descriptors for listeners, the admin port, files, the watcher, logs
 
 
-def raise_for(max_connections: int) -> None:
-    """Raise the soft limit to the hard one, and say so when `max_connections` still
-    cannot fit (the limit is per process: the connections past it would fail to open)."""
+def raise_limit() -> int:
+    """Raise this process's soft limit to the hard one; the soft limit now in force
+    (RLIM_INFINITY when unlimited)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and soft < hard:
         try:
@@ -20,10 +20,25 @@ def raise_for(max_connections: int) -> None:
             soft = hard
         except (ValueError, OSError):
             pass
+    return soft
+
+
+def shortfall(max_connections: int, limit: int) -> str | None:
+    """Why `max_connections` cannot fit under `limit` open files (the limit is per process:
+    the connections past it would fail to open), or None."""
     needed = 2 * max_connections + RESERVE
-    if soft != resource.RLIM_INFINITY and needed > soft:
-        fits = max(0, (soft - RESERVE) // 2)
-        logs.event(logging.WARNING, f"limits.max_connections {max_connections} needs "
-                   f"~{needed} open files, but this process may open {soft}: about {fits} "
-                   "connections fit; lower max_connections or raise the limit (ulimit -n)",
-                   fd_limit=soft, connections_that_fit=fits)
+    if limit == resource.RLIM_INFINITY or needed <= limit:
+        return None
+    fits = max(0, (limit - RESERVE) // 2)
+    return (f"limits.max_connections {max_connections} needs ~{needed} open files, but this "
+            f"process may open {limit}: about {fits} connections fit; lower max_connections "
+            "or raise the limit (ulimit -n)")
+
+
+def raise_for(max_connections: int) -> None:
+    """Raise the limit, and warn when `max_connections` still cannot fit."""
+    limit = raise_limit()
+    why = shortfall(max_connections, limit)
+    if why is not None:
+        logs.event(logging.WARNING, why, fd_limit=limit,
+                   connections_that_fit=max(0, (limit - RESERVE) // 2))

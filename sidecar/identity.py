@@ -22,7 +22,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from sidecar import spiffe, svid
+from sidecar import files, spiffe, svid
 from sidecar.problems import Problem, ProblemsError
 
 MIN_RSA_BITS = 2048  # SPEC: "RSA >= 2048"
@@ -78,6 +78,21 @@ class Identity:
 
     def all_cas_pem(self) -> bytes:
         return b"".join(b.pem for b in self.bundles.values())
+
+
+def changed_parts(old: object, new: object) -> tuple[str, ...]:
+    """What differs between two snapshots, as the `kind` labels of sidecar_reloads_total:
+    our SVID (chain or key), a trust bundle, a CRL. Objects only so that reload.py can
+    call it on any snapshot."""
+    assert isinstance(old, Identity) and isinstance(new, Identity)
+    parts = []
+    if old.chain_pem != new.chain_pem or old.key_pem != new.key_pem:
+        parts.append("svid")
+    if old.all_cas_pem() != new.all_cas_pem():
+        parts.append("bundle")
+    if old.crls_pem != new.crls_pem:
+        parts.append("crl")
+    return tuple(parts)
 
 
 def load_identity(
@@ -152,7 +167,7 @@ def _load_identity(
 
 def _read(path: Path, problems: list[Problem]) -> bytes | None:
     try:
-        data = path.read_bytes()
+        data = files.read_regular(path)
     except FileNotFoundError:
         problems.append(Problem(str(path), "file not found"))
         return None

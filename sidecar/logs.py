@@ -2,6 +2,11 @@
 
 Private keys never reach a log: nothing here formats key material, and the identity
 snapshot keeps its key out of its repr.
+
+A peer controls some of what a line holds (its SPIFFE ID, names in its chain, error words
+that quote its certificate): every string field is cut at a bound here, in the one place
+all lines pass, so no certificate can make a line long (a 400-URI-SAN one once wrote
+15.7 KB per connection).
 """
 
 from __future__ import annotations
@@ -12,6 +17,11 @@ import logging
 import sys
 import time
 from typing import Any
+
+# A valid SPIFFE ID (at most 2048 bytes) is never cut; a detail line is a sentence or two,
+# and quotes of peer values in it are already short (spiffe.quoted).
+MAX_FIELD_CHARS = 2048
+MAX_DETAIL_CHARS = 512
 
 ACCESS = logging.getLogger("sidecar.access")
 log = logging.getLogger("sidecar")
@@ -78,6 +88,7 @@ def access(fields: dict[str, Any], *, failed: bool) -> None:
     level = logging.WARNING if failed else logging.INFO
     if not ACCESS.isEnabledFor(level):
         return
+    fields = bounded(fields)
     if _direct is not None and len(log.handlers) == 1:
         now = time.time()
         head = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
@@ -90,4 +101,26 @@ def access(fields: dict[str, Any], *, failed: bool) -> None:
 
 
 def event(level: int, msg: str, **fields: Any) -> None:
-    log.log(level, msg, extra={"fields": fields})
+    log.log(level, msg, extra={"fields": bounded(fields)})
+
+
+def bounded(fields: dict[str, Any]) -> dict[str, Any]:
+    """`fields` with every string cut to its bound (the same dict when none is over)."""
+    over = [k for k, v in fields.items() if type(v) is str and len(v) > _bound(k)]
+    if not over:
+        return fields
+    out = dict(fields)
+    for k in over:
+        out[k] = cut(out[k], _bound(k))
+    return out
+
+
+def cut(value: str, limit: int) -> str:
+    """`value`, or its first `limit` characters and how long it was."""
+    if len(value) <= limit:
+        return value
+    return f"{value[:limit]}... ({len(value)} chars)"
+
+
+def _bound(key: str) -> int:
+    return MAX_DETAIL_CHARS if key == "detail" else MAX_FIELD_CHARS

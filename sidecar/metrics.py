@@ -48,6 +48,15 @@ connections_rejected = Counter(
 bytes_moved = Counter(
     "sidecar_bytes_total", "Plaintext bytes proxied", ["direction", "listener", "flow"],
     registry=REGISTRY)
+listener_paused = Gauge(
+    "sidecar_listener_paused", "1 while a listener does not accept, by why: "
+    "max_connections (new peers wait in the kernel's backlog) or descriptors (out of file "
+    "descriptors; retried every 0.1 s)", ["direction", "listener", "reason"],
+    registry=REGISTRY, multiprocess_mode="livesum")
+listener_backlog = Gauge(
+    "sidecar_listener_backlog", "Connections waiting in a paused listener's accept queue "
+    "(sampled every second while paused; 0 while accepting)", ["direction", "listener"],
+    registry=REGISTRY, multiprocess_mode="livesum")
 upstream_errors = Counter(
     "sidecar_upstream_errors_total", "Failed dials of the app (inbound) or the remote "
     "(outbound)", ["direction", "listener"], registry=REGISTRY)

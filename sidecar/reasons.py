@@ -17,6 +17,8 @@ class Reason(StrEnum):
     MISSING_INTERMEDIATE = "missing_intermediate"
     BAD_SIGNATURE = "bad_signature"
     REVOKED = "revoked"
+    CHAIN_TOO_LONG = "chain_too_long"
+    MESSAGE_TOO_LARGE = "message_too_large"
     NO_CLIENT_CERT = "no_client_cert"
     INVALID_SVID = "invalid_svid"
     SPIFFE_ID_MISMATCH = "spiffe_id_mismatch"
@@ -57,12 +59,26 @@ _EXPLANATIONS: dict[Reason, tuple[str, str]] = {
         "the peer's svid.pem must hold the leaf followed by its intermediates",
     ),
     Reason.BAD_SIGNATURE: (
-        "a signature in the peer's chain does not verify",
-        "the certificate was altered or signed by a different key than its issuer's; reissue it",
+        "a signature does not verify: in the peer's chain, or its handshake signature "
+        "(CertificateVerify: it holds the certificate but not its key)",
+        "the certificate was altered or signed by a different key than its issuer's, or the "
+        "peer's key file does not match its certificate: reissue it, check svid_key.pem",
     ),
     Reason.REVOKED: (
         "the peer's certificate is listed in a CRL we load",
         "issue the peer a new SVID; the revoked one must not come back",
+    ),
+    Reason.CHAIN_TOO_LONG: (
+        "the peer's chain holds more than 8 intermediate CAs (our verify depth), far more "
+        "than any SPIFFE chain needs",
+        "a SPIFFE chain is the leaf and 1-3 intermediates: the peer's svid.pem holds "
+        "extra certificates, or the peer is making us build long chains on purpose",
+    ),
+    Reason.MESSAGE_TOO_LARGE: (
+        "a handshake message from the peer is larger than we read: past the hello, its "
+        "certificate chain (over 16 KiB: dozens of certificates, a huge SAN or extension)",
+        "a SPIFFE chain is 2-6 KiB: check the peer's svid.pem with `sidecar inspect`; "
+        "many of these at once are a peer trying to make us parse large chains",
     ),
     Reason.NO_CLIENT_CERT: (
         "the client sent no certificate, and this listener requires mutual TLS",

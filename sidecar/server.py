@@ -12,17 +12,19 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import logging
 import os
 import secrets
+import select
 import signal
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sidecar import admin, fdlimit, logs, metrics, reload, status
+from sidecar import admin, fdlimit, logs, metrics, preflight, reload, status
 from sidecar.config import Address, Config
-from sidecar.identity import Identity, load_identity
+from sidecar.identity import Identity, changed_parts
 from sidecar.policy import DENY_ALL, Policy, load_policy
 from sidecar.problems import ProblemsError
 from sidecar.proxy import inbound, outbound
@@ -30,6 +32,7 @@ from sidecar.proxy.connection import Tracker
 from sidecar.proxy.listener import Listener
 from sidecar.proxy.pump import Close
 from sidecar.proxy.runtime import Runtime
+from sidecar.times import json_default, rfc3339
 from sidecar.tls import contexts as tls_contexts
 from sidecar.tls import ktls, openssl
 from sidecar.tls.resumption import Resumption
@@ -52,6 +55,9 @@ class Server:
     def __init__(self, config: Config, worker: WorkerRole | None = None) -> None:
         self.config = config
         self.worker = worker
+        if worker is not None:
+            # A supervisor that stops reading must never stall this loop on a full pipe.
+            os.set_blocking(worker.notify_fd, False)
         self.resumption = Resumption(
             config.tls, worker.ticket_secret if worker else secrets.token_bytes(32),
             workers=worker is not None)
@@ -70,9 +76,7 @@ class Server:
     # -- snapshots ------------------------------------------------------------------------
 
     def load_identity(self) -> Identity:
-        ident = self.config.identity
-        return load_identity(ident.cert, ident.key, ident.bundle, ident.federated_bundles,
-                             ident.crl)
+        return preflight.identity_of(self.config)
 
     def build_contexts(self, identity: Identity) -> tls_contexts.Contexts:
         tls = self.config.tls
@@ -80,7 +84,8 @@ class Server:
                                   session_resumption=tls.session_resumption,
                                   ktls=self.ktls.available,
                                   ticket_keys=self.resumption.ticket_keys(identity),
-                                  session_cache_size=self.resumption.cache_size())
+                                  session_cache_size=self.resumption.cache_size(),
+                                  groups=tls.groups)
 
     async def _first_identity(self) -> Identity | None:
         """Load the identity to start with, retrying as a reload does: a sidecar started
@@ -90,7 +95,11 @@ class Server:
             if delay:
                 await asyncio.sleep(delay)
             try:
-                return await asyncio.to_thread(self.load_identity)
+                return await reload.load_bounded(self.load_identity, str(
+                    self.config.identity.cert))
+            except reload.LoadStuckError as exc:
+                last = exc
+                break
             except ProblemsError as exc:
                 last = exc
         assert last is not None
@@ -105,10 +114,11 @@ class Server:
             self.ktls = ktls.Support(False, "tls.ktls: off")
             return None
         self.ktls = ktls.detect()
+        refusal = preflight.ktls_refusal(self.config.tls.ktls, self.ktls)
         if self.ktls.available:
             logs.event(logging.INFO, "kTLS available", detail=self.ktls.why)
-        elif mode == "on":
-            return f"tls.ktls is on, but kTLS is not available here: {self.ktls.why}"
+        elif refusal is not None:
+            return refusal
         else:
             logs.event(logging.INFO, "kTLS unavailable; using user-space TLS",
                        detail=self.ktls.why)
@@ -130,11 +140,13 @@ class Server:
 
     def reloadables(self) -> list[reload.Reloadable]:
         ident = self.config.identity
+        trust = {path: "bundle" for path in (ident.bundle, *ident.federated_bundles.values())}
         out = [reload.Reloadable(
             "svid",
             (ident.cert, ident.key, ident.bundle, *ident.federated_bundles.values(),
              *ident.crl),
-            self.load_identity, self._swap_identity)]
+            self.load_identity, self._swap_identity, parts=changed_parts,
+            kind_of=trust | {path: "crl" for path in ident.crl})]
         if self.config.policy is not None:
             out.append(reload.Reloadable("policy", (self.config.policy,), self.load_policy,
                                          self._swap_policy))
@@ -152,10 +164,12 @@ class Server:
             retired = self.rt.contexts.server
             self.rt.contexts = self.build_contexts(new)
             openssl.flush_sessions(retired)  # live connections keep it alive for a while
+            for w in preflight.foreign_cas(self.config, new):  # a bundle merged since start
+                logs.event(logging.WARNING, f"warning: {w}", where=w.where)
         self.rt.authn.learn(new)
         self.publish_identity(new)
         logs.event(logging.INFO, "identity reloaded", spiffe_id=str(new.spiffe_id),
-                   serial=f"{new.serial:x}", not_after=new.not_after.isoformat(),
+                   serial=f"{new.serial:x}", not_after=rfc3339(new.not_after),
                    trust_changed=new.trust_version != old.trust_version)
         return True
 
@@ -197,15 +211,17 @@ class Server:
         loop = asyncio.get_running_loop()
         cfg = self.config
         fdlimit.raise_for(self.config.limits.max_connections)
-        refusal = self.detect_ktls()
+        refusal = self.detect_ktls() or preflight.pin_refusal()
         if refusal is not None:
             logs.event(logging.ERROR, f"cannot start: {refusal}")
             return 1
         identity = await self._first_identity()
         if identity is None:
             return 1
+        if self.worker is None:  # workers: the supervisor says these, once
+            preflight.log_warnings(cfg, identity, workers=1)
         try:
-            policy = self.load_policy()
+            policy = await reload.load_bounded(self.load_policy, str(cfg.policy))
         except ProblemsError as exc:
             logs.event(logging.ERROR, "policy invalid at start: every inbound connection "
                        "will be denied until a valid policy is loaded",
@@ -224,22 +240,22 @@ class Server:
                                clock_skew_hint=cfg.clock_skew_hint)
         rt.authn.learn(identity)
         self.publish_identity(identity)
-        try:
-            for ib in cfg.inbound:
-                self.listeners.append(Listener(loop, ib.name, inbound.DIRECTION,
-                                               self._address(ib.name, ib.listen),
-                                               inbound.acceptor(rt, ib),
+        wanted = [*((ib.name, inbound.DIRECTION, ib.listen, inbound.acceptor(rt, ib))
+                    for ib in cfg.inbound),
+                  *((ob.name, outbound.DIRECTION, ob.listen, outbound.acceptor(rt, ob))
+                    for ob in cfg.outbound)]
+        for name, direction, listen, acceptor in wanted:
+            address = self._address(name, listen)
+            try:
+                self.listeners.append(Listener(loop, name, direction, address, acceptor,
                                                reuse_port=self.worker is not None))
-            for ob in cfg.outbound:
-                self.listeners.append(Listener(loop, ob.name, outbound.DIRECTION,
-                                               self._address(ob.name, ob.listen),
-                                               outbound.acceptor(rt, ob),
-                                               reuse_port=self.worker is not None))
-        except OSError as exc:
-            logs.event(logging.ERROR, f"cannot listen: {exc.strerror}", error=str(exc))
-            for lst in self.listeners:
-                lst.close()
-            return 1
+            except OSError as exc:
+                logs.event(logging.ERROR, f"cannot listen: {direction} listener {name!r} "
+                           f"on {address}: {exc.strerror or exc}", listener=name,
+                           address=str(address), error=str(exc))
+                for lst in self.listeners:
+                    lst.close()
+                return 1
         try:
             if self.worker is None:  # workers: the supervisor serves the admin endpoint
                 admin_cfg = cfg.admin.listen
@@ -277,6 +293,8 @@ class Server:
         if on_ready:
             on_ready(self)
         self._notify("ready")
+        if self.worker is not None:
+            self._report()
         self._sweep_handle = loop.call_later(SWEEP_EVERY, self._sweep)
         self._lag_handle = loop.call_later(LAG_TICK, self._lag, loop.time() + LAG_TICK)
         await self._stop.wait()
@@ -361,16 +379,32 @@ class Server:
         assert self.rt is not None
         return {
             **status.describe_identity(self.rt.contexts.identity),
-            "policy": status.describe_policy(self.rt.policy),
             "listeners": [{"name": lst.name, "direction": lst.direction,
                            "address": lst.bound} for lst in self.listeners],
-            "connections": {"active": self.rt.tracker.active,
-                            "pending_handshakes": len(self.rt.tracker.pending)},
+            **self.serving(),
             "draining": self.draining,
-            "ktls": {"mode": str(self.config.tls.ktls), **self.ktls.as_dict()},
-            "sessions": self.resumption.status(self.rt.contexts),
             "workers": [{"pid": os.getpid()}],
         }
+
+    def serving(self) -> dict[str, Any]:
+        """What only the serving process knows; a worker sends it to its supervisor."""
+        assert self.rt is not None
+        return {
+            "policy": status.describe_policy(self.rt.policy),
+            "connections": {"active": self.rt.tracker.active,
+                            "pending_handshakes": len(self.rt.tracker.pending)},
+            "ktls": {"mode": str(self.config.tls.ktls), **self.ktls.as_dict()},
+            "sessions": self.resumption.status(self.rt.contexts),
+            "reloads": {r.kind: r.last.as_dict() for r in self._reloadables
+                        if r.last is not None},
+        }
+
+    def _report(self) -> None:
+        """A worker: send what /status needs to the supervisor, one line, all or nothing
+        (a pipe write up to PIPE_BUF is atomic; a longer report is skipped, not torn)."""
+        line = json.dumps(self.serving(), default=json_default, separators=(",", ":"))
+        if len(line) + len("status \n") <= select.PIPE_BUF:
+            self._notify(f"status {line}")
 
     def _maybe_drained(self) -> None:
         if self.draining and self._drained is not None:
@@ -386,7 +420,7 @@ class Server:
             try:
                 os.write(self.worker.notify_fd, f"{state}\n".encode())
             except OSError:
-                pass  # the supervisor is gone; the worker carries on until signalled
+                pass  # the supervisor is gone or not reading; the worker carries on
 
     def _pause_listeners(self) -> None:
         for lst in self.listeners:
@@ -413,6 +447,8 @@ class Server:
         # Next sweep first: an error in this one must not end idle and lifetime limits.
         self._sweep_handle = self.rt.loop.call_later(SWEEP_EVERY, self._sweep)
         self.rt.tracker.sweep()
+        if self.worker is not None:
+            self._report()
 
     def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
         try:

@@ -114,6 +114,27 @@ class SpiffeId:
         return self.trust_domain == trust_domain
 
 
+TRUST_DOMAIN_WILDCARD = "/*"  # `spiffe://TD/*`: any workload of trust domain TD
+
+
+def parse_expected(text: str) -> SpiffeId | TrustDomain:
+    """A peer a route expects, as config writes it: an exact SPIFFE ID, or `spiffe://TD/*`
+    for any workload of TD. An entry that no valid ID could ever equal (`/a//b`, `/a/../b`,
+    a trailing `/`) is refused here rather than failing every connection later."""
+    if text.startswith(SCHEME_PREFIX) and text.endswith(TRUST_DOMAIN_WILDCARD):
+        domain = text[len(SCHEME_PREFIX) : -len(TRUST_DOMAIN_WILDCARD)]
+        if "/" not in domain and "*" not in domain:
+            reason = _trust_domain_problem(domain)
+            if reason is not None:
+                raise SpiffeIdError(text, reason)
+            return TrustDomain(domain)
+    if "*" in text:
+        domain = text.removeprefix(SCHEME_PREFIX).partition("/")[0]
+        raise SpiffeIdError(text, f"a wildcard must be the whole path, spiffe://{domain}/*, "
+                                  "which accepts any workload of that trust domain")
+    return SpiffeId.parse(text)
+
+
 def fold_trust_domain_case(text: str) -> str:
     """`text` with the trust domain part of an ID-shaped string lowercased (ASCII only).
 

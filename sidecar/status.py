@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from sidecar.identity import Identity
 from sidecar.policy import Policy
+from sidecar.times import rfc3339
 
 
 def identity_problem(identity: Identity, now: dt.datetime) -> str | None:
     """Why this SVID cannot serve now (expired, or not valid yet), or None."""
     if identity.not_after <= now:
-        expired = identity.not_after.strftime("%Y-%m-%dT%H:%M:%SZ")
+        expired = rfc3339(identity.not_after)
         return (f"the SVID {identity.spiffe_id} expired at {expired} and no valid one "
                 "has been loaded since")
     if identity.leaf.not_valid_before_utc > now:
@@ -24,16 +26,67 @@ def describe_identity(identity: Identity) -> dict[str, Any]:
     """The SVID, the bundles per trust domain and the CRLs in force."""
     return {
         "spiffe_id": str(identity.spiffe_id),
-        "svid": {"serial": f"{identity.serial:x}", "not_after": identity.not_after,
-                 "not_before": identity.leaf.not_valid_before_utc,
+        "svid": {"serial": f"{identity.serial:x}", "not_after": rfc3339(identity.not_after),
+                 "not_before": rfc3339(identity.leaf.not_valid_before_utc),
                  "version": identity.version},
         "bundles": {td: [{"subject": ca.subject.rfc4514_string(),
-                          "not_after": ca.not_valid_after_utc} for ca in b.cas]
+                          "not_after": rfc3339(ca.not_valid_after_utc)} for ca in b.cas]
                     for td, b in identity.bundles.items()},
-        "crls": [{"issuer": c.issuer.rfc4514_string(), "next_update": c.next_update_utc}
+        "crls": [{"issuer": c.issuer.rfc4514_string(),
+                  "next_update": rfc3339(c.next_update_utc) if c.next_update_utc else None}
                  for c in identity.crls],
     }
 
 
 def describe_policy(policy: Policy) -> dict[str, Any]:
     return {"version": policy.version, "mode": str(policy.mode), "source": policy.source}
+
+
+def combine(reports: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """`workers: N`: one /status from what each worker reported (Server.serving), so the
+    same keys mean the same as with one process. Counts are summed; a value the workers
+    should share (policy, kTLS) is shown once when they agree, else per worker; for each
+    reload kind a failure in any worker wins (that worker kept its old files)."""
+    if not reports:
+        return {"policy": None, "connections": None, "ktls": None, "sessions": None,
+                "reloads": {}}
+    return {
+        "policy": _agreed([r.get("policy") for r in reports]),
+        "connections": _summed([r.get("connections") or {} for r in reports]),
+        "ktls": _agreed([r.get("ktls") for r in reports]),
+        "sessions": _sessions([r.get("sessions") or {} for r in reports]),
+        "reloads": _reloads([r.get("reloads") or {} for r in reports]),
+    }
+
+
+def _agreed(values: list[Any]) -> Any:
+    if all(v == values[0] for v in values):
+        return values[0]
+    return {"differs_by_worker": values}
+
+
+def _summed(parts: list[Mapping[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for part in parts:
+        for key, value in part.items():
+            if isinstance(value, int) and not isinstance(value, bool):
+                out[key] = out.get(key, 0) + value
+    return out
+
+
+def _sessions(parts: list[Mapping[str, Any]]) -> dict[str, Any]:
+    words = _agreed([{k: v for k, v in p.items() if isinstance(v, str)} for p in parts])
+    return {**(words if "differs_by_worker" not in words else {"store": words}),
+            **_summed(parts)}
+
+
+def _reloads(parts: list[Mapping[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for part in parts:
+        for kind, last in part.items():
+            held = out.get(kind)
+            # Failures first, then the latest: RFC 3339 strings in UTC sort by time.
+            if held is None or (last["result"] == "error", last["at"]) > (
+                    held["result"] == "error", held["at"]):
+                out[kind] = last
+    return out

@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sidecar import logs, status
-from sidecar.config import Address, Config, InboundListener, OutboundListener
+from sidecar import logs, preflight, status
+from sidecar.config import Address, Config, InboundListener, KtlsMode, OutboundListener
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 ROLE_ENV = "SIDECAR_WORKER_ROLE"
@@ -94,6 +94,7 @@ class Worker:
     started_at: float = 0.0
     fails_in_a_row: int = 0
     pid_history: list[int] = field(default_factory=list)
+    report: dict[str, Any] | None = None  # its last Server.serving(), about once a second
 
 
 class Supervisor:
@@ -132,17 +133,26 @@ class Supervisor:
         except OSError as exc:
             logs.event(logging.ERROR, f"cannot reserve listener ports: {exc.strerror}")
             return 1
-        from sidecar.identity import load_identity
         from sidecar.problems import ProblemsError
 
-        ident = self.config.identity
         try:
-            self._identity = load_identity(ident.cert, ident.key, ident.bundle,
-                                           ident.federated_bundles, ident.crl)
+            self._identity = preflight.identity_of(self.config)
         except ProblemsError as exc:
             logs.event(logging.ERROR, "cannot start: no valid identity",
                        problems=[str(p) for p in exc.problems])
             return 1
+        preflight.log_warnings(self.config, self._identity, workers=self.count)
+        pin = preflight.pin_refusal()  # else every worker refuses, and restarts
+        if pin is not None:
+            logs.event(logging.ERROR, f"cannot start: {pin}")
+            return 1
+        if self.config.tls.ktls == KtlsMode.ON:  # else every worker refuses, and restarts
+            from sidecar.tls import ktls
+
+            refusal = preflight.ktls_refusal(self.config.tls.ktls, ktls.detect())
+            if refusal is not None:
+                logs.event(logging.ERROR, f"cannot start: {refusal}")
+                return 1
         from prometheus_client import CollectorRegistry, generate_latest
         from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -202,7 +212,7 @@ class Supervisor:
             reader = asyncio.create_task(self._read_states(w, read_fd))
             code = await w.proc.wait()
             reader.cancel()
-            w.ready = False
+            w.ready, w.report = False, None
             from prometheus_client import multiprocess
 
             multiprocess.mark_process_dead(w.proc.pid)  # type: ignore[no-untyped-call]
@@ -230,7 +240,14 @@ class Supervisor:
             lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", 0))
         try:
             while line := await reader.readline():
-                w.ready = line.strip() == b"ready"
+                word, _, rest = line.strip().partition(b" ")
+                if word == b"status":
+                    try:
+                        w.report = json.loads(rest)
+                    except ValueError:
+                        pass  # never torn (one atomic write), but never fatal either
+                else:
+                    w.ready = word == b"ready"
         finally:
             transport.close()
 
@@ -258,13 +275,10 @@ class Supervisor:
     def _current_identity(self) -> Any:
         """Re-read on each admin request (rare, cheap): the workers reload on their own,
         and the supervisor's view must follow the files, keeping the last good set."""
-        from sidecar.identity import load_identity
         from sidecar.problems import ProblemsError
 
-        ident = self.config.identity
         try:
-            self._identity = load_identity(ident.cert, ident.key, ident.bundle,
-                                           ident.federated_bundles, ident.crl)
+            self._identity = preflight.identity_of(self.config)
         except ProblemsError:
             pass
         return self._identity
@@ -279,13 +293,18 @@ class Supervisor:
         return None if ident is None else status.identity_problem(ident, dt.datetime.now(dt.UTC))
 
     def status(self) -> dict[str, Any]:
+        """As a single process's /status, from what the workers last reported (each
+        entry of `workers` also carries its own)."""
         ident = self._current_identity()
+        reports = [w.report for w in self.workers if w.report is not None]
         return {
             **(status.describe_identity(ident) if ident else {"spiffe_id": None, "svid": None}),
             "listeners": [{"name": n, "port": p} for n, p in self.ports.items()],
+            **status.combine(reports),
             "draining": self.draining,
             "workers": [{"index": w.index, "pid": w.proc.pid if w.proc else None,
-                         "ready": w.ready, "restarts": w.restarts} for w in self.workers],
+                         "ready": w.ready, "restarts": w.restarts, **(w.report or {})}
+                        for w in self.workers],
         }
 
 

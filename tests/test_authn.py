@@ -10,12 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from cryptography.x509.oid import NameOID
-from tls_pairs import client_context, closed_on_exit, der, endpoints, handshake_both, ready
+from tls_pairs import (
+    client_context,
+    closed_on_exit,
+    der,
+    endpoints,
+    handshake_both,
+    present,
+    ready,
+)
 
 from sidecar import pki
 from sidecar.authn import Authenticator, AuthnError, Peer, matches_expected
@@ -23,7 +33,7 @@ from sidecar.endpoint import WANT_READ, WANT_WRITE
 from sidecar.identity import Identity, load_identity
 from sidecar.pki import CA, Svid
 from sidecar.reasons import Reason
-from sidecar.tls import contexts
+from sidecar.tls import contexts, peerchain
 from sidecar.tls.contexts import Contexts
 from sidecar.tls.engine import TlsEndpoint
 
@@ -354,3 +364,120 @@ def test_a_resumed_peer_whose_certificate_expired_since_is_refused(
     with pytest.raises(AuthnError) as caught:
         authn.resumed(leaf, identity)
     assert caught.value.reason is Reason.CERT_EXPIRED
+
+
+# --- what a resumption relies on (issue 15) -------------------------------------------------
+
+
+def _identity(d: Path, svid: Svid, bundle: list[CA], federated: CA | None) -> Identity:
+    d.mkdir(parents=True, exist_ok=True)
+    files = pki.write_svid(d, svid, [ca.cert for ca in bundle])
+    fed = {}
+    if federated is not None:
+        (d / "other.pem").write_bytes(pki.certs_pem([federated.cert]))
+        fed = {OTHER_TD: d / "other.pem"}
+    return load_identity(d / files.cert, d / files.key, d / files.bundle, fed)
+
+
+async def test_an_svid_reload_keeps_what_verified_chains_taught(
+    server: Contexts, identity: Identity, ours: tuple[CA, CA], theirs: tuple[CA, CA],
+    tmp_path: Path, held: list[TlsEndpoint],
+) -> None:
+    """SPIRE with several servers: the peer's leaf comes from another intermediate of our
+    root. After we reload our own SVID, its resumed sessions must still be let in."""
+    sibling = pki.new_intermediate(ours[0], name="spire-server-2")
+    peer = Client(pki.issue_svid(sibling, CLIENT_ID), ours[0], tmp_path)
+    authn = Authenticator()
+    authn.learn(identity)
+    authn.full(await full_chain(server.server, peer, held), identity)
+
+    reloaded = _identity(tmp_path / "reloaded", pki.issue_svid(ours[1], SERVER_ID),
+                         [ours[0]], theirs[0])
+    assert reloaded.trust_version == identity.trust_version
+    authn.learn(reloaded)
+    srv = await connect(server.server, peer, held)
+    assert srv.resumed()
+    assert authn.resumed(srv.peer_leaf(), reloaded).spiffe_id == CLIENT_ID
+    # Another leaf of that intermediate (a session another worker made): the issuer is known.
+    other = der(pki.issue_svid(sibling, f"spiffe://{TD}/ns/default/sa/other").cert)
+    assert authn.resumed(other, reloaded).trust_domain == TD
+
+    # A new trust forgets it all: whether the sibling still belongs is for a full handshake.
+    extra = pki.new_root(TD)
+    new_trust = _identity(tmp_path / "new-trust", pki.issue_svid(ours[1], SERVER_ID),
+                          [ours[0], extra], theirs[0])
+    authn.learn(new_trust)
+    with pytest.raises(AuthnError) as caught:
+        authn.resumed(other, new_trust)
+    assert caught.value.reason is Reason.UNKNOWN_CA
+
+
+def test_without_federation_an_unknown_issuer_does_not_refuse_a_resumption(
+    ours: tuple[CA, CA], tmp_path: Path,
+) -> None:
+    """Another worker verified the chain: with one bundle, it ended in the right one."""
+    alone = _identity(tmp_path / "alone", pki.issue_svid(ours[1], SERVER_ID), [ours[0]], None)
+    authn = Authenticator()
+    authn.learn(alone)
+    sibling = pki.new_intermediate(ours[0], name="spire-server-3")
+    leaf = der(pki.issue_svid(sibling, CLIENT_ID).cert)
+    assert authn.resumed(leaf, alone).spiffe_id == CLIENT_ID
+
+
+@pytest.mark.parametrize("path", ["same-leaf", "known-issuer"])
+def test_a_resumed_leaf_under_an_expired_intermediate_is_refused(
+    ours: tuple[CA, CA], identity: Identity, path: str,
+) -> None:
+    """OpenSSL refuses it in a full handshake; a resumption must check the whole chain."""
+    now = datetime.now(UTC)
+    expired = pki.new_intermediate(ours[0], name="expired", now=now - timedelta(hours=2),
+                                   ttl=timedelta(hours=1))
+    leaf = pki.issue_svid(expired, CLIENT_ID, not_after=now + timedelta(hours=1))
+    authn = Authenticator()
+    authn.full(chain_of(leaf, ours[0]), identity)  # as verified while it was valid
+    resumed = leaf if path == "same-leaf" else pki.issue_svid(
+        expired, f"spiffe://{TD}/ns/default/sa/other", not_after=now + timedelta(hours=1))
+    with pytest.raises(AuthnError) as caught:
+        authn.resumed(der(resumed.cert), identity)
+    assert caught.value.reason is Reason.CERT_EXPIRED
+
+
+def test_a_peer_carries_the_validity_of_its_whole_chain(
+    ours: tuple[CA, CA], identity: Identity,
+) -> None:
+    now = datetime.now(UTC)
+    short = pki.new_intermediate(ours[0], name="short", ttl=timedelta(minutes=5))
+    leaf = pki.issue_svid(short, CLIENT_ID, not_after=now + timedelta(hours=1))
+    peer = Authenticator().full(chain_of(leaf, ours[0]), identity)
+    assert peer.not_after == short.cert.not_valid_after_utc.timestamp()
+
+
+async def test_a_server_session_ends_with_the_client_certificate_it_proved(
+    server: Contexts, ours: tuple[CA, CA], tmp_path: Path, held: list[TlsEndpoint],
+) -> None:
+    """Refuse the PSK, not the peer: once the client's certificate has expired its old
+    session no longer resumes, and the client (rotated meanwhile) makes a full handshake
+    instead of being refused on resumption."""
+    first = pki.issue_svid(ours[1], CLIENT_ID, ttl=timedelta(seconds=3))
+    peer = Client(first, ours[0], tmp_path)
+    await full_chain(server.server, peer, held)
+    assert (await connect(server.server, peer, held)).resumed()
+    present(peer.ctx, pki.issue_svid(ours[1], CLIENT_ID), tmp_path)  # its SVID rotated
+    expiry = first.cert.not_valid_after_utc.timestamp()
+    async with asyncio.timeout(10):
+        while time.time() <= expiry:  # the clock itself is the condition
+            await asyncio.sleep(0.05)
+    srv = await connect(server.server, peer, held)
+    assert not srv.resumed()
+    assert srv.verified_chain()[0] != der(first.cert)
+
+
+def test_remaining_life() -> None:
+    now = datetime.now(UTC)
+    root = pki.new_root(TD)
+    leaf = pki.issue_svid(root, CLIENT_ID, not_after=now + timedelta(seconds=100))
+    certs = [der(leaf.cert), der(root.cert)]
+    assert peerchain.remaining_life(certs, now.timestamp()) in (99, 100)
+    assert peerchain.remaining_life(certs, now.timestamp() + 1000) == 0
+    assert peerchain.remaining_life([], now.timestamp()) is None
+    assert peerchain.remaining_life([b"junk"], now.timestamp()) is None

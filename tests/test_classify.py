@@ -23,6 +23,7 @@ from tls_pairs import (
     closed_on_exit,
     der,
     endpoints,
+    forge_certificate_verify,
     handshake_both,
     present,
     ready,
@@ -218,6 +219,57 @@ async def test_server_from_a_foreign_ca_refused_by_the_client(
     assert classify(c).reason is Reason.UNKNOWN_CA
     assert s is not None and classify(s).reason is Reason.UNKNOWN_CA
     assert classify(s).by_peer is True
+
+
+# --- a stolen certificate, and chains past the bounds of contexts.py --------------------------
+
+
+async def test_forged_certificate_verify_is_bad_signature(
+    server_ctx: ssl.SSLContext, cas: tuple[CA, CA], sockets: list[socket.socket | TlsEndpoint],
+) -> None:
+    a, b = socket_pair()
+    sockets.append(b)
+    srv = TlsEndpoint.server(server_ctx, a)
+    sockets.append(srv)
+    b.settimeout(HANDSHAKE_BUDGET)
+    client = asyncio.create_task(asyncio.to_thread(
+        forge_certificate_verify, b, pki.issue_svid(cas[1], CLIENT_ID)))
+    with pytest.raises(ssl.SSLError) as caught:
+        async with asyncio.timeout(HANDSHAKE_BUDGET):
+            await srv.handshake()
+    srv.close()
+    await client
+    failure = classify(caught.value)
+    assert failure.reason is Reason.BAD_SIGNATURE, caught.value
+    assert failure.by_peer is False
+
+
+def _chain_below(top: CA, n: int) -> CA:
+    for _ in range(n):
+        top = pki.new_intermediate(top, path_length=None)
+    return top
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        pytest.param(lambda root: pki.issue_svid(_chain_below(root, 49), CLIENT_ID),
+                     Reason.MESSAGE_TOO_LARGE, id="50-certificates"),
+        pytest.param(lambda root: pki.issue_svid(_chain_below(root, 10), CLIENT_ID),
+                     Reason.CHAIN_TOO_LONG, id="deeper-than-the-verify-depth"),
+        pytest.param(lambda root: pki.issue_svid(_chain_below(root, 1), CLIENT_ID,
+                                                 uris=(CLIENT_ID + "/" + "a" * 16384,)),
+                     Reason.MESSAGE_TOO_LARGE, id="16k-san"),
+    ],
+)
+async def test_chains_past_our_bounds_have_a_name(
+    server_ctx: ssl.SSLContext, cas: tuple[CA, CA], tmp_path: Path,
+    sockets: list[socket.socket | TlsEndpoint], make: object, reason: Reason,
+) -> None:
+    svid = make(cas[0])  # type: ignore[operator]
+    s, _ = await handshake(server_ctx, client_context(svid, [cas[0].cert], tmp_path), sockets)
+    assert s is not None
+    assert classify(s).reason is reason, s
 
 
 # --- not TLS, too slow, gone ------------------------------------------------------------------

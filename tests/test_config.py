@@ -53,7 +53,9 @@ policy: policy.yaml
 
 # SPEC.md's example, verbatim.
 SPEC_EXAMPLE = """\
-identity:                       # this workload's SVID, hot-reloaded
+identity:                       # this workload's SVID, hot-reloaded; files OR workload_api
+  # workload_api: unix:///run/spire/sockets/agent.sock   # SPIFFE Workload API (or SPIFFE_ENDPOINT_SOCKET)
+  # spiffe_id: spiffe://example.org/ns/default/sa/payments  # which SVID, when the agent serves several
   cert: /run/spiffe/svid.pem    # leaf followed by intermediates
   key: /run/spiffe/svid_key.pem
   bundle: /run/spiffe/bundle.pem          # trust anchors of our own trust domain
@@ -80,6 +82,7 @@ tls:
   session_resumption: true
   session_ticket_rotation: 12h
   ktls: auto                    # auto | on | off   (on: fail start if unavailable)
+  groups: [X25519, P-256, P-384]   # key exchange; no finite-field groups (CPU DoS before authn)
 limits:
   handshake_timeout: 10s
   idle_timeout: 5m
@@ -162,6 +165,7 @@ def test_defaults_match_spec(tmp_path: Path) -> None:
     assert config.tls.session_store == SessionStore.AUTO
     assert config.tls.session_cache_size == 1024
     assert config.tls.ktls == KtlsMode.AUTO
+    assert config.tls.groups == ("X25519", "P-256", "P-384")
     limits = config.limits
     assert (limits.handshake_timeout, limits.idle_timeout, limits.connect_timeout) == (10, 300, 5)
     assert (limits.max_connections, limits.max_pending_handshakes) == (10000, 1024)
@@ -651,6 +655,9 @@ def test_expect_ids_empty_list_is_refused(tmp_path: Path) -> None:
         ("spiffe:///ns/a", "trust domain"),
         ("spiffe://Example.org/a", "trust domain"),
         ("spiffe://example.org/ns/*", "wildcard"),
+        ("spiffe://example.org/a//b", "empty segment"),
+        ("spiffe://example.org/a/../b", "dot segments"),
+        ("spiffe://example.org/a/", "must not end with '/'"),
         ("https://example.org/a", "is not a SPIFFE ID"),
         (5, "is not a SPIFFE ID"),
     ],
@@ -803,6 +810,38 @@ def test_ktls_values(value: str, mode: KtlsMode, tmp_path: Path) -> None:
 def test_bad_ktls(tmp_path: Path) -> None:
     problem = only_problem("tls: {ktls: sometimes}\n", tmp_path)
     assert "is not one of auto, on, off" in problem.message
+
+
+def test_groups_in_the_order_written(tmp_path: Path) -> None:
+    config = parse("tls: {groups: [P-384, X25519, P-521, X448]}\n", tmp_path)
+    assert config.tls.groups == ("P-384", "X25519", "P-521", "X448")
+
+
+@pytest.mark.parametrize("group", ["ffdhe2048", "ffdhe8192", "FFDHE4096"])
+def test_finite_field_groups_are_refused(group: str, tmp_path: Path) -> None:
+    problem = only_problem(f"tls: {{groups: [X25519, {group}]}}\n", tmp_path)
+    assert problem.where == "tls.groups[1]"
+    assert "finite-field group" in problem.message
+    assert "before the peer is authenticated" in problem.message
+
+
+@pytest.mark.parametrize(
+    ("text", "where", "says"),
+    [
+        ("[X25519, bogus]", "tls.groups[1]", "'bogus' is not a key-exchange group; use some of"),
+        ("[secp384r1]", "tls.groups[0]", "write P-384"),
+        ("[x25519]", "tls.groups[0]", "write X25519"),
+        ("[X25519, P-256, X25519]", "tls.groups[2]", "X25519 is already listed"),
+        ("[]", "tls.groups", "is empty"),
+        ("X25519", "tls.groups", "for one group write [X25519]"),
+        ("{X25519: 1}", "tls.groups", "expected a list of key-exchange groups, found a mapping"),
+        ("[1]", "tls.groups[0]", "1 is not a key-exchange group"),
+    ],
+)
+def test_bad_groups(text: str, where: str, says: str, tmp_path: Path) -> None:
+    problem = only_problem(f"tls: {{groups: {text}}}\n", tmp_path)
+    assert problem.where == where
+    assert says in problem.message
 
 
 def test_session_resumption_can_be_turned_off(tmp_path: Path) -> None:
@@ -1024,6 +1063,7 @@ KEYS = st.one_of(
             "expect_ids",
             "min_version",
             "ktls",
+            "groups",
             "session_store",
             "session_cache_size",
             "max_connections",

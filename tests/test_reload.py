@@ -4,12 +4,20 @@ file watching of each on-disk layout."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from sidecar import metrics, pki
 from sidecar.identity import Identity, load_identity
+from sidecar.policy import load_policy
+from sidecar.problems import ProblemsError
 from sidecar.reload import Reloadable, watch
 
 pytestmark = pytest.mark.timeout(20)
@@ -119,3 +127,106 @@ async def test_each_layout_is_seen_by_the_directory_watch(
     finally:
         stop.set()
         await asyncio.wait_for(task, 5)
+
+
+# --- files that block (issue 15, item 6) --------------------------------------------------
+
+
+def test_a_fifo_at_the_cert_path_is_refused_without_blocking(
+    tmp_path: Path, ca: tuple[pki.CA, pki.CA]
+) -> None:
+    write(tmp_path, ca)
+    (tmp_path / "svid.pem").unlink()
+    os.mkfifo(tmp_path / "svid.pem")  # nobody ever writes to it: an open() would wait forever
+    with pytest.raises(ProblemsError) as caught:
+        load_identity(tmp_path / "svid.pem", tmp_path / "svid_key.pem",
+                      tmp_path / "svid_bundle.pem")
+    assert "FIFO" in str(caught.value) and "not a regular file" in str(caught.value)
+
+
+def test_a_symlink_to_a_regular_file_is_read_as_kubernetes_projects_it(
+    tmp_path: Path, ca: tuple[pki.CA, pki.CA]
+) -> None:
+    svid = write(tmp_path, ca, pki.Layout.K8S)
+    f = pki.Layout.K8S.files
+    assert (tmp_path / f.cert).is_symlink()
+    ident = load_identity(tmp_path / f.cert, tmp_path / f.key, tmp_path / f.bundle)
+    assert ident.serial == svid.cert.serial_number
+
+
+def test_a_fifo_policy_is_refused_without_blocking(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "policy.yaml")
+    with pytest.raises(ProblemsError, match="FIFO"):
+        load_policy(tmp_path / "policy.yaml")
+
+
+@pytest.fixture
+def hung_file(tmp_path: Path) -> Iterator[Path]:
+    """A FIFO opened *blocking*: what a read on a hung NFS mount looks like to the thread
+    that does it (the regular-file check cannot catch that). Released at the end."""
+    fifo = tmp_path / "hung"
+    os.mkfifo(fifo)
+    yield fifo
+    # Wake any reader still blocked in open(): a writer appears, then goes.
+    with contextlib.suppress(OSError):
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+
+async def test_a_load_that_hangs_is_abandoned_counted_and_the_next_rotation_applies(
+    tmp_path: Path, ca: tuple[pki.CA, pki.CA], hung_file: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    write(tmp_path, ca)
+    f = pki.Layout.SPIFFE_HELPER.files
+    hang = [True]
+
+    def load() -> Identity:
+        if hang[0]:
+            hung_file.read_bytes()
+        return load_identity(tmp_path / f.cert, tmp_path / f.key, tmp_path / f.bundle)
+
+    swapped: list[Identity] = []
+
+    def swap(new: object) -> bool:
+        assert isinstance(new, Identity)
+        swapped.append(new)
+        return True
+
+    r = Reloadable("svid", (tmp_path / f.cert,), load, swap, timeout=0.5)
+    before = errors()
+    async with asyncio.timeout(5):  # one bounded attempt, not five retries of it
+        assert not await r.reload("test")
+    assert errors() == before + 1
+    assert swapped == []
+    problems = [str(p) for rec in caplog.records for p in rec.fields["problems"]]
+    assert any("abandoned" in p for p in problems), problems
+    # The stuck thread holds nothing: the next rotation loads and applies at once.
+    hang[0] = False
+    new = write(tmp_path, ca)
+    async with asyncio.timeout(5):
+        assert await r.reload("test")
+    assert [s.serial for s in swapped] == [new.cert.serial_number]
+
+
+def test_a_load_stuck_at_exit_does_not_keep_the_process_alive(hung_file: Path) -> None:
+    """asyncio.run ends while a reload waits on a read that never returns: the process
+    exits at once (with asyncio.to_thread it waited for the thread, that is forever)."""
+    script = textwrap.dedent(f"""
+        import asyncio, threading
+        from pathlib import Path
+        from sidecar.reload import Reloadable
+
+        async def main():
+            r = Reloadable("svid", (), lambda: Path({str(hung_file)!r}).read_bytes(),
+                           lambda _: True, timeout=60)
+            task = asyncio.create_task(r.reload("test"))
+            while not any(t.name == "sidecar-load" for t in threading.enumerate()):
+                await asyncio.sleep(0.01)
+            print("stuck", flush=True)
+
+        asyncio.run(main())
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=15,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.stdout == b"stuck\n", proc.stderr.decode()
+    assert proc.returncode == 0, proc.stderr.decode()

@@ -16,6 +16,7 @@ from sidecar.spiffe import (
     SpiffeIdError,
     TrustDomain,
     fold_trust_domain_case,
+    parse_expected,
 )
 
 # --- SPIFFE IDs ---------------------------------------------------------------------------
@@ -250,3 +251,17 @@ def test_trust_domain_parse_raises_only_spiffe_id_error(text: str) -> None:
     except SpiffeIdError:
         return
     assert SpiffeId.parse(str(trust_domain)).trust_domain == trust_domain
+
+
+@pytest.mark.parametrize("text", ["spiffe://example.org/a//b", "spiffe://example.org/a/../b",
+                                  "spiffe://example.org/a/", "spiffe://example.org/ns/*",
+                                  "spiffe://Exa mple/*", "spiffe://*"])
+def test_an_expected_peer_no_id_can_equal_is_refused(text: str) -> None:
+    with pytest.raises(SpiffeIdError):
+        parse_expected(text)
+
+
+def test_an_expected_peer_is_an_id_or_a_whole_trust_domain() -> None:
+    assert parse_expected("spiffe://example.org/*") == TrustDomain("example.org")
+    assert parse_expected("spiffe://example.org/a/b") == SpiffeId.parse(
+        "spiffe://example.org/a/b")

@@ -44,7 +44,25 @@ def test_the_identity_is_described_with_its_bundle(identity: Identity) -> None:
     described = status.describe_identity(identity)
     assert described["spiffe_id"] == ID
     assert described["svid"]["serial"] == f"{identity.serial:x}"
-    assert described["svid"]["not_after"] == identity.not_after
+    assert described["svid"]["not_after"] == identity.not_after.strftime("%Y-%m-%dT%H:%M:%SZ")
     assert list(described["bundles"]) == [TD] and len(described["bundles"][TD]) == 1
     assert described["crls"] == []
 
+
+def test_workers_reports_combine_into_one_status() -> None:
+    def report(active: int, policy: str, reload_at: str, result: str) -> dict[str, object]:
+        return {"policy": {"version": policy}, "connections": {"active": active,
+                                                               "pending_handshakes": 1},
+                "ktls": {"mode": "auto", "available": False},
+                "sessions": {"store": "memory", "cached": active, "hits": 2},
+                "reloads": {"policy": {"result": result, "at": reload_at}}}
+
+    combined = status.combine([report(3, "a1", "2026-12-07T04:00:00Z", "ok"),
+                               report(4, "a1", "2026-12-07T03:00:00Z", "error")])
+    assert combined["connections"] == {"active": 7, "pending_handshakes": 2}
+    assert combined["policy"] == {"version": "a1"}
+    assert combined["ktls"] == {"mode": "auto", "available": False}
+    assert combined["sessions"] == {"store": "memory", "cached": 7, "hits": 4}
+    assert combined["reloads"]["policy"]["result"] == "error"  # any worker's failure shows
+    mixed = status.combine([report(1, "a1", "x", "ok"), report(1, "b2", "x", "ok")])
+    assert mixed["policy"] == {"differs_by_worker": [{"version": "a1"}, {"version": "b2"}]}

@@ -109,3 +109,27 @@ def client_context(
     if svid is not None:
         present(ctx, svid, tmp_path)
     return ctx
+
+
+def forge_certificate_verify(sock: socket.socket, svid: Svid) -> None:
+    """Run a TLS 1.3 client on blocking `sock` that presents `svid`'s valid chain but signs
+    its CertificateVerify with another key: a peer that holds a certificate, not its key.
+    The stdlib refuses a key that does not match; tlslite-ng signs with whatever it is
+    given. Returns when the server has refused it (or, wrongly, let it in)."""
+    from tlslite.api import HandshakeSettings, TLSConnection, X509CertChain, parsePEMKey
+
+    chain = X509CertChain()
+    chain.parsePemList(svid.chain_pem().decode("ascii"))
+    stolen = parsePEMKey(pki.key_pem(pki.new_key()).decode("ascii"), private=True,
+                         implementations=["python"])
+    settings = HandshakeSettings()
+    settings.minVersion = settings.maxVersion = (3, 4)
+    settings.certificate_compression_send = []  # OpenSSL 3.0 reads no compressed chain
+    conn = TLSConnection(sock)
+    try:
+        # Our side of a TLS 1.3 handshake ends before the server reads the signature.
+        conn.handshakeClientCert(chain, stolen, settings=settings)
+        conn.write(b"must not reach the app")
+        conn.read()
+    except Exception:  # tlslite's alert or a socket error: refused
+        pass

@@ -108,6 +108,8 @@ class TlsConfig:
     # parsed certificate, ~6.5 KiB once its connection has closed.
     session_cache_size: int = 1024
     ktls: KtlsMode = KtlsMode.AUTO
+    # Key exchange, by OpenSSL's names; elliptic-curve groups only (values.py says why).
+    groups: tuple[str, ...] = ("X25519", "P-256", "P-384")
 
 
 @dataclass(frozen=True, slots=True)

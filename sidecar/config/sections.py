@@ -26,7 +26,6 @@ from sidecar.config.schema import (
     TlsConfig,
 )
 from sidecar.config.values import (
-    _TRUST_DOMAIN,
     _WILDCARD_HOSTS,
     _bool,
     _choice,
@@ -34,6 +33,7 @@ from sidecar.config.values import (
     _count,
     _expected_id,
     _forward_to,
+    _group,
     _kind,
     _ktls,
     _listen,
@@ -41,6 +41,7 @@ from sidecar.config.values import (
     _positive_duration,
     _server_name,
     _tls_version,
+    _trust_domain,
     _workers,
     parse_duration,
 )
@@ -123,15 +124,13 @@ def _federated_bundles(r: _Reader, raw: object) -> Mapping[str, Path]:
         return MappingProxyType({})
     bundles: dict[str, Path] = {}
     for key, value in raw.items():
-        domain = str(key).lower()
         here = f"{where}.{key}"
-        if not _TRUST_DOMAIN.fullmatch(domain):
-            r.report(
-                here,
-                f"{_show(key)} is not a trust domain name: use lowercase letters, "
-                "digits, '.', '-' and '_' (at most 255), like example.org",
-            )
-        elif domain in bundles:
+        try:
+            domain = _trust_domain(key)
+        except ValueError as exc:
+            r.report(here, str(exc))
+            continue
+        if domain in bundles:
             r.report(here, f"trust domain {domain} is listed twice; keep one")
         else:
             bundles[domain] = r.value({domain: value}, domain, where, r.path, Path())
@@ -252,7 +251,32 @@ def _tls(r: _Reader, raw: object) -> TlsConfig:
         session_cache_size=r.value(
             m, "session_cache_size", "tls", _count, d.session_cache_size),
         ktls=r.value(m, "ktls", "tls", _ktls, d.ktls),
+        groups=r.value(m, "groups", "tls", lambda v: _groups(r, v), d.groups),
     )
+
+
+def _groups(r: _Reader, raw: object) -> tuple[str, ...]:
+    if isinstance(raw, str):
+        raise ValueError(f"expected a list, found a string; for one group write [{raw}]")
+    if not isinstance(raw, list):
+        raise ValueError(f"expected a list of key-exchange groups, found {_kind(raw)}")
+    if not raw:
+        raise ValueError(
+            "is empty: with no group no handshake could agree on a key; leave the key out "
+            "for the default, [X25519, P-256, P-384]"
+        )
+    groups: list[str] = []
+    for i, item in enumerate(raw):
+        try:
+            group = _group(item)
+        except ValueError as exc:
+            r.report(f"tls.groups[{i}]", str(exc))
+            continue
+        if group in groups:
+            r.report(f"tls.groups[{i}]", f"{group} is already listed; name each group once")
+        else:
+            groups.append(group)
+    return tuple(groups)
 
 
 def _limits(r: _Reader, raw: object) -> Limits:

@@ -10,20 +10,31 @@ from collections.abc import Callable
 from enum import StrEnum
 from typing import Final
 
+from sidecar import spiffe
 from sidecar.config.schema import Address, KtlsMode, TlsVersion
 from sidecar.strict_yaml import show as _show
 
 # Linux's sockaddr_un.sun_path is 108 bytes, one of which is the terminating NUL.
 _UNIX_PATH_MAX: Final = 107
 
-# SPIFFE trust domain names: lowercase letters, digits, '.', '-', '_'; at most 255.
-_TRUST_DOMAIN: Final = re.compile(r"[a-z0-9._-]{1,255}")
-
 # Listener names label metrics and are named by policy rules, so keep them plain.
 _LISTENER_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 
 _HOST: Final = re.compile(r"[A-Za-z0-9_.-]+")
 _WILDCARD_HOSTS: Final = frozenset({"0.0.0.0", "::"})
+
+# tls.groups: the elliptic-curve groups OpenSSL 3.0 does in TLS, by the names it takes.
+# Server CPU for one ClientHello with each as its key share, ECDSA P-256 SVID, OpenSSL
+# 3.0 (bench/hello_cost.py): X25519 0.2 ms, P-256 0.3, X448 0.6, P-521 1.0, P-384 2.2.
+KEY_EXCHANGE_GROUPS: Final = ("X25519", "P-256", "P-384", "P-521", "X448")
+# Finite-field groups (RFC 7919) are refused: ffdhe2048 costs 2.7 ms and ffdhe8192 137 ms
+# of server CPU per ClientHello, before the peer is authenticated.
+_FINITE_FIELD_GROUPS: Final = ("ffdhe2048", "ffdhe3072", "ffdhe4096", "ffdhe6144", "ffdhe8192")
+_GROUP_ALIASES: Final = {
+    "x25519": "X25519", "x448": "X448", "prime256v1": "P-256", "secp256r1": "P-256",
+    "secp384r1": "P-384", "secp521r1": "P-521", "p-256": "P-256", "p-384": "P-384",
+    "p-521": "P-521",
+}
 
 _DURATION: Final = re.compile(r"(?:[0-9]+(?:\.[0-9]+)?(?:ms|h|m|s))+")
 _DURATION_PART: Final = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|h|m|s)")
@@ -108,24 +119,29 @@ def _unix_address(value: str, allowed: bool) -> Address:
 
 
 def _expected_id(raw: object) -> str:
-    # Light checks only; sidecar/spiffe.py owns the full SPIFFE ID rules.
-    if not isinstance(raw, str) or not raw.startswith("spiffe://"):
+    # spiffe.py owns the SPIFFE-ID rules: an entry no valid ID can equal is refused there.
+    if not isinstance(raw, str):
         raise ValueError(
             f"{_show(raw)} is not a SPIFFE ID: write it like "
             "spiffe://example.org/ns/default/sa/payments"
         )
-    domain, _, path = raw.removeprefix("spiffe://").partition("/")
-    if not _TRUST_DOMAIN.fullmatch(domain):
+    try:
+        spiffe.parse_expected(raw)
+    except spiffe.SpiffeIdError as exc:
         raise ValueError(
-            f"{_show(raw)}: the trust domain {domain!r} must be lowercase "
-            "letters, digits, '.', '-' and '_'"
-        )
-    if "*" in raw and path != "*":
-        raise ValueError(
-            f"{_show(raw)}: a wildcard must be the whole path, spiffe://{domain}/*, "
-            "which accepts any workload of that trust domain"
-        )
+            f"{exc}; every call on this route would fail spiffe_id_mismatch. Write an ID "
+            "like spiffe://example.org/ns/default/sa/payments, or spiffe://example.org/*"
+        ) from None
     return raw
+
+
+def _trust_domain(raw: object) -> str:
+    """A trust domain as a config key (federated_bundles), lowercased."""
+    try:
+        return spiffe.TrustDomain.parse(str(raw)).name
+    except spiffe.SpiffeIdError as exc:
+        raise ValueError(f"{_show(raw)} is not a trust domain name: {exc.reason}; write one "
+                         "like example.org") from None
 
 
 def _listen(raw: object) -> Address:
@@ -207,6 +223,21 @@ def _tls_version(raw: object) -> TlsVersion:
     if isinstance(raw, float):
         raw = repr(raw)
     return _choice(TlsVersion)(raw)
+
+
+def _group(raw: object) -> str:
+    if isinstance(raw, str) and raw in KEY_EXCHANGE_GROUPS:
+        return raw
+    choices = ", ".join(KEY_EXCHANGE_GROUPS)
+    if isinstance(raw, str) and raw.lower() in _FINITE_FIELD_GROUPS:
+        raise ValueError(
+            f"{_show(raw)} is a finite-field group: one ClientHello offering it costs the "
+            "sidecar up to ~140 ms of CPU before the peer is authenticated, a denial of "
+            f"service anyone can send; use elliptic-curve groups: {choices}"
+        )
+    if isinstance(raw, str) and raw.lower() in _GROUP_ALIASES:
+        raise ValueError(f"{_show(raw)}: write {_GROUP_ALIASES[raw.lower()]}, its name here")
+    raise ValueError(f"{_show(raw)} is not a key-exchange group; use some of {choices}")
 
 
 def _kind(value: object) -> str:

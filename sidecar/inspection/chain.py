@@ -120,6 +120,14 @@ def _not_anchored(
     view = describe(top)
     issuer = view.issuer
     bundle_tds = sorted({td for ca in anchors if (td := describe(ca).trust_domain)})
+    if any(ca.subject == top.issuer for ca in anchors):
+        # Issued under a trusted CA's name, and yet no CA of the bundle signed it: a rogue
+        # CA copying the name (its key identifier or signature gave it away).
+        signer = "this root is a different CA" if view.self_issued else \
+            f"{label} was not signed by it"
+        return Finding(Reason.UNKNOWN_CA, f"a CA named '{issuer}' is trusted, but {signer} "
+                       "(different key): a CA that copies a trusted one's name",
+                       Reason.UNKNOWN_CA)
     if view.self_issued:
         return Finding(Reason.UNKNOWN_CA, f"the chain ends at the root '{view.subject}', "
                        "which is not in the bundle: the trust stores differ", Reason.UNKNOWN_CA)

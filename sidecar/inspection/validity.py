@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from sidecar.inspection.certview import CertView
+from sidecar.times import rfc3339
 
 
 def span(seconds: float) -> str:
@@ -48,4 +49,4 @@ def validity(view: CertView, now: datetime, skew: timedelta) -> Validity:
 
 
 def iso(t: datetime) -> str:
-    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return rfc3339(t)

@@ -10,6 +10,7 @@ import sys
 from sidecar import spiffe
 from sidecar.config import parse_address, parse_duration
 from sidecar.loadgen.plan import Mode, Plan, request_payload
+from sidecar.tls import contexts
 
 
 class UsageError(Exception):
@@ -101,6 +102,7 @@ def client_context(args: argparse.Namespace) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = versions[args.tls_min]
     ctx.maximum_version = versions[args.tls_max]
+    contexts.pin_handshake(ctx, contexts.GROUPS, args.tls_min)  # what a sidecar offers
     # SVIDs need not carry a DNS name: --expect-id checks the SPIFFE ID instead.
     ctx.check_hostname = False
     try:

@@ -10,7 +10,7 @@ from collections.abc import Collection, Iterable, Iterator
 from enum import StrEnum
 from pathlib import Path
 
-from sidecar import strict_yaml
+from sidecar import files, strict_yaml
 from sidecar.policy.model import (
     DEFAULT_RULE,
     INVALID_PEER_RULE,
@@ -254,7 +254,7 @@ def parse_policy(text: str, source: str, listeners: Collection[str] | None = Non
 def load_policy(path: Path, listeners: Collection[str] | None = None) -> Policy:
     """Read and parse a policy file; raise `ProblemsError` on any problem."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = files.read_regular(path).decode("utf-8")
     except UnicodeDecodeError as error:
         raise ProblemsError([Problem(str(path), f"not UTF-8 text (byte {error.start})")]) from None
     except OSError as error:

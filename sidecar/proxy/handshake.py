@@ -1,11 +1,32 @@
 """One handshake plus authentication, shared by inbound and outbound: bounded, measured,
-classified and counted."""
+classified and counted.
+
+Two things make "the handshake failed" less simple than an exception:
+
+- A refused client must not get a TCP reset. OpenSSL has written its alert when it
+  raises, but a client whose flight spans segments (refused on its Certificate while
+  its CertificateVerify and Finished are still on the way) is still sending: a closed
+  socket answers those segments with a reset, and the client's next send fails
+  (EPIPE, ECONNRESET) before it reads the alert. So a refused peer gets the alert,
+  then our FIN, and we read and drop what it still sends,
+  for at most LINGER_SECONDS and LINGER_BYTES, before closing. The connection stays
+  counted (limits.max_connections) while it lingers, but no longer holds a pending
+  handshake slot (limits.max_pending_handshakes): lingering peers never crowd out new
+  handshakes. (Outbound, the app waits on the outcome: the sidecar closes at once.)
+- In TLS 1.3 a client's handshake ends before the server has read the client's
+  certificate; a server that refuses it says so with an alert on the client's first
+  read. So an outbound TLS 1.3 handshake is counted only once the server has judged:
+  its first record that is not an alert (data, a session ticket, the end of the stream)
+  counts it ok, an alert before any of those counts it as the failure the alert names.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import ssl
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 from sidecar import metrics
 from sidecar.authn import AuthnError, Peer, matches_expected
@@ -16,36 +37,57 @@ from sidecar.reasons import Reason
 from sidecar.tls.classify import classify, skew_note
 from sidecar.tls.engine import TlsEndpoint
 
+# A peer that read our alert closes at once (one round trip); these bound one that does
+# not. A second covers a slow link's last segments; 64 KiB is more than any honest
+# flight after a refused certificate (CertificateVerify and Finished: < 1 KiB).
+LINGER_SECONDS = 1.0
+LINGER_BYTES = 64 * 1024
+_DRAIN_CHUNK = 16 * 1024
+
+class ResumptionRefused(Exception):
+    """Our re-check refused a resumed session: the peer may still pass a full handshake.
+    Raised instead of finishing the record when the caller can redial (secure's
+    `retry_resumed`); the failed handshake is counted and its endpoint closed."""
+
 
 async def secure(
     rt: Runtime, rec: Record, ep: TlsEndpoint, identity: Identity, *,
-    expect: Collection[str] | None = None,
+    expect: Collection[str] | None = None, retry_resumed: bool = False,
 ) -> Peer | None:
     """Handshake and authenticate against `identity`, the snapshot whose contexts made
-    `ep`; on failure close ep, count, finish rec, return None."""
+    `ep`; on failure close ep, count, finish rec, return None (or, for a resumed session
+    with `retry_resumed`, raise ResumptionRefused and leave rec open)."""
     task = asyncio.current_task()
     assert task is not None
     rt.tracker.begin_handshake(rec, task, ep.hello_seen)
+    refused: tuple[Reason, str] | None = None
     try:
         async with asyncio.timeout(rt.limits.handshake_timeout):
             await ep.handshake()
     except asyncio.CancelledError:
         if rec.evicted:
-            _fail(rt, rec, ep, Reason.HANDSHAKE_TIMEOUT,
-                  "evicted: max_pending_handshakes reached, oldest pending handshake closed")
+            await _fail(rt, rec, ep, Reason.HANDSHAKE_TIMEOUT,
+                        f"evicted: {rec.evicted} reached, pending handshakes closed (those "
+                        "with no hello first) to make room", linger=False)
         else:
-            _fail(rt, rec, ep, None, "shutting down")
+            await _fail(rt, rec, ep, None, "shutting down", linger=False)
         return None
     except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
         presented = ep.presented_chain()
-        f = classify(exc, presented=presented, known_intermediates=rt.authn.known_intermediates)
+        f = classify(exc, presented=presented, known_intermediates=rt.authn.known_intermediates,
+                     trusted_names=[ca.subject for b in rt.contexts.identity.bundles.values()
+                                    for ca in b.cas])
         detail = f.detail
         if f.reason in (Reason.CERT_EXPIRED, Reason.CERT_NOT_YET_VALID) and not f.by_peer:
             detail += skew_note(presented, rt.clock_skew_hint)
-        _fail(rt, rec, ep, f.reason, detail)
-        return None
+        refused = (f.reason, detail)
     finally:
         rt.tracker.end_handshake(rec)
+    if refused is not None:
+        # A timed-out peer was sent nothing and is silent: nothing to linger for.
+        linger = ep.sock.server_side and refused[0] is not Reason.HANDSHAKE_TIMEOUT
+        await _fail(rt, rec, ep, *refused, linger=linger)
+        return None
     resumed = ep.resumed()
     rec.resumed = resumed
     rec.tls_version = ep.version()
@@ -63,7 +105,12 @@ async def secure(
     except AuthnError as exc:
         ep.forget_session()  # its next connection must prove itself in full
         ep.shutdown_write()  # a close_notify rather than a bare reset, where it can
-        _fail(rt, rec, ep, exc.reason, exc.detail, resumed=resumed)
+        if resumed and retry_resumed:
+            _count_failure(rec, ep, exc.reason, resumed=True)
+            ep.close()
+            raise ResumptionRefused(exc.detail) from exc
+        await _fail(rt, rec, ep, exc.reason, exc.detail, resumed=resumed,
+                    linger=ep.sock.server_side)
         return None
     rec.peer_id = peer.spiffe_id
     if not resumed:  # a resumption verified nothing, and its session carries no chain
@@ -72,11 +119,73 @@ async def secure(
     elapsed = time.monotonic() - rec.started
     rec.handshake_ms = round(elapsed * 1000, 3)
     rec.handshake_cpu_ms = round(ep.cpu_seconds * 1000, 3)
+    if not ep.sock.server_side and rec.tls_version == "TLSv1.3":
+        _await_verdict(ep, lambda: _count_ok(rec, ep, resumed, elapsed))
+    else:
+        _count_ok(rec, ep, resumed, elapsed)
+    return peer
+
+
+def _count_ok(rec: Record, ep: TlsEndpoint, resumed: bool, elapsed: float) -> None:
     series = metrics.series(rec.direction, rec.listener)
     series.ok[resumed].inc()
     series.duration[resumed].observe(elapsed)
     series.cpu[resumed].inc(ep.cpu_seconds)
-    return peer
+
+
+# --- the server's verdict on an outbound TLS 1.3 handshake ---------------------------------
+
+_VERDICT = "sidecar_verdict"  # where the endpoint's socket keeps the ok count to make
+
+
+class _AwaitingVerdict(TlsEndpoint):
+    """A TLS 1.3 client endpoint whose server has not judged our certificate yet.
+
+    The endpoint is of this class only until the server's first record: then it is a
+    plain TlsEndpoint again, and the pump's hot path pays nothing for the wait. (The
+    layout is the base class's, so the class can change in place; the pending count
+    lives in the socket's __dict__, as peerchain's chain does.)"""
+
+    __slots__ = ()
+
+    def read_into(self, buf: memoryview) -> int:
+        n = TlsEndpoint.read_into(self, buf)  # the server's alert raises: see judged()
+        if n >= 0 or _has_ticket(self):
+            count: Callable[[], None] | None = self.sock.__dict__.pop(_VERDICT, None)
+            object.__setattr__(self, "__class__", TlsEndpoint)
+            if count is not None:
+                count()
+        return n
+
+
+def _has_ticket(ep: TlsEndpoint) -> bool:
+    """A session ticket is the server's yes: it is sent after our certificate was read."""
+    return ep.ticket_arrived()  # not ep.session: CPython 3.13.0's getter leaks (engine.py)
+
+
+def _await_verdict(ep: TlsEndpoint, count_ok: Callable[[], None]) -> None:
+    ep.sock.__dict__[_VERDICT] = count_ok
+    object.__setattr__(ep, "__class__", _AwaitingVerdict)
+
+
+def judged(rec: Record, ep: TlsEndpoint, exc: BaseException | None) -> None:
+    """At the end of an outbound connection: if the server never judged our handshake
+    before, this end is its verdict. An alert (an SSLError naming the peer's alert)
+    means it refused our certificate: a handshake failure with the alert's reason."""
+    count_ok: Callable[[], None] | None = ep.sock.__dict__.pop(_VERDICT, None)
+    if count_ok is None:
+        return  # counted already
+    if isinstance(exc, ssl.SSLError):
+        f = classify(exc)
+        if f.by_peer:
+            rec.reason, rec.close = f.reason, "handshake_failed"
+            rec.detail = f"{f.detail}, after our side of the TLS 1.3 handshake had finished"
+            _count_failure(rec, ep, f.reason, resumed=bool(rec.resumed))
+            return
+    count_ok()
+
+
+# --- failure --------------------------------------------------------------------------------
 
 
 def _count_ktls(rt: Runtime, rec: Record, ep: TlsEndpoint) -> None:
@@ -91,19 +200,61 @@ def _count_ktls(rt: Runtime, rec: Record, ep: TlsEndpoint) -> None:
     metrics.count_ktls(rec.direction, "rx", "enabled" if rec.ktls_rx else "failed")
 
 
-def _fail(
+async def _fail(
     rt: Runtime, rec: Record, ep: TlsEndpoint, reason: Reason | None, detail: str,
-    *, resumed: bool = False,
+    *, resumed: bool = False, linger: bool,
 ) -> None:
-    ep.close()
     rec.detail = detail
     if reason is not None:
         rec.reason = reason
         rec.close = "handshake_failed"
-        r = "true" if resumed else "false"
-        metrics.handshakes.labels(rec.direction, rec.listener, "error", r).inc()
-        metrics.handshake_errors.labels(rec.direction, rec.listener, str(reason)).inc()
-        metrics.handshake_cpu.labels(rec.direction, rec.listener, r).inc(ep.cpu_seconds)
+        _count_failure(rec, ep, reason, resumed=resumed)
     else:
         rec.close = rec.close or "shutdown"
-    rt.tracker.finish(rec)
+    try:
+        if linger:
+            await _linger(ep)
+    finally:
+        ep.close()
+        rt.tracker.finish(rec)
+
+
+def _count_failure(rec: Record, ep: TlsEndpoint, reason: Reason, *, resumed: bool) -> None:
+    r = "true" if resumed else "false"
+    metrics.handshakes.labels(rec.direction, rec.listener, "error", r).inc()
+    metrics.handshake_errors.labels(rec.direction, rec.listener, str(reason)).inc()
+    metrics.handshake_cpu.labels(rec.direction, rec.listener, r).inc(ep.cpu_seconds)
+
+
+async def _linger(ep: TlsEndpoint) -> None:
+    """Our alert is out: send FIN after it, then read and drop what the peer still sends
+    until it closes, LINGER_BYTES have come, or LINGER_SECONDS have passed. The bytes
+    are read from the socket itself: the TLS connection has failed and reads nothing."""
+    ep.shutdown_write()
+    loop = asyncio.get_running_loop()
+    left = LINGER_BYTES
+    try:
+        async with asyncio.timeout(LINGER_SECONDS):
+            while left > 0:
+                try:
+                    data = os.read(ep.fd, min(left, _DRAIN_CHUNK))
+                except (BlockingIOError, InterruptedError):
+                    await _readable(loop, ep.fd)
+                    continue
+                if not data:
+                    return
+                left -= len(data)
+    except (TimeoutError, OSError):
+        pass  # a peer that keeps sending or stays open, or one already gone
+
+
+def _readable(loop: asyncio.AbstractEventLoop, fd: int) -> asyncio.Future[None]:
+    fut: asyncio.Future[None] = loop.create_future()
+
+    def fire() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    loop.add_reader(fd, fire)
+    fut.add_done_callback(lambda _f: loop.remove_reader(fd))  # also on timeout or cancel
+    return fut

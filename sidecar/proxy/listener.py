@@ -2,7 +2,8 @@
 
 A listener stops accepting when the process is at `max_connections` (new peers then
 wait in the kernel's backlog, as with HAProxy's maxconn, instead of being refused) and
-starts again as soon as a connection ends.
+starts again as soon as a connection ends. Waiting peers are no secret: while paused,
+`sidecar_listener_paused` is 1 and `sidecar_listener_backlog` says how many wait.
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ import asyncio
 import errno
 import os
 import socket
+import struct
 from collections.abc import Callable
 from typing import Any
 
+from sidecar import metrics
 from sidecar.config import Address
 
 # Kernel backlog: SOMAXCONN-sized, so a burst waits in the kernel rather than failing.
@@ -22,6 +25,12 @@ BACKLOG = 4096
 ACCEPTS_PER_TURN = 64
 # How long accepting pauses when the process is out of descriptors.
 ACCEPT_BACKOFF = 0.1
+# How often a paused listener's accept queue is read for the backlog gauge: a scrape
+# rarely comes more often, and one getsockopt a second is nothing.
+BACKLOG_SAMPLE_EVERY = 1.0
+# Why a listener pauses: the `reason` label of sidecar_listener_paused.
+FULL = "max_connections"
+OUT_OF_DESCRIPTORS = "descriptors"
 
 AcceptCallback = Callable[[socket.socket, str], None]
 
@@ -44,6 +53,8 @@ class Listener:
         self._on_accept = on_accept
         self._sock = bind(address, reuse_port=reuse_port)
         self._paused = True
+        self._why: str | None = None  # why it is paused, while the gauge says so
+        self._sampler: asyncio.TimerHandle | None = None
 
     @property
     def bound(self) -> str:
@@ -58,16 +69,37 @@ class Listener:
     def resume(self) -> None:
         if self._paused and self._sock.fileno() >= 0:
             self._paused = False
+            self._unshow()
             self._loop.add_reader(self._sock.fileno(), self._accept)
 
-    def pause(self) -> None:
+    def pause(self, why: str = FULL) -> None:
         if not self._paused:
             self._paused = True
             self._loop.remove_reader(self._sock.fileno())
+            self._why = why
+            metrics.listener_paused.labels(self.direction, self.name, why).set(1)
+            self._sample_backlog()
 
     def close(self) -> None:
-        self.pause()
+        if not self._paused:
+            self._paused = True
+            self._loop.remove_reader(self._sock.fileno())
+        self._unshow()
         self._sock.close()
+
+    def _sample_backlog(self) -> None:
+        metrics.listener_backlog.labels(self.direction, self.name).set(
+            accept_queue(self._sock))
+        self._sampler = self._loop.call_later(BACKLOG_SAMPLE_EVERY, self._sample_backlog)
+
+    def _unshow(self) -> None:
+        if self._sampler is not None:
+            self._sampler.cancel()
+            self._sampler = None
+        if self._why is not None:
+            metrics.listener_paused.labels(self.direction, self.name, self._why).set(0)
+            metrics.listener_backlog.labels(self.direction, self.name).set(0)
+            self._why = None
 
     def _accept(self) -> None:
         for _ in range(ACCEPTS_PER_TURN):
@@ -78,7 +110,7 @@ class Listener:
             except OSError:
                 # Out of descriptors (EMFILE/ENFILE) or memory: the socket stays readable,
                 # so waiting for the next event would spin a core. Back off instead.
-                self.pause()
+                self.pause(OUT_OF_DESCRIPTORS)
                 self._loop.call_later(ACCEPT_BACKOFF, self.resume)
                 return
             try:
@@ -91,6 +123,23 @@ class Listener:
             self._on_accept(conn, _peer(addr))
             if self._paused:
                 return
+
+
+def accept_queue(sock: socket.socket) -> int:
+    """Connections waiting in a listening TCP socket's accept queue (what `ss -lt` shows
+    as Recv-Q): for a socket in LISTEN, Linux reports it in TCP_INFO's tcpi_unacked, the
+    fifth 32-bit field after eight one-byte ones (linux/tcp.h). 0 where unknown."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCPI_UNACKED + 4)
+    except (OSError, AttributeError):
+        return 0
+    if len(info) < _TCPI_UNACKED + 4:
+        return 0
+    queued: int = struct.unpack_from("=I", info, _TCPI_UNACKED)[0]
+    return queued
+
+
+_TCPI_UNACKED = 24
 
 
 def bind(address: Address, *, reuse_port: bool = False) -> socket.socket:
@@ -128,7 +177,19 @@ def _peer(addr: object) -> str:
 
 
 async def dial(address: Address, timeout: float) -> socket.socket:
-    """Open a non-blocking stream to host:port (every address it resolves to) or unix:path."""
+    """Open a non-blocking stream to host:port (every address it resolves to) or unix:path.
+
+    A timeout raises TimeoutError("timed out after 5s"): asyncio's own has no words, and
+    callers log `cannot reach ADDRESS: {exc}`."""
+    try:
+        return await _dial(address, timeout)
+    except TimeoutError as exc:
+        if str(exc):  # the kernel's ETIMEDOUT, which says what it is
+            raise
+        raise TimeoutError(f"timed out after {timeout:g}s") from None
+
+
+async def _dial(address: Address, timeout: float) -> socket.socket:
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(timeout):
         if address.unix is not None:

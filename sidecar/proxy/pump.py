@@ -27,6 +27,8 @@ import errno
 import fcntl
 import os
 import ssl
+import struct
+import termios
 from collections.abc import Callable
 
 from sidecar.endpoint import RESET, WANT_WRITE, Endpoint
@@ -239,6 +241,17 @@ def _read_exactly(fd: int, n: int) -> bytes:
     return b"".join(parts)
 
 
+def _unsent(fd: int) -> int:
+    """SIOCOUTQ (TIOCOUTQ on Linux): a TCP socket's bytes not yet acknowledged by the
+    receiver, a unix socket's bytes not yet read by it. 0 where it cannot be asked."""
+    try:
+        out = fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0\0\0\0")
+    except OSError:
+        return 0
+    queued: int = struct.unpack("i", out)[0]
+    return queued
+
+
 def can_splice() -> bool:
     return hasattr(os, "splice")
 
@@ -251,7 +264,7 @@ class Duplex:
 
     __slots__ = (
         "_loop", "_on_close", "_reg", "app", "closed", "from_app", "idle_since", "last_moved",
-        "peer", "started", "to_app",
+        "last_queued", "peer", "started", "to_app",
     )
 
     def __init__(
@@ -275,6 +288,7 @@ class Duplex:
         self.started = loop.time()
         self.idle_since = self.started  # kept by the sweeper, not by the hot path
         self.last_moved = 0
+        self.last_queued = 0  # queued() when the sweeper last looked
 
     def start(self) -> None:
         self._step((self.to_app, self.from_app))
@@ -282,6 +296,12 @@ class Duplex:
     @property
     def moved(self) -> int:
         return self.to_app.moved + self.from_app.moved
+
+    def queued(self) -> int:
+        """Bytes the kernel still holds on their way out of either socket. Behind a reader
+        slower than the socket buffers are large, these drain for a long while with no
+        write of ours: that is progress too, and the idle sweeper asks for it."""
+        return _unsent(self.app.fd) + _unsent(self.peer.fd)
 
     def finish(self, client_is_peer: bool) -> None:
         """Close gracefully: end the client's direction only (no more requests), and let

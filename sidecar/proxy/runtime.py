@@ -8,7 +8,6 @@ that snapshot for the connection's life.
 from __future__ import annotations
 
 import asyncio
-import ssl
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +18,7 @@ from sidecar.config import Limits
 from sidecar.policy import Policy
 from sidecar.proxy.connection import Record, Tracker
 from sidecar.tls.contexts import Contexts
+from sidecar.tls.resumption import ClientSession
 
 
 @dataclass(slots=True)
@@ -34,8 +34,8 @@ class Runtime:
     ktls: str = "off"
     clock_skew_hint: float = 300.0
     authn: Authenticator = field(default_factory=Authenticator)
-    # Outbound session cache: the last resumable session per outbound listener.
-    sessions: dict[str, tuple[ssl.SSLContext, ssl.SSLSession]] = field(default_factory=dict)
+    # Outbound session cache: the session each outbound listener offers next.
+    sessions: dict[str, ClientSession] = field(default_factory=dict)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     def spawn(self, coro: Coroutine[Any, Any, None], rec: Record) -> None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from cryptography import x509
 
 from sidecar.reasons import Reason
+from sidecar.spiffe import quoted
 
 # X509_V_ERR_* codes from OpenSSL's x509_vfy.h; stable across 1.1 and 3.x.
 _VERIFY_CODES: dict[int, Reason] = {
@@ -31,7 +32,7 @@ _VERIFY_CODES: dict[int, Reason] = {
     19: Reason.UNKNOWN_CA,  # self-signed certificate in chain
     20: Reason.UNKNOWN_CA,  # unable to get local issuer certificate
     21: Reason.UNKNOWN_CA,  # unable to verify the first certificate
-    22: Reason.OTHER,  # chain too long
+    22: Reason.CHAIN_TOO_LONG,  # deeper than the verify depth (contexts.MAX_CHAIN_DEPTH)
     23: Reason.REVOKED,
     24: Reason.INVALID_SVID,  # invalid CA certificate in the chain
     26: Reason.INVALID_SVID,  # unsupported certificate purpose
@@ -60,6 +61,12 @@ _LIBRARY_REASONS: dict[str, Reason] = {
     "SSLV3_ALERT_CERTIFICATE_EXPIRED": Reason.CERT_EXPIRED,
     "SSLV3_ALERT_CERTIFICATE_REVOKED": Reason.REVOKED,
     "TLSV1_ALERT_DECRYPT_ERROR": Reason.BAD_SIGNATURE,
+    # The peer's CertificateVerify does not verify with its certificate's key: it holds
+    # a certificate, not the key (TLS 1.2 and 1.3 alike).
+    "BAD_SIGNATURE": Reason.BAD_SIGNATURE,
+    # A handshake message past what we read: once the hello is in, the peer's Certificate
+    # (contexts.MAX_CHAIN_BYTES), so a chain-size attack has a name of its own.
+    "EXCESSIVE_MESSAGE_SIZE": Reason.MESSAGE_TOO_LARGE,
     "SSLV3_ALERT_BAD_CERTIFICATE": Reason.OTHER,
     "SSLV3_ALERT_CERTIFICATE_UNKNOWN": Reason.OTHER,
     "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE": Reason.INVALID_SVID,
@@ -96,12 +103,14 @@ def classify(
     *,
     presented: list[bytes] | None = None,
     known_intermediates: Collection[x509.Name] = (),
+    trusted_names: Collection[x509.Name] = (),
 ) -> Failure:
-    """Classify an exception raised while handshaking."""
+    """Classify an exception raised while handshaking. `trusted_names`: the subjects of
+    our bundle CAs, so a CA that copies one's name is not called "not in our bundle"."""
     if isinstance(exc, TimeoutError):
         return Failure(Reason.HANDSHAKE_TIMEOUT, "the handshake did not finish in time")
     if isinstance(exc, ssl.SSLCertVerificationError):
-        return _verification(exc, presented, known_intermediates)
+        return _verification(exc, presented, known_intermediates, trusted_names)
     if isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError):
         return Failure(Reason.PEER_CLOSED, "the peer closed the connection mid-handshake")
     if isinstance(exc, ssl.SSLError):
@@ -122,12 +131,13 @@ def _verification(
     exc: ssl.SSLCertVerificationError,
     presented: list[bytes] | None,
     known_intermediates: Collection[x509.Name],
+    trusted_names: Collection[x509.Name],
 ) -> Failure:
     code = exc.verify_code
     reason = _VERIFY_CODES.get(code, Reason.OTHER)
     detail = str(exc.verify_message)
     if code in _MISSING_ISSUER_CODES and presented:
-        reason, detail = _missing_issuer(presented, known_intermediates)
+        reason, detail = _missing_issuer(presented, known_intermediates, trusted_names)
     return Failure(reason, detail)
 
 
@@ -143,10 +153,14 @@ def skew_note(presented: list[bytes] | None, hint: float, now: float | None = No
     at = now if now is not None else time.time()
     early = leaf.not_valid_before_utc.timestamp() - at
     late = at - leaf.not_valid_after_utc.timestamp()
-    gap = max(early, late)
-    if 0 < gap <= hint:
-        return (f"; off by only {_seconds(gap)}: check the clocks (the two hosts' clocks "
+    if 0 < early <= hint:
+        return (f"; off by only {_seconds(early)}: check the clocks (the two hosts' clocks "
                 "probably differ)")
+    if 0 < late <= hint:
+        # Just expired: a clock ahead of the issuer's looks the same as an issuer that
+        # stopped rotating one lifetime ago, and only the second is fixed by NTP.
+        return (f"; expired only {_seconds(late)} ago: the issuer may have stopped rotating "
+                "it, or the two hosts' clocks differ; check both")
     return ""
 
 
@@ -155,7 +169,8 @@ def _seconds(s: float) -> str:
 
 
 def _missing_issuer(
-    presented: list[bytes], known_intermediates: Collection[x509.Name]
+    presented: list[bytes], known_intermediates: Collection[x509.Name],
+    trusted_names: Collection[x509.Name] = (),
 ) -> tuple[Reason, str]:
     """A chain that ends before a trust anchor: is a known intermediate left out?"""
     try:
@@ -167,9 +182,17 @@ def _missing_issuer(
         return (
             Reason.MISSING_INTERMEDIATE,
             f"the peer sent {len(presented)} certificate(s) ending at one issued by "
-            f"'{issuer}', a known intermediate it did not send",
+            f"{quoted(issuer)}, a known intermediate it did not send",
+        )
+    if last.issuer in trusted_names:
+        # OpenSSL looked the issuer up by name and key identifier and found none: a CA of
+        # that name is trusted, but not the one that signed this (a rogue copy of its name).
+        return (
+            Reason.UNKNOWN_CA,
+            f"a CA named '{issuer}' is trusted, but the peer's certificate was not signed "
+            "by it (different key): a different CA that copies a trusted one's name",
         )
     return (
         Reason.UNKNOWN_CA,
-        f"the peer's chain ends at '{issuer}', which is not in our trust bundle",
+        f"the peer's chain ends at {quoted(issuer)}, which is not in our trust bundle",
     )

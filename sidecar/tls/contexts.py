@@ -29,6 +29,21 @@ MAX_CHAIN_DEPTH = 8
 # Bytes a peer's Certificate message may hold: a SPIFFE chain of leaf + 3 intermediates is
 # 2-6 KiB (ECDSA to RSA-4096); 16 KiB leaves room, and refuses a 50-certificate padding.
 MAX_CHAIN_BYTES = 16 * 1024
+# Key exchange (SPEC `tls.groups`). OpenSSL's default list also holds ffdhe2048..ffdhe8192:
+# a ClientHello whose one key share is ffdhe8192 cost the server 137 ms of CPU before any
+# authentication (X25519: 0.2 ms, P-384: 2.2 ms; bench/hello_cost.py), so a handful of
+# replayed hellos a second stalls the event loop. Only these groups are ever offered.
+GROUPS = ("X25519", "P-256", "P-384")
+# Signature algorithms for handshake signatures, both ways (ours and the peer's
+# CertificateVerify), in order of preference: no SHA-1 or SHA-224, no DSA. TLS 1.3 signs
+# with RSA-PSS only (RFC 8446 4.2.3), so rsa_pkcs1 is listed only when TLS 1.2 is allowed,
+# where peers without PSS need it; OpenSSL refuses it in a TLS 1.3 CertificateVerify.
+SIGALGS_TLS13 = (
+    "ed25519:ecdsa_secp256r1_sha256:ecdsa_secp384r1_sha384:ecdsa_secp521r1_sha512:"
+    "rsa_pss_rsae_sha256:rsa_pss_rsae_sha384:rsa_pss_rsae_sha512:"
+    "rsa_pss_pss_sha256:rsa_pss_pss_sha384:rsa_pss_pss_sha512"
+)
+SIGALGS_TLS12 = SIGALGS_TLS13 + ":rsa_pkcs1_sha256:rsa_pkcs1_sha384:rsa_pkcs1_sha512"
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,10 +90,13 @@ def build(
     ktls: bool = False,
     ticket_keys: bytes | None = None,
     session_cache_size: int | None = None,
+    groups: tuple[str, ...] = GROUPS,
 ) -> Contexts:
     """`session_cache_size` set: keep sessions in memory (falls back to tickets when the
-    cache cannot be set up); else stateless tickets under `ticket_keys`."""
-    server = _base(ssl.PROTOCOL_TLS_SERVER, identity, min_version, ktls)
+    cache cannot be set up); else stateless tickets under `ticket_keys`.
+
+    Raises PinError when the handshake parameters cannot be pinned (see `unpinnable`)."""
+    server = _base(ssl.PROTOCOL_TLS_SERVER, identity, min_version, ktls, groups)
     store = "off"
     if session_resumption:
         server.num_tickets = TICKETS_PER_HANDSHAKE
@@ -96,14 +114,48 @@ def build(
     else:
         server.num_tickets = 0
         server.options |= ssl.OP_NO_TICKET
-    client = _base(ssl.PROTOCOL_TLS_CLIENT, identity, min_version, ktls)
+    client = _base(ssl.PROTOCOL_TLS_CLIENT, identity, min_version, ktls, groups)
     # SVIDs need not carry a DNS name: the caller checks the server's SPIFFE ID instead.
     client.check_hostname = False
     return Contexts(server, client, identity, store)
 
 
+class PinError(RuntimeError):
+    """The handshake parameters cannot be pinned on this Python: no context is built."""
+
+
+def unpinnable() -> str | None:
+    """Why the groups cannot be pinned here, or None when they can.
+
+    The pin is a defence against a CPU DoS before authentication, so where it cannot be
+    applied the sidecar refuses to start rather than serve OpenSSL's defaults. Python's
+    ssl sets one curve at most (`set_ecdh_curve`), never a list; the pin needs
+    openssl.py's reach into the context, which a free-threaded build does not give.
+    """
+    if openssl.available():
+        return None
+    return (
+        "cannot pin tls.groups: sidecar's direct OpenSSL access (sidecar/tls/openssl.py) "
+        "does not work on this Python build, and without it OpenSSL would accept "
+        "finite-field key exchange (a CPU DoS before authentication); run on a standard "
+        "(GIL) CPython 3.13 build"
+    )
+
+
+def pin_handshake(ctx: ssl.SSLContext, groups: tuple[str, ...], min_version: str) -> bool:
+    """Pin the key-exchange groups and signature algorithms of a context, client or server;
+    False when they could not all be set.
+
+    The tools (diagnose, bench) call it too: their client contexts stand in for the
+    sidecar's outbound side.
+    """
+    return openssl.set_groups(ctx, ":".join(groups)) and openssl.set_sigalgs(
+        ctx, SIGALGS_TLS12 if min_version == "1.2" else SIGALGS_TLS13)
+
+
 def _base(
-    protocol: ssl._SSLMethod, identity: Identity, min_version: str, ktls: bool
+    protocol: ssl._SSLMethod, identity: Identity, min_version: str, ktls: bool,
+    groups: tuple[str, ...],
 ) -> ssl.SSLContext:
     ctx = ssl.SSLContext(protocol)
     ctx.minimum_version = (
@@ -112,6 +164,9 @@ def _base(
     if min_version == "1.2":
         ctx.set_ciphers(TLS12_CIPHERS)
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    if not pin_handshake(ctx, groups, min_version):
+        raise PinError(unpinnable() or f"OpenSSL refused the groups {list(groups)} or the "
+                       "signature algorithms it was given")
     if ktls:
         ctx.options |= ssl.OP_ENABLE_KTLS
     ctx.verify_mode = ssl.CERT_REQUIRED

@@ -260,10 +260,16 @@ class TlsEndpoint:
         private reach every full handshake asks (the leak is then bounded by those)."""
         if self._server or self._obj.session_reused:
             return None
-        if self._ptr is not None and not openssl.has_ticket(self._ptr):
+        if self._ptr is not None and not self.ticket_arrived():
             return None
         s: ssl.SSLSession | None = self._obj.session
         return s
+
+    def ticket_arrived(self) -> bool:
+        """Has the server sent a session ticket (TLS 1.3: only once it has read our
+        certificate)? Asked of OpenSSL, never of the leaking getter; without the private
+        reach there is no answer, and it says False."""
+        return self._ptr is not None and openssl.has_ticket(self._ptr)
 
     def verified_chain(self) -> list[bytes]:
         """DER certificates leaf first, as OpenSSL verified them; empty when resumed."""

@@ -80,6 +80,8 @@ def _load() -> Any:
             "SSL_get_shutdown": ([ctypes.c_void_p], ctypes.c_int),
             "SSL_set_shutdown": ([ctypes.c_void_p, ctypes.c_int], None),
             "SSL_get_session": ([ctypes.c_void_p], ctypes.c_void_p),
+            "SSL_SESSION_get_timeout": ([ctypes.c_void_p], ctypes.c_long),
+            "SSL_SESSION_set_timeout": ([ctypes.c_void_p, ctypes.c_long], ctypes.c_long),
             "SSL_get0_verified_chain": ([ctypes.c_void_p], ctypes.c_void_p),
             "SSL_get_peer_cert_chain": ([ctypes.c_void_p], ctypes.c_void_p),
             "OPENSSL_sk_num": ([ctypes.c_void_p], ctypes.c_int),
@@ -243,6 +245,25 @@ def forget_session(ptr: int) -> None:
         _lib.SSL_CTX_remove_session(_lib.SSL_get_SSL_CTX(ptr), session)
 
 
+def cap_session_lifetime(sock: ssl.SSLSocket, seconds: int) -> bool:
+    """Let the session being made on `sock` resume for `seconds` at most (a server, while
+    the handshake reads the peer's certificates). False when it cannot be reached.
+
+    OpenSSL declines a timed-out session, from its cache or a ticket, and makes a full
+    handshake instead; a TLS 1.3 ticket also tells the client its lifetime (the session's
+    timeout), and OpenSSL's client stops offering it after that."""
+    ptr = ssl_pointer(sock)
+    if ptr is None or not _self_test_passed():
+        return False
+    assert _lib is not None
+    session = _lib.SSL_get_session(ptr)
+    if not session:
+        return False
+    if seconds < _lib.SSL_SESSION_get_timeout(session):
+        _lib.SSL_SESSION_set_timeout(session, max(seconds, 0))
+    return True
+
+
 def drop_peer_chains(ptr: int) -> None:
     """Release the peer's certificate chains of an authenticated connection: the verified
     chain and the session's peer chain. The peer's leaf stays (the session holds it, and
@@ -323,6 +344,41 @@ def _run_self_test() -> bool:
 
 def available() -> bool:
     return _self_test_passed()
+
+
+# --- handshake parameters: key-exchange groups and signature algorithms ------------------
+# Python's ssl sets neither (3.13 has no set_groups), so OpenSSL's defaults apply: groups
+# ffdhe2048..ffdhe8192 among them, one of which costs a server ~130 ms of CPU for a single
+# unauthenticated ClientHello. Constants from OpenSSL 3.0's <openssl/ssl.h>.
+SSL_CTRL_SET_GROUPS_LIST = 92
+SSL_CTRL_SET_SIGALGS_LIST = 98  # what we offer and accept for handshake signatures
+SSL_CTRL_SET_CLIENT_SIGALGS_LIST = 102  # what a server asks of client certificates
+
+
+def set_groups(ctx: ssl.SSLContext, groups: str) -> bool:
+    """Set the key-exchange groups a context offers and accepts ("X25519:P-256"), both
+    as client and as server. False when the layout is not trusted or OpenSSL refused a
+    name; the context is then unchanged."""
+    return _ctrl_string(ctx, SSL_CTRL_SET_GROUPS_LIST, groups)
+
+
+def set_sigalgs(ctx: ssl.SSLContext, sigalgs: str) -> bool:
+    """Set the signature algorithms a context signs with, accepts from its peer and asks
+    of a client certificate ("ed25519:rsa_pss_rsae_sha256"). False as for set_groups."""
+    return (_ctrl_string(ctx, SSL_CTRL_SET_SIGALGS_LIST, sigalgs)
+            and _ctrl_string(ctx, SSL_CTRL_SET_CLIENT_SIGALGS_LIST, sigalgs))
+
+
+def _ctrl_string(ctx: ssl.SSLContext, cmd: int, value: str) -> bool:
+    ptr = context_pointer(ctx)
+    if _lib is None or ptr is None or not _self_test_passed():
+        return False
+    # A refused name leaves an error on the thread's queue, which the next SSL call of
+    # any connection would report as its own (see shutdown_once).
+    _lib.ERR_clear_error()
+    ok = bool(_lib.SSL_CTX_ctrl(ptr, cmd, 0, value.encode("ascii")))
+    _lib.ERR_clear_error()
+    return ok
 
 
 # --- Client sessions: is there a ticket worth asking Python for? ----------------------------

@@ -9,13 +9,25 @@ decrypted Certificate handshake message first, so we parse the DER list out of i
 The hook is copied into each connection and would then fire on every record; the engine
 detaches it after the handshake (openssl.stop_message_callback). Where the hook is gone,
 `install` returns False and classification falls back to `unknown_ca`.
+
+A server also caps the session being made at the first notAfter of the client's chain,
+here, before OpenSSL seals the session into a ticket: a session must not outlive what it
+proved, and Python has no other hook between verification and the ticket. A resumption
+past that time is then declined by OpenSSL itself (the PSK is refused, not the peer: a
+full handshake follows), and the ticket's lifetime tells the client not to offer it. The
+anchor is not among the certificates a peer sends; a root expires with a bundle change.
 """
 
 from __future__ import annotations
 
 import _ssl
 import ssl
+import time
 from typing import Any
+
+from cryptography import x509
+
+from sidecar.tls import openssl
 
 _HANDSHAKE = 22  # TLS content type
 _CERTIFICATE = 11  # handshake message type
@@ -43,10 +55,26 @@ def _on_message(
     if content_type != _HANDSHAKE or msg_type != _CERTIFICATE or direction != "read":
         return
     tls13 = version == _TLS13
+    certs = parse_certificate_message(data, tls13=tls13)
     try:
-        setattr(conn, ATTRIBUTE, parse_certificate_message(data, tls13=tls13))
+        setattr(conn, ATTRIBUTE, certs)
     except AttributeError:
         pass  # an owner without a __dict__: classification falls back
+    if getattr(conn, "server_side", False) and isinstance(conn, ssl.SSLSocket):
+        left = remaining_life(certs, time.time())
+        if left is not None:
+            openssl.cap_session_lifetime(conn, left)
+
+
+def remaining_life(certs: list[bytes], now: float) -> int | None:
+    """Whole seconds from `now` to the first notAfter of `certs` (0 if passed), or None
+    when there is none or one cannot be read (verification will say why)."""
+    try:
+        first = min(x509.load_der_x509_certificate(c).not_valid_after_utc.timestamp()
+                    for c in certs)
+    except ValueError:
+        return None
+    return max(int(first - now), 0)
 
 
 def parse_certificate_message(data: bytes, *, tls13: bool) -> list[bytes]:

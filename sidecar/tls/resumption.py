@@ -1,5 +1,5 @@
-"""Inbound session resumption: where sessions are kept, the ticket keys, and what happens
-at each rotation boundary.
+"""Session resumption: inbound, where sessions are kept, the ticket keys, and what happens
+at each rotation boundary; outbound, which session a route offers.
 
 Two stores (`tls.session_store`): `memory` keeps sessions in OpenSSL's server cache (a
 resumption decodes nothing; openssl.py says what that saves), `tickets` puts the session,
@@ -7,12 +7,21 @@ encrypted, in the ticket itself, under keys every worker derives alike (contexts
 `ticket_keys`). Either way a session resumes only until the next boundary of
 `tls.session_ticket_rotation`, the same instant in every worker: then the cache is
 flushed, or the next period's keys replace the current ones.
+
+Outbound, a route offers the session of its last full handshake, and only while both
+chains that handshake proved are valid: a session holds the server's certificate and ours
+as they were then, a resumption brings no new ticket, and neither side re-verifies it, so
+past the first notAfter of either chain every resumption would be refused (the server's
+certificate by our own re-check, ours by the server's). Then the route makes a full
+handshake, which brings a ticket for the certificates in force. Under SVID rotation that is
+one full handshake per SVID lifetime (minus the overlap), not one per rotation.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -82,3 +91,25 @@ class Resumption:
                        hits=stats["hits"], misses=stats["misses"],
                        evicted=stats["cache_full"])
         return out
+
+
+# Seconds before a kept session's first notAfter that a route stops offering it: the
+# handshake takes some time, and the server's clock may run a little ahead of ours.
+OFFER_MARGIN = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class ClientSession:
+    """The session an outbound route offers next."""
+
+    context: ssl.SSLContext  # made under it: another context (a new trust) never offers it
+    session: ssl.SSLSession
+    valid_until: float  # Unix time: the first notAfter of the two chains it proved
+
+
+def to_offer(kept: ClientSession | None, context: ssl.SSLContext,
+             now: float) -> ssl.SSLSession | None:
+    """The session to offer from `context` at `now`, or None for a full handshake."""
+    if kept is None or kept.context is not context or now >= kept.valid_until - OFFER_MARGIN:
+        return None
+    return kept.session

@@ -20,6 +20,7 @@ import pytest
 from sidecar import pki
 
 from .conftest import (
+    BATCH,
     FRONTEND,
     PAYMENTS,
     REPO,
@@ -158,6 +159,18 @@ def test_a_working_peer_is_ok_and_resumes(server: Sidecar, ca: Pki, tmp_path: Pa
     assert code == 0 and out["ok"] and out["reason"] is None, out
     assert out["tls_version"] == "TLSv1.3" and out["resumed_second"] is True
     assert out["server_asked_for_cert"] is True
+
+
+def test_a_policy_denial_is_not_blamed_on_our_certificate(server: Sidecar, ca: Pki,
+                                                         tmp_path: Path) -> None:
+    files = write(tmp_path / "batch", ca.svid(BATCH), ca)  # valid, not allowed by policy
+    code, out = sidecar_cli("diagnose", f"127.0.0.1:{server.port('in')}", "--cert",
+                            files["cert"], "--key", files["key"], "--bundle", files["bundle"],
+                            "--json")
+    assert code == 1 and out["reason"] == "peer_closed", out
+    assert "accepted our certificate at the handshake" in json.dumps(out)
+    assert "policy" in out["explanation"] and "rejected our certificate" not in out["fix"]
+    assert server.wait_line(lambda ln: ln.get("decision") == "deny")
 
 
 @pytest.fixture

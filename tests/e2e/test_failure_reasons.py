@@ -7,14 +7,22 @@ Every test ends with a good client getting through the same listener.
 
 from __future__ import annotations
 
+import json
 import secrets
+import select
+import shutil
 import socket
 import ssl
+import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
+from cryptography import x509
+from tls_pairs import forge_certificate_verify
 
 from sidecar import pki
 
@@ -22,6 +30,7 @@ from .conftest import (
     BILLING,
     FRONTEND,
     IO_TIMEOUT,
+    LINE_TIMEOUT,
     PAYMENTS,
     EchoApp,
     Pki,
@@ -32,7 +41,9 @@ from .conftest import (
     assert_good_client,
     plain_roundtrip,
     recv_all,
+    wait_for,
 )
+from .test_live_changes import metric
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
 
@@ -292,3 +303,246 @@ def test_upstream_unavailable(sidecar: SidecarFactory, echo_app: Callable[..., E
         raise
     echo_app(sock=reserved)  # the app comes up on that port; it owns the socket now
     assert_good_client(b, tls_client)
+
+
+# --- a peer that holds a certificate but not its key; chains past our bounds ------------
+
+
+def test_forged_certificate_verify_is_bad_signature(b: Sidecar, tls_client: TlsClient,
+                                                    ca: Pki, app: EchoApp) -> None:
+    with socket.create_connection(("127.0.0.1", b.port("in")), timeout=IO_TIMEOUT) as sock:
+        local = addr(sock)
+        forge_certificate_verify(sock, ca.svid(FRONTEND))
+    line = reason_for(b, local)
+    assert line["reason"] == "bad_signature", line
+    assert app.bytes_received == 0
+    assert_good_client(b, tls_client)
+
+
+def chain_of(top: pki.CA, intermediates: int) -> pki.CA:
+    ca = top
+    for _ in range(intermediates):
+        ca = pki.new_intermediate(ca, path_length=None)
+    return ca
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        # 50 certificates: ~38 KiB, past the 16 KiB we read of a peer's chain.
+        pytest.param(lambda ca: pki.issue_svid(chain_of(ca.root, 49), FRONTEND),
+                     "message_too_large", id="chain-of-50"),
+        # 10 intermediates: 8 KiB, under the byte bound, deeper than the verify depth.
+        pytest.param(lambda ca: pki.issue_svid(chain_of(ca.root, 10), FRONTEND),
+                     "chain_too_long", id="deeper-than-verify-depth"),
+        pytest.param(lambda ca: pki.issue_svid(chain_of(ca.foreign_root, 10), FRONTEND),
+                     "chain_too_long", id="deeper-than-verify-depth-foreign"),
+        pytest.param(lambda ca: ca.issue(FRONTEND, uris=(FRONTEND + "/" + "a" * 16384,)),
+                     "message_too_large", id="16k-uri-san"),
+    ],
+)
+def test_oversized_chains_have_a_reason_of_their_own(
+    b: Sidecar, tls_client: TlsClient, ca: Pki, make: Callable[[Pki], pki.Svid], reason: str,
+) -> None:
+    line = refused(b, tls_client, tls_client.context(make(ca)))
+    assert line["reason"] == reason, line
+    # ... so that a chain-size attack shows in /metrics under its name.
+    assert metric(b, "sidecar_handshake_errors_total", reason=reason) >= 1
+    assert_good_client(b, tls_client)
+
+
+def test_a_certificate_with_400_uri_sans_writes_a_short_line(
+    b: Sidecar, tls_client: TlsClient, ca: Pki,
+) -> None:
+    sans = tuple(f"spiffe://example.org/ns/web/sa/s{i:03d}" for i in range(400))
+    line = refused(b, tls_client, tls_client.context(ca.issue(FRONTEND, extra_uris=sans)))
+    assert line["reason"] == "invalid_svid", line
+    written = len(json.dumps(line))
+    assert written < 2048, f"a {written}-byte log line for one refused peer"
+    assert "chars)" in str(line["detail"]), line  # cut, and says how long it was
+    assert_good_client(b, tls_client)
+
+
+# --- outbound TLS 1.3: the server refuses our certificate after our handshake ended ----
+
+
+def assert_refused_by_server(a: Sidecar, listener: str) -> dict[str, object]:
+    r = plain_roundtrip(a.port(listener), b"card number 4111")
+    assert r.received == b""
+    line = a.connection(peer_addr=r.local)
+    assert line["close"] == "handshake_failed", line
+    assert line["reason"] == "unknown_ca", line
+    assert "refus" in str(line["detail"]) or "alert" in str(line["detail"]), line
+    assert metric(a, "sidecar_handshakes_total", direction="outbound", listener=listener,
+                  result="ok") == 0
+    assert metric(a, "sidecar_handshakes_total", direction="outbound", listener=listener,
+                  result="error") == 1
+    assert metric(a, "sidecar_handshake_errors_total", direction="outbound",
+                  listener=listener, reason="unknown_ca") == 1
+    return line
+
+
+@dataclass(frozen=True)
+class TrustsBoth(Pki):
+    """Issues from `intermediate` and trusts both roots."""
+
+    @property
+    def bundle(self) -> list[x509.Certificate]:
+        return [self.root.cert, self.foreign_root.cert]
+
+
+def test_outbound_refused_by_our_own_inbound(b: Sidecar, app: EchoApp, ca: Pki,
+                                             tmp_path: Path) -> None:
+    # A's SVID comes from the foreign CA, which B does not trust; A trusts both roots.
+    other = TrustsBoth(ca.foreign_root, ca.foreign_intermediate, ca.root, ca.intermediate)
+    factory = SidecarFactory(tmp_path / "foreign", other)
+    try:
+        a = factory("a", spiffe_id=FRONTEND, outbound=[
+            {"name": "out", "connect_to": f"127.0.0.1:{b.port('in')}",
+             "expect_ids": [PAYMENTS]}])
+        assert_refused_by_server(a, "out")
+    finally:
+        problems = factory.stop_all()
+    assert not problems, "\n".join(problems)
+    assert app.bytes_received == 0
+
+
+@pytest.fixture
+def s_server(tmp_path: Path, ca: Pki) -> Iterator[int]:
+    """`openssl s_server` as PAYMENTS, trusting only the foreign root: it refuses our
+    clients' certificates, after their side of a TLS 1.3 handshake has ended."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is not on PATH: cannot start s_server")
+    d = tmp_path / "s_server"
+    d.mkdir()
+    (d / "cert.pem").write_bytes(ca.svid(PAYMENTS).chain_pem())
+    (d / "key.pem").write_bytes(ca.svid(PAYMENTS).key_pem())
+    (d / "ca.pem").write_bytes(pki.certs_pem([ca.foreign_root.cert]))
+    with socket.socket() as probe:  # s_server cannot report a port-0 binding
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen(
+        [openssl, "s_server", "-accept", f"127.0.0.1:{port}", "-quiet", "-tls1_3",
+         "-cert", str(d / "cert.pem"), "-cert_chain", str(d / "cert.pem"),
+         "-key", str(d / "key.pem"), "-CAfile", str(d / "ca.pem"),
+         "-Verify", "1", "-verify_return_error"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + IO_TIMEOUT
+
+        def listening() -> bool:
+            assert proc.poll() is None, "openssl s_server exited"
+            assert time.monotonic() < deadline, f"openssl s_server did not listen on {port}"
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            except OSError:
+                return False
+            return True
+
+        wait_for(listening, IO_TIMEOUT, "openssl s_server to listen")
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def test_outbound_refused_by_openssl_s_server(sidecar: SidecarFactory, s_server: int) -> None:
+    a = sidecar("a", spiffe_id=FRONTEND, outbound=[
+        {"name": "out", "connect_to": f"127.0.0.1:{s_server}", "expect_ids": [PAYMENTS]}])
+    assert_refused_by_server(a, "out")
+
+
+def test_outbound_accepted_counts_ok_once(sidecar: SidecarFactory, b: Sidecar) -> None:
+    a = sidecar("a", spiffe_id=FRONTEND, outbound=[
+        {"name": "out", "connect_to": f"127.0.0.1:{b.port('in')}", "expect_ids": [PAYMENTS]}])
+    r = plain_roundtrip(a.port("out"), b"hello")
+    assert r.received == b"hello"
+    assert a.connection(peer_addr=r.local)["reason"] is None
+    wait_for(lambda: metric(a, "sidecar_handshakes_total", direction="outbound",
+                            result="ok") == 1, LINE_TIMEOUT, "the ok count")
+    assert metric(a, "sidecar_handshakes_total", direction="outbound", result="error") == 0
+
+
+# --- a refused client whose flight spans segments reads the alert, not a reset ---------
+
+
+def tls_records(data: bytes) -> list[bytes]:
+    """Whole TLS records of `data` (5-byte header + body each)."""
+    out = []
+    while data:
+        size = 5 + int.from_bytes(data[3:5])
+        out.append(data[:size])
+        data = data[size:]
+    return out
+
+
+def test_refused_client_flight_in_segments_reads_the_alert(
+    b: Sidecar, tls_client: TlsClient, ca: Pki,
+) -> None:
+    """A TLS 1.3 client from a CA B does not trust sends its second flight (Certificate,
+    CertificateVerify, Finished) one record per segment, the rest only once B has
+    answered the first. B must send its alert, then FIN, and read the rest rather than
+    reset the connection: the client's sends succeed, and it reads the alert, then EOF."""
+    ctx = tls_client.context(pki.issue_svid(ca.foreign_intermediate, FRONTEND))
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing, server_side=False)
+    with socket.create_connection(("127.0.0.1", b.port("in")), timeout=IO_TIMEOUT) as sock:
+        local = addr(sock)
+        for _ in range(20):  # ClientHello out; ServerHello .. Finished in, a few reads
+            try:
+                obj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                sock.sendall(outgoing.read())
+                data = sock.recv(65536)
+                assert data, "B closed before its ServerHello flight"
+                incoming.write(data)
+        else:
+            pytest.fail("the client's handshake did not finish in 20 reads")
+        first, *rest = tls_records(outgoing.read())
+        if first[0] == 20:  # a middlebox-compatibility ChangeCipherSpec goes with it
+            first += rest.pop(0)
+        assert rest, "the client's flight was one record: nothing to send after"
+        sock.sendall(first)  # the Certificate: B refuses it and answers
+        readable, _, _ = select.select([sock], [], [], IO_TIMEOUT)
+        assert readable, "B did not answer the refused certificate"
+        for record in rest:  # CertificateVerify, Finished: they reach a refusing B
+            sock.sendall(record)
+        answer = b""
+        while more := sock.recv(65536):  # a reset raises ConnectionResetError here
+            answer += more
+    incoming.write(answer)
+    with pytest.raises(ssl.SSLError) as heard:
+        obj.read(1)
+    assert heard.value.reason == "TLSV1_ALERT_UNKNOWN_CA", heard.value
+    assert reason_for(b, local)["reason"] == "unknown_ca"
+    assert_good_client(b, tls_client)
+
+
+def test_a_refused_client_that_stays_open_lingers_briefly_outside_the_pending_slots(
+    sidecar: SidecarFactory, app: EchoApp, tls_client: TlsClient, ca: Pki,
+) -> None:
+    """A refused client that never closes holds its socket for the linger (1 s) only, and
+    not in a pending-handshake slot: with one slot, a good client gets through meanwhile
+    and nobody is evicted."""
+    b = sidecar("b", spiffe_id=PAYMENTS, inbound=[{"name": "in", "forward_to": app.address}],
+                limits={"max_pending_handshakes": 1})
+    ctx = tls_client.context(pki.issue_svid(ca.foreign_intermediate, FRONTEND))
+    raw = socket.create_connection(("127.0.0.1", b.port("in")), timeout=IO_TIMEOUT)
+    local = addr(raw)
+    with ctx.wrap_socket(raw) as tls:
+        with pytest.raises(ssl.SSLError, match="UNKNOWN_CA"):
+            tls.recv(1)  # B has refused us and lingers; we stay open
+        heard = time.monotonic()
+        assert_good_client(b, tls_client)
+        line = reason_for(b, local)
+        assert line["reason"] == "unknown_ca", line
+        took = line["_t"] - heard
+        assert took <= 1.0 + 2.0, f"B held a refused client's socket for {took:.2f} s"
+    assert metric(b, "sidecar_connections_rejected_total",
+                  limit="max_pending_handshakes") == 0

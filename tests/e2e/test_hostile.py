@@ -473,25 +473,26 @@ HOSTILE = [
             "handshake_timeout", "did not finish in time", stalls=True),
     Hostile("oversized record header", _raw(_oversized_record_header), "not_tls",
             "packet length too long"),
-    Hostile("oversized client hello", _raw(_oversized_client_hello), "other",
+    Hostile("oversized client hello", _raw(_oversized_client_hello), "message_too_large",
             "excessive message size"),
     Hostile("client hello with a 60 KiB extension", _huge_extension_hello, "peer_closed",
             "closed the connection"),
     Hostile("oversized record after the handshake", _oversized_record_after_handshake, None,
             "encrypted length too long", after_handshake=True),
-    # What words a fix logs is its choice (a verify depth says "certificate chain too long",
-    # a smaller max_cert_list "excessive message size"); `other` either way.
-    Hostile("50 in a line, our root", _tls("50 in a line, our root"), "other", ""),
-    Hostile("50 copies", _tls("50 copies"), "other", ""),
-    # Refused before its CA is even looked at: the chain is longer than any SPIFFE chain.
-    Hostile("50 in a line, foreign root", _tls("50 in a line, foreign root"), "other", ""),
-    # Both are past the 16 KiB bound on a peer's Certificate message (contexts.py).
-    Hostile("101 intermediates", _tls("101 intermediates"), "other",
+    # Every chain below is past the 16 KiB bound on a peer's Certificate message
+    # (contexts.py), refused before its CA is even looked at; a chain under that bound but
+    # deeper than the verify depth is `chain_too_long` (test_failure_reasons.py).
+    Hostile("50 in a line, our root", _tls("50 in a line, our root"), "message_too_large",
+            "excessive message size"),
+    Hostile("50 copies", _tls("50 copies"), "message_too_large", "excessive message size"),
+    Hostile("50 in a line, foreign root", _tls("50 in a line, foreign root"),
+            "message_too_large", "excessive message size"),
+    Hostile("101 intermediates", _tls("101 intermediates"), "message_too_large",
             "excessive message size"),
     Hostile("60 KiB extension, foreign CA", _tls("60 KiB extension, foreign CA"),
-            "other", "excessive message size"),
-    Hostile("120 KiB extension, our CA", _tls("120 KiB extension, our CA"), "other",
-            "excessive message size"),
+            "message_too_large", "excessive message size"),
+    Hostile("120 KiB extension, our CA", _tls("120 KiB extension, our CA"),
+            "message_too_large", "excessive message size"),
     Hostile("sslv2 client hello", _raw(lambda m: sslv2_client_hello()), "not_tls",
             "unknown protocol"),
     Hostile("ssl3 client hello", _raw(lambda m: legacy_client_hello(0x0300, 0x0300)),

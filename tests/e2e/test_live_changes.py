@@ -6,9 +6,12 @@ revokes, policy switches (audit, invalid, recheck), metrics that add up, /readyz
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -29,6 +32,7 @@ from .conftest import (
     FRONTEND,
     IO_TIMEOUT,
     PAYMENTS,
+    REPO,
     EchoApp,
     Pki,
     Sidecar,
@@ -331,10 +335,11 @@ def test_handshake_metrics_count_what_happened(
 def test_readyz_turns_503_when_the_svid_expires(
     node: Callable[..., Node], ca: Pki
 ) -> None:
-    short = ca.issue(PAYMENTS, not_after=datetime.now(UTC) + timedelta(seconds=3))
+    # Long enough that a start-up on a loaded machine still sees it valid first.
+    short = ca.issue(PAYMENTS, not_after=datetime.now(UTC) + timedelta(seconds=8))
     b = node(svid=short)
     assert admin_get(b.sc, "/readyz")[0] == 200
-    wait_for(lambda: admin_get(b.sc, "/readyz")[0] == 503, 10, "/readyz to turn 503")
+    wait_for(lambda: admin_get(b.sc, "/readyz")[0] == 503, 30, "/readyz to turn 503")
     assert "expired" in admin_get(b.sc, "/readyz")[1]
 
 
@@ -397,3 +402,89 @@ def test_a_max_connections_the_fd_limit_cannot_hold_is_warned_about(
                 limits={"max_connections": 5_000_000, "max_pending_handshakes": 1024})
     line = b.wait_line(lambda ln: "open files" in str(ln.get("msg")))
     assert line["level"] == "warning" and line["connections_that_fit"] < 5_000_000, line
+
+
+# --- files that block: a FIFO at an identity path (issue 15, item 6) --------------------
+
+
+def _fifo_in_place_of(path: Path) -> None:
+    """What a misconfigured mount or a stray `mkfifo` leaves: a pipe nobody writes to."""
+    path.unlink()
+    os.mkfifo(path)
+
+
+def test_a_fifo_at_the_cert_path_stops_check_and_start_with_a_clear_message(
+    tmp_path: Path, ca: Pki
+) -> None:
+    identity = write_svid_dir(tmp_path / "svid", ca.svid(PAYMENTS), ca.bundle)
+    _fifo_in_place_of(Path(identity["cert"]))
+    config = tmp_path / "sidecar.yaml"
+    config.write_text(json.dumps({
+        "identity": identity, "admin": {"listen": "127.0.0.1:0"},
+        "outbound": [{"name": "out", "listen": "127.0.0.1:0", "connect_to": "127.0.0.1:1",
+                      "expect_ids": [PAYMENTS]}],
+        "log": {"level": "info", "format": "json"}}))
+    for command in ("check", "run"):
+        proc = subprocess.run([sys.executable, "-m", "sidecar", command, "-c", str(config)],
+                              capture_output=True, timeout=30, cwd=tmp_path, env=_env())
+        said = (proc.stdout + proc.stderr).decode()
+        assert proc.returncode != 0, said
+        assert "svid.pem" in said and "FIFO" in said and "not a regular file" in said, said
+
+
+def test_a_fifo_swapped_in_at_runtime_is_counted_and_a_later_rotation_applies(
+    node: Callable[..., Node], ca: Pki, tls_client: TlsClient
+) -> None:
+    b = node()
+    client = tls_client.context(ca.svid(FRONTEND))
+    errors = metric(b.sc, "sidecar_reloads_total", kind="svid", result="error")
+    _fifo_in_place_of(b.svid_dir / "svid.pem")
+    b.sc.wait_line(lambda ln: "reload failed" in str(ln.get("msg"))
+                   and "FIFO" in json.dumps(ln.get("problems")), RELOAD_WAIT,
+                   "the reload failure naming the FIFO")
+    assert metric(b.sc, "sidecar_reloads_total", kind="svid", result="error") > errors
+    # The FIFO held nothing: the next rotation is loaded and served.
+    (b.svid_dir / "svid.pem").unlink()
+    new = ca.svid(PAYMENTS)
+    pki.write_svid(b.svid_dir, new, ca.bundle)
+    wait_for(lambda: served_serial(b.sc.port("in"), client) == new.cert.serial_number,
+             RELOAD_WAIT, "the rotation after the FIFO to be served")
+
+
+def test_sigterm_exits_promptly_after_a_fifo_was_swapped_in(
+    node: Callable[..., Node], ca: Pki
+) -> None:
+    b = node()
+    _fifo_in_place_of(b.svid_dir / "svid.pem")
+    assert b.sc._proc is not None
+    b.sc._proc.send_signal(signal.SIGHUP)  # a reload of the FIFO, now, whatever the watch does
+    b.sc.wait_line(lambda ln: "reload failed" in str(ln.get("msg")), RELOAD_WAIT,
+                   "the reload of the FIFO to fail")
+    b.sc._proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: not b.sc.alive, 8, "the sidecar to exit after SIGTERM")
+    assert b.sc.stop() == 0
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    env.pop("SIDECAR_CONFIG", None)
+    return env
+
+
+# --- reloads counted by what changed (issue 15, item 7d) --------------------------------
+
+
+def test_a_bundle_change_is_counted_as_bundle_not_svid(
+    node: Callable[..., Node], ca: Pki
+) -> None:
+    b = node()
+    svid_ok = metric(b.sc, "sidecar_reloads_total", kind="svid", result="ok")
+    (b.svid_dir / "bundle.pem").write_bytes(pki.certs_pem([*ca.bundle, ca.foreign_root.cert]))
+    wait_for(lambda: metric(b.sc, "sidecar_reloads_total", kind="bundle", result="ok") == 1,
+             RELOAD_WAIT, "the bundle change to be counted as kind=bundle")
+    (b.svid_dir / "bundle.pem").write_bytes(b"-----BEGIN CERTIFICATE-----\nMIIB")
+    wait_for(lambda: metric(b.sc, "sidecar_reloads_total", kind="bundle", result="error") == 1,
+             RELOAD_WAIT, "the broken bundle to be counted as kind=bundle")
+    assert metric(b.sc, "sidecar_reloads_total", kind="svid", result="ok") == svid_ok
+    assert metric(b.sc, "sidecar_reloads_total", kind="svid", result="error") == 0

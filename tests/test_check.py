@@ -1,0 +1,163 @@
+"""`sidecar check` refuses and warns about what `sidecar run` does (issue 16, item 6).
+
+Each input is given to both commands as real processes: `check` must exit 1 exactly when
+`run` refuses to start, and print each warning `run` logs at start. A `run` that starts
+is stopped with SIGTERM once it logs "ready".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sidecar import pki
+
+pytestmark = pytest.mark.timeout(120)
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+TD = "example.org"
+START_TIMEOUT = 30.0
+
+
+def write_config(d: Path, **overrides: Any) -> Path:
+    """A valid config with one outbound listener on port 0, changed by `overrides`."""
+    root = pki.new_root(TD)
+    inter = pki.new_intermediate(root)
+    files = pki.write_svid(d, pki.issue_svid(inter, f"spiffe://{TD}/ns/a/sa/b"), [root.cert])
+    config: dict[str, Any] = {
+        "identity": {"cert": files.cert, "key": files.key, "bundle": files.bundle,
+                     "watch": False},
+        "outbound": [{"name": "out", "listen": "127.0.0.1:0", "connect_to": "127.0.0.1:9",
+                      "expect_ids": [f"spiffe://{TD}/*"]}],
+        "admin": {"listen": "127.0.0.1:0"},
+        "workers": 1,
+        "drain_timeout": "2s",
+    }
+    for key, value in overrides.items():
+        config[key] = value(config) if callable(value) else value
+    path = d / "sidecar.yaml"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def check(path: Path) -> tuple[int, str]:
+    done = subprocess.run([sys.executable, "-m", "sidecar", "check", "-c", str(path)],
+                          capture_output=True, text=True, timeout=60, env=ENV)
+    return done.returncode, done.stdout + done.stderr
+
+
+def run(path: Path) -> tuple[bool, str]:
+    """(started, everything it wrote): run until "ready" or exit, then SIGTERM."""
+    proc = subprocess.Popen([sys.executable, "-m", "sidecar", "run", "-c", str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=ENV)
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if '"msg":"ready"' in line:
+                ready.set()
+        ready.set()  # ended
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        ready.wait(START_TIMEOUT)
+        started = any('"msg":"ready"' in line for line in lines)
+        if started:
+            proc.send_signal(signal.SIGTERM)
+        proc.wait(START_TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    reader.join(5)
+    return started, "".join(lines)
+
+
+def agree(path: Path, *, refused: bool, says: str) -> None:
+    code, checked = check(path)
+    started, ran = run(path)
+    assert (code == 1) == refused, checked
+    assert started == (not refused), ran
+    assert says in checked, checked
+    assert says in ran, ran
+
+
+def garbage_crl(d: Path) -> Callable[[dict[str, Any]], Any]:
+    crl = d / "garbage.crl"
+    crl.write_text("this is not a CRL\n")
+    return lambda c: {**c["identity"], "crl": str(crl)}
+
+
+def test_a_garbage_crl(tmp_path: Path) -> None:
+    path = write_config(tmp_path, identity=garbage_crl(tmp_path))
+    agree(path, refused=True, says="not a PEM CRL")
+
+
+def test_ktls_on_where_it_is_unavailable(tmp_path: Path) -> None:
+    if "tls" in Path("/proc/sys/net/ipv4/tcp_available_ulp").read_text():
+        pytest.skip("this kernel has kTLS: `ktls: on` starts here")
+    path = write_config(tmp_path, tls={"ktls": "on"})
+    agree(path, refused=True, says="kTLS is not available here")
+
+
+def test_ktls_on_with_workers_where_it_is_unavailable(tmp_path: Path) -> None:
+    if "tls" in Path("/proc/sys/net/ipv4/tcp_available_ulp").read_text():
+        pytest.skip("this kernel has kTLS: `ktls: on` starts here")
+    path = write_config(tmp_path, tls={"ktls": "on"}, workers=2)
+    agree(path, refused=True, says="kTLS is not available here")
+
+
+def test_more_connections_than_open_files(tmp_path: Path) -> None:
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard == resource.RLIM_INFINITY or hard > 2_000_000:
+        pytest.skip("no open-file limit low enough to exceed here")
+    most = hard  # two descriptors per connection: twice the limit is needed
+    path = write_config(tmp_path, limits={"max_connections": most})
+    agree(path, refused=False, says=f"limits.max_connections {most} needs")
+
+
+def test_a_memory_session_store_with_workers(tmp_path: Path) -> None:
+    path = write_config(tmp_path, tls={"session_store": "memory"}, workers=2)
+    agree(path, refused=False, says="memory with 2 workers")
+
+
+def test_a_config_with_no_listener(tmp_path: Path) -> None:
+    path = write_config(tmp_path, outbound=[])
+    agree(path, refused=False, says="no listener")
+
+
+def test_a_bundle_holding_another_trust_domains_ca(tmp_path: Path) -> None:
+    other = pki.new_root("other.org")
+
+    def merged(c: dict[str, Any]) -> dict[str, Any]:
+        bundle = tmp_path / c["identity"]["bundle"]
+        bundle.write_bytes(bundle.read_bytes() + pki.certs_pem([other.cert]))
+        return c["identity"]
+
+    path = write_config(tmp_path, identity=merged)
+    subject = other.cert.subject.rfc4514_string()
+    agree(path, refused=False, says=f"the CA '{subject}' belongs to trust domain other.org")
+
+
+@pytest.mark.parametrize("entry", ["spiffe://example.org/a//b", "spiffe://example.org/a/../b",
+                                   "spiffe://example.org/a/"])
+def test_an_expected_id_that_can_never_match(entry: str, tmp_path: Path) -> None:
+    path = write_config(tmp_path, outbound=lambda c: [{**c["outbound"][0],
+                                                       "expect_ids": [entry]}])
+    agree(path, refused=True, says="outbound[0].expect_ids[0]")

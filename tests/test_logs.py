@@ -1,0 +1,64 @@
+"""Log lines: a peer's strings cannot make them long.
+
+A peer controls some fields (its SPIFFE ID, names in its chain, error words quoting its
+certificate). Every line goes through logs.access() or logs.event(); both formats are
+written to a real stream here and read back.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+
+import pytest
+
+from sidecar import logs
+
+
+@pytest.fixture
+def stream() -> Iterator[io.StringIO]:
+    """A stream for logs.setup(); the logging state before it comes back afterwards."""
+    root = logging.getLogger("sidecar")
+    saved = (root.handlers[:], root.level, root.propagate, logs._direct)
+    yield io.StringIO()
+    root.handlers[:], root.level, root.propagate, logs._direct = saved
+
+
+def test_a_400_san_detail_and_a_long_peer_id_are_cut_in_the_access_line(
+    stream: io.StringIO,
+) -> None:
+    logs.setup("info", "json", stream)
+    detail = "the certificate has 400 URI SANs (" + ", ".join(
+        repr(f"spiffe://example.org/ns/web/sa/s{i:03d}") for i in range(400)) + ")"
+    peer_id = "spiffe://example.org/" + "a" * 10_000
+    logs.access({"peer_id": peer_id, "detail": detail, "bytes_to_app": 0}, failed=True)
+    line = stream.getvalue()
+    assert len(line) < logs.MAX_FIELD_CHARS + logs.MAX_DETAIL_CHARS + 512, len(line)
+    fields = json.loads(line)
+    assert fields["detail"].startswith(detail[: logs.MAX_DETAIL_CHARS])
+    assert fields["detail"].endswith(f"... ({len(detail)} chars)")
+    assert fields["peer_id"].endswith(f"... ({len(peer_id)} chars)")
+    assert fields["bytes_to_app"] == 0
+
+
+def test_a_valid_spiffe_id_of_2048_bytes_is_never_cut(stream: io.StringIO) -> None:
+    logs.setup("info", "json", stream)
+    longest = "spiffe://example.org/" + "a" * (2048 - len("spiffe://example.org/"))
+    logs.access({"peer_id": longest, "detail": None}, failed=False)
+    assert json.loads(stream.getvalue())["peer_id"] == longest
+
+
+def test_text_format_and_events_are_bounded_too(stream: io.StringIO) -> None:
+    logs.setup("info", "text", stream)
+    logs.access({"detail": "x" * 100_000}, failed=True)
+    logs.event(logging.WARNING, "something", sni="s" * 100_000)
+    first, second = stream.getvalue().splitlines()
+    assert len(first) < logs.MAX_DETAIL_CHARS + 200
+    assert len(second) < logs.MAX_FIELD_CHARS + 200
+
+
+def test_short_fields_pass_as_they_are() -> None:
+    fields = {"detail": "unknown ca", "peer_id": "spiffe://example.org/x", "n": 3}
+    assert logs.bounded(fields) is fields
