@@ -136,7 +136,7 @@ def svid_message(svid: Svid, bundle: Sequence[x509.Certificate], hint: str) -> A
 
 @dataclass(slots=True)
 class _State:
-    """What the streams read, under `cond`; every change bumps `version` and notifies."""
+    """What the streams read, under `cond`, which every change notifies."""
 
     svids: tuple[tuple[Svid, str], ...] = ()
     generation: int = 0
@@ -145,7 +145,7 @@ class _State:
     mode: Mode = Mode.SERVE
     drop_epoch: int = 0
     drop_kind: Drop = Drop.END
-    version: int = 0
+    revoked: frozenset[int] = frozenset()
     cond: threading.Condition = field(default_factory=threading.Condition)
 
 
@@ -175,7 +175,6 @@ class Agent:
         self._rotator: threading.Thread | None = None
         self._closing = threading.Event()
         self._sent = 0
-        self._revoked: set[int] = set()
         self._on_rotate = on_rotate
         self.rotate()
 
@@ -224,7 +223,12 @@ class Agent:
             self.socket.unlink()  # left by an agent that did not stop cleanly
         elif self.socket.exists():
             raise OSError(f"{self.socket} exists and is not a socket; refusing to replace it")
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=_MAX_STREAMS))
+        # Past the pool's size a call would wait unseen for a thread: refuse it instead
+        # (ResourceExhausted), so a test that opens too many streams says so.
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=_MAX_STREAMS),
+            maximum_concurrent_rpcs=_MAX_STREAMS,
+        )
         servicer = _Servicer(self)
         workload_pb2_grpc.add_SpiffeWorkloadAPIServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
         if server.add_insecure_port(f"unix:{self.socket}") == 0:
@@ -284,10 +288,9 @@ class Agent:
 
     def revoke(self, serial: int) -> None:
         """Revoke one certificate the intermediate issued: responses carry the CRL."""
-        self._revoked.add(serial)
-        crl = issue_crl(self.ca, sorted(self._revoked)).public_bytes(_DER)
         with self._state.cond:
-            self._state.crl = crl
+            self._state.revoked |= {serial}
+            self._state.crl = issue_crl(self.ca, sorted(self._state.revoked)).public_bytes(_DER)
             self._changed()
 
     @property
@@ -317,7 +320,6 @@ class Agent:
             self._changed()
 
     def _changed(self) -> None:
-        self._state.version += 1
         self._state.cond.notify_all()
 
     # --- what the streams send -------------------------------------------------------
