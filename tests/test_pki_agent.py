@@ -405,6 +405,9 @@ def test_the_command_serves_until_sigterm(tmp_path: Path) -> None:
     (["--spiffe-id", ID_WEB, "--federate", "other.org"], "write it TD=CA_DIR"),
     (["--spiffe-id", ID_WEB, "--federate", "example.org=ca"], "this agent's own trust domain"),
     (["--spiffe-id", ID_WEB, "--federate", "x.org=ca"], "is the CA of trust domain 'example.org'"),
+    (["--spiffe-id", ID_WEB, "--socket", "no/such/dir/a.sock"], "directory no/such/dir does not"),
+    (["--spiffe-id", ID_WEB, "--socket", "s" * 108], "a unix socket path holds at most 107"),
+    (["--spiffe-id", ID_WEB, "--socket", "ca/root.pem"], "exists and is not a socket"),
 ])
 def test_the_command_says_what_is_wrong(tmp_path: Path, args: list[str], message: str) -> None:
     init_ca_dir(tmp_path / "ca", "example.org")

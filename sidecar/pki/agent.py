@@ -34,6 +34,7 @@ reaches every open stream at once. Needs the optional extra: `pip install 'sidec
 
 from __future__ import annotations
 
+import os
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -72,6 +73,8 @@ _MAX_STREAMS = 32
 # cancellation callback raced with its wait (it normally wakes on the notify).
 _STREAM_POLL = 1.0
 _DER = serialization.Encoding.DER
+# sockaddr_un.sun_path on Linux holds 108 bytes with the terminating NUL (unix(7)).
+_MAX_SOCKET_PATH = 107
 
 
 class Mode(StrEnum):
@@ -103,6 +106,20 @@ def has_security_header(metadata: Sequence[tuple[str, str | bytes]]) -> bool:
     key, value = SECURITY_HEADER
     values = [v for k, v in metadata if k == key]
     return values == [value]
+
+
+def socket_problem(path: Path) -> str | None:
+    """Why `path` cannot be the agent's socket, before gRPC says only "failed to bind"."""
+    if len(os.fsencode(path)) > _MAX_SOCKET_PATH:
+        return (
+            f"{path} is {len(os.fsencode(path))} bytes long; a unix socket path holds at most "
+            f"{_MAX_SOCKET_PATH}: use a shorter path (e.g. a relative one)"
+        )
+    if not path.parent.is_dir():
+        return f"{path}: directory {path.parent} does not exist; create it first"
+    if path.exists() and not path.is_socket():
+        return f"{path} exists and is not a socket; refusing to replace it"
+    return None
 
 
 def foreign_bundle(trust_domain: str, directory: Path) -> tuple[x509.Certificate, ...]:
@@ -219,10 +236,10 @@ class Agent:
         return self._server is not None
 
     def _bind(self) -> grpc.Server:
-        if self.socket.is_socket():
-            self.socket.unlink()  # left by an agent that did not stop cleanly
-        elif self.socket.exists():
-            raise OSError(f"{self.socket} exists and is not a socket; refusing to replace it")
+        problem = socket_problem(self.socket)
+        if problem:
+            raise OSError(problem)
+        self.socket.unlink(missing_ok=True)  # left by an agent that did not stop cleanly
         # Past the pool's size a call would wait unseen for a thread: refuse it instead
         # (ResourceExhausted), so a test that opens too many streams says so.
         server = grpc.server(
@@ -231,11 +248,11 @@ class Agent:
         )
         servicer = _Servicer(self)
         workload_pb2_grpc.add_SpiffeWorkloadAPIServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
-        if server.add_insecure_port(f"unix:{self.socket}") == 0:
-            raise OSError(
-                f"cannot listen on {self.socket}: is its directory writable, and the path "
-                "shorter than 108 bytes (the unix socket limit)?"
-            )
+        try:
+            server.add_insecure_port(f"unix:{self.socket}")
+        except RuntimeError as e:  # grpcio's "failed to bind", without the reason
+            problem = f"cannot listen on {self.socket}: is its directory writable? ({e})"
+            raise OSError(problem) from e
         server.start()
         return server
 
