@@ -25,7 +25,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from sidecar.pki import CA, init_ca_dir, new_intermediate, new_root
-from sidecar.pki.agent import HEADER_MISSING, NO_IDENTITY, Agent, Drop, Entry
+from sidecar.pki.agent import (
+    HEADER_MISSING,
+    NO_IDENTITY,
+    Agent,
+    Drop,
+    Entry,
+    has_security_header,
+)
 from sidecar.pki.agent_control import ControlServer, send
 
 with warnings.catch_warnings():
@@ -198,6 +205,17 @@ def test_a_call_without_the_security_header_is_refused(
     assert _status(client.svids(metadata)) == (grpc.StatusCode.INVALID_ARGUMENT, HEADER_MISSING)
     assert _status(client.bundles(metadata)) == (grpc.StatusCode.INVALID_ARGUMENT,
                                                  HEADER_MISSING)
+
+
+@pytest.mark.parametrize(("metadata", "ok"), [
+    ([("workload.spiffe.io", "true")], True),
+    ([("other", "x"), ("workload.spiffe.io", "true")], True),
+    ([], False),
+    ([("workload.spiffe.io", "TRUE")], False),  # case sensitive, as the spec says
+    ([("workload.spiffe.io", "true"), ("workload.spiffe.io", "true")], False),  # as SPIRE
+])
+def test_security_header_rule(metadata: list[tuple[str, str]], ok: bool) -> None:
+    assert has_security_header(metadata) is ok
 
 
 def test_refuse_answers_permission_denied_until_serve(agent: Agent, client: Client) -> None:
