@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate config, policy and SVID files")
     check.add_argument("-c", "--config", help="config file (default: $SIDECAR_CONFIG)")
 
-    pki = sub.add_parser("pki", help="a development CA: init, issue, rotate")
+    pki = sub.add_parser("pki", help="a development CA: init, issue, rotate, agent")
     pki_sub = pki.add_subparsers(dest="pki_command", required=True, metavar="PKI_COMMAND")
     init = pki_sub.add_parser("init", help="make a dev root + intermediate CA in DIR")
     init.add_argument("--dir", required=True, type=Path,
@@ -81,6 +81,20 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "rotate":
             sp.add_argument("--every", type=_duration, required=True, help="e.g. 30s")
             sp.add_argument("--count", type=int, default=None, help="stop after N rotations")
+    agent = pki_sub.add_parser(
+        "agent", help="a dev SPIFFE Workload API server on a unix socket (needs .[spire])")
+    agent.add_argument("--dir", required=True, type=Path, help="the CA directory")
+    agent.add_argument("--socket", required=True, type=Path, help="the unix socket to serve")
+    agent.add_argument("--spiffe-id", required=True, action="append", dest="spiffe_ids",
+                       metavar="ID[=HINT]", help="an SVID to hand out (repeatable; the "
+                       "first is the default; =HINT sets SPIRE's hint field)")
+    agent.add_argument("--federate", action="append", default=[], metavar="TD=CA_DIR",
+                       help="also hand out that dev CA's bundle for trust domain TD")
+    agent.add_argument("--every", type=_duration, default=30.0, help="rotation (default 30s)")
+    agent.add_argument("--ttl", type=_duration, default=3600.0, help="lifetime (default 1h)")
+    agent.add_argument("--control", type=Path, default=None, metavar="PATH",
+                       help="a unix socket taking commands: rotate, refuse, stall, serve, "
+                       "drop end|unavailable, federate TD DIR, unfederate TD, stop, start")
 
     sub.add_parser("demo", help="a local zero-trust demo on loopback, with built-in defaults")
 
@@ -207,8 +221,13 @@ def _pki(args: argparse.Namespace) -> int:
 
     if args.pki_command == "init":
         return pki.cmd_init(args.dir, args.trust_domain, force=args.force)
-    layout = pki.Layout(args.layout)
     ttl = timedelta(seconds=args.ttl)
+    if args.pki_command == "agent":
+        from sidecar.pki.commands import cmd_agent
+
+        return cmd_agent(args.dir, args.socket, args.spiffe_ids, args.federate, args.every,
+                             ttl, args.control)
+    layout = pki.Layout(args.layout)
     if args.pki_command == "issue":
         broken = pki.Broken(args.broken) if args.broken else None
         return pki.cmd_issue(args.dir, args.spiffe_id, args.out, ttl, args.dns, layout, broken)

@@ -15,6 +15,10 @@ from typing import Protocol
 WANT_READ = -1  # retry when the fd is readable
 WANT_WRITE = -2  # retry when the fd is writable
 DONE = 0
+# Ends of a stream that are not a clean end: read_into never returns 0 for these, because
+# a read-until-EOF protocol would take the bytes so far for the whole stream.
+TRUNCATED = -3  # TLS: the peer's TCP stream ended without close_notify
+RESET = -4  # the peer reset the connection
 
 
 class Endpoint(Protocol):
@@ -23,7 +27,8 @@ class Endpoint(Protocol):
     ktls_rx: bool  # the kernel decrypts what is read from fd: splice may read
 
     def read_into(self, buf: memoryview) -> int:
-        """Bytes read (> 0), 0 at end of stream, or WANT_READ / WANT_WRITE."""
+        """Bytes read (> 0), 0 at a clean end of stream, WANT_READ / WANT_WRITE, or
+        TRUNCATED / RESET when the stream was cut."""
         ...
 
     def write(self, data: memoryview | bytes) -> int:
@@ -36,6 +41,10 @@ class Endpoint(Protocol):
         ...
 
     def close(self) -> None: ...
+
+    def reset(self) -> None:
+        """Close so that the other side sees a reset, never an end of stream."""
+        ...
 
 
 class TcpEndpoint:
@@ -55,6 +64,8 @@ class TcpEndpoint:
             return self.sock.recv_into(buf)
         except (BlockingIOError, InterruptedError):
             return WANT_READ
+        except ConnectionResetError:
+            return RESET
 
     def write(self, data: memoryview | bytes) -> int:
         try:
@@ -74,11 +85,16 @@ class TcpEndpoint:
 
     def reset(self) -> None:
         """Close with a TCP reset: the app must not take a cut stream for a whole one."""
-        try:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-        except OSError:
-            pass
-        self.sock.close()
+        close_with_reset(self.sock)
+
+
+def close_with_reset(sock: socket.socket) -> None:
+    """Close a TCP socket with RST instead of FIN (unsent bytes are dropped)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    except OSError:
+        pass  # not TCP (a Unix socket), or already closed: a plain close is all there is
+    sock.close()
 
 
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, timeout 0: close sends RST

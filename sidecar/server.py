@@ -30,6 +30,7 @@ from sidecar.problems import ProblemsError
 from sidecar.proxy import inbound, outbound
 from sidecar.proxy.connection import Tracker
 from sidecar.proxy.listener import Listener
+from sidecar.proxy.pump import Close
 from sidecar.proxy.runtime import Runtime
 from sidecar.times import json_default, rfc3339
 from sidecar.tls import contexts as tls_contexts
@@ -194,7 +195,7 @@ class Server:
                 continue
             metrics.count_decision(rec.listener, decision.kind, decision.rule)
             rec.decision, rec.rule, rec.close = str(decision.kind), decision.rule, "policy_recheck"
-            duplex.abort("policy_recheck")
+            duplex.abort(Close.POLICY_RECHECK)
             closed += 1
         if closed:
             logs.event(logging.INFO, "policy recheck closed live connections", closed=closed)
@@ -353,7 +354,7 @@ class Server:
             except TimeoutError:
                 logs.event(logging.WARNING, "drain timeout: closing what is left",
                            active=tracker.active)
-        tracker.abort_all("drain")
+        tracker.abort_all(Close.DRAIN)
         if self.rt.tasks:
             await asyncio.wait(list(self.rt.tasks), timeout=1.0)
         logs.event(logging.INFO, "stopped")

@@ -108,7 +108,7 @@ async def connect(server_ctx: ssl.SSLContext, peer: Client, held: list[TlsEndpoi
         buf = memoryview(bytearray(64 * 1024))
         while cli.read_into(buf) in (WANT_READ, WANT_WRITE):
             await ready(cli.fd)
-    peer.session = cli.session()
+    peer.session = cli.new_session()
     return srv
 
 

@@ -9,6 +9,7 @@ remote workload. Every test runs on the stdlib loop and on uvloop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import os
 import random
@@ -16,7 +17,7 @@ import socket
 import ssl
 import struct
 import termios
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,10 +26,10 @@ import pytest
 from tls_pairs import ready, tcp_pair
 
 from sidecar import pki
-from sidecar.endpoint import DONE, WANT_WRITE, Endpoint, TcpEndpoint
+from sidecar.endpoint import DONE, RESET, WANT_READ, WANT_WRITE, Endpoint, TcpEndpoint
 from sidecar.identity import load_identity
-from sidecar.proxy.pump import CHUNK, Duplex, Flow
-from sidecar.tls import contexts
+from sidecar.proxy.pump import CHUNK, Close, Duplex, Flow
+from sidecar.tls import contexts, openssl
 from sidecar.tls.contexts import Contexts
 from sidecar.tls.engine import TlsEndpoint
 
@@ -113,11 +114,16 @@ async def open_rig(kind: str, tls: tuple[Contexts, Contexts], made: list[Rig]) -
     remote_sock, peer_sock = tcp_pair()
     peer_side: Endpoint
     remote: Endpoint
-    if kind == "tls":
+    if kind.startswith("tls"):
         proxy_ctx, remote_ctx = tls
+        if kind == "tls-memory":  # the in-memory session store ignores unexpected EOFs
+            proxy_ctx = contexts.build(proxy_ctx.identity, session_cache_size=4)
+            assert proxy_ctx.session_store == "memory"
         peer_side = TlsEndpoint.server(proxy_ctx.server, peer_sock)
         remote = TlsEndpoint.client(remote_ctx.client, remote_sock, None)
         await asyncio.gather(peer_side.handshake(), remote.handshake())
+        if kind == "tls-public":
+            public_api_only(peer_side, remote)
     else:
         peer_side, remote = TcpEndpoint(peer_sock), TcpEndpoint(remote_sock)
     app_side = TcpEndpoint(app_side_sock)
@@ -133,6 +139,13 @@ async def open_rig(kind: str, tls: tuple[Contexts, Contexts], made: list[Rig]) -
     made.append(rig)
     rig.duplex.start()
     return rig
+
+
+def public_api_only(*eps: TlsEndpoint) -> None:
+    """Make endpoints run as where the private OpenSSL reach is unavailable (openssl.py):
+    what SIDECAR_NO_OPENSSL_REACH=1 does for a whole process."""
+    for ep in eps:
+        ep._ptr = None
 
 
 # --- driving endpoints from the test ----------------------------------------------------------
@@ -156,13 +169,15 @@ async def end(ep: Endpoint) -> None:
 
 
 async def recv(ep: Endpoint, limit: int | None = None) -> bytes:
-    """Read to the end of the stream, or until `limit` bytes have come."""
+    """Read to the (clean) end of the stream, or until `limit` bytes have come."""
     buf = memoryview(bytearray(CHUNK))
     got = bytearray()
     while limit is None or len(got) < limit:
         n = ep.read_into(buf)
-        if n < 0:
+        if n in (WANT_READ, WANT_WRITE):
             await ready(ep.fd, write=n == WANT_WRITE)
+        elif n < 0:
+            raise ConnectionResetError(f"the stream was cut ({n}) after {len(got)} bytes")
         elif n == 0:
             break
         else:
@@ -404,7 +419,7 @@ def test_a_ktls_destination_is_retried_with_bytes_no_other_flow_can_touch() -> N
 # --- half-close ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", [*KINDS, "tls-public", "tls-memory"])
 @pytest.mark.parametrize("first", ["app", "remote"])
 def test_half_close_is_carried_through(run: Run, rigs: list[Rig], tls: tuple[Contexts, Contexts],
                                        kind: str, first: str) -> None:
@@ -413,7 +428,7 @@ def test_half_close_is_carried_through(run: Run, rigs: list[Rig], tls: tuple[Con
         closer, other = (rig.app, rig.remote) if first == "app" else (rig.remote, rig.app)
         await send_all(closer, b"request")
         await end(closer)
-        if first == "app" and kind == "tls":
+        if first == "app" and kind != "tcp":
             assert await recv(other, 7) == b"request"
             await assert_close_notify(other)
         else:
@@ -441,18 +456,121 @@ def _reset(sock: socket.socket) -> None:
     sock.close()
 
 
+async def read_end(ep: Endpoint) -> int:
+    """How the stream read through `ep` ends: 0 (clean), TRUNCATED or RESET."""
+    buf = memoryview(bytearray(CHUNK))
+    while True:
+        n = ep.read_into(buf)
+        if n in (WANT_READ, WANT_WRITE):
+            await ready(ep.fd, write=n == WANT_WRITE)
+        elif n <= 0:
+            return n
+
+
 @pytest.mark.parametrize("kind", KINDS)
-def test_app_reset_aborts_once(run: Run, rigs: list[Rig], tls: tuple[Contexts, Contexts],
-                               kind: str) -> None:
+def test_app_reset_aborts_once_and_resets_the_remote(
+        run: Run, rigs: list[Rig], tls: tuple[Contexts, Contexts], kind: str) -> None:
     async def body() -> None:
         rig = await open_rig(kind, tls, rigs)
         await send_all(rig.app, b"hello")
         assert await recv(rig.remote, 5) == b"hello"
         _reset(rig.app.sock)
-        reason, exc = await rig.wait_closed()
-        assert reason == "error"
-        assert isinstance(exc, OSError)
+        assert await rig.wait_closed() == (Close.APP_RESET, None)
+        # No close_notify (nor FIN): the remote cannot take the cut for an end.
+        assert await read_end(rig.remote) == RESET
         await after_abort(rig)
+
+    run(body())
+
+
+@pytest.mark.parametrize(("kind", "cut", "how"), [
+    ("tls", "fin", Close.TRUNCATED), ("tls", "rst", Close.PEER_RESET),
+    ("tls-memory", "fin", Close.TRUNCATED), ("tcp", "rst", Close.PEER_RESET)])
+def test_a_remote_cut_short_resets_the_app(run: Run, rigs: list[Rig],
+                                           tls: tuple[Contexts, Contexts],
+                                           kind: str, cut: str, how: Close) -> None:
+    """A peer killed mid-transfer ends its TCP stream without close_notify (or resets
+    it): the app must see a reset, never the end of a complete stream."""
+    async def body() -> None:
+        rig = await open_rig(kind, tls, rigs)
+        await send_all(rig.remote, b"part of a body")
+        assert await recv(rig.app, 14) == b"part of a body"
+        remote = rig.remote.sock  # type: ignore[attr-defined]
+        if cut == "fin":
+            socket.socket.shutdown(remote, socket.SHUT_WR)  # a bare FIN: no close_notify
+        else:
+            _reset(remote)
+        assert await rig.wait_closed() == (how, None)
+        assert await read_end(rig.app) == RESET
+        await after_abort(rig)
+
+    run(body())
+
+
+def test_a_clean_remote_end_is_a_fin_with_every_byte(
+        run: Run, rigs: list[Rig], tls: tuple[Contexts, Contexts]) -> None:
+    async def body() -> None:
+        rig = await open_rig("tls", tls, rigs)
+        body_ = payload(MIB, 7)
+        await send_all(rig.remote, body_)
+        await end(rig.remote)  # close_notify
+        got = await recv(rig.app)
+        assert got == body_
+        assert await read_end(rig.app) == 0
+
+    run(body())
+
+
+@contextlib.asynccontextmanager
+async def public_pair(tls: tuple[Contexts, Contexts]) -> AsyncIterator[tuple[TlsEndpoint,
+                                                                             TlsEndpoint]]:
+    """(ours, theirs): a connected TLS pair on the public API alone; closed on exit."""
+    proxy_ctx, remote_ctx = tls
+    a, b = tcp_pair()
+    ours = TlsEndpoint.server(proxy_ctx.server, a)
+    theirs = TlsEndpoint.client(remote_ctx.client, b, None)
+    try:
+        await asyncio.gather(ours.handshake(), theirs.handshake())
+        public_api_only(ours, theirs)
+        yield ours, theirs
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def test_public_close_notify_waits_for_the_peers_bytes(
+        run: Run, tls: tuple[Contexts, Contexts]) -> None:
+    """Without the private reach, close_notify goes through the public shutdown, whose
+    second SSL_shutdown would swallow (and fail on) a record already in the socket: it
+    waits until that record is read, and the record arrives whole."""
+    async def body() -> None:
+        async with public_pair(tls) as (ours, theirs):
+            await send_all(theirs, b"in flight")
+            await until(lambda: inq(ours.fd) > 0)
+            assert ours.shutdown_write() == WANT_READ  # the record first
+            assert await recv(ours, 9) == b"in flight"
+            await end(ours)
+            assert await read_end(theirs) == 0  # close_notify, a clean end
+            await send_all(theirs, b"the answer")
+            await end(theirs)
+            assert await recv(ours) == b"the answer"
+
+    run(body())
+
+
+def test_public_close_notify_loses_no_record_that_arrives_meanwhile(
+        run: Run, tls: tuple[Contexts, Contexts]) -> None:
+    """A record of the peer's that reaches the socket while the public shutdown runs is
+    held back by the kernel (and sent again), not read and lost by its second
+    SSL_shutdown."""
+    async def body() -> None:
+        async with public_pair(tls) as (ours, theirs):
+            with openssl.incoming_held(ours.sock):  # "meanwhile", made to last
+                await send_all(theirs, b"meanwhile")
+                assert inq(ours.fd) == 0
+                assert ours.shutdown_write() == DONE
+            assert await recv(ours, 9) == b"meanwhile"  # once the peer sends it again
+            assert await read_end(theirs) == 0
 
     run(body())
 
@@ -466,8 +584,9 @@ def test_tls_garbage_from_remote_aborts_once(run: Run, rigs: list[Rig],
         # An application-data record whose authentication tag cannot verify.
         os.write(rig.remote.fd, b"\x17\x03\x03\x00\x20" + os.urandom(32))
         reason, exc = await rig.wait_closed()
-        assert reason == "error"
+        assert reason == Close.ERROR
         assert isinstance(exc, ssl.SSLError)
+        assert await read_end(rig.app) == RESET
         await after_abort(rig)
 
     run(body())

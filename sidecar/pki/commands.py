@@ -1,4 +1,4 @@
-"""The `sidecar pki init|issue|rotate` commands: `cli.py` parses the arguments and calls
+"""The `sidecar pki init|issue|rotate|agent` commands: `cli.py` parses the arguments and calls
 these, which print what they did and return the exit status."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import threading
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sidecar.pki.broken import Broken, broken_overrides
 from sidecar.pki.ca import CA, new_intermediate, new_root, trust_domain_of
@@ -15,6 +16,9 @@ from sidecar.pki.cadir import INTERMEDIATE_CERT, ROOT_CERT, init_ca_dir, load_ca
 from sidecar.pki.errors import PkiError
 from sidecar.pki.layouts import Layout, write_svid
 from sidecar.pki.svid import Svid, issue_svid
+
+if TYPE_CHECKING:  # the agent needs the optional `spire` extra: imported when run
+    from sidecar.pki.agent import Agent
 
 
 def _fmt_time(t: datetime) -> str:
@@ -149,4 +153,112 @@ def cmd_rotate(
         print(f"stopped after {done} rotations")
     except (PkiError, ValueError, OSError) as e:
         return _error("rotate", str(e))
+    return 0
+
+
+SPIRE_EXTRA_MISSING = (
+    "the Workload API agent needs grpcio and py-spiffe, which are not installed: "
+    "pip install 'sidecar[spire]' (from a checkout: pip install -e '.[spire]')"
+)
+
+
+def _entries(specs: Sequence[str], trust_domain: str) -> list[tuple[str, str]] | str:
+    """`ID` or `ID=HINT` (a SPIFFE ID path never holds '='), checked against our domain."""
+    entries = []
+    for spec in specs:
+        spiffe_id, _, hint = spec.partition("=")
+        problem = _id_problem(spiffe_id, trust_domain)
+        if problem:
+            return problem
+        entries.append((spiffe_id, hint))
+    return entries
+
+
+def _federations(specs: Sequence[str], ours: str) -> list[tuple[str, Path]] | str:
+    pairs = []
+    for spec in specs:
+        td, sep, directory = spec.partition("=")
+        if not sep or not td or not directory:
+            return f"--federate {spec!r}: write it TD=CA_DIR, e.g. other.org=ca-other"
+        if td.lower() == ours:
+            return f"--federate {spec!r}: {td} is this agent's own trust domain"
+        pairs.append((td.lower(), Path(directory)))
+    return pairs
+
+
+def cmd_agent(
+    dir: Path,
+    socket: Path,
+    spiffe_ids: Sequence[str],
+    federate: Sequence[str] = (),
+    every: float = 30.0,
+    ttl: timedelta = timedelta(hours=1),
+    control: Path | None = None,
+    stop: threading.Event | None = None,
+) -> int:
+    """Serve the Workload API on `socket` until Ctrl-C, SIGTERM or `stop` (exit 0)."""
+    try:
+        from sidecar.pki import agent as agent_module
+    except ImportError as e:
+        return _error("agent", f"{SPIRE_EXTRA_MISSING} ({e})")
+    if every <= 0:
+        return _error("agent", "--every must be positive, e.g. 30s")
+    try:
+        _, ca = load_ca_dir(dir)
+    except (PkiError, OSError) as e:
+        return _error("agent", str(e))
+    entries = _entries(spiffe_ids, ca.trust_domain)
+    federations = _federations(federate, ca.trust_domain)
+    if isinstance(entries, str) or isinstance(federations, str):
+        return _error("agent", entries if isinstance(entries, str) else str(federations))
+    try:
+        bundles = {td: agent_module.foreign_bundle(td, d) for td, d in federations}
+    except (PkiError, OSError) as e:
+        return _error("agent", str(e))
+
+    def announce(generation: int, svids: tuple[Svid, ...]) -> None:
+        for svid in svids:
+            print(
+                f"rotation {generation}: {svid.spiffe_id} serial {svid.serial:#x} "
+                f"not after {_fmt_time(svid.not_after)}",
+                flush=True,  # demos and tests read these lines as they happen
+            )
+
+    agent = agent_module.Agent(
+        ca, socket, [agent_module.Entry(i, h) for i, h in entries], every=every, ttl=ttl,
+        federated=bundles, on_rotate=announce,  # announces the first issue too
+    )
+    return _serve_agent(agent, control, stop or threading.Event())
+
+
+def _serve_agent(agent: Agent, control: Path | None, stop: threading.Event) -> int:
+    import signal
+
+    from sidecar.pki.agent_control import ControlServer
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    controller = None
+    try:
+        agent.start()
+        if control is not None:
+            controller = ControlServer(control, agent)
+            controller.serve_in_thread()
+        federated = ", ".join(agent.federated) or "none"
+        print(
+            f"serving the Workload API on unix://{agent.socket.absolute()} "
+            f"(federated: {federated}; control: {control or 'none'}); Ctrl-C stops",
+            flush=True,
+        )
+        while not stop.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        pass
+    except OSError as e:
+        return _error("agent", str(e))
+    finally:
+        if controller is not None:
+            controller.close()
+        agent.close()
+    print("stopped", flush=True)
     return 0

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sidecar import logs, metrics
-from sidecar.proxy.pump import Duplex
+from sidecar.proxy.pump import Close, Duplex
 from sidecar.reasons import Reason
 
 _ids = itertools.count(1)
@@ -43,7 +43,7 @@ class Record:
     rule: str | None = None
     reason: Reason | None = None  # why it failed, when it did
     detail: str | None = None
-    close: str | None = None  # how it ended
+    close: str | None = None  # how it ended: a Close
     evicted: str | None = None  # the limit that shed this pending handshake, if one did
     finished: bool = False
     ktls_tx: bool | None = None
@@ -203,17 +203,17 @@ class Tracker:
                     duplex.last_queued = queued  # a slow reader is draining the kernel's queue
                     duplex.idle_since = now
                 else:
-                    rec.close = "idle_timeout"
-                    duplex.abort("idle_timeout")
+                    rec.close = Close.IDLE_TIMEOUT
+                    duplex.abort(Close.IDLE_TIMEOUT)
                     continue
             if self.max_lifetime and now - duplex.started > self.max_lifetime:
                 if rec.close is None:
-                    rec.close = "max_lifetime"
+                    rec.close = Close.MAX_LIFETIME
                     duplex.finish(client_is_peer=rec.direction == "inbound")
                 elif now - duplex.started > self.max_lifetime + _LIFETIME_GRACE:
-                    duplex.abort("max_lifetime")
+                    duplex.abort(Close.MAX_LIFETIME)
 
-    def abort_all(self, how: str) -> None:
+    def abort_all(self, how: Close) -> None:
         for duplex, rec in list(self.live.items()):
             rec.close = rec.close or how
             duplex.abort(how)

@@ -134,7 +134,7 @@ def _after_connection(
         if duplex.to_app.moved == 0:  # refused after the handshake, or a silent server
             _drop_session(rt, route, resumed)
         return
-    s = ep.session()
+    s = ep.new_session()  # None unless a ticket came: the getter leaks (engine.py)
     if s is not None and s.has_ticket:
         rt.sessions[route] = resumption.ClientSession(
             contexts.client, s, min(peer.not_after, own_until))

@@ -5,7 +5,9 @@ one buffer the whole process shares, write it straight to its destination, repea
 the destination cannot take it all, the rest is copied aside, the flow stops reading
 (backpressure: a slow reader never makes us buffer more than one chunk per direction)
 and waits for the destination to be writable. When the source ends, the end is passed on
-with `shutdown_write` and the other direction keeps going (half-close).
+with `shutdown_write` and the other direction keeps going (half-close). Only a clean end
+is passed on so: a source cut short (a TLS stream without close_notify, a reset) resets
+both sides (Close says how it ended).
 
 Why callbacks and not a coroutine per direction: a held, idle connection then costs no
 task, no coroutine frame and no buffer: only this object, its two flows, and the loop's
@@ -20,6 +22,7 @@ it waits for after every step.
 from __future__ import annotations
 
 import asyncio
+import enum
 import errno
 import fcntl
 import os
@@ -28,7 +31,39 @@ import struct
 import termios
 from collections.abc import Callable
 
-from sidecar.endpoint import WANT_WRITE, Endpoint
+from sidecar.endpoint import RESET, WANT_WRITE, Endpoint
+
+
+class Close(enum.StrEnum):
+    """How a connection ended: the access log's `close` field, spelled here only.
+
+    Only CLOSED is a clean end (each side ended its stream: close_notify or FIN). Every
+    other end reaches the app as a TCP reset and the TLS peer as a reset without
+    close_notify, so that no side takes a cut stream for a complete one."""
+
+    CLOSED = "closed"
+    TRUNCATED = "truncated"  # the TLS peer's stream ended without close_notify
+    PEER_RESET = "peer_reset"  # the TLS peer reset the connection
+    APP_RESET = "app_reset"  # the local app reset the connection
+    ERROR = "error"  # a socket or TLS error other than a reset
+    IDLE_TIMEOUT = "idle_timeout"
+    MAX_LIFETIME = "max_lifetime"
+    DRAIN = "drain"
+    POLICY_RECHECK = "policy_recheck"
+    # Ends before the pump runs:
+    HANDSHAKE_FAILED = "handshake_failed"
+    DENIED = "denied"
+    UPSTREAM_UNAVAILABLE = "upstream_unavailable"
+    SHUTDOWN = "shutdown"
+    INTERNAL_ERROR = "internal_error"
+
+
+class Cut(Exception):
+    """A source's stream ended without a clean end (read_into said TRUNCATED or RESET)."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
 
 # 64 KiB: four full TLS records per read or write call, so the Python cost per MiB is
 # 16 calls a direction rather than 64; larger gains little (socket buffers are ~200 KiB).
@@ -95,6 +130,8 @@ class Flow:
         must now wait (nothing to read, or the destination held some back)."""
         n = self.src.read_into(_buffer)
         if n < 0:
+            if n < WANT_WRITE:
+                raise Cut(n)
             self.wait = (self.src, n == WANT_WRITE)
             return False
         if n == 0:
@@ -158,7 +195,10 @@ class SpliceFlow(Flow):
                     return True
                 continue
             if n == 0:
-                self.eof = True
+                # OpenSSL tells a close_notify (seen first, as a non-data record) from a
+                # bare FIN, which is a truncation.
+                if not self.read_once():
+                    return True
                 continue
             try:
                 out = os.splice(pipe_r, self.dst.fd, n, flags=_SPLICE_FLAGS)
@@ -216,7 +256,7 @@ def can_splice() -> bool:
     return hasattr(os, "splice")
 
 
-CloseCallback = Callable[["Duplex", str, BaseException | None], None]
+CloseCallback = Callable[["Duplex", Close, BaseException | None], None]
 
 
 class Duplex:
@@ -272,22 +312,23 @@ class Duplex:
             flow.eof = True
             self._step((flow,))
 
-    def abort(self, reason: str, exc: BaseException | None = None) -> None:
+    def abort(self, how: Close, exc: BaseException | None = None) -> None:
         if self.closed:
             return
         self.closed = True
         for i, on in enumerate(self._reg):
             if on:
                 self._unregister(i)
-        if reason == "closed":
+        if how is Close.CLOSED:
             self.app.close()
+            self.peer.close()
         else:
-            # Cut short (error, idle, drain, recheck): the app sees a reset, not an end it
-            # could take for a complete answer. The TLS peer sees no close_notify either.
-            reset = getattr(self.app, "reset", None)
-            (reset or self.app.close)()
-        self.peer.close()
-        self._on_close(self, reason, exc)
+            # Cut short (a cut or an error on either side, idle, drain, recheck): both
+            # sides see a reset, not an end they could take for a complete stream; the TLS
+            # peer gets no close_notify.
+            self.app.reset()
+            self.peer.reset()
+        self._on_close(self, how, exc)
 
     # -- loop callbacks -----------------------------------------------------------------
 
@@ -315,15 +356,21 @@ class Duplex:
     def _step(self, flows: tuple[Flow, ...]) -> None:
         if self.closed:
             return
+        flow: Flow | None = None
         try:
             for flow in flows:
                 if not flow.done and not flow.run():
                     self._loop.call_soon(self._resume, flow)
+        except Cut as cut:
+            from_peer = flow is self.to_app
+            self.abort(Close.APP_RESET if not from_peer else
+                       Close.PEER_RESET if cut.code == RESET else Close.TRUNCATED)
+            return
         except (OSError, ssl.SSLError) as exc:
-            self.abort("error", exc)
+            self.abort(self._failed(flow, exc), exc)
             return
         if self.to_app.done and self.from_app.done:
-            self.abort("closed")
+            self.abort(Close.CLOSED)
             return
         want = [False, False, False, False]
         for flow in (self.to_app, self.from_app):
@@ -333,6 +380,13 @@ class Duplex:
         for i in range(4):
             if want[i] != self._reg[i]:
                 self._register(i) if want[i] else self._unregister(i)
+
+    def _failed(self, flow: Flow | None, exc: BaseException) -> Close:
+        """A write that met a reset (reads report theirs as codes) names the flow's
+        destination; anything else is an error."""
+        if isinstance(exc, (ConnectionResetError, BrokenPipeError)) and flow is not None:
+            return Close.APP_RESET if flow.dst is self.app else Close.PEER_RESET
+        return Close.ERROR
 
     def _register(self, i: int) -> None:
         ep = self.app if i < 2 else self.peer

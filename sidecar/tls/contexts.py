@@ -132,14 +132,32 @@ def unpinnable() -> str | None:
     ssl sets one curve at most (`set_ecdh_curve`), never a list; the pin needs
     openssl.py's reach into the context, which a free-threaded build does not give.
     """
-    if openssl.available():
-        return None
+    if openssl.available() or hasattr(ssl.SSLContext, "set_ecdh_curve"):
+        return None  # without the reach: the one-group pin of _pin_one_group
     return (
         "cannot pin tls.groups: sidecar's direct OpenSSL access (sidecar/tls/openssl.py) "
         "does not work on this Python build, and without it OpenSSL would accept "
         "finite-field key exchange (a CPU DoS before authentication); run on a standard "
         "(GIL) CPython 3.13 build"
     )
+
+
+def _pin_one_group(ctx: ssl.SSLContext, groups: tuple[str, ...]) -> bool:
+    """Without the reach (SIDECAR_NO_OPENSSL_REACH=1, a free-threaded build): Python's
+    own set_ecdh_curve, which on OpenSSL 3 sets the context's group list to that single
+    group, pins key exchange to the first of `groups`. Finite-field groups stay refused
+    (seen here: ffdhe2048 and P-256 hellos fail with NO_SUITABLE_KEY_SHARE, X25519
+    connects); the price is that every peer must offer that one group. Signature
+    algorithms keep OpenSSL's defaults (its security level already refuses SHA-1)."""
+    try:
+        ctx.set_ecdh_curve(_CURVE_NAMES.get(groups[0], groups[0]))
+    except (ValueError, ssl.SSLError):
+        return False
+    return True
+
+
+# tls.groups names -> the short names set_ecdh_curve looks up.
+_CURVE_NAMES = {"P-256": "prime256v1", "P-384": "secp384r1", "P-521": "secp521r1"}
 
 
 def pin_handshake(ctx: ssl.SSLContext, groups: tuple[str, ...], min_version: str) -> bool:
@@ -149,6 +167,8 @@ def pin_handshake(ctx: ssl.SSLContext, groups: tuple[str, ...], min_version: str
     The tools (diagnose, bench) call it too: their client contexts stand in for the
     sidecar's outbound side.
     """
+    if not openssl.available():
+        return _pin_one_group(ctx, groups)
     return openssl.set_groups(ctx, ":".join(groups)) and openssl.set_sigalgs(
         ctx, SIGALGS_TLS12 if min_version == "1.2" else SIGALGS_TLS13)
 

@@ -22,7 +22,10 @@ same arguments, once the fd is readable / writable". Three rules follow:
    behind in OpenSSL when the pump goes back to waiting on the fd.
 
 Half-close sends close_notify with a single SSL_shutdown (openssl.py says why unwrap()
-cannot be used). The hot path calls the `_sslobj` of the SSLSocket directly: it is the
+cannot be used); without the private reach, the public shutdown runs once nothing is left
+to read (_shutdown_public). Only a close_notify from the peer is a clean end: a bare FIN
+reads as TRUNCATED and a reset as RESET (endpoint.py), and the pump turns either into a
+reset towards the app. The hot path calls the `_sslobj` of the SSLSocket directly: it is the
 same object the public methods call, minus a Python-level frame per chunk.
 
 Handshake CPU is measured here, per step, with `time.thread_time()`: the sum over the
@@ -42,12 +45,16 @@ from __future__ import annotations
 
 import _ssl
 import asyncio
+import contextlib
+import fcntl
 import socket
 import ssl
+import sys
+import termios
 import time
 from typing import Any
 
-from sidecar.endpoint import DONE, WANT_READ, WANT_WRITE
+from sidecar.endpoint import DONE, RESET, TRUNCATED, WANT_READ, WANT_WRITE, close_with_reset
 from sidecar.tls import openssl, peerchain
 
 _NAMES: dict[str, str] = {}  # TLS versions and cipher suites: a handful per process
@@ -57,8 +64,8 @@ _READ_ROOM = 16 * 1024  # one TLS record's plaintext: read more only if a record
 class TlsEndpoint:
     """A TLS connection over a socket it owns."""
 
-    __slots__ = ("_obj", "_ptr", "_server", "_shut", "cpu_seconds", "fd", "keep_session",
-                 "ktls_rx", "ktls_tx", "sock")
+    __slots__ = ("_deferred", "_obj", "_ptr", "_server", "_shut", "cpu_seconds", "fd",
+                 "keep_session", "ktls_rx", "ktls_tx", "sock")
 
     def __init__(self, sock: ssl.SSLSocket) -> None:
         self.sock = sock
@@ -66,6 +73,7 @@ class TlsEndpoint:
         self._obj: Any = sock._sslobj  # type: ignore[attr-defined]
         self._ptr: int | None = openssl.ssl_pointer(sock)
         self._shut = False
+        self._deferred = 0  # see _shutdown_public
         self._server = sock.server_side
         self.cpu_seconds = 0.0
         self.ktls_tx = self.ktls_rx = False  # set by ktls() once the handshake is done
@@ -150,12 +158,23 @@ class TlsEndpoint:
                 return got or WANT_READ
             except ssl.SSLWantWriteError:
                 return got or WANT_WRITE
-            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                return got  # 0 when nothing came first: end of stream
+            except ssl.SSLZeroReturnError:
+                return got or self._end()
+            except ssl.SSLEOFError:
+                return got or TRUNCATED  # a bare FIN: a killed peer, or a cut
+            except ConnectionResetError:
+                return got or RESET
             if n == 0:
-                return got
+                return got or self._end()
             got += n
         return got
+
+    def _end(self) -> int:
+        """0 for a close_notify, the clean end; TRUNCATED for a bare FIN that
+        OP_IGNORE_UNEXPECTED_EOF (the in-memory session store) made look like one."""
+        if self._ptr is not None and openssl.read_hit_eof(self._ptr):
+            return TRUNCATED
+        return 0
 
     def write(self, data: memoryview | bytes) -> int:
         try:
@@ -169,22 +188,52 @@ class TlsEndpoint:
     def shutdown_write(self) -> int:
         if self._shut:
             return DONE
-        if self._ptr is not None:
-            rc = openssl.shutdown_once(self._ptr)
-            if rc == -openssl.SSL_ERROR_WANT_WRITE:
-                return WANT_WRITE
-            if rc == -openssl.SSL_ERROR_WANT_READ:
-                return WANT_READ
-            if rc == 1:
-                self._shut = True
-                return DONE
-        # No safe single-shot close_notify (hooks unavailable, or OpenSSL refused): end
-        # the stream the TCP way; the peer reads it as an EOF without close_notify.
+        if self._ptr is None:
+            return self._shutdown_public()
+        rc = openssl.shutdown_once(self._ptr)
+        if rc == -openssl.SSL_ERROR_WANT_WRITE:
+            return WANT_WRITE
+        if rc == -openssl.SSL_ERROR_WANT_READ:
+            return WANT_READ
+        if rc == 1:
+            self._shut = True
+            return DONE
+        # OpenSSL refused a close_notify (e.g. a connection in a post-handshake step): end
+        # the stream the TCP way; the peer reads it as a truncation, not a clean end.
         self._shut = True
         try:
             self.sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass
+        return DONE
+
+    def _shutdown_public(self) -> int:
+        """close_notify without the private reach, through the public shutdown (the call
+        behind unwrap()). It calls SSL_shutdown twice, and the second call reads: a data
+        record of the peer's already in the socket would be lost there, and OpenSSL would
+        fail the connection (APPLICATION_DATA_AFTER_CLOSE_NOTIFY). So the kernel is told
+        to hold back what arrives meanwhile (openssl.incoming_held), and the call runs only once
+        nothing is waiting to be read: until then it asks for "readable", and by the time
+        it runs again the other direction has taken what was there. A peer that keeps the
+        socket readable because the app does not read has it run after _DEFER_LIMIT tries
+        anyway; a record lost then fails the connection, and the pump resets both sides."""
+        with openssl.incoming_held(self.sock):
+            if self._deferred < _DEFER_LIMIT and (self._obj.pending() or _inq(self.fd)):
+                self._deferred += 1
+                return WANT_READ
+            try:
+                self._obj.shutdown()
+            except ssl.SSLWantWriteError:
+                return WANT_WRITE  # close_notify not out yet: the retry sends it
+            except ssl.SSLWantReadError:
+                pass  # sent; the peer's close_notify comes later, through read_into
+            except (ssl.SSLError, OSError):
+                # A record lost, or the peer gone: OpenSSL failed the connection and every
+                # read from now on says TRUNCATED. Ending our reading side makes the
+                # socket readable, so the pump learns that at once.
+                with contextlib.suppress(OSError):
+                    socket.socket.shutdown(self.sock, socket.SHUT_RD)
+        self._shut = True
         return DONE
 
     # What the connection negotiated, for authentication, logs and metrics. The names are
@@ -200,9 +249,27 @@ class TlsEndpoint:
     def resumed(self) -> bool:
         return bool(self._obj.session_reused)
 
-    def session(self) -> ssl.SSLSession | None:
+    def new_session(self) -> ssl.SSLSession | None:
+        """The session to resume with next time, when this client connection brought one;
+        else None, without asking. CPython 3.13.0's session getter leaks a copy of the
+        session on every call (gh-116810: ~6 KiB with a certificate), so it is asked only
+        when a ticket has arrived since a full handshake. A resumed connection brings
+        nothing from our own servers (no ticket follows a resumption, see above); a foreign
+        server's fresh ticket is left: the session offered keeps resuming until it expires
+        or is refused, and a refusal is a full handshake, whose ticket is taken. Without the
+        private reach every full handshake asks (the leak is then bounded by those)."""
+        if self._server or self._obj.session_reused:
+            return None
+        if self._ptr is not None and not self.ticket_arrived():
+            return None
         s: ssl.SSLSession | None = self._obj.session
         return s
+
+    def ticket_arrived(self) -> bool:
+        """Has the server sent a session ticket (TLS 1.3: only once it has read our
+        certificate)? Asked of OpenSSL, never of the leaking getter; without the private
+        reach there is no answer, and it says False."""
+        return self._ptr is not None and openssl.has_ticket(self._ptr)
 
     def verified_chain(self) -> list[bytes]:
         """DER certificates leaf first, as OpenSSL verified them; empty when resumed."""
@@ -229,9 +296,29 @@ class TlsEndpoint:
             openssl.forget_session(self._ptr)
 
     def close(self) -> None:
+        self._keep_session()
+        self.sock.close()
+
+    def reset(self) -> None:
+        """End with a TCP reset and no close_notify: the peer must not read a cut stream
+        as a whole one."""
+        self._keep_session()
+        close_with_reset(self.sock)
+
+    def _keep_session(self) -> None:
         if self.keep_session and not self._shut and self._ptr is not None:
             openssl.keep_session(self._ptr)
-        self.sock.close()
+
+
+def _inq(fd: int) -> int:
+    """Bytes the kernel holds for reading on fd."""
+    return int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, bytes(4)), sys.byteorder)
+
+
+# How often the public shutdown waits for the socket to be drained first: enough for the
+# other direction to take what the peer had in flight; bounded, because a socket whose
+# reader is blocked on the app stays readable and each wait is one loop turn.
+_DEFER_LIMIT = 1000
 
 
 def _require_non_blocking(sock: socket.socket) -> None:

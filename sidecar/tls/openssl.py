@@ -22,16 +22,22 @@ How: the `SSL *` and `SSL_CTX *` live right after the object header in CPython's
 crash: the word before `SSL *` must be the address of the socket's own weakref (which
 CPython reuses), and `SSL_get_SSL_CTX(ssl)` must equal the context's pointer. Symbols are
 resolved through the `_ssl` extension itself, so they are the very libssl it links. When
-any check fails, `available()` is False and callers fall back (see engine.py).
+any check fails, `available()` is False and callers fall back (see engine.py);
+SIDECAR_NO_OPENSSL_REACH=1 forces that fallback.
 """
 
 from __future__ import annotations
 
 import _ssl
+import contextlib
 import ctypes
+import os
+import socket
 import ssl
+import struct
 import sys
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
 _HEADER = object.__basicsize__  # ob_refcnt + ob_type: 16 on a default 64-bit build
@@ -100,7 +106,10 @@ def _load() -> Any:
         return None
 
 
-_lib = _load()
+# Set to 1, this forces the fallback that runs where the reach is unavailable (a future
+# CPython, a free-threaded build), so that mode can be run and tested anywhere.
+FORCE_FALLBACK_ENV = "SIDECAR_NO_OPENSSL_REACH"
+_lib = None if os.environ.get(FORCE_FALLBACK_ENV) == "1" else _load()
 
 
 def _word(address: int) -> int | None:
@@ -370,3 +379,73 @@ def _ctrl_string(ctx: ssl.SSLContext, cmd: int, value: str) -> bool:
     ok = bool(_lib.SSL_CTX_ctrl(ptr, cmd, 0, value.encode("ascii")))
     _lib.ERR_clear_error()
     return ok
+
+
+# --- Client sessions: is there a ticket worth asking Python for? ----------------------------
+# CPython 3.13.0's `session` getter leaks a copy of the session on every call (gh-116810),
+# so the engine asks OpenSSL first; SSL_get_session borrows, it copies nothing.
+
+
+def _declare_has_ticket() -> None:
+    if _lib is None:
+        return
+    fn = _lib.SSL_SESSION_has_ticket
+    fn.argtypes = [ctypes.c_void_p]
+    fn.restype = ctypes.c_int
+
+
+try:
+    _declare_has_ticket()
+except AttributeError:  # an OpenSSL without it is older than any Python 3.13 accepts
+    _lib = None
+
+
+def has_ticket(ptr: int) -> bool:
+    """Does this connection's current session carry a ticket (TLS 1.3: one has arrived)?"""
+    assert _lib is not None
+    session = _lib.SSL_get_session(ptr)
+    return bool(session) and bool(_lib.SSL_SESSION_has_ticket(session))
+
+
+# --- A close_notify, or a bare end of the TCP stream? ------------------------------------
+BIO_CTRL_EOF = 2
+
+
+def read_hit_eof(ptr: int) -> bool:
+    """Did the socket under this connection return end-of-file to OpenSSL?
+
+    With OP_IGNORE_UNEXPECTED_EOF (the in-memory session store sets it, so that a peer
+    hanging up does not evict its session), OpenSSL reports a bare FIN exactly as it
+    reports a close_notify. The socket BIO still knows: it marks EOF when a read returned
+    0, and OpenSSL stops reading at a close_notify, before any such read."""
+    assert _lib is not None
+    return bool(_lib.BIO_ctrl(_lib.SSL_get_rbio(ptr), BIO_CTRL_EOF, 0, None))
+
+
+# --- Holding a socket's incoming segments (the public close_notify, engine.py) -------------
+# Not OpenSSL, but a raw pointer handed to the kernel: ctypes lives here only.
+
+
+@contextlib.contextmanager
+def incoming_held(sock: socket.socket) -> Iterator[None]:
+    """While inside, the kernel drops the TCP segments that reach `sock`, before they are
+    acknowledged or queued (a socket filter that accepts nothing), so the receive queue
+    cannot grow; the peer sends them again after its retransmission timeout (~0.2 s on
+    loopback), a delay paid only when a segment came in that instant. Where a filter
+    cannot be attached, nothing is held."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, _DROP_ALL_PROG)
+    except OSError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):  # ENOENT: an inner hold has detached it
+            sock.setsockopt(socket.SOL_SOCKET, _SO_DETACH_FILTER, 0)
+
+
+# Linux's classic BPF socket filter: one instruction, "return 0" (keep 0 bytes: drop).
+_SO_ATTACH_FILTER, _SO_DETACH_FILTER = 26, 27
+_DROP_ALL = ctypes.create_string_buffer(struct.pack("HBBI", 0x06, 0, 0, 0))  # BPF_RET|BPF_K
+_DROP_ALL_PROG = struct.pack("HP", 1, ctypes.addressof(_DROP_ALL))  # struct sock_fprog

@@ -104,13 +104,14 @@ def test_a_leaf_under_an_expired_intermediate_does_not_resume(
     """A full handshake refuses it (OpenSSL checks the whole chain); a resumption must too.
     Here B is the one whose intermediate expires: A's own re-check refuses the resumed
     session, drops it, and the full handshake that follows is refused as expired."""
-    short = pki.new_intermediate(ca.root, name="short", ttl=timedelta(seconds=4))
+    # Long enough that two calls fit before it expires on a loaded machine's slow start.
+    short = pki.new_intermediate(ca.root, name="short", ttl=timedelta(seconds=12))
     leaf = pki.issue_svid(short, PAYMENTS, not_after=datetime.now(UTC) + timedelta(hours=1))
     expires = short.cert.not_valid_after_utc.timestamp()
     a, _ = _pair(sidecar, echo_app(), ca.issue(FRONTEND), leaf, "memory")
     assert _call(a) and _call(a)
     assert [ln["resumed"] for ln in a.wait_connections(2)] == [False, True]
-    wait_for(lambda: time.time() > expires + 1, 10, "the intermediate to expire")
+    wait_for(lambda: time.time() > expires + 1, 20, "the intermediate to expire")
     assert not _call(a)
     refused = a.wait_connections(3)[2]
     assert refused["reason"] == "cert_expired", refused
