@@ -58,15 +58,19 @@ def build_parser() -> argparse.ArgumentParser:
     pki = sub.add_parser("pki", help="a development CA: init, issue, rotate, agent")
     pki_sub = pki.add_subparsers(dest="pki_command", required=True, metavar="PKI_COMMAND")
     init = pki_sub.add_parser("init", help="make a dev root + intermediate CA in DIR")
-    init.add_argument("--dir", required=True, type=Path)
-    init.add_argument("--trust-domain", required=True)
+    init.add_argument("--dir", required=True, type=Path,
+                      help="where to write the CA (created if missing)")
+    init.add_argument("--trust-domain", required=True,
+                      help="the trust domain its SVIDs name, like example.org")
     init.add_argument("--force", action="store_true", help="overwrite an existing CA")
     for name, text in (("issue", "issue an SVID into OUT"),
                        ("rotate", "keep re-issuing an SVID into OUT")):
         sp = pki_sub.add_parser(name, help=text)
         sp.add_argument("--dir", required=True, type=Path, help="the CA directory")
-        sp.add_argument("--spiffe-id", required=True)
-        sp.add_argument("--out", required=True, type=Path)
+        sp.add_argument("--spiffe-id", required=True,
+                        help="the SVID's ID, like spiffe://example.org/ns/default/sa/payments")
+        sp.add_argument("--out", required=True, type=Path,
+                        help="the directory to write the SVID, its key and the bundle into")
         sp.add_argument("--ttl", type=_duration, default=3600.0, help="lifetime (default 1h)")
         sp.add_argument("--dns", action="append", default=[], help="a DNS SAN (repeatable)")
         sp.add_argument("--layout", choices=["spiffe-helper", "csi", "k8s"],
@@ -99,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                        ("diagnose", "connect as a client and explain the outcome"),
                        ("bench", "handshake and resumption load generator")):
         sp = sub.add_parser(name, help=text, add_help=False)
-        sp.add_argument("rest", nargs=argparse.REMAINDER)
+        sp.add_argument("rest", nargs=argparse.REMAINDER,
+                        help=f"the arguments of `sidecar {name}` (see sidecar {name} --help)")
     return p
 
 

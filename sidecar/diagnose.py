@@ -380,16 +380,24 @@ def main(argv: Sequence[str]) -> int:
 
     p = argparse.ArgumentParser(prog="sidecar diagnose",
                                 description="Connect as a client and explain the outcome.")
-    p.add_argument("target", metavar="HOST:PORT")
-    p.add_argument("--cert"), p.add_argument("--key"), p.add_argument("--bundle")
+    p.add_argument("target", metavar="HOST:PORT", help="the mTLS server to connect to")
+    p.add_argument("--cert", help="our SVID: leaf followed by intermediates (PEM); "
+                   "without: no client certificate, as a plain TLS client")
+    p.add_argument("--key", help="the private key of --cert (PEM)")
+    p.add_argument("--bundle", help="trust anchors to verify the server with; without: "
+                   "the server is not verified and the verdict says UNVERIFIED")
     p.add_argument("--expect-id", action="append", default=[],
                    help="the SPIFFE ID the server must have (repeatable; spiffe://TD/* too)")
     p.add_argument("--server-name", help="SNI (default: the host)")
-    p.add_argument("--tls-min", choices=["1.2", "1.3"], default="1.3")
+    p.add_argument("--tls-min", choices=["1.2", "1.3"], default="1.3",
+                   help="offer at least this version (default 1.3)")
     p.add_argument("--tls-max", choices=["1.2", "1.3"], default="1.3",
                    help="offer at most this version (to play an old peer)")
-    p.add_argument("--clock-skew-hint", type=parse_duration, default=300.0)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--clock-skew-hint", type=parse_duration, default=300.0,
+                   help="blame the clocks too when a certificate is outside its validity "
+                   "by less than this (default 5m)")
+    p.add_argument("--json", action="store_true",
+                   help="print the outcome and every step as one JSON object")
     args = p.parse_args(argv)
     out = run(args)
     if out.reason == "usage":

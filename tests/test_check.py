@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
 
 from sidecar import pki
 
@@ -161,3 +163,26 @@ def test_an_expected_id_that_can_never_match(entry: str, tmp_path: Path) -> None
     path = write_config(tmp_path, outbound=lambda c: [{**c["outbound"][0],
                                                        "expect_ids": [entry]}])
     agree(path, refused=True, says="outbound[0].expect_ids[0]")
+
+
+def test_a_good_config_is_summed_up(tmp_path: Path) -> None:
+    """Issue 20, item 8: on success, who it is and until when, each listener, the rules."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("default: deny\nrules:\n"
+                      "  - {name: web, action: allow, from: ['spiffe://example.org/ns/web/*'],"
+                      " to: {listeners: [in]}}\n")
+    path = write_config(tmp_path, policy=str(policy), inbound=[
+        {"name": "in", "listen": "127.0.0.1:0", "forward_to": "127.0.0.1:8080"}])
+    code, out = check(path)
+    assert code == 0, out
+    svid = x509.load_pem_x509_certificate((tmp_path / "svid.pem").read_bytes())
+    not_after = svid.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert re.search(rf"identity: spiffe://{TD}/ns/a/sa/b, expires in \d+ min \({not_after}\)",
+                     out), out
+    for line in (
+                 "inbound in: 127.0.0.1:0 -> 127.0.0.1:8080 (tcp)",
+                 f"outbound out: 127.0.0.1:0 -> 127.0.0.1:9, expects spiffe://{TD}/*",
+                 "admin: 127.0.0.1:0",
+                 "1 rule(s), default deny",
+                 "allow web: from spiffe://example.org/ns/web/* to in"):
+        assert line in out, out

@@ -58,8 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", help="the target sidecar's /metrics URL, for server CPU")
     p.add_argument("--timeout", type=_duration, default=5.0,
                    help="per connect, handshake and response (default 5s)")
-    p.add_argument("--tls-min", choices=["1.2", "1.3"], default="1.3")
-    p.add_argument("--tls-max", choices=["1.2", "1.3"], default="1.3")
+    p.add_argument("--tls-min", choices=["1.2", "1.3"], default="1.3",
+                   help="offer at least this TLS version (default 1.3)")
+    p.add_argument("--tls-max", choices=["1.2", "1.3"], default="1.3",
+                   help="offer at most this TLS version (default 1.3)")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.add_argument("--plot", metavar="FILE.png", help="bar chart of the modes")
     p.add_argument("--progress", action="store_true",

@@ -12,7 +12,7 @@ from sidecar.pki.keys import new_key
 
 class Broken(StrEnum):
     """`sidecar pki issue --broken KIND`: an SVID with one thing wrong, on purpose, so a user
-    can watch each failure reason happen (README, "When a handshake fails")."""
+    can watch each failure reason happen (docs/failure-reasons.md)."""
 
     EXPIRED = "expired"  # cert_expired
     NOT_YET_VALID = "not-yet-valid"  # cert_not_yet_valid (by 2 min: "check the clocks")
