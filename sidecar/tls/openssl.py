@@ -259,8 +259,12 @@ def cap_session_lifetime(sock: ssl.SSLSocket, seconds: int) -> bool:
     session = _lib.SSL_get_session(ptr)
     if not session:
         return False
+    # Never 0: OpenSSL 3.0 then fails the handshake with an internal error (seen here on a
+    # peer whose certificate expired that second). A chain already expired is refused by
+    # the verification that follows, and a resumption re-checks the chain's validity.
+    seconds = max(seconds, 1)
     if seconds < _lib.SSL_SESSION_get_timeout(session):
-        _lib.SSL_SESSION_set_timeout(session, max(seconds, 0))
+        _lib.SSL_SESSION_set_timeout(session, seconds)
     return True
 
 
