@@ -30,14 +30,26 @@ class Plan:
     echo: bool
     expect_id: str | None
     metrics_url: str | None
+    target_pid: int | None
     timeout: float
     as_json: bool
     plot: str | None
     progress: bool
+    # Requests per connection in full and resume modes (reuse keeps its connection).
+    per_connection: int = 1
+    # Open loop: requests per second over all workers, each timed from when it was due.
+    rate: float | None = None
+    sweep: bool = False
 
     @property
     def target(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+# What `--sweep` runs: each count with full and with resumed handshakes. Up to 1000 a
+# handshake's cost is still visible next to the requests' (a full one costs about as
+# much server CPU as a few hundred small echoed requests).
+SWEEP_PER_CONNECTION = (1, 10, 100, 1000)
 
 
 def request_payload(size: int) -> bytes:
