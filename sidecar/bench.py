@@ -95,7 +95,7 @@ def main(argv: Sequence[str]) -> int:
     except UsageError as exc:
         print(f"sidecar bench: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    if not args.bundle:
+    if not args.bundle and not plan.plain:
         print("sidecar bench: no --bundle: the server's certificate is not verified",
               file=sys.stderr)
     if plan.sweep:

@@ -652,3 +652,19 @@ def test_open_loop_without_hdrhistogram_says_what_to_install(
     assert bench.main(["--target", "127.0.0.1:1", "--rate", "10"]) == 2
     assert "pip install 'sidecar[bench]'" in capsys.readouterr().err
     assert bench.main(["--target", "127.0.0.1:1", "--rate", "0"]) == 2
+
+
+def test_plain_sweep_to_a_plain_echo(capsys: pytest.CaptureFixture[str]) -> None:
+    # --plain stands for an app talking to its sidecar's outbound listener; the built-in
+    # plain echo stands in for the outbound here (no TLS on either side).
+    with builtin_echo() as target:
+        code, out, err = run(capsys, "--target", f"127.0.0.1:{target.port}", "--plain",
+                             "--sweep", "--requests", "200", "--duration", "300ms",
+                             "--concurrency", "1", "--target-pid", str(target.pid))
+    assert code == 0, err
+    rows = out["points"]
+    assert [(r["mode"], r["per_connection"]) for r in rows] == [
+        ("plain", n) for n in (1, 10, 100, 1000)]
+    assert all(r["handshakes"] == 0 and r["errors"] == 0 for r in rows)
+    assert rows[-1]["connections"] == 1 and rows[0]["connections"] == rows[0]["requests"]
+    assert bench.main(["--target", "127.0.0.1:1", "--plain", "--mode", "resume"]) == 2

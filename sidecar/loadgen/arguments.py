@@ -68,9 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-metrics", "--metrics", dest="metrics", metavar="URL",
                    help="the target's /metrics URL: server CPU per handshake (a sidecar's "
                    "handshake counters) and per request (process_cpu_seconds_total)")
-    p.add_argument("--target-pid", type=_positive, metavar="PID",
+    p.add_argument("--target-pid", type=_positive, metavar="PID", action="append",
+                   default=[],
                    help="a local target's process: server CPU per request from /proc, for "
-                   "a target that exports no process_cpu_seconds_total")
+                   "a target that exports no process_cpu_seconds_total; repeat it to sum "
+                   "several (an outbound and an inbound sidecar)")
+    p.add_argument("--plain", action="store_true",
+                   help="plain TCP, to a sidecar's outbound listener: the outbound makes "
+                   "the handshakes, full or resumed as its tls.session_resumption says")
     p.add_argument("--sweep", action="store_true",
                    help="requests per connection 1, 10, 100, 1000, each with full and with "
                    "resumed handshakes; --duration and --requests apply to each point; "
@@ -113,17 +118,22 @@ def make_plan(args: argparse.Namespace) -> Plan:
         raise UsageError("--plot needs matplotlib: pip install 'sidecar[plot]'")
     if args.rate is not None and importlib.util.find_spec("hdrh") is None:
         raise UsageError("--rate needs hdrhistogram: pip install 'sidecar[bench]'")
+    if args.plain and args.mode == Mode.RESUME:
+        raise UsageError("--plain: the client makes no handshake to resume; the outbound "
+                         "resumes when its tls.session_resumption is on")
     if args.sweep and args.mode != "all":
         raise UsageError("--sweep runs full and resume modes itself: leave out --mode")
     modes = tuple(Mode) if args.mode == "all" else (Mode(args.mode),)
+    if args.plain:
+        modes = tuple(m for m in modes if m is not Mode.RESUME)
     return Plan(
         host=address.host, port=address.port, server_name=args.server_name or address.host,
         modes=modes, concurrency=args.concurrency, duration=args.duration,
         requests=args.requests, payload=request_payload(args.request_bytes),
         response_bytes=response_bytes, echo=not args.no_echo, expect_id=args.expect_id,
-        metrics_url=args.metrics, target_pid=args.target_pid, timeout=args.timeout,
+        metrics_url=args.metrics, target_pids=tuple(args.target_pid), timeout=args.timeout,
         as_json=args.json, plot=args.plot, progress=args.progress or sys.stderr.isatty(),
-        per_connection=args.per_connection, rate=args.rate, sweep=args.sweep)
+        per_connection=args.per_connection, rate=args.rate, sweep=args.sweep, plain=args.plain)
 
 
 def client_context(args: argparse.Namespace) -> ssl.SSLContext:

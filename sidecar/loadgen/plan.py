@@ -30,7 +30,7 @@ class Plan:
     echo: bool
     expect_id: str | None
     metrics_url: str | None
-    target_pid: int | None
+    target_pids: tuple[int, ...]
     timeout: float
     as_json: bool
     plot: str | None
@@ -40,6 +40,9 @@ class Plan:
     # Open loop: requests per second over all workers, each timed from when it was due.
     rate: float | None = None
     sweep: bool = False
+    # Plain TCP to a sidecar's outbound listener: the outbound makes the handshakes, full
+    # or resumed as its tls.session_resumption says; the rows are labelled `plain`.
+    plain: bool = False
 
     @property
     def target(self) -> str:

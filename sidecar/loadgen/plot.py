@@ -15,15 +15,18 @@ from typing import Any
 
 from sidecar.loadgen.plan import Plan
 from sidecar.loadgen.summary import ModeResult
-from sidecar.loadgen.sweep import SWEEP_MODES, BreakEven, cpu_points, fit
+from sidecar.loadgen.sweep import BreakEven, cpu_points, fit, series
 
-_COLOURS = {"full": "tab:red", "resume": "tab:blue", "reuse": "tab:green"}
-_LABELS = {"full": "full handshake", "resume": "resumed handshake", "reuse": "reuse"}
+_COLOURS = {"full": "tab:red", "resume": "tab:blue", "reuse": "tab:green",
+            "plain": "tab:purple"}
+_LABELS = {"full": "full handshake", "resume": "resumed handshake", "reuse": "reuse",
+           "plain": "plain, via an outbound"}
 
 
 def parameters(plan: Plan) -> str:
     """One line with what the run was: enough to rerun it and compare."""
     loop = f"open loop {plan.rate:g}/s" if plan.rate else "closed loop"
+    loop += ", plain TCP to an outbound" if plan.plain else ", mTLS"
     stop = f"{plan.duration:g}s" + (f" or {plan.requests} requests" if plan.requests else "")
     return (f"target {plan.target}  ·  {plan.concurrency} workers, {loop}  ·  {stop} per "
             f"point  ·  {len(plan.payload)}-byte requests  ·  "
@@ -51,7 +54,7 @@ def plot(plan: Plan, results: Sequence[ModeResult], found: Sequence[BreakEven],
 
 def _sweep(axes: Any, results: Sequence[ModeResult], found: Sequence[BreakEven]) -> None:
     cpu, rate, latency = axes
-    for mode in SWEEP_MODES:
+    for mode in series(results):
         rows = [r for r in results if r.mode == mode and r.per_connection and r.requests]
         ns = [r.per_connection for r in rows]
         colour, label = _COLOURS[mode], _LABELS[mode]

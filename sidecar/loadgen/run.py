@@ -58,22 +58,27 @@ def run_mode(
         why = before if isinstance(before, str) else after
         print(f"sidecar bench: {mode}: no server CPU: {why}", file=err)
     result = summarize(mode, [w.tally for w in workers], seconds, server,
-                       per_connection=plan.per_connection, rate=plan.rate)
+                       per_connection=plan.per_connection, rate=plan.rate,
+                       label="plain" if plan.plain and mode is Mode.FULL else None)
     return result, interrupted
 
 
 def _server_counters(plan: Plan) -> HandshakeCost | str | None:
     """The target's counters now (--target-metrics), its process CPU from /proc when
-    --target-pid names it; None when neither was asked for, a line saying why on failure."""
+    --target-pid names it (summed over each); None when neither was asked for, a line
+    saying why on failure."""
     counters: HandshakeCost | str | None = None
     if plan.metrics_url:
         counters = scrape(plan.metrics_url, plan.timeout)
-    if plan.target_pid is None or isinstance(counters, str):
+    if not plan.target_pids or isinstance(counters, str):
         return counters
-    cpu = pid_cpu(plan.target_pid)
-    if isinstance(cpu, str):
-        return cpu
-    return replace(counters or HandshakeCost(), process_cpu=cpu)
+    total = 0.0
+    for pid in plan.target_pids:
+        cpu = pid_cpu(pid)
+        if isinstance(cpu, str):
+            return cpu
+        total += cpu
+    return replace(counters or HandshakeCost(), process_cpu=total)
 
 
 def _watch(plan: Plan, mode: Mode, started: float, workers: Sequence[Worker],

@@ -108,8 +108,9 @@ def _per_ms(seconds: float, count: float) -> float | None:
 
 def summarize(mode: Mode, tallies: Sequence[Tally], seconds: float,
               server: HandshakeCost | None, *, per_connection: int | None = None,
-              rate: float | None = None) -> ModeResult:
-    """Merge the workers' tallies (and the target's counter delta) into one row."""
+              rate: float | None = None, label: str | None = None) -> ModeResult:
+    """Merge the workers' tallies (and the target's counter delta) into one row, named
+    `label` or after its mode."""
     total = Tally()
     if rate is not None:
         total.histogram = new_histogram()
@@ -134,7 +135,7 @@ def summarize(mode: Mode, tallies: Sequence[Tally], seconds: float,
         kinds[kind] += n
         detail.setdefault(kind, text)  # the most frequent wording of each kind
     return ModeResult(
-        mode=str(mode),
+        mode=label or str(mode),
         seconds=round(seconds, 3),
         concurrency=len(tallies),
         connections=total.connections,

@@ -42,7 +42,7 @@ def run_sweep(plan: Plan, ctx: ssl.SSLContext, err: TextIO,
     """Every point of the sweep, in order; the flag says it was interrupted."""
     results: list[ModeResult] = []
     for per_connection in SWEEP_PER_CONNECTION:
-        for mode in SWEEP_MODES:
+        for mode in SWEEP_MODES[:1] if plan.plain else SWEEP_MODES:
             result, interrupted = run_mode(replace(plan, per_connection=per_connection),
                                            ctx, mode, err)
             results.append(result)
@@ -73,11 +73,16 @@ def cpu_points(rows: Sequence[ModeResult], side: str) -> list[tuple[int, float]]
     return points
 
 
+def series(results: Sequence[ModeResult]) -> list[str]:
+    """The sweep's series, in order: full and resume, or plain (--plain)."""
+    return list(dict.fromkeys(r.mode for r in results if r.per_connection))
+
+
 def break_even(results: Sequence[ModeResult]) -> list[BreakEven]:
     """The break-even point of each handshake kind, from the server's CPU where the run
     read it, else the client's; none for a kind whose fit is not positive (noise)."""
     found: list[BreakEven] = []
-    for mode in SWEEP_MODES:
+    for mode in series(results):
         rows = [r for r in results if r.mode == mode and r.per_connection and r.requests]
         for side in ("server", "client"):
             costs = fit(cpu_points(rows, side))
@@ -85,7 +90,7 @@ def break_even(results: Sequence[ModeResult]) -> list[BreakEven]:
                 continue
             setup, request = costs
             if setup > 0 and request > 0:
-                found.append(BreakEven(str(mode), side, round(setup, 4), round(request, 4)))
+                found.append(BreakEven(mode, side, round(setup, 4), round(request, 4)))
             break  # the server's figures when there are any
     return found
 
@@ -93,7 +98,8 @@ def break_even(results: Sequence[ModeResult]) -> list[BreakEven]:
 def break_even_text(found: Sequence[BreakEven]) -> str | None:
     if not found:
         return None
-    words = {"full": "a full handshake", "resume": "a resumed handshake"}
+    words = {"full": "a full handshake", "resume": "a resumed handshake",
+             "plain": "a connection through the outbound (its handshake)"}
     return "\n".join(
         f"{b.side} CPU: {words[b.mode]} and its connection cost {b.setup_ms:.3f} ms, a "
         f"request {b.request_ms:.4f} ms: break-even at {b.per_connection:.0f} requests per "

@@ -98,7 +98,7 @@ class Worker:
         self._ids: dict[bytes, RequestError | None] = {}  # server leaf -> verdict
 
     def run(self) -> None:
-        conn: ssl.SSLSocket | None = None
+        conn: socket.socket | None = None
         cpu = time.thread_time()
         try:
             while (due := self.budget.take()) is not None:
@@ -118,7 +118,7 @@ class Worker:
             _close(conn)
             self.tally.cpu += time.thread_time() - cpu
 
-    def _request(self, conn: ssl.SSLSocket | None, due: float) -> ssl.SSLSocket | None:
+    def _request(self, conn: socket.socket | None, due: float) -> socket.socket | None:
         """One request, on `conn` or a new connection; the connection to use next, or None
         when it is closed (the server closed it, or it carried --per-connection)."""
         if conn is None:
@@ -131,7 +131,7 @@ class Worker:
             raise
         self._record(time.perf_counter() - due)
         self._served += 1
-        if self.mode is Mode.RESUME and self._served == 1:
+        if self._served == 1 and isinstance(conn, ssl.SSLSocket) and self.mode is Mode.RESUME:
             # Read after the response: a TLS 1.3 ticket comes with the server's first bytes.
             # Once per connection: each read copies the session into a new Python object.
             self._session = conn.session or self._session
@@ -157,7 +157,7 @@ class Worker:
         else:
             self.tally.latencies.append(seconds)
 
-    def _connect(self, session: ssl.SSLSession | None) -> ssl.SSLSocket:
+    def _connect(self, session: ssl.SSLSession | None) -> socket.socket:
         plan = self.plan
         try:
             raw = socket.create_connection((plan.host, plan.port), timeout=plan.timeout)
@@ -173,6 +173,8 @@ class Worker:
             raw.close()
             raise connect_error(ConnectionRefusedError(), plan.target, plan.timeout)
         self.tally.connections += 1
+        if plan.plain:
+            return raw  # to a sidecar's outbound listener, which makes the handshake
         try:
             conn = self.ctx.wrap_socket(raw, server_hostname=plan.server_name,
                                         session=session, do_handshake_on_connect=False)
@@ -221,7 +223,7 @@ class Worker:
             conn.close()
             raise problem
 
-    def _exchange(self, conn: ssl.SSLSocket) -> bool:
+    def _exchange(self, conn: socket.socket) -> bool:
         """Send the request, read the response; False when the server closed after it."""
         plan = self.plan
         deadline = time.monotonic() + plan.timeout
@@ -257,6 +259,6 @@ class Worker:
         return len(got) == plan.response_bytes
 
 
-def _close(conn: ssl.SSLSocket | None) -> None:
+def _close(conn: socket.socket | None) -> None:
     if conn is not None:
         conn.close()
