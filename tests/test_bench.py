@@ -668,3 +668,18 @@ def test_plain_sweep_to_a_plain_echo(capsys: pytest.CaptureFixture[str]) -> None
     assert all(r["handshakes"] == 0 and r["errors"] == 0 for r in rows)
     assert rows[-1]["connections"] == 1 and rows[0]["connections"] == rows[0]["requests"]
     assert bench.main(["--target", "127.0.0.1:1", "--plain", "--mode", "resume"]) == 2
+
+
+def test_plain_with_a_resumed_target_runs_resume_mode_there(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # Two outbound listeners in real use (resumption off and on); two echoes here.
+    with builtin_echo() as full, builtin_echo() as resumed:
+        code, rows, err = run(capsys, "--target", f"127.0.0.1:{full.port}", "--plain",
+                              "--resumed-target", f"127.0.0.1:{resumed.port}",
+                              "--requests", "20", "--concurrency", "1", "--duration", "2s",
+                              "--target-pid", str(resumed.pid))
+    assert code == 0, err
+    assert [(r["mode"], r["requests"]) for r in rows] == [
+        ("full", 20), ("resume", 20), ("reuse", 20)]
+    assert bench.main(["--target", "127.0.0.1:1", "--resumed-target", "127.0.0.1:2"]) == 2
+    assert "goes with --plain" in capsys.readouterr().err

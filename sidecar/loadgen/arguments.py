@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plain", action="store_true",
                    help="plain TCP, to a sidecar's outbound listener: the outbound makes "
                    "the handshakes, full or resumed as its tls.session_resumption says")
+    p.add_argument("--resumed-target", metavar="HOST:PORT",
+                   help="with --plain: an outbound listener whose sidecar resumes, for "
+                   "resume mode and the sweep's resumed points; --target is then one whose "
+                   "sidecar does not (tls.session_resumption: false)")
     p.add_argument("--sweep", action="store_true",
                    help="requests per connection 1, 10, 100, 1000, each with full and with "
                    "resumed handshakes; --duration and --requests apply to each point; "
@@ -118,13 +122,23 @@ def make_plan(args: argparse.Namespace) -> Plan:
         raise UsageError("--plot needs matplotlib: pip install 'sidecar[plot]'")
     if args.rate is not None and importlib.util.find_spec("hdrh") is None:
         raise UsageError("--rate needs hdrhistogram: pip install 'sidecar[bench]'")
-    if args.plain and args.mode == Mode.RESUME:
-        raise UsageError("--plain: the client makes no handshake to resume; the outbound "
-                         "resumes when its tls.session_resumption is on")
+    resumed_target = None
+    if args.resumed_target is not None:
+        if not args.plain:
+            raise UsageError("--resumed-target goes with --plain: without it, the bench "
+                             "resumes its own sessions")
+        try:
+            resumed = parse_address(args.resumed_target)
+        except ValueError as exc:
+            raise UsageError(f"--resumed-target: {exc}") from None
+        resumed_target = (resumed.host, resumed.port)
+    if args.plain and resumed_target is None and args.mode == Mode.RESUME:
+        raise UsageError("--plain: the client makes no handshake to resume; give "
+                         "--resumed-target, an outbound listener whose sidecar resumes")
     if args.sweep and args.mode != "all":
         raise UsageError("--sweep runs full and resume modes itself: leave out --mode")
     modes = tuple(Mode) if args.mode == "all" else (Mode(args.mode),)
-    if args.plain:
+    if args.plain and resumed_target is None:
         modes = tuple(m for m in modes if m is not Mode.RESUME)
     return Plan(
         host=address.host, port=address.port, server_name=args.server_name or address.host,
@@ -133,7 +147,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
         response_bytes=response_bytes, echo=not args.no_echo, expect_id=args.expect_id,
         metrics_url=args.metrics, target_pids=tuple(args.target_pid), timeout=args.timeout,
         as_json=args.json, plot=args.plot, progress=args.progress or sys.stderr.isatty(),
-        per_connection=args.per_connection, rate=args.rate, sweep=args.sweep, plain=args.plain)
+        per_connection=args.per_connection, rate=args.rate, sweep=args.sweep, plain=args.plain,
+        resumed_target=resumed_target)
 
 
 def client_context(args: argparse.Namespace) -> ssl.SSLContext:

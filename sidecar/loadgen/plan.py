@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 
 _ALPHABET = b"abcdefghijklmnopqrstuvwxyz0123456789"
@@ -43,6 +43,16 @@ class Plan:
     # Plain TCP to a sidecar's outbound listener: the outbound makes the handshakes, full
     # or resumed as its tls.session_resumption says; the rows are labelled `plain`.
     plain: bool = False
+    # --plain: an outbound listener whose sidecar resumes, for resume mode; `host:port`
+    # is then one whose sidecar does not (tls.session_resumption: false).
+    resumed_target: tuple[str, int] | None = None
+
+    def for_mode(self, mode: Mode) -> Plan:
+        """The plan one mode runs: --plain's resume mode goes to --resumed-target."""
+        if mode is Mode.RESUME and self.resumed_target is not None:
+            host, port = self.resumed_target
+            return replace(self, host=host, port=port, server_name=host)
+        return self
 
     @property
     def target(self) -> str:

@@ -24,12 +24,19 @@ _LABELS = {"full": "full handshake", "resume": "resumed handshake", "reuse": "re
 
 
 def parameters(plan: Plan) -> str:
-    """One line with what the run was: enough to rerun it and compare."""
+    """Two lines with what the run was: enough to rerun it and compare."""
     loop = f"open loop {plan.rate:g}/s" if plan.rate else "closed loop"
-    loop += ", plain TCP to an outbound" if plan.plain else ", mTLS"
+    if plan.plain:
+        loop += ", plain TCP to a sidecar's outbound"
+        if plan.resumed_target:
+            loop += f" (resumed: {plan.resumed_target[0]}:{plan.resumed_target[1]})"
+    else:
+        loop += ", mTLS"
     stop = f"{plan.duration:g}s" + (f" or {plan.requests} requests" if plan.requests else "")
-    return (f"target {plan.target}  ·  {plan.concurrency} workers, {loop}  ·  {stop} per "
-            f"point  ·  {len(plan.payload)}-byte requests  ·  "
+    server = ("the /proc CPU of " + ", ".join(map(str, plan.target_pids)) if plan.target_pids
+              else "--target-metrics" if plan.metrics_url else "not measured")
+    return (f"target {plan.target}  ·  {plan.concurrency} workers, {loop}\n{stop} per "
+            f"point  ·  {len(plan.payload)}-byte requests  ·  server CPU: {server}  ·  "
             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
 
 
@@ -38,7 +45,7 @@ def plot(plan: Plan, results: Sequence[ModeResult], found: Sequence[BreakEven],
     matplotlib = importlib.import_module("matplotlib")
     matplotlib.use("Agg")  # no display needed, and none may exist
     plt = importlib.import_module("matplotlib.pyplot")
-    fig, axes = plt.subplots(1, 3, figsize=(15, 5))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 6.5))
     if plan.sweep:
         _sweep(axes, results, found)
         title = "sidecar bench --sweep: what a handshake costs against reusing a connection"
@@ -47,7 +54,7 @@ def plot(plan: Plan, results: Sequence[ModeResult], found: Sequence[BreakEven],
         title = "sidecar bench: full handshakes, resumed handshakes, reused connections"
     fig.suptitle(title)
     fig.text(0.5, 0.01, parameters(plan), ha="center", fontsize=9, color="dimgray")
-    fig.tight_layout(rect=(0, 0.04, 1, 0.97))
+    fig.tight_layout(rect=(0, 0.06, 1, 0.97))
     fig.savefig(path, dpi=80)
     plt.close(fig)
 
@@ -82,7 +89,7 @@ def _sweep(axes: Any, results: Sequence[ModeResult], found: Sequence[BreakEven])
         ax.set_yscale("log")
         ax.set_xlabel("requests per connection")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        _legend_below(ax)
 
 
 def _fitted(ax: Any, points: Sequence[tuple[int, float]], colour: str) -> None:
@@ -120,4 +127,9 @@ def _modes(axes: Any, results: Sequence[ModeResult]) -> None:
         ax.set_xticks(xs, modes)
         ax.set_yscale("log")
         ax.grid(True, axis="y", which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        _legend_below(ax)
+
+
+def _legend_below(ax: Any) -> None:
+    """Under the axes: inside, it would hide the lines it names."""
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)

@@ -25,6 +25,7 @@ def run_mode(
     plan: Plan, ctx: ssl.SSLContext, mode: Mode, err: TextIO
 ) -> tuple[ModeResult, bool]:
     """Run one mode; the flag says it was interrupted (Ctrl-C) and no more should run."""
+    plan = plan.for_mode(mode)
     budget = Budget(plan.requests, plan.duration, plan.rate)
     workers = [Worker(plan, ctx, mode, budget) for _ in range(plan.concurrency)]
     if mode is Mode.RESUME:
@@ -59,8 +60,15 @@ def run_mode(
         print(f"sidecar bench: {mode}: no server CPU: {why}", file=err)
     result = summarize(mode, [w.tally for w in workers], seconds, server,
                        per_connection=plan.per_connection, rate=plan.rate,
-                       label="plain" if plan.plain and mode is Mode.FULL else None)
+                       label=_label(plan, mode))
     return result, interrupted
+
+
+def _label(plan: Plan, mode: Mode) -> str | None:
+    """--plain's full mode is `plain` unless --resumed-target makes it one of two."""
+    if plan.plain and mode is Mode.FULL and plan.resumed_target is None:
+        return "plain"
+    return None
 
 
 def _server_counters(plan: Plan) -> HandshakeCost | str | None:

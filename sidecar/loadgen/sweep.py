@@ -42,7 +42,8 @@ def run_sweep(plan: Plan, ctx: ssl.SSLContext, err: TextIO,
     """Every point of the sweep, in order; the flag says it was interrupted."""
     results: list[ModeResult] = []
     for per_connection in SWEEP_PER_CONNECTION:
-        for mode in SWEEP_MODES[:1] if plan.plain else SWEEP_MODES:
+        # --plain runs resume only to a --resumed-target (make_plan leaves it out else).
+        for mode in [m for m in SWEEP_MODES if m in plan.modes]:
             result, interrupted = run_mode(replace(plan, per_connection=per_connection),
                                            ctx, mode, err)
             results.append(result)
