@@ -13,6 +13,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -67,8 +68,9 @@ class EchoServer:
     """Echoes what each mTLS client sends; counts handshakes and their CPU as a sidecar
     does, in its own registry, served on its own /metrics."""
 
-    def __init__(self, files: Files) -> None:
+    def __init__(self, files: Files, delay: float = 0.0) -> None:
         f = files.server
+        self.delay = delay  # before each answer: a slow app
         self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.ctx.load_cert_chain(files.path("server", f.cert), files.path("server", f.key))
         self.ctx.load_verify_locations(files.path("server", f.bundle))
@@ -128,6 +130,8 @@ class EchoServer:
                 self.handshakes.labels("inbound", "echo", "ok", resumed).inc()
                 self.cpu.labels("inbound", "echo", resumed).inc(cpu)
                 while data := tls.recv(65536):
+                    if self.delay:
+                        self._stop.wait(self.delay)
                     tls.sendall(data)
         except OSError:
             pass  # a client the handshake refused, or one that went away: bench counts it
@@ -172,15 +176,15 @@ def test_full_mode_never_resumes(echo: EchoServer, files: Files,
     assert row["server_cpu_per_resumed_handshake_ms"] is None
 
 
-def test_resume_mode_resumes_after_each_workers_first(
+def test_resume_mode_resumes_every_counted_handshake(
         echo: EchoServer, files: Files, capsys: pytest.CaptureFixture[str]) -> None:
     code, rows, _ = run(capsys, "--target", f"127.0.0.1:{echo.port}", *files.client_args,
                         "--mode", "resume", "--metrics", echo.metrics_url(), *RUN)
     assert code == 0
     [row] = rows
     assert row["errors"] == 0 and row["handshakes"] > 10
-    assert row["resumption_ratio"] > 0.8
-    assert row["handshakes"] - row["resumed"] == 2  # each worker's first connection
+    # Each worker's first, full handshake is made before the clock and the counters.
+    assert row["resumed"] == row["handshakes"] and row["resumption_ratio"] == 1
     assert row["server_handshakes"] == row["handshakes"]
     assert row["server_cpu_per_resumed_handshake_ms"] > 0
 
@@ -447,3 +451,235 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert bench.main(["--target", "nowhere"]) == 2
     assert bench.main(["--target", "127.0.0.1:1", "--cert", "x.pem"]) == 2
     assert bench.main(["--target", "127.0.0.1:1", "--duration", "10"]) == 2
+
+
+# --- the built-in echo target (`sidecar bench echo`), as a real subprocess --------------
+
+
+@dataclass(frozen=True)
+class BuiltinEcho:
+    port: int
+    metrics_url: str
+    pid: int
+
+
+@contextlib.contextmanager
+def builtin_echo(*args: str) -> Iterator[BuiltinEcho]:
+    """`sidecar bench echo ARGS --metrics-listen 127.0.0.1:0`, stopped by SIGTERM."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sidecar", "bench", "echo", "--listen", "127.0.0.1:0",
+         "--metrics-listen", "127.0.0.1:0", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        listening, metrics = proc.stdout.readline(), proc.stdout.readline()
+        if not metrics.startswith("metrics on "):
+            proc.kill()
+            pytest.fail(f"bench echo did not start: {listening}{metrics}"
+                        f"{proc.communicate(timeout=IO_TIMEOUT)[1]}")
+        port = int(listening.split()[3].rsplit(":", 1)[1])
+        yield BuiltinEcho(port, metrics.removeprefix("metrics on ").strip(), proc.pid)
+    finally:
+        proc.terminate()
+        try:
+            code = proc.wait(IO_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(IO_TIMEOUT)
+            raise
+    assert code == 0  # SIGTERM is its ordinary way to stop
+
+
+def test_builtin_echo_plain_tcp_echoes_and_exports_process_cpu() -> None:
+    with builtin_echo() as target:
+        with socket.create_connection(("127.0.0.1", target.port), timeout=IO_TIMEOUT) as s:
+            s.sendall(b"hello, echo\n")
+            got = b""
+            while len(got) < 12:
+                chunk = s.recv(64)
+                assert chunk
+                got += chunk
+        assert got == b"hello, echo\n"
+        cost = bench.scrape(target.metrics_url, IO_TIMEOUT)
+        assert isinstance(cost, bench.HandshakeCost)
+        assert cost.process_cpu is not None and cost.process_cpu > 0
+
+
+def test_builtin_echo_tls_requires_a_client_certificate(
+        files: Files, capsys: pytest.CaptureFixture[str]) -> None:
+    f = files.server
+    with builtin_echo("--cert", files.path("server", f.cert), "--key",
+                      files.path("server", f.key), "--bundle",
+                      files.path("server", f.bundle)) as target:
+        code, rows, _ = run(capsys, "--target", f"127.0.0.1:{target.port}",
+                            *files.client_args, "--expect-id", SERVER_ID, "--mode", "reuse",
+                            *RUN)
+        assert code == 0 and rows[0]["errors"] == 0 and rows[0]["requests"] > 10
+        bundle = files.path("client", pki.Layout.SPIFFE_HELPER.files.bundle)
+        code, rows, _ = run(capsys, "--target", f"127.0.0.1:{target.port}", "--bundle",
+                            bundle, "--mode", "full", *RUN)
+        assert code == 1 and rows[0]["requests"] == 0
+
+
+def test_builtin_echo_usage_errors() -> None:
+    assert bench.main(["echo", "--cert", "x.pem"]) == 2
+    assert bench.main(["echo", "--listen", "nowhere"]) == 2
+
+
+# --- the sweep: requests per connection against CPU per request -------------------------
+
+
+def by_point(rows: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, Any]]:
+    return {(r["mode"], r["per_connection"]): r for r in rows}
+
+
+@pytest.mark.timeout(120)  # 8 points of up to 2 s each, on a machine that may be loaded
+def test_sweep_against_the_builtin_echo(files: Files, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("matplotlib")
+    f = files.server
+    png = tmp_path / "sweep.png"
+    with builtin_echo("--cert", files.path("server", f.cert), "--key",
+                      files.path("server", f.key), "--bundle",
+                      files.path("server", f.bundle)) as target:
+        code, out, err = run(capsys, "--target", f"127.0.0.1:{target.port}",
+                             *files.client_args, "--sweep", "--requests", "1000",
+                             "--duration", "2s", "--concurrency", "1", "--timeout", "3s",
+                             "--target-metrics", target.metrics_url, "--plot", str(png))
+    assert code == 0, err
+    points = by_point(out["points"])
+    assert sorted(points) == sorted((m, n) for m in ("full", "resume")
+                                    for n in (1, 10, 100, 1000))
+    for (mode, n), row in points.items():
+        assert row["errors"] == 0 and row["requests"] > 0, (mode, n)
+        assert row["resumption_ratio"] == (0 if mode == "full" else 1), (mode, n)
+        assert row["connections"] == -(-row["requests"] // n), (mode, n)
+        assert row["latency_p50_ms"] <= row["latency_p99_ms"] <= row["latency_p999_ms"]
+    for mode in ("full", "resume"):
+        one, thousand = points[mode, 1], points[mode, 1000]
+        # A handshake per request costs far more than one per thousand, on both sides.
+        assert thousand["server_cpu_per_request_ms"] * 3 < one["server_cpu_per_request_ms"]
+        assert thousand["client_cpu_per_request_ms"] * 3 < one["client_cpu_per_request_ms"]
+        assert thousand["requests_per_s"] > one["requests_per_s"]
+    found = {b["mode"]: b for b in out["break_even"]}
+    assert set(found) == {"full", "resume"}
+    for b in found.values():
+        assert b["side"] == "server" and b["setup_ms"] > b["request_ms"] > 0
+        assert 1 < b["per_connection"] < 10_000
+    assert png.read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.timeout(60)
+def test_sweep_table_names_the_break_even(files: Files,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    with builtin_echo("--cert", files.path("server", files.server.cert), "--key",
+                      files.path("server", files.server.key)) as target:
+        code = bench.main(["--target", f"127.0.0.1:{target.port}", *files.client_args,
+                           "--sweep", "--requests", "100", "--duration", "300ms",
+                           "--concurrency", "1", "--target-pid", str(target.pid)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    header, *rows = out.splitlines()
+    assert header.split()[:3] == ["mode", "req/conn", "req/s"]
+    assert [tuple(line.split()[:2]) for line in rows[:8]] == [
+        (m, str(n)) for n in (1, 10, 100, 1000) for m in ("full", "resume")]
+    assert "break-even at" in out and "server CPU" in out  # from /proc, by --target-pid
+
+
+def test_fit_and_break_even_from_the_sweeps_ends() -> None:
+    assert bench.fit([(1, 2.05), (10, 0.25), (1000, 0.052)]) == pytest.approx((2.0, 0.05))
+    assert bench.fit([(10, 1.0), (10, 2.0)]) is None
+    rows = [bench.summarize(bench.Mode.FULL, [bench.Tally()], 1.0, None, per_connection=n)
+            for n in (1, 1000)]
+    assert bench.break_even(rows) == []  # no requests, no figures: nothing to say
+    point = bench.BreakEven("full", "server", setup_ms=2.0, request_ms=0.05)
+    assert point.per_connection == pytest.approx(40)
+
+
+def test_process_cpu_is_read_from_the_targets_metrics() -> None:
+    # As prometheus_client's process collector writes it.
+    text = SAMPLE + ("# HELP process_cpu_seconds_total Total user and system CPU time\n"
+                     "# TYPE process_cpu_seconds_total counter\n"
+                     "process_cpu_seconds_total 12.5\n")
+    assert bench.handshake_cost(text).process_cpu == 12.5
+    assert bench.handshake_cost(SAMPLE).process_cpu is None
+    later = bench.handshake_cost(text.replace("12.5", "14.0"))
+    assert (later - bench.handshake_cost(text)).process_cpu == pytest.approx(1.5)
+    assert (later - bench.handshake_cost(SAMPLE)).process_cpu is None
+
+
+# --- open loop: a fixed arrival rate, latencies from when each request was due ----------
+
+
+def test_open_loop_keeps_its_rate(echo: EchoServer, files: Files,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    code, rows, err = run(capsys, "--target", f"127.0.0.1:{echo.port}", *files.client_args,
+                          "--mode", "reuse", "--rate", "200", "--duration", "1s",
+                          "--concurrency", "2", "--timeout", "3s")
+    assert code == 0, err
+    [row] = rows
+    assert row["target_rate"] == 200 and row["errors"] == 0
+    # 200 arrivals are due within the second; none early, none beyond the deadline.
+    assert 180 <= row["requests"] <= 200
+    assert 170 <= row["requests_per_s"] <= 210
+    assert row["latency_p50_ms"] is not None and row["latency_p999_ms"] is not None
+
+
+def test_open_loop_counts_latency_from_when_a_request_was_due(
+        files: Files, capsys: pytest.CaptureFixture[str]) -> None:
+    # A server that takes 20 ms per answer, asked 100 times a second by one worker: in a
+    # closed loop every latency would read ~20 ms; the users behind an open loop's
+    # arrivals queue up, and their wait counts (coordinated omission, corrected).
+    server = EchoServer(files, delay=0.02)
+    server.start()
+    try:
+        code, rows, err = run(capsys, "--target", f"127.0.0.1:{server.port}",
+                              *files.client_args, "--mode", "reuse", "--rate", "100",
+                              "--duration", "1s", "--concurrency", "1", "--timeout", "3s")
+    finally:
+        server.stop()
+    assert code == 0, err
+    [row] = rows
+    assert row["requests"] <= 55  # at most one answer per 20 ms
+    assert row["latency_p50_ms"] > 100 and row["latency_p99_ms"] > 300
+
+
+def test_open_loop_without_hdrhistogram_says_what_to_install(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "hdrh" else real(name, *a))
+    assert bench.main(["--target", "127.0.0.1:1", "--rate", "10"]) == 2
+    assert "pip install 'sidecar[bench]'" in capsys.readouterr().err
+    assert bench.main(["--target", "127.0.0.1:1", "--rate", "0"]) == 2
+
+
+def test_plain_sweep_to_a_plain_echo(capsys: pytest.CaptureFixture[str]) -> None:
+    # --plain stands for an app talking to its sidecar's outbound listener; the built-in
+    # plain echo stands in for the outbound here (no TLS on either side).
+    with builtin_echo() as target:
+        code, out, err = run(capsys, "--target", f"127.0.0.1:{target.port}", "--plain",
+                             "--sweep", "--requests", "200", "--duration", "300ms",
+                             "--concurrency", "1", "--target-pid", str(target.pid))
+    assert code == 0, err
+    rows = out["points"]
+    assert [(r["mode"], r["per_connection"]) for r in rows] == [
+        ("plain", n) for n in (1, 10, 100, 1000)]
+    assert all(r["handshakes"] == 0 and r["errors"] == 0 for r in rows)
+    assert rows[-1]["connections"] == 1 and rows[0]["connections"] == rows[0]["requests"]
+    assert bench.main(["--target", "127.0.0.1:1", "--plain", "--mode", "resume"]) == 2
+
+
+def test_plain_with_a_resumed_target_runs_resume_mode_there(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # Two outbound listeners in real use (resumption off and on); two echoes here.
+    with builtin_echo() as full, builtin_echo() as resumed:
+        code, rows, err = run(capsys, "--target", f"127.0.0.1:{full.port}", "--plain",
+                              "--resumed-target", f"127.0.0.1:{resumed.port}",
+                              "--requests", "20", "--concurrency", "1", "--duration", "2s",
+                              "--target-pid", str(resumed.pid))
+    assert code == 0, err
+    assert [(r["mode"], r["requests"]) for r in rows] == [
+        ("full", 20), ("resume", 20), ("reuse", 20)]
+    assert bench.main(["--target", "127.0.0.1:1", "--resumed-target", "127.0.0.1:2"]) == 2
+    assert "goes with --plain" in capsys.readouterr().err

@@ -27,6 +27,7 @@ import string
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -388,8 +389,19 @@ def _k8s_objects(kind: str) -> list[dict[str, Any]]:
 
 
 def _sidecar_configmaps() -> dict[str, dict[str, str]]:
-    found = {c["metadata"]["name"]: c.get("data") or {} for c in _k8s_objects("ConfigMap")}
-    return {name: data for name, data in found.items() if "policy.yaml" in data}
+    """ConfigMaps holding a sidecar config, by (namespace, name) folded into one key."""
+    found = {_key(c): c.get("data") or {} for c in _k8s_objects("ConfigMap")}
+    return {key: data for key, data in found.items()
+            if any(_is_sidecar_config(k) for k in data)}
+
+
+def _key(obj: dict[str, Any], name: str | None = None) -> str:
+    namespace = obj["metadata"].get("namespace", "default")
+    return f"{namespace}/{name or obj['metadata']['name']}"
+
+
+def _is_sidecar_config(key: str) -> bool:
+    return key.startswith("sidecar") and key.endswith((".yaml", ".yml"))
 
 
 def _k8s_config(tmp_path: Path, configmap: dict[str, str], key: str) -> Config:
@@ -401,33 +413,60 @@ def _k8s_config(tmp_path: Path, configmap: dict[str, str], key: str) -> Config:
 
 def test_kubernetes_configmap_configs_parse(tmp_path: Path) -> None:
     configmaps = _sidecar_configmaps()
-    assert configmaps, "no ConfigMap with a sidecar config and policy.yaml"
+    assert configmaps, "no ConfigMap with a sidecar config"
     parsed = 0
     for data in configmaps.values():
-        for key in data:
-            if key.startswith("sidecar") and key.endswith((".yaml", ".yml")):
-                config = _k8s_config(tmp_path, data, key)
-                assert config.policy == tmp_path / "policy.yaml"
+        for key in filter(_is_sidecar_config, data):
+            folder = tmp_path / str(parsed)
+            folder.mkdir()
+            config = _k8s_config(folder, data, key)
+            if config.inbound:
+                assert config.policy == folder / "policy.yaml"
                 load_policy(config.policy, _inbound_names(config))
-                parsed += 1
-    assert parsed >= 2, "expected a config for each SVID layout (spiffe-helper, csi)"
+            parsed += 1
+    assert parsed >= 3, "a config per SVID layout (spiffe-helper, csi), and the caller's"
 
 
 def _named(items: list[dict[str, Any]] | None) -> dict[str, dict[str, Any]]:
     return {item["name"]: item for item in items or []}
 
 
-def test_kubernetes_deployments_agree_with_their_configs(tmp_path: Path) -> None:
+# docs/operations.md, Sizing (bench/memory_idle.py): a process at start, each idle proxied
+# connection, and the memory session store at its default size.
+MIB_AT_START = 50
+KIB_PER_CONNECTION = 23
+MIB_OF_SESSIONS = 6.5
+
+
+def _mebibytes(quantity: str) -> float:
+    units = {"Ki": 1 / 1024, "Mi": 1, "Gi": 1024}
+    return float(quantity[:-2]) * units[quantity[-2:]]
+
+
+@dataclass(frozen=True)
+class Pod:
+    """One Deployment's pod: its native `sidecar run` container and its parsed config."""
+
+    name: str
+    namespace: str
+    spec: dict[str, Any]
+    annotations: dict[str, str]
+    sidecar: dict[str, Any]
+    config: Config
+
+
+def _pods(tmp_path: Path) -> list[Pod]:
     configmaps = _sidecar_configmaps()
-    deployments = _k8s_objects("Deployment")
-    assert len(deployments) >= 2, "a Deployment per SVID delivery: spiffe-helper and CSI"
-    drivers = set()
-    for deployment in deployments:
+    pods = []
+    for deployment in _k8s_objects("Deployment"):
         name = deployment["metadata"]["name"]
-        pod = deployment["spec"]["template"]
-        spec = pod["spec"]
-        sidecars = [c for c in spec["containers"] if (c.get("args") or [])[:1] == ["run"]]
-        assert len(sidecars) == 1, f"{name}: one container runs `sidecar run`"
+        template = deployment["spec"]["template"]
+        spec = template["spec"]
+        running = [c for c in spec["containers"] if (c.get("args") or [])[:1] == ["run"]]
+        assert not running, f"{name}: the sidecar is a native sidecar, not a container"
+        sidecars = [c for c in spec.get("initContainers") or []
+                    if (c.get("args") or [])[:1] == ["run"]]
+        assert len(sidecars) == 1, f"{name}: one init container runs `sidecar run`"
         sidecar = sidecars[0]
         args = sidecar["args"]
         config_path = Path(args[args.index("-c") + 1])
@@ -435,21 +474,33 @@ def test_kubernetes_deployments_agree_with_their_configs(tmp_path: Path) -> None
         volumes = _named(spec.get("volumes"))
         config_mount = next(m for m in mounts.values() if m["mountPath"] == str(config_path.parent))
         configmap = volumes[config_mount["name"]]["configMap"]["name"]
-        config = _k8s_config(tmp_path, configmaps[configmap], config_path.name)
+        folder = tmp_path / name
+        folder.mkdir()
+        config = _k8s_config(folder, configmaps[_key(deployment, configmap)], config_path.name)
+        pods.append(Pod(name, deployment["metadata"].get("namespace", "default"), spec,
+                        template["metadata"]["annotations"], sidecar, config))
+    return pods
 
+
+def test_kubernetes_deployments_agree_with_their_configs(tmp_path: Path) -> None:
+    pods = _pods(tmp_path)
+    assert len([p for p in pods if p.config.inbound]) >= 2, (
+        "a Deployment per SVID delivery: spiffe-helper and CSI")
+    drivers = set()
+    for pod in pods:
+        name, spec, sidecar, config = pod.name, pod.spec, pod.sidecar, pod.config
+        mounts = _named(sidecar.get("volumeMounts"))
+        volumes = _named(spec.get("volumes"))
         ports = {p["name"]: p["containerPort"] for p in sidecar["ports"]}
         assert ports["admin"] == config.admin.listen.port, name
-        assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(ports["admin"])
-        assert pod["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
-        assert {config.inbound[0].listen.port} == {ports["mtls"]}, name
+        assert pod.annotations["prometheus.io/port"] == str(ports["admin"])
+        assert pod.annotations["prometheus.io/scrape"] == "true"
+        if config.inbound:
+            assert {config.inbound[0].listen.port} == {ports["mtls"]}, name
         assert sidecar["livenessProbe"]["httpGet"]["path"] == "/healthz"
         assert sidecar["readinessProbe"]["httpGet"]["path"] == "/readyz"
         for probe in ("livenessProbe", "readinessProbe"):
             assert sidecar[probe]["httpGet"]["port"] in ("admin", ports["admin"]), (name, probe)
-
-        pre_stop = sidecar.get("lifecycle", {}).get("preStop", {}).get("sleep", {})
-        grace = spec["terminationGracePeriodSeconds"]
-        assert config.drain_timeout + pre_stop.get("seconds", 0) < grace, name
 
         identity_dirs = {config.identity.cert.parent, config.identity.key.parent,
                          config.identity.bundle.parent}
@@ -469,3 +520,69 @@ def test_kubernetes_deployments_agree_with_their_configs(tmp_path: Path) -> None
         assert "/tmp" in {m["mountPath"] for m in mounts.values()}, f"{name}: TMPDIR"
     # Variant A shares an emptyDir with spiffe-helper, variant B mounts csi-driver-spiffe.
     assert {"emptyDir", "spiffe.csi.cert-manager.io"} <= drivers, drivers
+
+
+def test_kubernetes_sidecar_is_native_and_outlives_the_app(tmp_path: Path) -> None:
+    for pod in _pods(tmp_path):
+        name, spec = pod.name, pod.spec
+        # restartPolicy: Always makes an init container a native sidecar: the app starts
+        # after its startupProbe passes, and it is stopped only after the app has exited.
+        assert pod.sidecar.get("restartPolicy") == "Always", name
+        assert "startupProbe" in pod.sidecar, f"{name}: the app would start before it"
+        inits = [c["name"] for c in spec["initContainers"]]
+        if "spiffe-helper" in inits:  # the SVID on disk before the sidecar starts
+            assert inits.index("spiffe-helper") < inits.index(pod.sidecar["name"]), name
+        assert spec["containers"], f"{name}: an app beside the sidecar"
+        # The app's preStop, then its exit, then the sidecar's drain fit the grace
+        # period with time to spare for the app's own shutdown.
+        app_pre_stop = max(c.get("lifecycle", {}).get("preStop", {}).get("sleep", {})
+                           .get("seconds", 0) for c in spec["containers"])
+        grace = spec["terminationGracePeriodSeconds"]
+        assert app_pre_stop + pod.config.drain_timeout + 10 <= grace, name
+        assert "lifecycle" not in pod.sidecar, (
+            f"{name}: a preStop on a native sidecar only delays its drain past the app's exit")
+
+
+def test_kubernetes_memory_limit_fits_max_connections(tmp_path: Path) -> None:
+    for pod in _pods(tmp_path):
+        limits = pod.config.limits
+        needed = MIB_AT_START + limits.max_connections * KIB_PER_CONNECTION / 1024
+        if pod.config.inbound:
+            needed += MIB_OF_SESSIONS
+        limit = _mebibytes(pod.sidecar["resources"]["limits"]["memory"])
+        assert limit >= needed * 1.2, (
+            f"{pod.name}: memory limit {limit:g} MiB, but {limits.max_connections} idle "
+            f"connections alone need ~{needed:.0f} MiB (and busy ones more)")
+
+
+def test_kubernetes_caller_reaches_payments_through_an_outbound_route(tmp_path: Path) -> None:
+    pods = _pods(tmp_path)
+    services = {_key(s): s for s in _k8s_objects("Service")}
+    servers = [p for p in pods if p.config.inbound]
+    callers = [p for p in pods if p.config.outbound]
+    assert callers, "no Deployment with an outbound route"
+    for caller in callers:
+        caller_id = (f"spiffe://example.org/ns/{caller.namespace}/sa/"
+                     f"{caller.spec['serviceAccountName']}")
+        for route in caller.config.outbound:
+            service_name, service_namespace, *_ = route.connect_to.host.split(".")
+            service = services[f"{service_namespace}/{service_name}"]
+            [port] = [p for p in service["spec"]["ports"] if p["port"] == route.connect_to.port]
+            selector = service["spec"]["selector"]
+            [server, *_] = [p for p in servers if p.namespace == service_namespace
+                            and selector.items() <= _labels(p).items()]
+            server_id = (f"spiffe://example.org/ns/{server.namespace}/sa/"
+                         f"{server.spec['serviceAccountName']}")
+            assert route.expect_ids == (server_id,), caller.name
+            assert port["targetPort"] == "mtls"
+            assert server.config.policy is not None, server.name
+            policy = yaml.safe_load(server.config.policy.read_text())
+            allowed = {i for rule in policy["rules"] if rule["action"] == "allow"
+                       for i in rule["from"]}
+            assert caller_id in allowed, f"{server.name}'s policy does not allow {caller_id}"
+
+
+def _labels(pod: Pod) -> dict[str, str]:
+    deployment = next(d for d in _k8s_objects("Deployment") if d["metadata"]["name"] == pod.name)
+    labels: dict[str, str] = deployment["spec"]["template"]["metadata"]["labels"]
+    return labels

@@ -6,12 +6,13 @@ import ssl
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import TextIO
 
 from sidecar.loadgen.plan import Mode, Plan
 from sidecar.loadgen.progress import ProgressLine, progress_text
 from sidecar.loadgen.summary import ModeResult, summarize
-from sidecar.loadgen.target_metrics import HandshakeCost, scrape
+from sidecar.loadgen.target_metrics import HandshakeCost, pid_cpu, scrape
 from sidecar.loadgen.worker import Budget, Worker
 
 PROGRESS_EVERY = 0.25  # seconds between progress-line updates (and abort checks)
@@ -24,10 +25,15 @@ def run_mode(
     plan: Plan, ctx: ssl.SSLContext, mode: Mode, err: TextIO
 ) -> tuple[ModeResult, bool]:
     """Run one mode; the flag says it was interrupted (Ctrl-C) and no more should run."""
-    before = scrape(plan.metrics_url, plan.timeout) if plan.metrics_url else None
-    started = time.monotonic()
-    budget = Budget(plan.requests, started + plan.duration)
+    plan = plan.for_mode(mode)
+    budget = Budget(plan.requests, plan.duration, plan.rate)
     workers = [Worker(plan, ctx, mode, budget) for _ in range(plan.concurrency)]
+    if mode is Mode.RESUME:
+        for w in workers:  # before the counters are read: these handshakes are not counted
+            w.prime()
+    before = _server_counters(plan)
+    started = time.monotonic()
+    budget.start()
     # Daemons: a worker that outlives even `abort` must not keep the process alive.
     threads = [threading.Thread(target=w.run, name=f"bench-{mode}-{i}", daemon=True)
                for i, w in enumerate(workers)]
@@ -46,14 +52,41 @@ def run_mode(
         print(f"sidecar bench: {mode}: {stragglers} workers were still blocked after their "
               "timeouts; their counts so far are included", file=err)
     server: HandshakeCost | None = None
+    after = _server_counters(plan)
+    if isinstance(before, HandshakeCost) and isinstance(after, HandshakeCost):
+        server = after - before
+    elif before is not None:
+        why = before if isinstance(before, str) else after
+        print(f"sidecar bench: {mode}: no server CPU: {why}", file=err)
+    result = summarize(mode, [w.tally for w in workers], seconds, server,
+                       per_connection=plan.per_connection, rate=plan.rate,
+                       label=_label(plan, mode))
+    return result, interrupted
+
+
+def _label(plan: Plan, mode: Mode) -> str | None:
+    """--plain's full mode is `plain` unless --resumed-target makes it one of two."""
+    if plan.plain and mode is Mode.FULL and plan.resumed_target is None:
+        return "plain"
+    return None
+
+
+def _server_counters(plan: Plan) -> HandshakeCost | str | None:
+    """The target's counters now (--target-metrics), its process CPU from /proc when
+    --target-pid names it (summed over each); None when neither was asked for, a line
+    saying why on failure."""
+    counters: HandshakeCost | str | None = None
     if plan.metrics_url:
-        after = scrape(plan.metrics_url, plan.timeout)
-        if isinstance(before, HandshakeCost) and isinstance(after, HandshakeCost):
-            server = after - before
-        else:
-            why = before if isinstance(before, str) else after
-            print(f"sidecar bench: {mode}: no server CPU: {why}", file=err)
-    return summarize(mode, [w.tally for w in workers], seconds, server), interrupted
+        counters = scrape(plan.metrics_url, plan.timeout)
+    if not plan.target_pids or isinstance(counters, str):
+        return counters
+    total = 0.0
+    for pid in plan.target_pids:
+        cpu = pid_cpu(pid)
+        if isinstance(cpu, str):
+            return cpu
+        total += cpu
+    return replace(counters or HandshakeCost(), process_cpu=total)
 
 
 def _watch(plan: Plan, mode: Mode, started: float, workers: Sequence[Worker],

@@ -29,7 +29,7 @@ from sidecar.loadgen.failures import (
     response_error,
 )
 from sidecar.loadgen.plan import Mode, Plan
-from sidecar.loadgen.summary import Tally
+from sidecar.loadgen.summary import Tally, new_histogram
 
 # A loop over a target that refuses everything would otherwise spin for the whole
 # duration at tens of thousands of attempts a second; this many in a row say enough.
@@ -37,30 +37,52 @@ MAX_FUTILE_ATTEMPTS = 20
 
 
 class Budget:
-    """The shared --requests cap and deadline, and the stop signal every worker checks."""
+    """The shared --requests cap, deadline and (open loop) arrival schedule, and the stop
+    signal every worker checks."""
 
-    def __init__(self, cap: int | None, deadline: float) -> None:
+    def __init__(self, cap: int | None, duration: float, rate: float | None = None) -> None:
         self.stop = threading.Event()
         self.succeeded = False
         # Counted without a lock: a few lost increments only delay a futile stop a little.
         self.failures = 0
         self._left = cap
-        self._deadline = deadline
+        self._duration = duration
+        self._interval = None if rate is None else 1.0 / rate
         self._lock = threading.Lock()
+        self.start()
 
-    def take(self) -> bool:
+    def start(self) -> None:
+        """Start the clock (again): the deadline and the open loop's schedule count from
+        now, and what priming did counts for nothing."""
+        self.succeeded = False
+        self.failures = 0
+        self._deadline = time.monotonic() + self._duration
+        self._origin = time.perf_counter()
+        self._due = 0  # arrivals handed out so far
+
+    def take(self) -> float | None:
+        """The time (perf_counter) the next request was due, or None when the mode is over.
+        Closed loop: now. Open loop: the next arrival on the fixed schedule, waited for if
+        it lies ahead; a worker that is late gets a time in the past, and the request's
+        latency counts from then, as the user it stands for would have waited."""
         if self.stop.is_set() or time.monotonic() >= self._deadline:
-            return False
+            return None
         if not self.succeeded and self.failures >= MAX_FUTILE_ATTEMPTS:
             self.stop.set()
-            return False
-        if self._left is None:
-            return True
+            return None
         with self._lock:
-            if self._left <= 0:
-                return False
-            self._left -= 1
-            return True
+            if self._left is not None:
+                if self._left <= 0:
+                    return None
+                self._left -= 1
+            if self._interval is None:
+                return time.perf_counter()
+            due = self._origin + self._due * self._interval
+            self._due += 1
+        ahead = due - time.perf_counter()
+        if ahead > 0 and (ahead >= self._deadline - time.monotonic() or self.stop.wait(ahead)):
+            return None  # due after the deadline, or stopped while waiting for it
+        return due
 
 
 class Worker:
@@ -69,20 +91,19 @@ class Worker:
         self.ctx = ctx
         self.mode = mode
         self.budget = budget
-        self.tally = Tally()
+        self.tally = Tally(histogram=new_histogram() if plan.rate is not None else None)
+        self._session: ssl.SSLSession | None = None  # resume mode: the last one received
+        self._served = 0  # requests on the current connection
         self.fd = -1  # the socket in use, for `abort`
         self._ids: dict[bytes, RequestError | None] = {}  # server leaf -> verdict
 
     def run(self) -> None:
-        session: ssl.SSLSession | None = None
-        conn: ssl.SSLSocket | None = None
+        conn: socket.socket | None = None
+        cpu = time.thread_time()
         try:
-            while self.budget.take():
+            while (due := self.budget.take()) is not None:
                 try:
-                    if self.mode is Mode.REUSE:
-                        conn = self._reuse(conn)
-                    else:
-                        session = self._fresh(session if self.mode is Mode.RESUME else None)
+                    conn = self._request(conn, due)
                 except RequestError as exc:
                     self.budget.failures += 1
                     self.tally.errors[exc.kind, exc.detail] += 1
@@ -95,34 +116,48 @@ class Worker:
                     conn = None
         finally:
             _close(conn)
+            self.tally.cpu += time.thread_time() - cpu
 
-    def _fresh(self, session: ssl.SSLSession | None) -> ssl.SSLSession | None:
-        started = time.perf_counter()
-        conn = self._connect(session)
-        try:
-            self._exchange(conn)
-            self.tally.latencies.append(time.perf_counter() - started)
-            # Read after the response: a TLS 1.3 ticket comes with the server's first bytes.
-            return conn.session or session
-        finally:
-            conn.close()
-
-    def _reuse(self, conn: ssl.SSLSocket | None) -> ssl.SSLSocket | None:
+    def _request(self, conn: socket.socket | None, due: float) -> socket.socket | None:
+        """One request, on `conn` or a new connection; the connection to use next, or None
+        when it is closed (the server closed it, or it carried --per-connection)."""
         if conn is None:
-            conn = self._connect(None)
-        started = time.perf_counter()
+            conn = self._connect(self._session if self.mode is Mode.RESUME else None)
+            self._served = 0
         try:
             still_open = self._exchange(conn)
         except RequestError:
             conn.close()
             raise
-        self.tally.latencies.append(time.perf_counter() - started)
-        if still_open:
+        self._record(time.perf_counter() - due)
+        self._served += 1
+        if self._served == 1 and isinstance(conn, ssl.SSLSocket) and self.mode is Mode.RESUME:
+            # Read after the response: a TLS 1.3 ticket comes with the server's first bytes.
+            # Once per connection: each read copies the session into a new Python object.
+            self._session = conn.session or self._session
+        limit = None if self.mode is Mode.REUSE else self.plan.per_connection
+        if still_open and (limit is None or self._served < limit):
             return conn
         conn.close()
         return None
 
-    def _connect(self, session: ssl.SSLSession | None) -> ssl.SSLSocket:
+    def prime(self) -> None:
+        """Resume mode: one connection and request before the clock starts, uncounted, so
+        that even the worker's first measured connection has a session to offer (at 1000
+        requests per connection, a short run has few others)."""
+        try:
+            _close(self._request(None, time.perf_counter()))
+        except Exception:  # the measured run meets the same failure, and counts it
+            pass
+        self.tally = Tally(histogram=None if self.tally.histogram is None else new_histogram())
+
+    def _record(self, seconds: float) -> None:
+        if self.tally.histogram is not None:
+            self.tally.histogram.record_value(max(round(seconds * 1e6), 1))
+        else:
+            self.tally.latencies.append(seconds)
+
+    def _connect(self, session: ssl.SSLSession | None) -> socket.socket:
         plan = self.plan
         try:
             raw = socket.create_connection((plan.host, plan.port), timeout=plan.timeout)
@@ -138,6 +173,8 @@ class Worker:
             raw.close()
             raise connect_error(ConnectionRefusedError(), plan.target, plan.timeout)
         self.tally.connections += 1
+        if plan.plain:
+            return raw  # to a sidecar's outbound listener, which makes the handshake
         try:
             conn = self.ctx.wrap_socket(raw, server_hostname=plan.server_name,
                                         session=session, do_handshake_on_connect=False)
@@ -186,7 +223,7 @@ class Worker:
             conn.close()
             raise problem
 
-    def _exchange(self, conn: ssl.SSLSocket) -> bool:
+    def _exchange(self, conn: socket.socket) -> bool:
         """Send the request, read the response; False when the server closed after it."""
         plan = self.plan
         deadline = time.monotonic() + plan.timeout
@@ -222,6 +259,6 @@ class Worker:
         return len(got) == plan.response_bytes
 
 
-def _close(conn: ssl.SSLSocket | None) -> None:
+def _close(conn: socket.socket | None) -> None:
     if conn is not None:
         conn.close()
