@@ -1,7 +1,7 @@
 """`sidecar check`: every problem of config, policy and SVID files, each with its place.
 
 It refuses and warns about what `sidecar run` refuses and warns about at start, by calling
-the same functions (preflight.py, fdlimit.py, the config and policy loaders).
+the same functions (preflight.py, fdlimit.py, and snapshots.py's loaders).
 """
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
-from sidecar import fdlimit, preflight, workers
+from sidecar import fdlimit, preflight, snapshots, workers
 from sidecar.config import Config, KtlsMode, load_config
-from sidecar.policy import load_policy, policy_warnings
+from sidecar.policy import policy_warnings
 from sidecar.problems import Problem, ProblemsError
 from sidecar.tls import ktls
 
@@ -26,7 +26,7 @@ def problems_of(path: Path) -> tuple[list[Problem], list[Problem], Config | None
     # `workers: auto` resolved as run resolves it: the memory-store warning depends on it.
     warnings = preflight.config_warnings(config, config.workers or workers.usable_cpus())
     try:
-        identity = preflight.identity_of(config)
+        identity = snapshots.identity_of(config)
         warnings.extend(preflight.identity_warnings(config, identity, dt.datetime.now(dt.UTC)))
     except ProblemsError as exc:
         errors.extend(exc.problems)
@@ -42,7 +42,7 @@ def problems_of(path: Path) -> tuple[list[Problem], list[Problem], Config | None
         warnings.append(Problem("limits.max_connections", short))
     if config.policy is not None:
         try:
-            policy = load_policy(config.policy, listeners=[ib.name for ib in config.inbound])
+            policy = snapshots.policy_of(config)
             warnings.extend(policy_warnings(policy, [ib.name for ib in config.inbound
                                                      if str(ib.protocol) == "tcp"]))
         except ProblemsError as exc:

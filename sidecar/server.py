@@ -22,19 +22,18 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sidecar import admin, fdlimit, logs, metrics, preflight, reload, status
+from sidecar import admin, fdlimit, logs, metrics, preflight, reload, snapshots, status
 from sidecar.config import Address, Config
-from sidecar.identity import Identity, changed_parts
-from sidecar.policy import DENY_ALL, Policy, load_policy
-from sidecar.problems import ProblemsError
+from sidecar.identity import Identity
+from sidecar.policy import Policy
 from sidecar.proxy import inbound, outbound
 from sidecar.proxy.connection import Tracker
 from sidecar.proxy.listener import Listener
 from sidecar.proxy.pump import Close
 from sidecar.proxy.runtime import Runtime
-from sidecar.times import json_default, rfc3339
+from sidecar.times import json_default
 from sidecar.tls import contexts as tls_contexts
-from sidecar.tls import ktls, openssl
+from sidecar.tls import ktls
 from sidecar.tls.resumption import Resumption
 
 SWEEP_EVERY = 1.0  # seconds between idle / lifetime sweeps
@@ -75,9 +74,6 @@ class Server:
 
     # -- snapshots ------------------------------------------------------------------------
 
-    def load_identity(self) -> Identity:
-        return preflight.identity_of(self.config)
-
     def build_contexts(self, identity: Identity) -> tls_contexts.Contexts:
         tls = self.config.tls
         return tls_contexts.build(identity, min_version=str(tls.min_version),
@@ -86,26 +82,6 @@ class Server:
                                   ticket_keys=self.resumption.ticket_keys(identity),
                                   session_cache_size=self.resumption.cache_size(),
                                   groups=tls.groups)
-
-    async def _first_identity(self) -> Identity | None:
-        """Load the identity to start with, retrying as a reload does: a sidecar started
-        while spiffe-helper is mid-write must not exit (a crash loop in Kubernetes)."""
-        last: ProblemsError | None = None
-        for delay in (0.0, *reload.RETRY_DELAYS):
-            if delay:
-                await asyncio.sleep(delay)
-            try:
-                return await reload.load_bounded(self.load_identity, str(
-                    self.config.identity.cert))
-            except reload.LoadStuckError as exc:
-                last = exc
-                break
-            except ProblemsError as exc:
-                last = exc
-        assert last is not None
-        logs.event(logging.ERROR, "cannot start: no valid identity",
-                   problems=[str(p) for p in last.problems])
-        return None
 
     def detect_ktls(self) -> str | None:
         """Settle the kTLS mode; an error message when `ktls: on` cannot be honoured."""
@@ -124,64 +100,9 @@ class Server:
                        detail=self.ktls.why)
         return None
 
-    def load_policy(self) -> Policy:
-        if self.config.policy is None:
-            return DENY_ALL
-        return load_policy(self.config.policy,
-                           listeners=[lst.name for lst in self.config.inbound])
-
-    def publish_identity(self, identity: Identity) -> None:
-        if not metrics.MULTIPROCESS:  # there, values live in files and cannot be cleared
-            metrics.svid_expiry.clear()
-            metrics.bundle_expiry.clear()
-        metrics.svid_expiry.labels(str(identity.spiffe_id)).set(identity.not_after.timestamp())
-        for td, bundle in identity.bundles.items():
-            metrics.bundle_expiry.labels(td).set(bundle.earliest_expiry.timestamp())
-
-    def reloadables(self) -> list[reload.Reloadable]:
-        ident = self.config.identity
-        trust = {path: "bundle" for path in (ident.bundle, *ident.federated_bundles.values())}
-        out = [reload.Reloadable(
-            "svid",
-            (ident.cert, ident.key, ident.bundle, *ident.federated_bundles.values(),
-             *ident.crl),
-            self.load_identity, self._swap_identity, parts=changed_parts,
-            kind_of=trust | {path: "crl" for path in ident.crl})]
-        if self.config.policy is not None:
-            out.append(reload.Reloadable("policy", (self.config.policy,), self.load_policy,
-                                         self._swap_policy))
-        return out
-
-    def _swap_identity(self, new: object) -> bool:
-        assert self.rt is not None and isinstance(new, Identity)
-        old = self.rt.contexts.identity
-        if new.version == old.version:
-            return False
-        if new.trust_version == old.trust_version:
-            self.rt.contexts = tls_contexts.present(self.rt.contexts, new)
-        else:
-            # New trust: new contexts, so tickets issued under the old trust stop resuming.
-            retired = self.rt.contexts.server
-            self.rt.contexts = self.build_contexts(new)
-            openssl.flush_sessions(retired)  # live connections keep it alive for a while
-            for w in preflight.foreign_cas(self.config, new):  # a bundle merged since start
-                logs.event(logging.WARNING, f"warning: {w}", where=w.where)
-        self.rt.authn.learn(new)
-        self.publish_identity(new)
-        logs.event(logging.INFO, "identity reloaded", spiffe_id=str(new.spiffe_id),
-                   serial=f"{new.serial:x}", not_after=rfc3339(new.not_after),
-                   trust_changed=new.trust_version != old.trust_version)
-        return True
-
-    def _swap_policy(self, new: object) -> bool:
-        assert self.rt is not None and isinstance(new, Policy)
-        if new.version == self.rt.policy.version:
-            return False
-        self.rt.policy = new
-        logs.event(logging.INFO, "policy reloaded", version=new.version, mode=str(new.mode))
+    def _on_policy(self, policy: Policy) -> None:
         if self.config.policy_recheck:
-            self._recheck(new)
-        return True
+            self._recheck(policy)
 
     def _recheck(self, policy: Policy) -> None:
         """Close live inbound connections the new policy denies (Envoy decides only once)."""
@@ -215,19 +136,12 @@ class Server:
         if refusal is not None:
             logs.event(logging.ERROR, f"cannot start: {refusal}")
             return 1
-        identity = await self._first_identity()
+        identity = await snapshots.first_identity(cfg)
         if identity is None:
             return 1
         if self.worker is None:  # workers: the supervisor says these, once
             preflight.log_warnings(cfg, identity, workers=1)
-        try:
-            policy = await reload.load_bounded(self.load_policy, str(cfg.policy))
-        except ProblemsError as exc:
-            logs.event(logging.ERROR, "policy invalid at start: every inbound connection "
-                       "will be denied until a valid policy is loaded",
-                       problems=[str(p) for p in exc.problems])
-            metrics.reloads.labels("policy", "error").inc()
-            policy = DENY_ALL
+        policy = await snapshots.first_policy(cfg)
         limits = cfg.limits
         tracker = Tracker(loop, max_connections=limits.max_connections,
                           max_pending_handshakes=limits.max_pending_handshakes,
@@ -239,7 +153,7 @@ class Server:
                                "enabled" if self.ktls.available else "unavailable",
                                clock_skew_hint=cfg.clock_skew_hint)
         rt.authn.learn(identity)
-        self.publish_identity(identity)
+        snapshots.publish(identity)
         wanted = [*((ib.name, inbound.DIRECTION, ib.listen, inbound.acceptor(rt, ib))
                     for ib in cfg.inbound),
                   *((ob.name, outbound.DIRECTION, ob.listen, outbound.acceptor(rt, ob))
@@ -280,7 +194,8 @@ class Server:
         if self._admin is not None:
             logs.event(logging.INFO, "listening", listener="admin", direction="admin",
                        address=self.admin_address)
-        self._reloadables = self.reloadables()
+        self._reloadables = snapshots.Swaps(cfg, rt, self.build_contexts,
+                                            self._on_policy).reloadables()
         background = self._background()
         # The watcher sets up its inotify watches in its task's first step: let it take
         # that step, then re-read everything once, so that a file written between our

@@ -125,7 +125,7 @@ class Supervisor:
                 self.ports[lst.name] = lst.listen.port
 
     async def run(self) -> int:
-        from sidecar import admin, metrics
+        from sidecar import admin, metrics, snapshots
 
         loop = asyncio.get_running_loop()
         try:
@@ -136,7 +136,7 @@ class Supervisor:
         from sidecar.problems import ProblemsError
 
         try:
-            self._identity = preflight.identity_of(self.config)
+            self._identity = snapshots.identity_of(self.config)
         except ProblemsError as exc:
             logs.event(logging.ERROR, "cannot start: no valid identity",
                        problems=[str(p) for p in exc.problems])
@@ -275,10 +275,11 @@ class Supervisor:
     def _current_identity(self) -> Any:
         """Re-read on each admin request (rare, cheap): the workers reload on their own,
         and the supervisor's view must follow the files, keeping the last good set."""
+        from sidecar import snapshots
         from sidecar.problems import ProblemsError
 
         try:
-            self._identity = preflight.identity_of(self.config)
+            self._identity = snapshots.identity_of(self.config)
         except ProblemsError:
             pass
         return self._identity

@@ -12,7 +12,7 @@ import hmac
 import os
 import ssl
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from sidecar.identity import Identity
@@ -67,6 +67,23 @@ def present(contexts: Contexts, identity: Identity) -> Contexts:
         with _in_memory_file(pem) as path:
             ctx.load_cert_chain(path)
     return Contexts(contexts.server, contexts.client, identity, contexts.session_store)
+
+
+def follow(
+    contexts: Contexts, identity: Identity, build: Callable[[Identity], Contexts]
+) -> Contexts:
+    """The contexts for a reloaded identity: the live ones presenting it under the same
+    trust (`present`), else new ones from `build`, retiring the old server context.
+
+    New trust means new contexts, so tickets issued under the old trust stop resuming; the
+    retired server context's session cache is flushed too, since live connections keep
+    that context alive for a while and a cached session must not resume past its trust.
+    """
+    if identity.trust_version == contexts.identity.trust_version:
+        return present(contexts, identity)
+    fresh = build(identity)
+    openssl.flush_sessions(contexts.server)
+    return fresh
 
 
 def ticket_keys(secret: bytes, epoch: int, trust_version: str) -> bytes:
