@@ -105,19 +105,8 @@ class Server:
             self._recheck(policy)
 
     def _recheck(self, policy: Policy) -> None:
-        """Close live inbound connections the new policy denies (Envoy decides only once)."""
         assert self.rt is not None
-        closed = 0
-        for duplex, rec in list(self.rt.tracker.live.items()):
-            if rec.direction != inbound.DIRECTION or rec.peer_id is None:
-                continue
-            decision = policy.decide(rec.peer_id, rec.listener)
-            if decision.allowed:
-                continue
-            metrics.count_decision(rec.listener, decision.kind, decision.rule)
-            rec.decision, rec.rule, rec.close = str(decision.kind), decision.rule, "policy_recheck"
-            duplex.abort(Close.POLICY_RECHECK)
-            closed += 1
+        closed = inbound.recheck_live(self.rt, policy)
         if closed:
             logs.event(logging.INFO, "policy recheck closed live connections", closed=closed)
 
