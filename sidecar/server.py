@@ -17,12 +17,11 @@ import logging
 import os
 import secrets
 import select
-import signal
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sidecar import admin, fdlimit, logs, metrics, preflight, reload, snapshots, status
+from sidecar import admin, fdlimit, lifecycle, logs, preflight, reload, snapshots, status
 from sidecar.config import Address, Config
 from sidecar.identity import Identity
 from sidecar.policy import Policy
@@ -37,7 +36,6 @@ from sidecar.tls import ktls
 from sidecar.tls.resumption import Resumption
 
 SWEEP_EVERY = 1.0  # seconds between idle / lifetime sweeps
-LAG_TICK = 0.01  # the loop-lag probe's period: 100 cheap callbacks a second
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,9 +66,6 @@ class Server:
         self._reloadables: list[reload.Reloadable] = []
         self._admin: asyncio.Server | None = None
         self.ktls = ktls.Support(False, "not detected yet")
-        self._lag_max = 0.0
-        self._sweep_handle: asyncio.TimerHandle | None = None
-        self._lag_handle: asyncio.TimerHandle | None = None
 
     # -- snapshots ------------------------------------------------------------------------
 
@@ -101,14 +96,11 @@ class Server:
         return None
 
     def _on_policy(self, policy: Policy) -> None:
-        if self.config.policy_recheck:
-            self._recheck(policy)
-
-    def _recheck(self, policy: Policy) -> None:
-        assert self.rt is not None
-        closed = inbound.recheck_live(self.rt, policy)
-        if closed:
-            logs.event(logging.INFO, "policy recheck closed live connections", closed=closed)
+        if self.config.policy_recheck and self.rt is not None:
+            closed = inbound.recheck_live(self.rt, policy)
+            if closed:
+                logs.event(logging.INFO, "policy recheck closed live connections",
+                           closed=closed)
 
     def reload_all(self, why: str) -> None:
         assert self.rt is not None
@@ -118,20 +110,55 @@ class Server:
     # -- life cycle -----------------------------------------------------------------------
 
     async def run(self, on_ready: Callable[[Server], None] | None = None) -> int:
-        loop = asyncio.get_running_loop()
+        """Start (1 when it cannot), serve until stopped, drain (0)."""
+        rt = await self._start()
+        if rt is None:
+            return 1
+        if not self._listen(rt) or not await self._start_admin():
+            return 1
+        self._stop, self._drained = asyncio.Event(), asyncio.Event()
+        rt.tracker.on_full = self._pause_listeners
+        rt.tracker.on_capacity = self._resume_listeners
+        rt.tracker.on_empty = self._maybe_drained
+        lifecycle.install_signals(rt.loop, self._on_signal)
+        self._announce_listening()
+        self._reloadables = snapshots.Swaps(self.config, rt, self.build_contexts,
+                                            self._on_policy).reloadables()
+        background = self._background()
+        await self._catch_up()
+        logs.event(logging.INFO, "ready", spiffe_id=str(rt.contexts.identity.spiffe_id),
+                   serial=f"{rt.contexts.identity.serial:x}", policy=rt.policy.version)
+        if on_ready:
+            on_ready(self)
+        self._notify("ready")
+        if self.worker is not None:
+            self._report()
+        sweeper = lifecycle.Tick(rt.loop, SWEEP_EVERY, self._sweep)
+        lag = lifecycle.LagProbe(rt.loop)
+        await self._stop.wait()
+        sweeper.cancel()
+        lag.cancel()
+        for task in background:
+            task.cancel()
+        await self._drain()
+        return 0
+
+    async def _start(self) -> Runtime | None:
+        """The runtime from the first snapshots, or None (said in the log) when it cannot
+        serve: kTLS `on` unavailable, handshake unpinnable, no valid identity."""
         cfg = self.config
-        fdlimit.raise_for(self.config.limits.max_connections)
+        fdlimit.raise_for(cfg.limits.max_connections)
         refusal = self.detect_ktls() or preflight.pin_refusal()
         if refusal is not None:
             logs.event(logging.ERROR, f"cannot start: {refusal}")
-            return 1
+            return None
         identity = await snapshots.first_identity(cfg)
         if identity is None:
-            return 1
+            return None
         if self.worker is None:  # workers: the supervisor says these, once
             preflight.log_warnings(cfg, identity, workers=1)
         policy = await snapshots.first_policy(cfg)
-        limits = cfg.limits
+        loop, limits = asyncio.get_running_loop(), cfg.limits
         tracker = Tracker(loop, max_connections=limits.max_connections,
                           max_pending_handshakes=limits.max_pending_handshakes,
                           idle_timeout=limits.idle_timeout,
@@ -143,6 +170,12 @@ class Server:
                                clock_skew_hint=cfg.clock_skew_hint)
         rt.authn.learn(identity)
         snapshots.publish(identity)
+        return rt
+
+    def _listen(self, rt: Runtime) -> bool:
+        """Bind every listener, paused; False (all closed, said in the log) when one fails:
+        a sidecar half-listening is worse than one that fails its rollout."""
+        cfg = self.config
         wanted = [*((ib.name, inbound.DIRECTION, ib.listen, inbound.acceptor(rt, ib))
                     for ib in cfg.inbound),
                   *((ob.name, outbound.DIRECTION, ob.listen, outbound.acceptor(rt, ob))
@@ -150,32 +183,33 @@ class Server:
         for name, direction, listen, acceptor in wanted:
             address = self._address(name, listen)
             try:
-                self.listeners.append(Listener(loop, name, direction, address, acceptor,
+                self.listeners.append(Listener(rt.loop, name, direction, address, acceptor,
                                                reuse_port=self.worker is not None))
             except OSError as exc:
                 logs.event(logging.ERROR, f"cannot listen: {direction} listener {name!r} "
                            f"on {address}: {exc.strerror or exc}", listener=name,
                            address=str(address), error=str(exc))
-                for lst in self.listeners:
-                    lst.close()
-                return 1
+                self._close_listeners()
+                return False
+        return True
+
+    async def _start_admin(self) -> bool:
+        """The admin endpoint (a worker has none: its supervisor serves it); False (the
+        listeners closed, said in the log) when its port cannot be bound."""
+        if self.worker is not None:
+            return True
+        listen = self.config.admin.listen
         try:
-            if self.worker is None:  # workers: the supervisor serves the admin endpoint
-                admin_cfg = cfg.admin.listen
-                self._admin = await admin.start(admin_cfg.host, admin_cfg.port,
-                                                admin.Probe(self.not_ready, self.status))
+            self._admin = await admin.start(listen.host, listen.port,
+                                            admin.Probe(self.not_ready, self.status))
         except OSError as exc:
-            logs.event(logging.ERROR, f"cannot listen on admin {cfg.admin.listen}: "
-                       f"{exc.strerror}", error=str(exc))
-            for lst in self.listeners:
-                lst.close()
-            return 1
-        tracker.on_full = self._pause_listeners
-        tracker.on_capacity = self._resume_listeners
-        tracker.on_empty = self._maybe_drained
-        self._stop = asyncio.Event()
-        self._drained = asyncio.Event()
-        self._install_signals(loop)
+            logs.event(logging.ERROR, f"cannot listen on admin {listen}: {exc.strerror}",
+                       error=str(exc))
+            self._close_listeners()
+            return False
+        return True
+
+    def _announce_listening(self) -> None:
         for lst in self.listeners:
             lst.resume()
             logs.event(logging.INFO, "listening", listener=lst.name, direction=lst.direction,
@@ -183,33 +217,14 @@ class Server:
         if self._admin is not None:
             logs.event(logging.INFO, "listening", listener="admin", direction="admin",
                        address=self.admin_address)
-        self._reloadables = snapshots.Swaps(cfg, rt, self.build_contexts,
-                                            self._on_policy).reloadables()
-        background = self._background()
-        # The watcher sets up its inotify watches in its task's first step: let it take
-        # that step, then re-read everything once, so that a file written between our
-        # first load and the watch start is not missed.
+
+    async def _catch_up(self) -> None:
+        """The watcher sets up its inotify watches in its task's first step: let it take
+        that step, then re-read everything once, so that a file written between our first
+        load and the watch start is not missed."""
         await asyncio.sleep(0)
         for r in self._reloadables:
             await r.reload("start")
-        logs.event(logging.INFO, "ready", spiffe_id=str(rt.contexts.identity.spiffe_id),
-                   serial=f"{rt.contexts.identity.serial:x}", policy=rt.policy.version)
-        if on_ready:
-            on_ready(self)
-        self._notify("ready")
-        if self.worker is not None:
-            self._report()
-        self._sweep_handle = loop.call_later(SWEEP_EVERY, self._sweep)
-        self._lag_handle = loop.call_later(LAG_TICK, self._lag, loop.time() + LAG_TICK)
-        await self._stop.wait()
-        if self._sweep_handle is not None:
-            self._sweep_handle.cancel()
-        if self._lag_handle is not None:
-            self._lag_handle.cancel()
-        for task in background:
-            task.cancel()
-        await self._drain()
-        return 0
 
     def _background(self) -> list[asyncio.Task[None]]:
         assert self._stop is not None and self.rt is not None
@@ -238,8 +253,7 @@ class Server:
 
     async def _drain(self) -> None:
         assert self.rt is not None and self._drained is not None
-        for lst in self.listeners:
-            lst.close()
+        self._close_listeners()
         try:
             await self._drain_connections()
         finally:
@@ -281,27 +295,22 @@ class Server:
 
     def status(self) -> dict[str, Any]:
         assert self.rt is not None
-        return {
-            **status.describe_identity(self.rt.contexts.identity),
-            "listeners": [{"name": lst.name, "direction": lst.direction,
-                           "address": lst.bound} for lst in self.listeners],
-            **self.serving(),
-            "draining": self.draining,
-            "workers": [{"pid": os.getpid()}],
-        }
+        return status.single(
+            self.rt.contexts.identity,
+            [{"name": lst.name, "direction": lst.direction, "address": lst.bound}
+             for lst in self.listeners],
+            self.serving(), draining=self.draining, pid=os.getpid())
 
     def serving(self) -> dict[str, Any]:
         """What only the serving process knows; a worker sends it to its supervisor."""
         assert self.rt is not None
-        return {
-            "policy": status.describe_policy(self.rt.policy),
-            "connections": {"active": self.rt.tracker.active,
-                            "pending_handshakes": len(self.rt.tracker.pending)},
-            "ktls": {"mode": str(self.config.tls.ktls), **self.ktls.as_dict()},
-            "sessions": self.resumption.status(self.rt.contexts),
-            "reloads": {r.kind: r.last.as_dict() for r in self._reloadables
-                        if r.last is not None},
-        }
+        return status.serving(
+            self.rt.policy, active=self.rt.tracker.active,
+            pending=len(self.rt.tracker.pending),
+            ktls={"mode": str(self.config.tls.ktls), **self.ktls.as_dict()},
+            sessions=self.resumption.status(self.rt.contexts),
+            reloads={r.kind: r.last.as_dict() for r in self._reloadables
+                     if r.last is not None})
 
     def _report(self) -> None:
         """A worker: send what /status needs to the supervisor, one line, all or nothing
@@ -326,6 +335,10 @@ class Server:
             except OSError:
                 pass  # the supervisor is gone or not reading; the worker carries on
 
+    def _close_listeners(self) -> None:
+        for lst in self.listeners:
+            lst.close()
+
     def _pause_listeners(self) -> None:
         for lst in self.listeners:
             lst.pause()
@@ -335,32 +348,11 @@ class Server:
             for lst in self.listeners:
                 lst.resume()
 
-    def _lag(self, due: float) -> None:
-        """Measure how late a 10 ms timer fires: a blocked loop delays every connection."""
-        assert self.rt is not None
-        now = self.rt.loop.time()
-        late = max(0.0, now - due)
-        metrics.loop_lag.observe(late)
-        if late > self._lag_max:
-            self._lag_max = late
-            metrics.loop_lag_max.set(late)
-        self._lag_handle = self.rt.loop.call_later(LAG_TICK, self._lag, now + LAG_TICK)
-
     def _sweep(self) -> None:
         assert self.rt is not None
-        # Next sweep first: an error in this one must not end idle and lifetime limits.
-        self._sweep_handle = self.rt.loop.call_later(SWEEP_EVERY, self._sweep)
         self.rt.tracker.sweep()
         if self.worker is not None:
             self._report()
-
-    def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
-        try:
-            loop.add_signal_handler(signal.SIGTERM, self._on_signal, "SIGTERM")
-            loop.add_signal_handler(signal.SIGINT, self._on_signal, "SIGINT")
-            loop.add_signal_handler(signal.SIGHUP, self._on_signal, "SIGHUP")
-        except (NotImplementedError, RuntimeError):
-            pass  # not the main thread (tests embedding the server): stop() is called directly
 
     def _on_signal(self, name: str) -> None:
         logs.event(logging.INFO, f"{name} received")
