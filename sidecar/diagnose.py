@@ -38,7 +38,7 @@ from cryptography import x509
 from sidecar import svid
 from sidecar.authn import matches_expected
 from sidecar.reasons import Reason
-from sidecar.tls import contexts
+from sidecar.tls import contexts, openssl
 from sidecar.tls.classify import Failure, classify, skew_note
 from sidecar.tls.peerchain import ATTRIBUTE as PRESENTED
 
@@ -117,7 +117,7 @@ def client_context(args: argparse.Namespace) -> ssl.SSLContext:
                 conn.__dict__[PRESENTED] = parse_certificate_message(
                     data, tls13=version == ssl.TLSVersion.TLSv1_3)
 
-    ctx._msg_callback = hook  # type: ignore[attr-defined]
+    openssl.set_message_callback(ctx, hook)
     ctx.__dict__["seen_messages"] = seen
     return ctx
 
