@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sidecar import admin, fdlimit, lifecycle, logs, preflight, reload, snapshots, status
-from sidecar.config import Address, Config
+from sidecar.config import Address, Config, SessionStore
 from sidecar.identity import Identity
 from sidecar.policy import Policy
 from sidecar.proxy import inbound, outbound
@@ -48,6 +48,15 @@ class WorkerRole:
     ticket_secret: bytes  # shared, so any worker resumes any worker's tickets
 
 
+def session_store(configured: SessionStore, *, workers: bool) -> str:
+    """Where the server keeps sessions. `auto`: memory in a single process; tickets when
+    workers share the port, since the kernel spreads a peer's connections over the
+    workers and a session kept by one worker would not resume on another."""
+    if configured == SessionStore.AUTO:
+        return str(SessionStore.TICKETS if workers else SessionStore.MEMORY)
+    return str(configured)
+
+
 class Server:
     def __init__(self, config: Config, worker: WorkerRole | None = None) -> None:
         self.config = config
@@ -55,9 +64,12 @@ class Server:
         if worker is not None:
             # A supervisor that stops reading must never stall this loop on a full pipe.
             os.set_blocking(worker.notify_fd, False)
+        tls = config.tls
         self.resumption = Resumption(
-            config.tls, worker.ticket_secret if worker else secrets.token_bytes(32),
-            workers=worker is not None)
+            session_store(tls.session_store, workers=worker is not None),
+            tls.session_ticket_rotation, tls.session_cache_size,
+            worker.ticket_secret if worker else secrets.token_bytes(32),
+            configured=str(tls.session_store))
         self.listeners: list[Listener] = []
         self.rt: Runtime | None = None
         self.draining = False
@@ -75,7 +87,7 @@ class Server:
                                   session_resumption=tls.session_resumption,
                                   ktls=self.ktls.available,
                                   ticket_keys=self.resumption.ticket_keys(identity),
-                                  session_cache_size=self.resumption.cache_size(),
+                                  session_cache_size=self.resumption.memory_cache(),
                                   groups=tls.groups)
 
     def detect_ktls(self) -> str | None:
