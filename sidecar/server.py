@@ -23,12 +23,12 @@ from typing import Any
 
 from sidecar import admin, fdlimit, lifecycle, logs, preflight, reload, snapshots, status
 from sidecar.config import Address, Config, SessionStore
+from sidecar.drain import Drain
 from sidecar.identity import Identity
 from sidecar.policy import Policy
 from sidecar.proxy import inbound, outbound
 from sidecar.proxy.connection import Tracker
 from sidecar.proxy.listener import Listener
-from sidecar.proxy.pump import Close
 from sidecar.proxy.runtime import Runtime
 from sidecar.times import json_default
 from sidecar.tls import contexts as tls_contexts
@@ -72,9 +72,7 @@ class Server:
             configured=str(tls.session_store))
         self.listeners: list[Listener] = []
         self.rt: Runtime | None = None
-        self.draining = False
-        self._stop: asyncio.Event | None = None
-        self._drained: asyncio.Event | None = None
+        self._drain = Drain(config.drain_timeout)
         self._reloadables: list[reload.Reloadable] = []
         self._admin: asyncio.Server | None = None
         self.ktls = ktls.Support(False, "not detected yet")
@@ -128,10 +126,9 @@ class Server:
             return 1
         if not self._listen(rt) or not await self._start_admin():
             return 1
-        self._stop, self._drained = asyncio.Event(), asyncio.Event()
         rt.tracker.on_full = self._pause_listeners
         rt.tracker.on_capacity = self._resume_listeners
-        rt.tracker.on_empty = self._maybe_drained
+        rt.tracker.on_empty = self._drain.on_empty
         lifecycle.install_signals(rt.loop, self._on_signal)
         self._announce_listening()
         self._reloadables = snapshots.Swaps(self.config, rt, self.build_contexts,
@@ -147,12 +144,17 @@ class Server:
             self._report()
         sweeper = lifecycle.Tick(rt.loop, SWEEP_EVERY, self._sweep)
         lag = lifecycle.LagProbe(rt.loop)
-        await self._stop.wait()
+        await self._drain.stopped.wait()
         sweeper.cancel()
         lag.cancel()
         for task in background:
             task.cancel()
-        await self._drain()
+        self._close_listeners()
+        try:
+            await self._drain.finish(rt.tracker, rt.tasks)
+        finally:
+            if self._admin is not None:
+                self._admin.close()
         return 0
 
     async def _start(self) -> Runtime | None:
@@ -239,55 +241,27 @@ class Server:
             await r.reload("start")
 
     def _background(self) -> list[asyncio.Task[None]]:
-        assert self._stop is not None and self.rt is not None
-        rt, ident = self.rt, self.config.identity
+        assert self.rt is not None
+        rt, ident, stop = self.rt, self.config.identity, self._drain.stopped
         coros = [reload.expiry_watch(
             lambda: (rt.contexts.identity.leaf.not_valid_before_utc,
-                     rt.contexts.identity.not_after), self._stop)]
+                     rt.contexts.identity.not_after), stop)]
         if ident.watch:
-            coros.append(reload.watch(self._reloadables, self._stop))
+            coros.append(reload.watch(self._reloadables, stop))
         if ident.reload_interval > 0:
-            coros.append(reload.every(ident.reload_interval, self._reloadables, self._stop))
+            coros.append(reload.every(ident.reload_interval, self._reloadables, stop))
         if self.config.tls.session_resumption and self.config.tls.session_ticket_rotation > 0:
-            coros.append(self.resumption.rotate_at_boundaries(lambda: rt.contexts, self._stop))
+            coros.append(self.resumption.rotate_at_boundaries(lambda: rt.contexts, stop))
         return reload.spawn_all(coros)
+
+    @property
+    def draining(self) -> bool:
+        return self._drain.draining
 
     def stop(self) -> None:
         """Begin a drain (first call) or end it at once (second call)."""
-        assert self._stop is not None and self._drained is not None
-        if self.draining:
-            logs.event(logging.WARNING, "second stop signal: closing every connection now")
-            self._drained.set()
-            return
-        self.draining = True
-        self._notify("draining")
-        self._stop.set()
-
-    async def _drain(self) -> None:
-        assert self.rt is not None and self._drained is not None
-        self._close_listeners()
-        try:
-            await self._drain_connections()
-        finally:
-            if self._admin is not None:
-                self._admin.close()
-
-    async def _drain_connections(self) -> None:
-        assert self.rt is not None and self._drained is not None
-        tracker = self.rt.tracker
-        timeout = self.config.drain_timeout
-        logs.event(logging.INFO, "draining", active=tracker.active, timeout_s=timeout)
-        if tracker.active:
-            try:
-                async with asyncio.timeout(timeout):
-                    await self._drained.wait()
-            except TimeoutError:
-                logs.event(logging.WARNING, "drain timeout: closing what is left",
-                           active=tracker.active)
-        tracker.abort_all(Close.DRAIN)
-        if self.rt.tasks:
-            await asyncio.wait(list(self.rt.tasks), timeout=1.0)
-        logs.event(logging.INFO, "stopped")
+        if self._drain.stop():
+            self._notify("draining")
 
     # -- what the admin endpoint shows ---------------------------------------------------
 
@@ -330,10 +304,6 @@ class Server:
         line = json.dumps(self.serving(), default=json_default, separators=(",", ":"))
         if len(line) + len("status \n") <= select.PIPE_BUF:
             self._notify(f"status {line}")
-
-    def _maybe_drained(self) -> None:
-        if self.draining and self._drained is not None:
-            self._drained.set()
 
     def _address(self, name: str, configured: Address) -> Address:
         if self.worker is None or name not in self.worker.ports:
