@@ -32,6 +32,20 @@ def ktls_refusal(mode: KtlsMode, support: ktls.Support) -> str | None:
     return None
 
 
+def ktls_support(mode: KtlsMode) -> tuple[ktls.Support, str | None]:
+    """Settle the kTLS mode `run` serves with, said in the log, and the refusal when
+    `tls.ktls: on` cannot be honoured."""
+    if mode == KtlsMode.OFF:
+        return ktls.Support(False, "tls.ktls: off"), None
+    support = ktls.detect()
+    refusal = ktls_refusal(mode, support)
+    if support.available:
+        logs.event(logging.INFO, "kTLS available", detail=support.why)
+    elif refusal is None:
+        logs.event(logging.INFO, "kTLS unavailable; using user-space TLS", detail=support.why)
+    return support, refusal
+
+
 def pin_refusal() -> str | None:
     """Why the key-exchange groups and signature algorithms cannot be pinned here, or None:
     serving OpenSSL's defaults would reopen the finite-field CPU DoS, so run refuses."""

@@ -12,17 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import json
 import logging
 import os
 import secrets
-import select
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 from sidecar import admin, fdlimit, lifecycle, logs, preflight, reload, snapshots, status
-from sidecar.config import Address, Config, SessionStore
+from sidecar.config import Config, SessionStore
 from sidecar.drain import Drain
 from sidecar.identity import Identity
 from sidecar.policy import Policy
@@ -30,22 +27,12 @@ from sidecar.proxy import inbound, outbound
 from sidecar.proxy.connection import Tracker
 from sidecar.proxy.listener import Listener
 from sidecar.proxy.runtime import Runtime
-from sidecar.times import json_default
 from sidecar.tls import contexts as tls_contexts
 from sidecar.tls import ktls
 from sidecar.tls.resumption import Resumption
+from sidecar.workers import WorkerRole
 
 SWEEP_EVERY = 1.0  # seconds between idle / lifetime sweeps
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerRole:
-    """What a worker process gets from its supervisor (workers.py)."""
-
-    index: int
-    ports: Mapping[str, int]  # listener name -> the port every worker binds (SO_REUSEPORT)
-    notify_fd: int  # "ready" / "draining" lines go here
-    ticket_secret: bytes  # shared, so any worker resumes any worker's tickets
 
 
 def session_store(configured: SessionStore, *, workers: bool) -> str:
@@ -88,23 +75,6 @@ class Server:
                                   session_cache_size=self.resumption.memory_cache(),
                                   groups=tls.groups)
 
-    def detect_ktls(self) -> str | None:
-        """Settle the kTLS mode; an error message when `ktls: on` cannot be honoured."""
-        mode = str(self.config.tls.ktls)
-        if mode == "off":
-            self.ktls = ktls.Support(False, "tls.ktls: off")
-            return None
-        self.ktls = ktls.detect()
-        refusal = preflight.ktls_refusal(self.config.tls.ktls, self.ktls)
-        if self.ktls.available:
-            logs.event(logging.INFO, "kTLS available", detail=self.ktls.why)
-        elif refusal is not None:
-            return refusal
-        else:
-            logs.event(logging.INFO, "kTLS unavailable; using user-space TLS",
-                       detail=self.ktls.why)
-        return None
-
     def _on_policy(self, policy: Policy) -> None:
         if self.config.policy_recheck and self.rt is not None:
             closed = inbound.recheck_live(self.rt, policy)
@@ -139,9 +109,9 @@ class Server:
                    serial=f"{rt.contexts.identity.serial:x}", policy=rt.policy.version)
         if on_ready:
             on_ready(self)
-        self._notify("ready")
         if self.worker is not None:
-            self._report()
+            self.worker.notify("ready")
+            self.worker.report(self.serving())
         sweeper = lifecycle.Tick(rt.loop, SWEEP_EVERY, self._sweep)
         lag = lifecycle.LagProbe(rt.loop)
         await self._drain.stopped.wait()
@@ -162,7 +132,8 @@ class Server:
         serve: kTLS `on` unavailable, handshake unpinnable, no valid identity."""
         cfg = self.config
         fdlimit.raise_for(cfg.limits.max_connections)
-        refusal = self.detect_ktls() or preflight.pin_refusal()
+        self.ktls, refusal = preflight.ktls_support(cfg.tls.ktls)
+        refusal = refusal or preflight.pin_refusal()
         if refusal is not None:
             logs.event(logging.ERROR, f"cannot start: {refusal}")
             return None
@@ -195,7 +166,7 @@ class Server:
                   *((ob.name, outbound.DIRECTION, ob.listen, outbound.acceptor(rt, ob))
                     for ob in cfg.outbound)]
         for name, direction, listen, acceptor in wanted:
-            address = self._address(name, listen)
+            address = listen if self.worker is None else self.worker.address(name, listen)
             try:
                 self.listeners.append(Listener(rt.loop, name, direction, address, acceptor,
                                                reuse_port=self.worker is not None))
@@ -260,8 +231,8 @@ class Server:
 
     def stop(self) -> None:
         """Begin a drain (first call) or end it at once (second call)."""
-        if self._drain.stop():
-            self._notify("draining")
+        if self._drain.stop() and self.worker is not None:
+            self.worker.notify("draining")
 
     # -- what the admin endpoint shows ---------------------------------------------------
 
@@ -298,25 +269,6 @@ class Server:
             reloads={r.kind: r.last.as_dict() for r in self._reloadables
                      if r.last is not None})
 
-    def _report(self) -> None:
-        """A worker: send what /status needs to the supervisor, one line, all or nothing
-        (a pipe write up to PIPE_BUF is atomic; a longer report is skipped, not torn)."""
-        line = json.dumps(self.serving(), default=json_default, separators=(",", ":"))
-        if len(line) + len("status \n") <= select.PIPE_BUF:
-            self._notify(f"status {line}")
-
-    def _address(self, name: str, configured: Address) -> Address:
-        if self.worker is None or name not in self.worker.ports:
-            return configured
-        return Address(configured.host, self.worker.ports[name])
-
-    def _notify(self, state: str) -> None:
-        if self.worker is not None:
-            try:
-                os.write(self.worker.notify_fd, f"{state}\n".encode())
-            except OSError:
-                pass  # the supervisor is gone or not reading; the worker carries on
-
     def _close_listeners(self) -> None:
         for lst in self.listeners:
             lst.close()
@@ -334,7 +286,7 @@ class Server:
         assert self.rt is not None
         self.rt.tracker.sweep()
         if self.worker is not None:
-            self._report()
+            self.worker.report(self.serving())
 
     def _on_signal(self, name: str) -> None:
         logs.event(logging.INFO, f"{name} received")
