@@ -1,9 +1,9 @@
 """`sidecar check`: every problem of config, policy and SVID files, each with its place.
 
 It refuses and warns about what `sidecar run` refuses and warns about at start, by calling
-the same functions (preflight.py, fdlimit.py, the config and policy loaders). With no
-error it prints a summary of what `run` would serve: who it is and until when, each
-listener, and the policy's rules.
+the same functions (preflight.py, fdlimit.py, and snapshots.py's loaders). With no error
+it prints a summary of what `run` would serve: who it is and until when, each listener,
+and the policy's rules.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from sidecar import fdlimit, preflight, workers
+from sidecar import fdlimit, preflight, snapshots, workers
 from sidecar.config import Config, KtlsMode, load_config
 from sidecar.identity import Identity
 from sidecar.inspection.validity import span
-from sidecar.policy import Policy, load_policy, policy_warnings
+from sidecar.policy import Policy, policy_warnings
 from sidecar.problems import Problem, ProblemsError
 from sidecar.times import rfc3339
 from sidecar.tls import ktls
@@ -53,7 +53,7 @@ def examine(path: Path) -> Findings:
     # `workers: auto` resolved as run resolves it: the memory-store warning depends on it.
     warnings = preflight.config_warnings(config, config.workers or workers.usable_cpus())
     try:
-        identity = preflight.identity_of(config)
+        identity = snapshots.identity_of(config)
         warnings.extend(preflight.identity_warnings(config, identity, dt.datetime.now(dt.UTC)))
     except ProblemsError as exc:
         errors.extend(exc.problems)
@@ -69,7 +69,7 @@ def examine(path: Path) -> Findings:
         warnings.append(Problem("limits.max_connections", short))
     if config.policy is not None:
         try:
-            policy = load_policy(config.policy, listeners=[ib.name for ib in config.inbound])
+            policy = snapshots.policy_of(config)
             warnings.extend(policy_warnings(policy, [ib.name for ib in config.inbound
                                                      if str(ib.protocol) == "tcp"]))
         except ProblemsError as exc:

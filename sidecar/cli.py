@@ -176,14 +176,11 @@ def _run(args: argparse.Namespace) -> int:
             return asyncio.run(supervisor.run())
         finally:
             _ignore_stop_signals()
-    from sidecar.server import Server, WorkerRole
+    from sidecar.server import Server
 
-    worker = None
     if role is not None:
-        logs.static["worker"] = role["index"]
-        worker = WorkerRole(role["index"], role["ports"], role["notify_fd"],
-                            bytes.fromhex(role["ticket_secret"]))
-    return _run_loop(Server(config, worker).run(), loop_name)
+        logs.static["worker"] = role.index
+    return _run_loop(Server(config, role).run(), loop_name)
 
 
 def _run_loop(main: Coroutine[Any, Any, int], loop_name: str) -> int:

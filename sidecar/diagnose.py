@@ -38,7 +38,7 @@ from cryptography import x509
 from sidecar import svid
 from sidecar.authn import matches_expected
 from sidecar.reasons import Reason
-from sidecar.tls import contexts
+from sidecar.tls import contexts, openssl
 from sidecar.tls.classify import Failure, classify, skew_note
 from sidecar.tls.peerchain import ATTRIBUTE as PRESENTED
 
@@ -95,17 +95,9 @@ class Outcome:
         return self
 
 
-def _context(args: argparse.Namespace) -> ssl.SSLContext:
+def client_context(args: argparse.Namespace) -> ssl.SSLContext:
     """What the sidecar's outbound side offers (tls/contexts.py), from plain files."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = (ssl.TLSVersion.TLSv1_2 if args.tls_min == "1.2"
-                           else ssl.TLSVersion.TLSv1_3)
-    if args.tls_max == "1.2":
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
-    contexts.pin_handshake(ctx, contexts.GROUPS,
-                           "1.2" if ctx.minimum_version == ssl.TLSVersion.TLSv1_2 else "1.3")
-    ctx.check_hostname = False  # SVIDs are checked by SPIFFE ID, not DNS name
+    ctx = contexts.client(args.tls_min, args.tls_max)
     if args.bundle:
         ctx.load_verify_locations(cafile=args.bundle)
         ctx.verify_mode = ssl.CERT_REQUIRED
@@ -125,7 +117,7 @@ def _context(args: argparse.Namespace) -> ssl.SSLContext:
                 conn.__dict__[PRESENTED] = parse_certificate_message(
                     data, tls13=version == ssl.TLSVersion.TLSv1_3)
 
-    ctx._msg_callback = hook  # type: ignore[attr-defined]
+    openssl.set_message_callback(ctx, hook)
     ctx.__dict__["seen_messages"] = seen
     return ctx
 
@@ -187,7 +179,11 @@ def run(args: argparse.Namespace) -> Outcome:
         out.reason = "usage"
         return out
     try:
-        ctx = _context(args)
+        ctx = client_context(args)
+    except contexts.PinError as exc:
+        out.step("client context", False, str(exc))
+        out.reason = "usage"
+        return out
     except (OSError, ssl.SSLError) as exc:
         out.step("load files", False, f"cannot load --cert/--key/--bundle: {exc}")
         out.reason = "usage"
@@ -376,6 +372,23 @@ def _closed_after_handshake(out: Outcome, ended: str, *, ticket: bool) -> None:
 
 
 def main(argv: Sequence[str]) -> int:
+    args = parser().parse_args(argv)
+    out = run(args)
+    if out.reason == "usage":
+        print(f"sidecar diagnose: {out.steps[-1].detail}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(asdict(out), indent=2))
+    else:
+        for s in out.steps:
+            ms = f" ({s.ms} ms)" if s.ms is not None else ""
+            print(f"{'ok ' if s.ok else 'FAIL'} {s.step}: {s.detail}{ms}")
+        print("\n" + verdict_line(out))
+    # SPEC: exit 0 when a full mTLS round trip works, verified or not; the words say which.
+    return 0 if out.ok else 1
+
+
+def parser() -> argparse.ArgumentParser:
     from sidecar.config import parse_duration
 
     p = argparse.ArgumentParser(prog="sidecar diagnose",
@@ -398,20 +411,7 @@ def main(argv: Sequence[str]) -> int:
                    "by less than this (default 5m)")
     p.add_argument("--json", action="store_true",
                    help="print the outcome and every step as one JSON object")
-    args = p.parse_args(argv)
-    out = run(args)
-    if out.reason == "usage":
-        print(f"sidecar diagnose: {out.steps[-1].detail}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(asdict(out), indent=2))
-    else:
-        for s in out.steps:
-            ms = f" ({s.ms} ms)" if s.ms is not None else ""
-            print(f"{'ok ' if s.ok else 'FAIL'} {s.step}: {s.detail}{ms}")
-        print("\n" + verdict_line(out))
-    # SPEC: exit 0 when a full mTLS round trip works, verified or not; the words say which.
-    return 0 if out.ok else 1
+    return p
 
 
 def verdict_line(out: Outcome) -> str:

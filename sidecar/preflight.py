@@ -1,9 +1,10 @@
 """What `sidecar run` refuses or warns about before it serves, one function per rule.
 
 `run` (server.py, and the supervisor in workers.py) and `sidecar check` call these same
-functions: a rule with two homes drifts (check once loaded the identity by its own copy and
-skipped the CRL that run loads, so a garbage CRL passed check and stopped run). A new
-start-time refusal or warning goes here, and both commands say it.
+functions, as they load the identity and policy through snapshots.py: a rule with two homes
+drifts (check once loaded the identity by its own copy and skipped the CRL that run loads,
+so a garbage CRL passed check and stopped run). A new start-time refusal or warning goes
+here, and both commands say it.
 
 Refusals are `ProblemsError` or a message; warnings are `Problem`s, each saying what will go
 wrong and what to do.
@@ -18,17 +19,10 @@ from cryptography import x509
 
 from sidecar import logs, spiffe
 from sidecar.config import Config, KtlsMode, SessionStore
-from sidecar.identity import Identity, load_identity
+from sidecar.identity import Identity
 from sidecar.problems import Problem
 from sidecar.tls import contexts as tls_contexts
 from sidecar.tls import ktls
-
-
-def identity_of(config: Config) -> Identity:
-    """The identity files the config names, CRLs and federated bundles included."""
-    ident = config.identity
-    return load_identity(ident.cert, ident.key, ident.bundle, ident.federated_bundles,
-                         ident.crl)
 
 
 def ktls_refusal(mode: KtlsMode, support: ktls.Support) -> str | None:
@@ -36,6 +30,20 @@ def ktls_refusal(mode: KtlsMode, support: ktls.Support) -> str | None:
     if mode == KtlsMode.ON and not support.available:
         return f"tls.ktls is on, but kTLS is not available here: {support.why}"
     return None
+
+
+def ktls_support(mode: KtlsMode) -> tuple[ktls.Support, str | None]:
+    """Settle the kTLS mode `run` serves with, said in the log, and the refusal when
+    `tls.ktls: on` cannot be honoured."""
+    if mode == KtlsMode.OFF:
+        return ktls.Support(False, "tls.ktls: off"), None
+    support = ktls.detect()
+    refusal = ktls_refusal(mode, support)
+    if support.available:
+        logs.event(logging.INFO, "kTLS available", detail=support.why)
+    elif refusal is None:
+        logs.event(logging.INFO, "kTLS unavailable; using user-space TLS", detail=support.why)
+    return support, refusal
 
 
 def pin_refusal() -> str | None:

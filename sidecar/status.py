@@ -42,6 +42,35 @@ def describe_policy(policy: Policy) -> dict[str, Any]:
     return {"version": policy.version, "mode": str(policy.mode), "source": policy.source}
 
 
+def serving(
+    policy: Policy, *, active: int, pending: int, ktls: Mapping[str, Any],
+    sessions: Mapping[str, Any], reloads: Mapping[str, Mapping[str, Any]],
+) -> dict[str, Any]:
+    """What only a serving process knows (a worker sends it to its supervisor): the policy
+    in force, its connections, kTLS, session resumption, and each reload kind's last."""
+    return {
+        "policy": describe_policy(policy),
+        "connections": {"active": active, "pending_handshakes": pending},
+        "ktls": dict(ktls),
+        "sessions": dict(sessions),
+        "reloads": dict(reloads),
+    }
+
+
+def single(
+    identity: Identity, listeners: Sequence[Mapping[str, Any]], served: Mapping[str, Any],
+    *, draining: bool, pid: int,
+) -> dict[str, Any]:
+    """/status of a single process: its identity, listeners and what it serves."""
+    return {
+        **describe_identity(identity),
+        "listeners": list(listeners),
+        **served,
+        "draining": draining,
+        "workers": [{"pid": pid}],
+    }
+
+
 def combine(reports: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """`workers: N`: one /status from what each worker reported (Server.serving), so the
     same keys mean the same as with one process. Counts are summed; a value the workers

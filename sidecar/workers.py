@@ -23,16 +23,19 @@ import logging
 import math
 import os
 import secrets
+import select
 import shutil
 import signal
 import socket
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sidecar import logs, preflight, status
 from sidecar.config import Address, Config, InboundListener, KtlsMode, OutboundListener
+from sidecar.times import json_default
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 ROLE_ENV = "SIDECAR_WORKER_ROLE"
@@ -80,9 +83,43 @@ def prepare_metrics_dir() -> str:
     return path
 
 
-def role_from_env() -> dict[str, Any] | None:
+@dataclass(frozen=True, slots=True)
+class WorkerRole:
+    """What a worker process gets from its supervisor, and its end of the pipe back: a
+    line "ready", "draining", or "status {json}" (read by Supervisor._read_states)."""
+
+    index: int
+    ports: Mapping[str, int]  # listener name -> the port every worker binds (SO_REUSEPORT)
+    notify_fd: int  # "ready" / "draining" lines go here
+    ticket_secret: bytes  # shared, so any worker resumes any worker's tickets
+
+    def address(self, name: str, configured: Address) -> Address:
+        """Where listener `name` binds in this worker: the port the supervisor fixed."""
+        if name not in self.ports:
+            return configured
+        return Address(configured.host, self.ports[name])
+
+    def notify(self, state: str) -> None:
+        try:
+            os.write(self.notify_fd, f"{state}\n".encode())
+        except OSError:
+            pass  # the supervisor is gone or not reading; the worker carries on
+
+    def report(self, serving: Mapping[str, Any]) -> None:
+        """Send what /status needs to the supervisor, one line, all or nothing (a pipe
+        write up to PIPE_BUF is atomic; a longer report is skipped, not torn)."""
+        line = json.dumps(serving, default=json_default, separators=(",", ":"))
+        if len(line) + len("status \n") <= select.PIPE_BUF:
+            self.notify(f"status {line}")
+
+
+def role_from_env() -> WorkerRole | None:
     raw = os.environ.get(ROLE_ENV)
-    return json.loads(raw) if raw else None
+    if not raw:
+        return None
+    role = json.loads(raw)
+    return WorkerRole(role["index"], role["ports"], role["notify_fd"],
+                      bytes.fromhex(role["ticket_secret"]))
 
 
 @dataclass(slots=True)
@@ -125,7 +162,7 @@ class Supervisor:
                 self.ports[lst.name] = lst.listen.port
 
     async def run(self) -> int:
-        from sidecar import admin, metrics
+        from sidecar import admin, metrics, snapshots
 
         loop = asyncio.get_running_loop()
         try:
@@ -136,7 +173,7 @@ class Supervisor:
         from sidecar.problems import ProblemsError
 
         try:
-            self._identity = preflight.identity_of(self.config)
+            self._identity = snapshots.identity_of(self.config)
         except ProblemsError as exc:
             logs.event(logging.ERROR, "cannot start: no valid identity",
                        problems=[str(p) for p in exc.problems])
@@ -275,10 +312,11 @@ class Supervisor:
     def _current_identity(self) -> Any:
         """Re-read on each admin request (rare, cheap): the workers reload on their own,
         and the supervisor's view must follow the files, keeping the last good set."""
+        from sidecar import snapshots
         from sidecar.problems import ProblemsError
 
         try:
-            self._identity = preflight.identity_of(self.config)
+            self._identity = snapshots.identity_of(self.config)
         except ProblemsError:
             pass
         return self._identity

@@ -152,17 +152,14 @@ def make_plan(args: argparse.Namespace) -> Plan:
 
 
 def client_context(args: argparse.Namespace) -> ssl.SSLContext:
-    versions = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
     if args.tls_min > args.tls_max:
         raise UsageError(f"--tls-min {args.tls_min} is above --tls-max {args.tls_max}")
     if bool(args.cert) != bool(args.key):
         raise UsageError("--cert and --key go together")
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = versions[args.tls_min]
-    ctx.maximum_version = versions[args.tls_max]
-    contexts.pin_handshake(ctx, contexts.GROUPS, args.tls_min)  # what a sidecar offers
-    # SVIDs need not carry a DNS name: --expect-id checks the SPIFFE ID instead.
-    ctx.check_hostname = False
+    try:
+        ctx = contexts.client(args.tls_min, args.tls_max)  # what a sidecar offers
+    except contexts.PinError as exc:
+        raise UsageError(str(exc)) from None
     try:
         if args.bundle:
             ctx.load_verify_locations(cafile=args.bundle)

@@ -11,10 +11,12 @@ import socket
 from sidecar import metrics
 from sidecar.config import InboundListener
 from sidecar.endpoint import TcpEndpoint
+from sidecar.policy import Policy
+from sidecar.proxy import authorize
 from sidecar.proxy.connection import Record
 from sidecar.proxy.handshake import secure
 from sidecar.proxy.listener import AcceptCallback, dial
-from sidecar.proxy.pump import Duplex
+from sidecar.proxy.pump import Close, Duplex
 from sidecar.proxy.runtime import Runtime
 from sidecar.reasons import Reason
 from sidecar.tls.engine import TlsEndpoint
@@ -44,10 +46,7 @@ async def serve(rt: Runtime, cfg: InboundListener, rec: Record, sock: socket.soc
         return
     ep.keep_session = contexts.session_store == "memory"
     policy = rt.policy
-    decision = policy.decide(peer.spiffe_id, cfg.name)
-    rec.decision, rec.rule = str(decision.kind), decision.rule
-    metrics.count_decision(cfg.name, decision.kind, decision.rule)
-    if not decision.allowed:
+    if not authorize.admit(policy, peer.spiffe_id, rec).allowed:
         ep.shutdown_write()  # a close_notify: the caller reads an end, not a reset
         ep.close()
         rec.close = "denied"
@@ -62,13 +61,11 @@ async def serve(rt: Runtime, cfg: InboundListener, rec: Record, sock: socket.soc
         rec.detail = f"cannot reach the app at {cfg.forward_to}: {exc or 'timed out'}"
         rt.tracker.finish(rec)
         return
+    # The policy changed while we dialed: a recheck could not see this connection yet.
     if rt.policy is not policy:
-        # The policy changed while we dialed: a recheck could not see this connection yet.
-        decision = rt.policy.decide(peer.spiffe_id, cfg.name)
-        if not decision.allowed:
-            metrics.count_decision(cfg.name, decision.kind, decision.rule)
-            rec.decision, rec.rule, rec.close = str(decision.kind), decision.rule, \
-                "policy_recheck"
+        denial = authorize.recheck(rt.policy, peer.spiffe_id, cfg.name)
+        if denial is not None:
+            authorize.revoke(rec, denial)
             app.close()
             ep.close()
             rt.tracker.finish(rec)
@@ -76,3 +73,19 @@ async def serve(rt: Runtime, cfg: InboundListener, rec: Record, sock: socket.soc
     duplex = Duplex(rt.loop, TcpEndpoint(app), ep, rt.tracker.closed)
     rt.tracker.attach(rec, duplex)
     duplex.start()
+
+
+def recheck_live(rt: Runtime, policy: Policy) -> int:
+    """Close the live inbound connections `policy` denies (Envoy decides only once); how
+    many it closed."""
+    closed = 0
+    for duplex, rec in list(rt.tracker.live.items()):
+        if rec.direction != DIRECTION:
+            continue
+        denial = authorize.recheck(policy, rec.peer_id, rec.listener)
+        if denial is None:
+            continue
+        authorize.revoke(rec, denial)
+        duplex.abort(Close.POLICY_RECHECK)
+        closed += 1
+    return closed

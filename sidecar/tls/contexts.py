@@ -12,7 +12,7 @@ import hmac
 import os
 import ssl
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from sidecar.identity import Identity
@@ -69,6 +69,23 @@ def present(contexts: Contexts, identity: Identity) -> Contexts:
     return Contexts(contexts.server, contexts.client, identity, contexts.session_store)
 
 
+def follow(
+    contexts: Contexts, identity: Identity, build: Callable[[Identity], Contexts]
+) -> Contexts:
+    """The contexts for a reloaded identity: the live ones presenting it under the same
+    trust (`present`), else new ones from `build`, retiring the old server context.
+
+    New trust means new contexts, so tickets issued under the old trust stop resuming; the
+    retired server context's session cache is flushed too, since live connections keep
+    that context alive for a while and a cached session must not resume past its trust.
+    """
+    if identity.trust_version == contexts.identity.trust_version:
+        return present(contexts, identity)
+    fresh = build(identity)
+    openssl.flush_sessions(contexts.server)
+    return fresh
+
+
 def ticket_keys(secret: bytes, epoch: int, trust_version: str) -> bytes:
     """The session ticket keys for one rotation period and one trust.
 
@@ -96,7 +113,9 @@ def build(
     cache cannot be set up); else stateless tickets under `ticket_keys`.
 
     Raises PinError when the handshake parameters cannot be pinned (see `unpinnable`)."""
-    server = _base(ssl.PROTOCOL_TLS_SERVER, identity, min_version, ktls, groups)
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    _offer(server, min_version, "1.3", groups)
+    _with_identity(server, identity, ktls)
     store = "off"
     if session_resumption:
         server.num_tickets = TICKETS_PER_HANDSHAKE
@@ -114,10 +133,8 @@ def build(
     else:
         server.num_tickets = 0
         server.options |= ssl.OP_NO_TICKET
-    client = _base(ssl.PROTOCOL_TLS_CLIENT, identity, min_version, ktls, groups)
-    # SVIDs need not carry a DNS name: the caller checks the server's SPIFFE ID instead.
-    client.check_hostname = False
-    return Contexts(server, client, identity, store)
+    client_ctx = _with_identity(client(min_version, groups=groups), identity, ktls)
+    return Contexts(server, client_ctx, identity, store)
 
 
 class PinError(RuntimeError):
@@ -164,8 +181,6 @@ def pin_handshake(ctx: ssl.SSLContext, groups: tuple[str, ...], min_version: str
     """Pin the key-exchange groups and signature algorithms of a context, client or server;
     False when they could not all be set.
 
-    The tools (diagnose, bench) call it too: their client contexts stand in for the
-    sidecar's outbound side.
     """
     if not openssl.available():
         return _pin_one_group(ctx, groups)
@@ -173,20 +188,42 @@ def pin_handshake(ctx: ssl.SSLContext, groups: tuple[str, ...], min_version: str
         ctx, SIGALGS_TLS12 if min_version == "1.2" else SIGALGS_TLS13)
 
 
-def _base(
-    protocol: ssl._SSLMethod, identity: Identity, min_version: str, ktls: bool,
-    groups: tuple[str, ...],
+def client(
+    min_version: str = "1.3", max_version: str = "1.3", groups: tuple[str, ...] = GROUPS,
 ) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(protocol)
-    ctx.minimum_version = (
-        ssl.TLSVersion.TLSv1_2 if min_version == "1.2" else ssl.TLSVersion.TLSv1_3
-    )
-    if min_version == "1.2":
+    """A client context offering what the sidecar's outbound side offers: the versions,
+    the TLS 1.2 suites, the key-exchange groups, the signature algorithms and options.
+    No certificate and no trust yet: the caller loads them.
+
+    The outbound (`build`), `sidecar diagnose` and `sidecar bench` all start from here, so
+    a tool offers exactly what the sidecar offers (diagnose once left out the TLS 1.2
+    suites, and could report ok where the sidecar fails). `max_version` "1.2" plays an old
+    peer. Raises PinError when the handshake parameters cannot be pinned."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    _offer(ctx, min_version, max_version, groups)
+    # SVIDs need not carry a DNS name: the caller checks the server's SPIFFE ID instead.
+    ctx.check_hostname = False
+    return ctx
+
+
+def _offer(
+    ctx: ssl.SSLContext, min_version: str, max_version: str, groups: tuple[str, ...],
+) -> None:
+    """What a context offers in a handshake, client or server, from SPEC's `tls` keys."""
+    low = "1.2" if "1.2" in (min_version, max_version) else "1.3"
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2 if low == "1.2" else ssl.TLSVersion.TLSv1_3
+    if max_version == "1.2":
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    if low == "1.2":
         ctx.set_ciphers(TLS12_CIPHERS)
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
-    if not pin_handshake(ctx, groups, min_version):
+    if not pin_handshake(ctx, groups, low):
         raise PinError(unpinnable() or f"OpenSSL refused the groups {list(groups)} or the "
                        "signature algorithms it was given")
+
+
+def _with_identity(ctx: ssl.SSLContext, identity: Identity, ktls: bool) -> ssl.SSLContext:
+    """The sidecar's own side: its SVID, its trust, kTLS, and the reach's tuning."""
     if ktls:
         ctx.options |= ssl.OP_ENABLE_KTLS
     ctx.verify_mode = ssl.CERT_REQUIRED

@@ -25,8 +25,9 @@ Half-close sends close_notify with a single SSL_shutdown (openssl.py says why un
 cannot be used); without the private reach, the public shutdown runs once nothing is left
 to read (_shutdown_public). Only a close_notify from the peer is a clean end: a bare FIN
 reads as TRUNCATED and a reset as RESET (endpoint.py), and the pump turns either into a
-reset towards the app. The hot path calls the `_sslobj` of the SSLSocket directly: it is the
-same object the public methods call, minus a Python-level frame per chunk.
+reset towards the app. The hot path calls the C-level object behind the SSLSocket directly
+(openssl.inner): it is the same object the public methods call, minus a Python-level frame
+per chunk.
 
 Handshake CPU is measured here, per step, with `time.thread_time()`: the sum over the
 steps of one handshake is the CPU this process spent on it, whatever the loop did in
@@ -43,7 +44,6 @@ mesh shows nothing the connections' addresses do not).
 
 from __future__ import annotations
 
-import _ssl
 import asyncio
 import contextlib
 import fcntl
@@ -70,7 +70,7 @@ class TlsEndpoint:
     def __init__(self, sock: ssl.SSLSocket) -> None:
         self.sock = sock
         self.fd = sock.fileno()
-        self._obj: Any = sock._sslobj  # type: ignore[attr-defined]
+        self._obj: Any = openssl.inner(sock)
         self._ptr: int | None = openssl.ssl_pointer(sock)
         self._shut = False
         self._deferred = 0  # see _shutdown_public
@@ -273,8 +273,7 @@ class TlsEndpoint:
 
     def verified_chain(self) -> list[bytes]:
         """DER certificates leaf first, as OpenSSL verified them; empty when resumed."""
-        chain = self._obj.get_verified_chain()
-        return [c.public_bytes(_ssl.ENCODING_DER) for c in chain or ()]
+        return openssl.der_certificates(self._obj.get_verified_chain())
 
     def peer_leaf(self) -> bytes | None:
         der: bytes | None = self._obj.getpeercert(True)

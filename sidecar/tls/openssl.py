@@ -37,7 +37,7 @@ import ssl
 import struct
 import sys
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 _HEADER = object.__basicsize__  # ob_refcnt + ob_type: 16 on a default 64-bit build
@@ -133,6 +133,37 @@ def ssl_pointer(sock: ssl.SSLSocket) -> int | None:
     if not ptr or _lib.SSL_get_SSL_CTX(ptr) != context_pointer(sock.context):
         return None
     return ptr
+
+
+# -- Python-level reach: private attributes of CPython's ssl objects ----------------------
+# No ctypes here, but the same rule: the one module that knows the private names.
+
+def inner(sock: ssl.SSLSocket) -> Any:
+    """The C-level `_ssl._SSLSocket` behind an SSLSocket: the object its public methods
+    call. Calling it directly saves a Python-level frame per chunk (engine.py)."""
+    return sock._sslobj  # type: ignore[attr-defined]
+
+
+def der_certificates(chain: Any) -> list[bytes]:
+    """DER bytes of the `_ssl.Certificate`s `get_verified_chain` returns (None: [])."""
+    return [c.public_bytes(_ssl.ENCODING_DER) for c in chain or ()]
+
+
+MessageCallback = Callable[[Any, str, int, int, int, bytes], None]
+
+
+def set_message_callback(ctx: ssl.SSLContext, callback: MessageCallback) -> bool:
+    """Install a handshake-message hook on a context, through the C-level setter of
+    `_msg_callback` (a private debugging hook, present from 3.8 to 3.13); False where it is
+    gone. ssl.py's own property wraps the hook in a function that turns every argument
+    into an enum, ~17k instructions a call, ~30 calls a handshake (measured with
+    callgrind); the C setter hands over plain ints: (connection, "read" | "write", TLS
+    version, content type, handshake message type, the message's bytes)."""
+    raw = getattr(_ssl._SSLContext, "__dict__", {}).get("_msg_callback")
+    if raw is None:
+        return False
+    raw.__set__(ctx, callback)
+    return True
 
 
 def shutdown_once(ptr: int) -> int:

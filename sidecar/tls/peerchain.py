@@ -3,8 +3,9 @@
 Python's ssl has no verify callback, and a failed verification only says "unable to get
 local issuer certificate" both for a foreign CA and for a missing intermediate. Telling
 them apart needs the chain the peer sent, which OpenSSL never hands back after a failure.
-`SSLContext._msg_callback` (a private debugging hook, present from 3.8 to 3.13) sees the
-decrypted Certificate handshake message first, so we parse the DER list out of it.
+A handshake-message hook (openssl.set_message_callback: a private debugging hook of
+CPython's ssl, present from 3.8 to 3.13) sees the decrypted Certificate handshake message
+first, so we parse the DER list out of it.
 
 The hook is copied into each connection and would then fire on every record; the engine
 detaches it after the handshake (openssl.stop_message_callback). Where the hook is gone,
@@ -20,7 +21,6 @@ anchor is not among the certificates a peer sends; a root expires with a bundle 
 
 from __future__ import annotations
 
-import _ssl
 import ssl
 import time
 from typing import Any
@@ -39,14 +39,9 @@ _TLS13 = 0x0304
 
 
 def install(ctx: ssl.SSLContext) -> bool:
-    """Set the hook through the C-level setter: ssl.py's own property wraps it in a
-    function that turns every argument into an enum, ~17k instructions a call, ~30 calls
-    a handshake (measured with callgrind). The C hook hands over plain ints."""
-    raw = getattr(_ssl._SSLContext, "__dict__", {}).get("_msg_callback")
-    if raw is None:
-        return False
-    raw.__set__(ctx, _on_message)
-    return True
+    """Watch the handshake messages of this context's connections (openssl.py sets the
+    hook); False where the hook is gone."""
+    return openssl.set_message_callback(ctx, _on_message)
 
 
 def _on_message(

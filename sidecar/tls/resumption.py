@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from sidecar import logs
-from sidecar.config import SessionStore, TlsConfig
 from sidecar.identity import Identity
 from sidecar.tls import contexts as tls_contexts
 from sidecar.tls import openssl
@@ -36,32 +35,25 @@ from sidecar.tls import openssl
 
 @dataclass(frozen=True, slots=True)
 class Resumption:
-    tls: TlsConfig
+    store: str  # where the server keeps sessions: "memory" or "tickets" (auto resolved)
+    period: float  # seconds between rotation boundaries (tls.session_ticket_rotation); 0: never
+    cache_size: int  # sessions the memory store holds (tls.session_cache_size)
     secret: bytes  # shared by the workers, so any worker resumes any worker's tickets
-    workers: bool  # several processes share the port
+    configured: str = ""  # the store as configured (auto, memory, tickets), for /status
 
-    def store(self) -> SessionStore:
-        """`auto`: memory in a single process; tickets when workers share the port, since
-        the kernel spreads a peer's connections over the workers and a session kept by
-        one worker would not resume on another."""
-        if self.tls.session_store == SessionStore.AUTO:
-            return SessionStore.TICKETS if self.workers else SessionStore.MEMORY
-        return self.tls.session_store
-
-    def cache_size(self) -> int | None:
+    def memory_cache(self) -> int | None:
         """For contexts.build: the cache size when sessions are kept in memory."""
-        return self.tls.session_cache_size if self.store() == SessionStore.MEMORY else None
+        return self.cache_size if self.store == "memory" else None
 
     def epoch(self) -> int:
-        rotation = self.tls.session_ticket_rotation
-        return int(time.time() // rotation) if rotation > 0 else 0
+        return int(time.time() // self.period) if self.period > 0 else 0
 
     def ticket_keys(self, identity: Identity) -> bytes:
         return tls_contexts.ticket_keys(self.secret, self.epoch(), identity.trust_version)
 
     def rotate(self, contexts: tls_contexts.Contexts) -> None:
         """A boundary: sessions of the period before fall back to a full handshake."""
-        every = self.tls.session_ticket_rotation
+        every = self.period
         if contexts.session_store == "memory":
             openssl.flush_sessions(contexts.server)
             logs.event(logging.INFO, "session cache flushed", next_in_s=every)
@@ -73,7 +65,7 @@ class Resumption:
         self, current: Callable[[], tls_contexts.Contexts], stop: asyncio.Event
     ) -> None:
         """Until `stop`: rotate the contexts in force at each boundary."""
-        every = self.tls.session_ticket_rotation
+        every = self.period
         while not stop.is_set():
             try:
                 async with asyncio.timeout(every - time.time() % every):
@@ -84,10 +76,10 @@ class Resumption:
     def status(self, contexts: tls_contexts.Contexts) -> dict[str, Any]:
         """For /status: the store, and for memory how full it is and how it serves."""
         out: dict[str, Any] = {"store": contexts.session_store,
-                               "configured": str(self.tls.session_store)}
+                               "configured": self.configured}
         if contexts.session_store == "memory":
             stats = contexts.server.session_stats()
-            out.update(cached=stats["number"], capacity=self.tls.session_cache_size,
+            out.update(cached=stats["number"], capacity=self.cache_size,
                        hits=stats["hits"], misses=stats["misses"],
                        evicted=stats["cache_full"])
         return out
