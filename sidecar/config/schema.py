@@ -10,6 +10,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
 
+from sidecar.spiffe import SpiffePattern
+
 DEFAULT_CONFIG_ENV: Final = "SIDECAR_CONFIG"
 
 # spiffe-helper's file names in the directory the SPIFFE CSI driver usually mounts.
@@ -95,7 +97,7 @@ class OutboundListener:
     listen: Address
     connect_to: Address
     server_name: str  # SNI; the parser defaults it to connect_to's host
-    expect_ids: tuple[str, ...]  # exact SPIFFE IDs or spiffe://TD/*
+    expect_ids: tuple[SpiffePattern, ...]  # exact SPIFFE IDs or spiffe://TD/*
 
 
 @dataclass(frozen=True, slots=True)

@@ -72,9 +72,10 @@ def make_plan(args: argparse.Namespace) -> Plan:
         address = parse_address(args.target)
     except ValueError as exc:
         raise UsageError(f"--target: {exc}") from None
+    expect_id = None
     if args.expect_id is not None:
         try:
-            spiffe.SpiffeId.parse(args.expect_id.removesuffix("/*"))
+            expect_id = spiffe.SpiffePattern.parse(args.expect_id, prefixes=False)
         except ValueError as exc:
             raise UsageError(f"--expect-id: {exc}") from None
     response_bytes = args.response_bytes or args.request_bytes
@@ -88,7 +89,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         host=address.host, port=address.port, server_name=args.server_name or address.host,
         modes=modes, concurrency=args.concurrency, duration=args.duration,
         requests=args.requests, payload=request_payload(args.request_bytes),
-        response_bytes=response_bytes, echo=not args.no_echo, expect_id=args.expect_id,
+        response_bytes=response_bytes, echo=not args.no_echo, expect_id=expect_id,
         metrics_url=args.metrics, timeout=args.timeout, as_json=args.json, plot=args.plot,
         progress=args.progress or sys.stderr.isatty())
 

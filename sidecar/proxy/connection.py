@@ -21,6 +21,7 @@ from typing import Any
 from sidecar import logs, metrics
 from sidecar.proxy.pump import Close, Duplex
 from sidecar.reasons import Reason
+from sidecar.spiffe import SpiffeId
 
 _ids = itertools.count(1)
 _PID = os.getpid()
@@ -33,7 +34,7 @@ class Record:
     peer_addr: str
     started: float  # time.monotonic(): uvloop's loop.time() counts whole milliseconds
     id: str = field(default_factory=lambda: f"{_PID:x}-{next(_ids):x}")
-    peer_id: str | None = None
+    peer_id: SpiffeId | None = None
     tls_version: str | None = None
     cipher: str | None = None
     resumed: bool | None = None
@@ -57,7 +58,8 @@ class Record:
     def fields(self, duplex: Duplex | None) -> dict[str, Any]:
         out: dict[str, Any] = {
             "id": self.id, "direction": self.direction, "listener": self.listener,
-            "peer_addr": self.peer_addr, "peer_id": self.peer_id,
+            "peer_addr": self.peer_addr,
+            "peer_id": str(self.peer_id) if self.peer_id else None,
             "tls_version": self.tls_version, "cipher": self.cipher, "resumed": self.resumed,
             "handshake_ms": self.handshake_ms, "handshake_cpu_ms": self.handshake_cpu_ms,
             "decision": self.decision, "rule": self.rule,

@@ -29,11 +29,12 @@ import time
 from collections.abc import Callable, Collection
 
 from sidecar import metrics
-from sidecar.authn import AuthnError, Peer, matches_expected
+from sidecar.authn import AuthnError, Peer
 from sidecar.identity import Identity
 from sidecar.proxy.connection import Record
 from sidecar.proxy.runtime import Runtime
 from sidecar.reasons import Reason
+from sidecar.spiffe import SpiffePattern
 from sidecar.tls.classify import classify, skew_note
 from sidecar.tls.engine import TlsEndpoint
 
@@ -52,7 +53,7 @@ class ResumptionRefused(Exception):
 
 async def secure(
     rt: Runtime, rec: Record, ep: TlsEndpoint, identity: Identity, *,
-    expect: Collection[str] | None = None, retry_resumed: bool = False,
+    expect: Collection[SpiffePattern] | None = None, retry_resumed: bool = False,
 ) -> Peer | None:
     """Handshake and authenticate against `identity`, the snapshot whose contexts made
     `ep`; on failure close ep, count, finish rec, return None (or, for a resumed session
@@ -98,10 +99,10 @@ async def secure(
         else:
             peer = rt.authn.full(ep.verified_chain(), identity)
         rec.peer_id = peer.spiffe_id
-        if expect is not None and not matches_expected(peer.spiffe_id, expect):
+        if expect is not None and not any(p.matches(peer.spiffe_id) for p in expect):
             raise AuthnError(
                 Reason.SPIFFE_ID_MISMATCH,
-                f"the server is {peer.spiffe_id}, expected {', '.join(expect)}")
+                f"the server is {peer.spiffe_id}, expected {', '.join(map(str, expect))}")
     except AuthnError as exc:
         ep.forget_session()  # its next connection must prove itself in full
         ep.shutdown_write()  # a close_notify rather than a bare reset, where it can
