@@ -23,14 +23,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from sidecar import admin, fdlimit, logs, metrics, preflight, reload, status
-from sidecar.config import Address, Config
+from sidecar.config import Address, Config, KtlsMode
 from sidecar.identity import Identity, changed_parts
+from sidecar.outcomes import Close, KtlsState
 from sidecar.policy import DENY_ALL, Policy, load_policy
 from sidecar.problems import ProblemsError
 from sidecar.proxy import inbound, outbound
 from sidecar.proxy.connection import Tracker
 from sidecar.proxy.listener import Listener
-from sidecar.proxy.pump import Close
 from sidecar.proxy.runtime import Runtime
 from sidecar.times import json_default, rfc3339
 from sidecar.tls import contexts as tls_contexts
@@ -109,8 +109,7 @@ class Server:
 
     def detect_ktls(self) -> str | None:
         """Settle the kTLS mode; an error message when `ktls: on` cannot be honoured."""
-        mode = str(self.config.tls.ktls)
-        if mode == "off":
+        if self.config.tls.ktls is KtlsMode.OFF:
             self.ktls = ktls.Support(False, "tls.ktls: off")
             return None
         self.ktls = ktls.detect()
@@ -194,7 +193,7 @@ class Server:
             if decision.allowed:
                 continue
             metrics.count_decision(rec.listener, decision.kind, decision.rule)
-            rec.decision, rec.rule, rec.close = str(decision.kind), decision.rule, "policy_recheck"
+            rec.decision, rec.rule, rec.close = decision.kind, decision.rule, Close.POLICY_RECHECK
             duplex.abort(Close.POLICY_RECHECK)
             closed += 1
         if closed:
@@ -235,8 +234,9 @@ class Server:
                           max_lifetime=limits.max_connection_lifetime)
         self.rt = rt = Runtime(loop, self.build_contexts(identity), policy, limits, tracker,
                                session_resumption=cfg.tls.session_resumption,
-                               ktls="off" if str(cfg.tls.ktls) == "off" else
-                               "enabled" if self.ktls.available else "unavailable",
+                               ktls=None if cfg.tls.ktls is KtlsMode.OFF else
+                               KtlsState.ENABLED if self.ktls.available else
+                               KtlsState.UNAVAILABLE,
                                clock_skew_hint=cfg.clock_skew_hint)
         rt.authn.learn(identity)
         self.publish_identity(identity)

@@ -34,6 +34,7 @@ are listener-scoped, the same per listener: one table, whatever the number of li
 
 from __future__ import annotations
 
+from sidecar.outcomes import DecisionKind
 from sidecar.policy.model import (
     DEFAULT_RULE,
     DENY_ALL,
@@ -41,7 +42,6 @@ from sidecar.policy.model import (
     NO_POLICY_RULE,
     Action,
     Decision,
-    DecisionKind,
     Mode,
     Policy,
     Rule,

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from sidecar.outcomes import DecisionKind
 from sidecar.spiffe import PatternKind, SpiffeId, SpiffePattern
 
 
@@ -19,14 +20,6 @@ class Mode(StrEnum):
 class Action(StrEnum):
     ALLOW = "allow"
     DENY = "deny"
-
-
-class DecisionKind(StrEnum):
-    """The `decision` label of `sidecar_authz_decisions_total` (SPEC.md)."""
-
-    ALLOW = "allow"
-    DENY = "deny"
-    AUDIT_DENY = "audit_deny"
 
 
 # The `rule` label when no rule of the file decided. They are reserved as rule names so a

@@ -31,6 +31,7 @@ from collections.abc import Callable, Collection
 from sidecar import metrics
 from sidecar.authn import AuthnError, Peer
 from sidecar.identity import Identity
+from sidecar.outcomes import Close, KtlsState
 from sidecar.proxy.connection import Record
 from sidecar.proxy.runtime import Runtime
 from sidecar.reasons import Reason
@@ -179,7 +180,7 @@ def judged(rec: Record, ep: TlsEndpoint, exc: BaseException | None) -> None:
     if isinstance(exc, ssl.SSLError):
         f = classify(exc)
         if f.by_peer:
-            rec.reason, rec.close = f.reason, "handshake_failed"
+            rec.reason, rec.close = f.reason, Close.HANDSHAKE_FAILED
             rec.detail = f"{f.detail}, after our side of the TLS 1.3 handshake had finished"
             _count_failure(rec, ep, f.reason, resumed=bool(rec.resumed))
             return
@@ -190,15 +191,15 @@ def judged(rec: Record, ep: TlsEndpoint, exc: BaseException | None) -> None:
 
 
 def _count_ktls(rt: Runtime, rec: Record, ep: TlsEndpoint) -> None:
-    if rt.ktls == "off":
+    if rt.ktls is None:
         return
-    if rt.ktls == "unavailable":
-        metrics.count_ktls(rec.direction, "tx", "unavailable")
-        metrics.count_ktls(rec.direction, "rx", "unavailable")
+    if rt.ktls is KtlsState.UNAVAILABLE:
+        metrics.count_ktls(rec.direction, "tx", KtlsState.UNAVAILABLE)
+        metrics.count_ktls(rec.direction, "rx", KtlsState.UNAVAILABLE)
         return
     rec.ktls_tx, rec.ktls_rx = ep.ktls()
-    metrics.count_ktls(rec.direction, "tx", "enabled" if rec.ktls_tx else "failed")
-    metrics.count_ktls(rec.direction, "rx", "enabled" if rec.ktls_rx else "failed")
+    metrics.count_ktls(rec.direction, "tx", KtlsState.ENABLED if rec.ktls_tx else KtlsState.FAILED)
+    metrics.count_ktls(rec.direction, "rx", KtlsState.ENABLED if rec.ktls_rx else KtlsState.FAILED)
 
 
 async def _fail(
@@ -208,10 +209,10 @@ async def _fail(
     rec.detail = detail
     if reason is not None:
         rec.reason = reason
-        rec.close = "handshake_failed"
+        rec.close = Close.HANDSHAKE_FAILED
         _count_failure(rec, ep, reason, resumed=resumed)
     else:
-        rec.close = rec.close or "shutdown"
+        rec.close = rec.close or Close.SHUTDOWN
     try:
         if linger:
             await _linger(ep)

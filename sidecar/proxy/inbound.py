@@ -11,6 +11,7 @@ import socket
 from sidecar import metrics
 from sidecar.config import InboundListener
 from sidecar.endpoint import TcpEndpoint
+from sidecar.outcomes import Close, Direction
 from sidecar.proxy.connection import Record
 from sidecar.proxy.handshake import secure
 from sidecar.proxy.listener import AcceptCallback, dial
@@ -19,7 +20,7 @@ from sidecar.proxy.runtime import Runtime
 from sidecar.reasons import Reason
 from sidecar.tls.engine import TlsEndpoint
 
-DIRECTION = "inbound"
+DIRECTION = Direction.INBOUND
 
 
 def acceptor(rt: Runtime, cfg: InboundListener) -> AcceptCallback:
@@ -36,7 +37,7 @@ async def serve(rt: Runtime, cfg: InboundListener, rec: Record, sock: socket.soc
         ep = TlsEndpoint.server(contexts.server, sock)
     except OSError as exc:  # the peer reset between accept and wrap
         sock.close()
-        rec.close, rec.detail = "error", str(exc)
+        rec.close, rec.detail = Close.ERROR, str(exc)
         rt.tracker.finish(rec)
         return
     peer = await secure(rt, rec, ep, contexts.identity)
@@ -45,12 +46,12 @@ async def serve(rt: Runtime, cfg: InboundListener, rec: Record, sock: socket.soc
     ep.keep_session = contexts.session_store == "memory"
     policy = rt.policy
     decision = policy.decide(peer.spiffe_id, cfg.name)
-    rec.decision, rec.rule = str(decision.kind), decision.rule
+    rec.decision, rec.rule = decision.kind, decision.rule
     metrics.count_decision(cfg.name, decision.kind, decision.rule)
     if not decision.allowed:
         ep.shutdown_write()  # a close_notify: the caller reads an end, not a reset
         ep.close()
-        rec.close = "denied"
+        rec.close = Close.DENIED
         rt.tracker.finish(rec)
         return
     try:
@@ -58,7 +59,7 @@ async def serve(rt: Runtime, cfg: InboundListener, rec: Record, sock: socket.soc
     except (OSError, TimeoutError) as exc:
         ep.close()
         metrics.upstream_errors.labels(DIRECTION, cfg.name).inc()
-        rec.reason, rec.close = Reason.UPSTREAM_UNAVAILABLE, "upstream_unavailable"
+        rec.reason, rec.close = Reason.UPSTREAM_UNAVAILABLE, Close.UPSTREAM_UNAVAILABLE
         rec.detail = f"cannot reach the app at {cfg.forward_to}: {exc or 'timed out'}"
         rt.tracker.finish(rec)
         return
@@ -67,8 +68,8 @@ async def serve(rt: Runtime, cfg: InboundListener, rec: Record, sock: socket.soc
         decision = rt.policy.decide(peer.spiffe_id, cfg.name)
         if not decision.allowed:
             metrics.count_decision(cfg.name, decision.kind, decision.rule)
-            rec.decision, rec.rule, rec.close = str(decision.kind), decision.rule, \
-                "policy_recheck"
+            rec.decision, rec.rule, rec.close = decision.kind, decision.rule, \
+                Close.POLICY_RECHECK
             app.close()
             ep.close()
             rt.tracker.finish(rec)
