@@ -10,7 +10,7 @@ import datetime as dt
 from pathlib import Path
 
 from sidecar import fdlimit, preflight, workers
-from sidecar.config import Config, KtlsMode, load_config
+from sidecar.config import Config, KtlsMode, Protocol, load_config
 from sidecar.policy import load_policy, policy_warnings
 from sidecar.problems import Problem, ProblemsError
 from sidecar.tls import ktls
@@ -44,7 +44,7 @@ def problems_of(path: Path) -> tuple[list[Problem], list[Problem], Config | None
         try:
             policy = load_policy(config.policy, listeners=[ib.name for ib in config.inbound])
             warnings.extend(policy_warnings(policy, [ib.name for ib in config.inbound
-                                                     if str(ib.protocol) == "tcp"]))
+                                                     if ib.protocol is Protocol.TCP]))
         except ProblemsError as exc:
             errors.extend(exc.problems)
     return errors, warnings, config

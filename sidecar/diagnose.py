@@ -36,6 +36,7 @@ from typing import Any
 from cryptography import x509
 
 from sidecar import spiffe, svid
+from sidecar.modes import TlsVersion
 from sidecar.reasons import Reason
 from sidecar.tls import contexts
 from sidecar.tls.classify import Failure, classify, skew_note
@@ -102,8 +103,8 @@ def _context(args: argparse.Namespace) -> ssl.SSLContext:
     if args.tls_max == "1.2":
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.maximum_version = ssl.TLSVersion.TLSv1_2
-    contexts.pin_handshake(ctx, contexts.GROUPS,
-                           "1.2" if ctx.minimum_version == ssl.TLSVersion.TLSv1_2 else "1.3")
+    contexts.pin_handshake(ctx, contexts.GROUPS, TlsVersion.TLS_1_2 if ctx.minimum_version
+                           == ssl.TLSVersion.TLSv1_2 else TlsVersion.TLS_1_3)
     ctx.check_hostname = False  # SVIDs are checked by SPIFFE ID, not DNS name
     if args.bundle:
         ctx.load_verify_locations(cafile=args.bundle)

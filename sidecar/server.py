@@ -80,7 +80,7 @@ class Server:
 
     def build_contexts(self, identity: Identity) -> tls_contexts.Contexts:
         tls = self.config.tls
-        return tls_contexts.build(identity, min_version=str(tls.min_version),
+        return tls_contexts.build(identity, min_version=tls.min_version,
                                   session_resumption=tls.session_resumption,
                                   ktls=self.ktls.available,
                                   ticket_keys=self.resumption.ticket_keys(identity),

@@ -21,8 +21,6 @@ from sidecar.config.schema import (
     LogFormat,
     LogLevel,
     OutboundListener,
-    Protocol,
-    SessionStore,
     TlsConfig,
 )
 from sidecar.config.values import (
@@ -45,6 +43,7 @@ from sidecar.config.values import (
     _workers,
     parse_duration,
 )
+from sidecar.modes import Protocol, SessionStore
 from sidecar.spiffe import SpiffePattern
 from sidecar.strict_yaml import show as _show
 

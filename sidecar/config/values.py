@@ -11,7 +11,8 @@ from enum import StrEnum
 from typing import Final
 
 from sidecar import spiffe
-from sidecar.config.schema import Address, KtlsMode, TlsVersion
+from sidecar.config.schema import Address
+from sidecar.modes import KtlsMode, TlsVersion
 from sidecar.strict_yaml import show as _show
 
 # Linux's sockaddr_un.sun_path is 108 bytes, one of which is the terminating NUL.

@@ -11,6 +11,7 @@ import socket
 from sidecar import metrics
 from sidecar.config import InboundListener
 from sidecar.endpoint import TcpEndpoint
+from sidecar.modes import SessionStore
 from sidecar.outcomes import Close, Direction
 from sidecar.proxy.connection import Record
 from sidecar.proxy.handshake import secure
@@ -43,7 +44,7 @@ async def serve(rt: Runtime, cfg: InboundListener, rec: Record, sock: socket.soc
     peer = await secure(rt, rec, ep, contexts.identity)
     if peer is None:
         return
-    ep.keep_session = contexts.session_store == "memory"
+    ep.keep_session = contexts.session_store is SessionStore.MEMORY
     policy = rt.policy
     decision = policy.decide(peer.spiffe_id, cfg.name)
     rec.decision, rec.rule = decision.kind, decision.rule

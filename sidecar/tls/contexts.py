@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from sidecar.identity import Identity
+from sidecar.modes import SessionStore, TlsVersion
 from sidecar.tls import openssl, peerchain
 
 # TLS 1.2 (only when configured): forward-secret AEAD suites, nothing else.
@@ -51,8 +52,8 @@ class Contexts:
     server: ssl.SSLContext
     client: ssl.SSLContext
     identity: Identity
-    # Where the server keeps resumable sessions: "memory", "tickets", or "off".
-    session_store: str = "tickets"
+    # Where the server keeps resumable sessions: MEMORY or TICKETS; None: not at all.
+    session_store: SessionStore | None = SessionStore.TICKETS
 
 
 def present(contexts: Contexts, identity: Identity) -> Contexts:
@@ -85,7 +86,7 @@ def ticket_keys(secret: bytes, epoch: int, trust_version: str) -> bytes:
 def build(
     identity: Identity,
     *,
-    min_version: str = "1.3",
+    min_version: TlsVersion = TlsVersion.TLS_1_3,
     session_resumption: bool = True,
     ktls: bool = False,
     ticket_keys: bytes | None = None,
@@ -97,7 +98,7 @@ def build(
 
     Raises PinError when the handshake parameters cannot be pinned (see `unpinnable`)."""
     server = _base(ssl.PROTOCOL_TLS_SERVER, identity, min_version, ktls, groups)
-    store = "off"
+    store = None
     if session_resumption:
         server.num_tickets = TICKETS_PER_HANDSHAKE
         if session_cache_size is not None and openssl.server_session_cache(
@@ -106,11 +107,11 @@ def build(
             # A peer that hangs up without close_notify is a fatal error to OpenSSL, and a
             # fatal error evicts the session. The engine reads both ends as an end already.
             server.options |= ssl.OP_IGNORE_UNEXPECTED_EOF
-            store = "memory"
+            store = SessionStore.MEMORY
         else:
             if ticket_keys is not None:
                 openssl.set_ticket_keys(server, ticket_keys)
-            store = "tickets"
+            store = SessionStore.TICKETS
     else:
         server.num_tickets = 0
         server.options |= ssl.OP_NO_TICKET
@@ -160,7 +161,8 @@ def _pin_one_group(ctx: ssl.SSLContext, groups: tuple[str, ...]) -> bool:
 _CURVE_NAMES = {"P-256": "prime256v1", "P-384": "secp384r1", "P-521": "secp521r1"}
 
 
-def pin_handshake(ctx: ssl.SSLContext, groups: tuple[str, ...], min_version: str) -> bool:
+def pin_handshake(ctx: ssl.SSLContext, groups: tuple[str, ...],
+                  min_version: TlsVersion) -> bool:
     """Pin the key-exchange groups and signature algorithms of a context, client or server;
     False when they could not all be set.
 
@@ -170,18 +172,18 @@ def pin_handshake(ctx: ssl.SSLContext, groups: tuple[str, ...], min_version: str
     if not openssl.available():
         return _pin_one_group(ctx, groups)
     return openssl.set_groups(ctx, ":".join(groups)) and openssl.set_sigalgs(
-        ctx, SIGALGS_TLS12 if min_version == "1.2" else SIGALGS_TLS13)
+        ctx, SIGALGS_TLS12 if min_version == TlsVersion.TLS_1_2 else SIGALGS_TLS13)
 
 
 def _base(
-    protocol: ssl._SSLMethod, identity: Identity, min_version: str, ktls: bool,
+    protocol: ssl._SSLMethod, identity: Identity, min_version: TlsVersion, ktls: bool,
     groups: tuple[str, ...],
 ) -> ssl.SSLContext:
     ctx = ssl.SSLContext(protocol)
     ctx.minimum_version = (
-        ssl.TLSVersion.TLSv1_2 if min_version == "1.2" else ssl.TLSVersion.TLSv1_3
+        ssl.TLSVersion.TLSv1_2 if min_version == TlsVersion.TLS_1_2 else ssl.TLSVersion.TLSv1_3
     )
-    if min_version == "1.2":
+    if min_version == TlsVersion.TLS_1_2:
         ctx.set_ciphers(TLS12_CIPHERS)
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     if not pin_handshake(ctx, groups, min_version):

@@ -28,8 +28,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from sidecar import logs
-from sidecar.config import SessionStore, TlsConfig
+from sidecar.config import TlsConfig
 from sidecar.identity import Identity
+from sidecar.modes import SessionStore
 from sidecar.tls import contexts as tls_contexts
 from sidecar.tls import openssl
 
@@ -62,7 +63,7 @@ class Resumption:
     def rotate(self, contexts: tls_contexts.Contexts) -> None:
         """A boundary: sessions of the period before fall back to a full handshake."""
         every = self.tls.session_ticket_rotation
-        if contexts.session_store == "memory":
+        if contexts.session_store is SessionStore.MEMORY:
             openssl.flush_sessions(contexts.server)
             logs.event(logging.INFO, "session cache flushed", next_in_s=every)
         else:
@@ -83,9 +84,9 @@ class Resumption:
 
     def status(self, contexts: tls_contexts.Contexts) -> dict[str, Any]:
         """For /status: the store, and for memory how full it is and how it serves."""
-        out: dict[str, Any] = {"store": contexts.session_store,
-                               "configured": str(self.tls.session_store)}
-        if contexts.session_store == "memory":
+        out: dict[str, Any] = {"store": contexts.session_store or "off",
+                               "configured": self.tls.session_store}
+        if contexts.session_store is SessionStore.MEMORY:
             stats = contexts.server.session_stats()
             out.update(cached=stats["number"], capacity=self.tls.session_cache_size,
                        hits=stats["hits"], misses=stats["misses"],
