@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import yaml
 
 from sidecar.policy import Policy, parse_policy
+from sidecar.spiffe import SpiffeId
 
 SIZES = (10, 10_000)
 TRUST_DOMAINS = 50
@@ -30,7 +31,7 @@ LISTENERS = ("app", "grpc")
 class Workload:
     policy: Policy
     compile_seconds: float
-    peers: dict[str, list[str]]  # kind of peer -> peer IDs
+    peers: dict[str, list[SpiffeId]]  # kind of peer -> peer IDs, parsed as authn does
 
 
 def _rule(i: int, rng: random.Random) -> tuple[dict[str, object], str, str]:
@@ -77,10 +78,12 @@ def build(size: int, seed: int = 1) -> Workload:
         "prefix": [rng.choice(prefix_peers) for _ in range(PEERS_PER_KIND)],
         "no match": [rng.choice(misses) for _ in range(PEERS_PER_KIND)],
     }
-    return Workload(policy, compile_seconds, peers)
+    # Authentication parses a peer's ID once per handshake; decisions take the SpiffeId.
+    parsed = {kind: [SpiffeId.parse(p) for p in group] for kind, group in peers.items()}
+    return Workload(policy, compile_seconds, parsed)
 
 
-def rate(policy: Policy, peers: list[str], seconds: float) -> float:
+def rate(policy: Policy, peers: list[SpiffeId], seconds: float) -> float:
     """Decisions per second over `peers`, repeated for at least `seconds`."""
     decide = policy.decide
     done = 0

@@ -47,13 +47,16 @@ class AuthnError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Peer:
-    spiffe_id: str
-    trust_domain: str
+    spiffe_id: spiffe.SpiffeId  # parsed once here; policy decisions take it as it is
     # The validity window of the whole verified chain, Unix time: a resumed session has no
     # verification of its own, so we check it here (and the outbound offers a session
     # no longer than this).
     not_before: float = 0.0
     not_after: float = float("inf")
+
+    @property
+    def trust_domain(self) -> str:
+        return self.spiffe_id.trust_domain.name
 
 
 # A validity window, Unix time: (latest notBefore, earliest notAfter) of some certificates.
@@ -121,7 +124,7 @@ class Authenticator:
         peer = _peer(sid, _narrow(above, leaf))
         known = self._resumed.get(chain[0])
         if known == peer:
-            peer = known  # one Peer (and ID string) for all of a leaf's connections
+            peer = known  # one Peer (and SpiffeId) for all of a leaf's connections
         self._cache(chain[0], peer)
         return peer
 
@@ -190,7 +193,7 @@ def _svid_id(leaf: x509.Certificate) -> spiffe.SpiffeId:
 
 
 def _peer(sid: spiffe.SpiffeId, window: Window) -> Peer:
-    return Peer(str(sid), sid.trust_domain.name, *window)
+    return Peer(sid, *window)
 
 
 def _window(certs: Iterable[x509.Certificate]) -> Window:
@@ -221,22 +224,3 @@ def _still_valid(peer: Peer) -> Peer:
     if now < peer.not_before:
         raise AuthnError(Reason.CERT_NOT_YET_VALID, f"{peer.spiffe_id}: not valid yet")
     return peer
-
-
-def matches_expected(peer_id: str, expected: Collection[str]) -> bool:
-    """Outbound: is the server one of the SPIFFE IDs the route expects?
-
-    Entries are exact IDs or `spiffe://TD/*` for any workload of a trust domain;
-    trust domains compare case-insensitively.
-    """
-    td, _, path = peer_id.removeprefix(spiffe.SCHEME_PREFIX).partition("/")
-    norm = f"{spiffe.SCHEME_PREFIX}{td.lower()}/{path}" if path else \
-        f"{spiffe.SCHEME_PREFIX}{td.lower()}"
-    for e in expected:
-        etd, _, epath = e.removeprefix(spiffe.SCHEME_PREFIX).partition("/")
-        if epath == "*":
-            if etd.lower() == td.lower():
-                return True
-        elif f"{spiffe.SCHEME_PREFIX}{etd.lower()}" + (f"/{epath}" if epath else "") == norm:
-            return True
-    return False

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Final
 
 from sidecar import fdlimit, preflight, snapshots, workers
-from sidecar.config import Config, KtlsMode, load_config
+from sidecar.config import Config, KtlsMode, Protocol, load_config
 from sidecar.identity import Identity
 from sidecar.inspection.validity import span
 from sidecar.policy import Policy, policy_warnings
@@ -71,7 +71,7 @@ def examine(path: Path) -> Findings:
         try:
             policy = snapshots.policy_of(config)
             warnings.extend(policy_warnings(policy, [ib.name for ib in config.inbound
-                                                     if str(ib.protocol) == "tcp"]))
+                                                     if ib.protocol is Protocol.TCP]))
         except ProblemsError as exc:
             errors.extend(exc.problems)
     return Findings(errors, warnings, config, identity, policy)
@@ -107,7 +107,7 @@ def summary(config: Config, identity: Identity, policy: Policy | None,
         lines.append(f"inbound {ib.name}: {ib.listen} -> {ib.forward_to} ({ib.protocol})")
     for ob in config.outbound:
         lines.append(f"outbound {ob.name}: {ob.listen} -> {ob.connect_to}, expects "
-                     f"{', '.join(ob.expect_ids)}")
+                     f"{', '.join(str(e) for e in ob.expect_ids)}")
     lines.append(f"admin: {config.admin.listen}")
     if policy is None:
         return lines
@@ -116,7 +116,7 @@ def summary(config: Config, identity: Identity, policy: Policy | None,
     for rule in policy.rules[:SUMMARY_RULES]:
         to = ", ".join(rule.listeners) if rule.listeners is not None else "every inbound"
         lines.append(f"  {rule.action} {rule.name}: from "
-                     f"{', '.join(p.text for p in rule.peers)} to {to}")
+                     f"{', '.join(str(p) for p in rule.peers)} to {to}")
     if len(policy.rules) > SUMMARY_RULES:
         lines.append(f"  ... and {len(policy.rules) - SUMMARY_RULES} more")
     return lines

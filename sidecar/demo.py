@@ -18,6 +18,7 @@ from typing import Any
 
 from sidecar import logs, metrics, pki
 from sidecar.config import parse_config
+from sidecar.outcomes import DecisionKind
 from sidecar.reasons import Reason
 from sidecar.server import Server
 
@@ -205,7 +206,7 @@ async def _scenarios(access: _AccessLog, frontend: Server, batch: Server) -> boo
     _say(f"   answer: {answer.decode()!r}")
     _say(f"   payments' sidecar saw {inn['peer_id']} ({inn['tls_version']}, "
          f"{inn['cipher']}), decision {inn['decision']} by rule '{inn['rule']}'")
-    ok &= answer == b"payments: received charge order 42" and inn["decision"] == "allow"
+    ok &= answer == b"payments: received charge order 42" and inn["decision"] == DecisionKind.ALLOW
     _ = out
 
     _say("\n4. frontend -> a route that expects billing, but reaches payments")
@@ -224,7 +225,7 @@ async def _scenarios(access: _AccessLog, frontend: Server, batch: Server) -> boo
     _say(f"   answer: {answer!r}")
     _say(f"   payments' sidecar: {inn['peer_id']} -> decision {inn['decision']} "
          f"(rule '{inn['rule']}'); the app was never dialed")
-    ok &= inn["decision"] == "deny" and answer == b""
+    ok &= inn["decision"] == DecisionKind.DENY and answer == b""
     return bool(ok)
 
 

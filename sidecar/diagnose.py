@@ -35,8 +35,8 @@ from typing import Any
 
 from cryptography import x509
 
-from sidecar import svid
-from sidecar.authn import matches_expected
+from sidecar import spiffe, svid
+from sidecar.modes import TlsVersion
 from sidecar.reasons import Reason
 from sidecar.tls import contexts, openssl
 from sidecar.tls.classify import Failure, classify, skew_note
@@ -97,7 +97,7 @@ class Outcome:
 
 def client_context(args: argparse.Namespace) -> ssl.SSLContext:
     """What the sidecar's outbound side offers (tls/contexts.py), from plain files."""
-    ctx = contexts.client(args.tls_min, args.tls_max)
+    ctx = contexts.client(TlsVersion(args.tls_min), TlsVersion(args.tls_max))
     if args.bundle:
         ctx.load_verify_locations(cafile=args.bundle)
         ctx.verify_mode = ssl.CERT_REQUIRED
@@ -279,6 +279,14 @@ def _attempt(
         return _verdict(sock, args, out)
 
 
+def _expected_id(text: str) -> spiffe.SpiffePattern:
+    """--expect-id takes what a route's expect_ids take, refused by the same rules."""
+    try:
+        return spiffe.SpiffePattern.parse(text, prefixes=False)
+    except spiffe.SpiffeIdError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _check_server(sock: ssl.SSLSocket, args: argparse.Namespace, out: Outcome) -> bool:
     der = sock.getpeercert(binary_form=True)
     chain = sock.get_verified_chain() if args.bundle else []
@@ -292,17 +300,18 @@ def _check_server(sock: ssl.SSLSocket, args: argparse.Namespace, out: Outcome) -
     trust = "verified against --bundle" if args.bundle else "NOT verified (no --bundle given)"
     out.step("server chain", bool(args.bundle), f"{shown}; {trust}")
     try:
-        sid = str(svid.spiffe_id_of(leaf))
+        sid = svid.spiffe_id_of(leaf)
     except svid.SvidError as exc:
         out.fail(Reason.INVALID_SVID, "; ".join(p.message for p in exc.problems))
         return False
-    out.peer_spiffe_id = sid
-    if args.expect_id and not matches_expected(sid, args.expect_id):
-        out.step("server identity", False, f"{sid}, expected {', '.join(args.expect_id)}")
-        out.fail(Reason.SPIFFE_ID_MISMATCH,
-                 f"the server is {sid}, expected {', '.join(args.expect_id)}")
+    out.peer_spiffe_id = str(sid)
+    if args.expect_id and not any(p.matches(sid) for p in args.expect_id):
+        expected = ", ".join(map(str, args.expect_id))
+        out.step("server identity", False, f"{sid}, expected {expected}")
+        out.fail(Reason.SPIFFE_ID_MISMATCH, f"the server is {sid}, expected {expected}")
         return False
-    out.step("server identity", True, sid + (" (matches --expect-id)" if args.expect_id else ""))
+    out.step("server identity", True,
+             f"{sid}" + (" (matches --expect-id)" if args.expect_id else ""))
     return True
 
 
@@ -399,7 +408,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--key", help="the private key of --cert (PEM)")
     p.add_argument("--bundle", help="trust anchors to verify the server with; without: "
                    "the server is not verified and the verdict says UNVERIFIED")
-    p.add_argument("--expect-id", action="append", default=[],
+    p.add_argument("--expect-id", action="append", default=[], type=_expected_id,
                    help="the SPIFFE ID the server must have (repeatable; spiffe://TD/* too)")
     p.add_argument("--server-name", help="SNI (default: the host)")
     p.add_argument("--tls-min", choices=["1.2", "1.3"], default="1.3",

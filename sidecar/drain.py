@@ -9,8 +9,8 @@ import logging
 from collections.abc import Collection
 
 from sidecar import logs
+from sidecar.outcomes import Close
 from sidecar.proxy.connection import Tracker
-from sidecar.proxy.pump import Close
 
 # How long the handlers of the connections closed at the end get to finish their last step.
 HANDLERS_GRACE = 1.0

@@ -12,6 +12,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from sidecar.outcomes import DecisionKind, Direction, KtlsState
+
 REGISTRY = CollectorRegistry(auto_describe=True)
 # workers > 1: each worker writes its values to files the supervisor sums (workers.py).
 MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
@@ -97,7 +99,7 @@ class Series:
     __slots__ = ("active", "bytes_from_app", "bytes_to_app", "connections", "cpu",
                  "duration", "ok")
 
-    def __init__(self, direction: str, listener: str) -> None:
+    def __init__(self, direction: Direction, listener: str) -> None:
         self.connections = connections.labels(direction, listener)
         self.active = connections_active.labels(direction, listener)
         self.bytes_to_app = bytes_moved.labels(direction, listener, "to_app")
@@ -111,10 +113,10 @@ class Series:
                     handshake_cpu.labels(direction, listener, "true"))
 
 
-_series: dict[tuple[str, str], Series] = {}
+_series: dict[tuple[Direction, str], Series] = {}
 
 
-def series(direction: str, listener: str) -> Series:
+def series(direction: Direction, listener: str) -> Series:
     found = _series.get((direction, listener))
     if found is None:
         found = _series[(direction, listener)] = Series(direction, listener)
@@ -134,9 +136,9 @@ def _inc(metric: Counter, *labels: str) -> None:
     child.inc()
 
 
-def count_decision(listener: str, decision: str, rule: str) -> None:
+def count_decision(listener: str, decision: DecisionKind, rule: str) -> None:
     _inc(authz_decisions, listener, decision, rule)
 
 
-def count_ktls(direction: str, path: str, state: str) -> None:
+def count_ktls(direction: Direction, path: str, state: KtlsState) -> None:
     _inc(ktls_connections, direction, path, state)

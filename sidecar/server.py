@@ -19,9 +19,10 @@ from collections.abc import Callable
 from typing import Any
 
 from sidecar import admin, fdlimit, lifecycle, logs, preflight, reload, snapshots, status
-from sidecar.config import Config, SessionStore
+from sidecar.config import Config, KtlsMode, SessionStore
 from sidecar.drain import Drain
 from sidecar.identity import Identity
+from sidecar.outcomes import KtlsState
 from sidecar.policy import Policy
 from sidecar.proxy import inbound, outbound
 from sidecar.proxy.connection import Tracker
@@ -35,13 +36,13 @@ from sidecar.workers import WorkerRole
 SWEEP_EVERY = 1.0  # seconds between idle / lifetime sweeps
 
 
-def session_store(configured: SessionStore, *, workers: bool) -> str:
+def session_store(configured: SessionStore, *, workers: bool) -> SessionStore:
     """Where the server keeps sessions. `auto`: memory in a single process; tickets when
     workers share the port, since the kernel spreads a peer's connections over the
     workers and a session kept by one worker would not resume on another."""
-    if configured == SessionStore.AUTO:
-        return str(SessionStore.TICKETS if workers else SessionStore.MEMORY)
-    return str(configured)
+    if configured is SessionStore.AUTO:
+        return SessionStore.TICKETS if workers else SessionStore.MEMORY
+    return configured
 
 
 class Server:
@@ -56,7 +57,7 @@ class Server:
             session_store(tls.session_store, workers=worker is not None),
             tls.session_ticket_rotation, tls.session_cache_size,
             worker.ticket_secret if worker else secrets.token_bytes(32),
-            configured=str(tls.session_store))
+            configured=tls.session_store)
         self.listeners: list[Listener] = []
         self.rt: Runtime | None = None
         self._drain = Drain(config.drain_timeout)
@@ -68,7 +69,7 @@ class Server:
 
     def build_contexts(self, identity: Identity) -> tls_contexts.Contexts:
         tls = self.config.tls
-        return tls_contexts.build(identity, min_version=str(tls.min_version),
+        return tls_contexts.build(identity, min_version=tls.min_version,
                                   session_resumption=tls.session_resumption,
                                   ktls=self.ktls.available,
                                   ticket_keys=self.resumption.ticket_keys(identity),
@@ -150,8 +151,9 @@ class Server:
                           max_lifetime=limits.max_connection_lifetime)
         self.rt = rt = Runtime(loop, self.build_contexts(identity), policy, limits, tracker,
                                session_resumption=cfg.tls.session_resumption,
-                               ktls="off" if str(cfg.tls.ktls) == "off" else
-                               "enabled" if self.ktls.available else "unavailable",
+                               ktls=None if cfg.tls.ktls is KtlsMode.OFF else
+                               KtlsState.ENABLED if self.ktls.available else
+                               KtlsState.UNAVAILABLE,
                                clock_skew_hint=cfg.clock_skew_hint)
         rt.authn.learn(identity)
         snapshots.publish(identity)

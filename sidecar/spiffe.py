@@ -5,10 +5,11 @@ Source: the SPIFFE-ID spec (spiffe/spiffe `standards/SPIFFE-ID.md`). Nothing her
 a socket, a file or `ssl`.
 
 Case: the spec only allows lowercase trust domains, so `SpiffeId.parse` rejects
-`spiffe://Example.org/x` as a certificate's SPIFFE ID. A trust domain typed by a human into
-the config is a different matter: `TrustDomain.parse` folds ASCII letters to lowercase,
-because the names compare case-insensitively and refusing `Example.org` there only
-punishes a harmless spelling. Only ASCII is folded: `str.lower()` maps U+212A KELVIN SIGN
+`spiffe://Example.org/x` as a certificate's SPIFFE ID. A trust domain typed by a human
+(the config's, or a `SpiffePattern`'s: a policy's `from`, a route's `expect_ids`) is a
+different matter: `TrustDomain.parse` and `SpiffePattern.parse` fold ASCII letters to
+lowercase, because the names compare case-insensitively and refusing `Example.org` there
+only punishes a harmless spelling. Only ASCII is folded: `str.lower()` maps U+212A KELVIN SIGN
 to a plain `k`, which would let a look-alike name fold into a real one.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from enum import StrEnum
 
 SCHEME_PREFIX = "spiffe://"
 
@@ -114,33 +116,91 @@ class SpiffeId:
         return self.trust_domain == trust_domain
 
 
-TRUST_DOMAIN_WILDCARD = "/*"  # `spiffe://TD/*`: any workload of trust domain TD
+WILDCARD = "/*"  # a pattern's last segment: every ID under what precedes it
 
 
-def parse_expected(text: str) -> SpiffeId | TrustDomain:
-    """A peer a route expects, as config writes it: an exact SPIFFE ID, or `spiffe://TD/*`
-    for any workload of TD. An entry that no valid ID could ever equal (`/a//b`, `/a/../b`,
-    a trailing `/`) is refused here rather than failing every connection later."""
-    if text.startswith(SCHEME_PREFIX) and text.endswith(TRUST_DOMAIN_WILDCARD):
-        domain = text[len(SCHEME_PREFIX) : -len(TRUST_DOMAIN_WILDCARD)]
-        if "/" not in domain and "*" not in domain:
-            reason = _trust_domain_problem(domain)
-            if reason is not None:
-                raise SpiffeIdError(text, reason)
-            return TrustDomain(domain)
-    if "*" in text:
-        domain = text.removeprefix(SCHEME_PREFIX).partition("/")[0]
-        raise SpiffeIdError(text, f"a wildcard must be the whole path, spiffe://{domain}/*, "
-                                  "which accepts any workload of that trust domain")
-    return SpiffeId.parse(text)
+class PatternKind(StrEnum):
+    EXACT = "exact"  # spiffe://td/a/b: that ID alone
+    PREFIX = "prefix"  # spiffe://td/a/b/*: every ID strictly under /a/b, on a segment boundary
+    TRUST_DOMAIN = "trust_domain"  # spiffe://td/*: every workload ID of the trust domain
 
 
-def fold_trust_domain_case(text: str) -> str:
-    """`text` with the trust domain part of an ID-shaped string lowercased (ASCII only).
+@dataclass(frozen=True, slots=True)
+class SpiffePattern:
+    """Which peers a rule names: the policy's `from`, a route's `expect_ids`, `--expect-id`.
 
-    For comparing an ID that was already authenticated against configured ones, where the
-    trust domain compares case-insensitively; the result still has to pass `SpiffeId.parse`.
+    Build it with `parse`; the constructor trusts its input. Patterns are typed by humans,
+    so their trust domain folds to lowercase as `TrustDomain.parse` does (see the module
+    docstring); the IDs they are matched against come from certificates and are lowercase
+    already, so matching compares trust domains case-insensitively at no cost.
     """
+
+    kind: PatternKind
+    trust_domain: TrustDomain
+    path: str  # exact: the ID's path; prefix: the path IDs are strictly under; else ""
+
+    @classmethod
+    def parse(cls, text: str, *, prefixes: bool = True) -> SpiffePattern:
+        """An exact ID, `spiffe://td/a/b/*` (only if `prefixes`) or `spiffe://td/*`; raise
+        `SpiffeIdError` saying which rule broke. An entry no valid ID could ever match
+        (`/a//b`, `/a/../b`, a trailing `/`, a trust domain alone) is refused here rather
+        than failing every connection later."""
+        folded = _fold_trust_domain_case(text)
+        wildcard = folded.endswith(WILDCARD) and len(folded) > len(SCHEME_PREFIX + WILDCARD)
+        base = folded[: -len(WILDCARD)] if wildcard else folded
+        if "*" in base:
+            raise SpiffeIdError(text, _star_problem(base, prefixes), kind="SPIFFE ID pattern")
+        try:
+            sid = SpiffeId.parse(base)
+        except SpiffeIdError as error:
+            if wildcard:
+                raise SpiffeIdError(text, error.reason, kind="SPIFFE ID prefix") from None
+            hint = "; to match IDs under a path, end it with /*" if base.endswith("/") else ""
+            raise SpiffeIdError(text, error.reason + hint) from None
+        if not wildcard:
+            if not sid.path:
+                raise SpiffeIdError(text, "it names a trust domain, which no workload presents; "
+                                    f"write '{text}/*' to match every ID of the trust domain")
+            return cls(PatternKind.EXACT, sid.trust_domain, sid.path)
+        if not sid.path:
+            return cls(PatternKind.TRUST_DOMAIN, sid.trust_domain, "")
+        if not prefixes:
+            raise SpiffeIdError(text, _star_problem(base, prefixes), kind="SPIFFE ID pattern")
+        return cls(PatternKind.PREFIX, sid.trust_domain, sid.path)
+
+    def matches(self, sid: SpiffeId) -> bool:
+        """Does the workload `sid` fall under this pattern? (A trust domain's own ID, with
+        no path, is no workload: only an exact pattern could name it, and none does.)"""
+        if sid.trust_domain != self.trust_domain or not sid.path:
+            return False
+        if self.kind is PatternKind.EXACT:
+            return sid.path == self.path
+        if self.kind is PatternKind.PREFIX:  # under it on a segment boundary: /a/b/c, not /a/bc
+            cut = len(self.path)
+            return len(sid.path) > cut and sid.path[cut] == "/" and sid.path.startswith(self.path)
+        return True
+
+    @property
+    def key(self) -> str:
+        """`trust domain + path`: what the policy's index is keyed by."""
+        return self.trust_domain.name + self.path
+
+    def __str__(self) -> str:
+        base = SCHEME_PREFIX + self.trust_domain.name + self.path
+        return base if self.kind is PatternKind.EXACT else base + WILDCARD
+
+
+def _star_problem(base: str, prefixes: bool) -> str:
+    if prefixes:
+        return ("'*' is allowed only as a final '/*', as in spiffe://example.org/ns/batch/* "
+                "or spiffe://example.org/*")
+    domain = base.removeprefix(SCHEME_PREFIX).partition("/")[0]
+    return (f"a wildcard must be the whole path, spiffe://{domain}/*, which accepts any "
+            "workload of that trust domain")
+
+
+def _fold_trust_domain_case(text: str) -> str:
+    """`text` with the trust domain part of an ID-shaped string lowercased (ASCII only)."""
     if not text.startswith(SCHEME_PREFIX):
         return text
     end = text.find("/", len(SCHEME_PREFIX))

@@ -5,13 +5,14 @@ from __future__ import annotations
 import time
 
 from sidecar import metrics
+from sidecar.outcomes import Close
 from sidecar.policy import DENY_ALL, DecisionKind, parse_policy
 from sidecar.proxy import authorize
 from sidecar.proxy.connection import Record
-from sidecar.proxy.pump import Close
+from sidecar.spiffe import SpiffeId
 
-FRONTEND = "spiffe://example.org/ns/web/sa/frontend"
-BATCH = "spiffe://example.org/ns/jobs/sa/batch"
+FRONTEND = SpiffeId.parse("spiffe://example.org/ns/web/sa/frontend")
+BATCH = SpiffeId.parse("spiffe://example.org/ns/jobs/sa/batch")
 POLICY = parse_policy("""\
 mode: enforce
 default: deny

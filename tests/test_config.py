@@ -30,6 +30,7 @@ from sidecar.config import (
     parse_duration,
 )
 from sidecar.problems import Problem, ProblemsError
+from sidecar.spiffe import PatternKind, SpiffePattern
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -193,7 +194,7 @@ def test_valid_config_parses_every_field(tmp_path: Path) -> None:
     (outbound,) = config.outbound
     assert outbound.connect_to == Address("payments.default.svc", 8443)
     assert outbound.server_name == "payments.default.svc"
-    assert outbound.expect_ids == ("spiffe://example.org/ns/default/sa/payments",)
+    assert outbound.expect_ids == (SpiffePattern.parse("spiffe://example.org/ns/default/sa/payments"),)
 
 
 # Remove these lines from here as NOT_SUPPORTED_YET entries are deleted.
@@ -207,7 +208,8 @@ SPEC_EXAMPLE_SUPPORTED = "\n".join(
 def test_spec_example_parses_without_the_not_yet_supported_lines(tmp_path: Path) -> None:
     config = parse(SPEC_EXAMPLE_SUPPORTED, tmp_path)
     assert config.policy == tmp_path / "config" / "policy.yaml"
-    assert config.outbound[0].expect_ids == ("spiffe://example.org/ns/default/sa/payments",)
+    assert config.outbound[0].expect_ids == (
+        SpiffePattern.parse("spiffe://example.org/ns/default/sa/payments"),)
     assert config.tls.min_version == TlsVersion.TLS_1_3
 
 
@@ -634,7 +636,15 @@ def test_bad_server_name(tmp_path: Path) -> None:
 
 def test_expect_ids_accepts_exact_ids_and_trust_domain_wildcards(tmp_path: Path) -> None:
     ids = ["spiffe://example.org/ns/a/sa/b", "spiffe://other.org/*"]
-    assert parse(with_outbound(expect_ids=ids), tmp_path).outbound[0].expect_ids == tuple(ids)
+    found = parse(with_outbound(expect_ids=ids), tmp_path).outbound[0].expect_ids
+    assert [str(p) for p in found] == ids
+    assert [p.kind for p in found] == [PatternKind.EXACT, PatternKind.TRUST_DOMAIN]
+
+
+def test_expect_ids_trust_domains_compare_case_insensitively(tmp_path: Path) -> None:
+    ids = ["spiffe://Example.org/a", "spiffe://OTHER.org/*"]
+    found = parse(with_outbound(expect_ids=ids), tmp_path).outbound[0].expect_ids
+    assert [str(p) for p in found] == ["spiffe://example.org/a", "spiffe://other.org/*"]
 
 
 def test_expect_ids_as_a_string_is_a_wrong_type(tmp_path: Path) -> None:
@@ -653,7 +663,8 @@ def test_expect_ids_empty_list_is_refused(tmp_path: Path) -> None:
     [
         ("example.org/ns/a", "is not a SPIFFE ID"),
         ("spiffe:///ns/a", "trust domain"),
-        ("spiffe://Example.org/a", "trust domain"),
+        ("spiffe://exa mple.org/a", "trust domain"),
+        ("spiffe://example.org", "names a trust domain"),
         ("spiffe://example.org/ns/*", "wildcard"),
         ("spiffe://example.org/a//b", "empty segment"),
         ("spiffe://example.org/a/../b", "dot segments"),

@@ -36,6 +36,7 @@ import yaml
 
 from sidecar.config import Config, parse_config
 from sidecar.policy import DecisionKind, Policy, load_policy
+from sidecar.spiffe import SpiffeId
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -348,13 +349,14 @@ def test_compose_story_holds() -> None:
     assert payments.policy is not None and payments.inbound
     policy: Policy = load_policy(payments.policy, _inbound_names(payments))
     for listener in _inbound_names(payments):
-        assert policy.decide(ids["frontend"], listener).kind is DecisionKind.ALLOW
-        assert policy.decide(ids["batch"], listener).kind is DecisionKind.DENY
+        assert policy.decide(SpiffeId.parse(ids["frontend"]), listener).kind is DecisionKind.ALLOW
+        assert policy.decide(SpiffeId.parse(ids["batch"]), listener).kind is DecisionKind.DENY
     for caller in ("frontend", "batch"):
         config = _compose_config_of(COMPOSE_CONFIGS / f"{caller}.yaml")
         assert config.outbound, caller
         for route in config.outbound:
-            assert ids["payments"] in route.expect_ids, (caller, route.expect_ids)
+            expected = [str(p) for p in route.expect_ids]
+            assert ids["payments"] in expected, (caller, expected)
             assert str(route.connect_to) == _env_file(COMPOSE_ENV)["PAYMENTS_ADDR"]
 
 
@@ -573,7 +575,7 @@ def test_kubernetes_caller_reaches_payments_through_an_outbound_route(tmp_path: 
                             and selector.items() <= _labels(p).items()]
             server_id = (f"spiffe://example.org/ns/{server.namespace}/sa/"
                          f"{server.spec['serviceAccountName']}")
-            assert route.expect_ids == (server_id,), caller.name
+            assert tuple(map(str, route.expect_ids)) == (server_id,), caller.name
             assert port["targetPort"] == "mtls"
             assert server.config.policy is not None, server.name
             policy = yaml.safe_load(server.config.policy.read_text())

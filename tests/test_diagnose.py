@@ -243,3 +243,16 @@ def test_inspect_names_a_ca_copying_a_trusted_name(tmp_path: Path) -> None:
     messages = [f.message for f in report.findings]
     assert any("a CA named 'CN=example.org root CA,O=SPIFFE' is trusted" in m
                and "different key" in m for m in messages), messages
+
+
+@pytest.mark.parametrize(("entry", "says"), [
+    ("spiffe://example.org/a//b", "empty segment"),
+    ("spiffe://example.org/ns/*", "a wildcard must be the whole path"),
+])
+def test_an_expect_id_no_server_could_match_is_refused_before_connecting(
+        entry: str, says: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """The rules of a route's expect_ids (spiffe.SpiffePattern), not a silent mismatch."""
+    with pytest.raises(SystemExit) as caught:
+        diagnose.main(["127.0.0.1:9", "--expect-id", entry])
+    assert caught.value.code == 2
+    assert says in capsys.readouterr().err

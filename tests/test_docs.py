@@ -20,12 +20,13 @@ from prometheus_client.metrics import MetricWrapperBase
 from sidecar import metrics
 from sidecar.config import Address, Config, parse_config
 from sidecar.reasons import Reason
+from sidecar.spiffe import SpiffePattern
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
 
 # Dataclasses in the schema that are one YAML scalar, not a section of keys.
-SCALARS = (Address,)
+SCALARS = (Address, SpiffePattern)
 
 # A table row that documents one name: `| `name` | ...`
 ROW = re.compile(r"^\| `([^`]+)` \|(.*)\|\s*$", re.M)
@@ -40,7 +41,7 @@ def _keys(schema: type, prefix: str = "") -> set[str]:
         kind = hints[f.name]
         if typing.get_origin(kind) is tuple:
             item = typing.get_args(kind)[0]
-            if dataclasses.is_dataclass(item):
+            if dataclasses.is_dataclass(item) and item not in SCALARS:
                 keys |= _keys(typing.cast(type, item), f"{prefix}{f.name}[].")
                 continue
         if dataclasses.is_dataclass(kind) and kind not in SCALARS:

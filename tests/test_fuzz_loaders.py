@@ -8,7 +8,7 @@ partially applied reload.
   bundle), and random mixes of the three: an Identity whose parts agree, or ProblemsError.
 - `config.parse_config` and `policy.parse_policy` on mutated YAML (the shipped examples,
   line by line) and on random YAML documents built from their own keys: a Config / Policy,
-  or ProblemsError. `Policy.decide` on any peer and listener: a Decision.
+  or ProblemsError. `Policy.decide` on any parsed peer and any listener: a Decision.
 - `SpiffeId.parse` / `TrustDomain.parse`: a value or SpiffeIdError, nothing else.
 - `peerchain.parse_certificate_message` on any bytes: a list of byte strings, no raise.
 - reload: `Reloadable` around `load_identity`, with a swap that records what it gets, on
@@ -389,7 +389,11 @@ PEER_IDS = st.one_of(
 @FUZZ
 @given(peer=PEER_IDS, listener=st.one_of(st.sampled_from(["app", "in", ""]), st.text()))
 def test_decide_always_answers(peer: str, listener: str) -> None:
-    decision = EXAMPLE_POLICY.decide(peer, listener)
+    try:
+        peer_id = SpiffeId.parse(peer)  # as authentication does, once per handshake
+    except SpiffeIdError:
+        return
+    decision = EXAMPLE_POLICY.decide(peer_id, listener)
     assert isinstance(decision, Decision)
     assert decision.rule in {*EXAMPLE_POLICY.rule_names, "default", "invalid_peer_id"}
 

@@ -26,6 +26,7 @@ from sidecar.policy.model import DENY_ALL
 from sidecar.proxy import outbound
 from sidecar.proxy.connection import Tracker
 from sidecar.proxy.runtime import Runtime
+from sidecar.spiffe import SpiffePattern
 from sidecar.tls import contexts, resumption
 
 pytestmark = pytest.mark.timeout(30)
@@ -146,7 +147,7 @@ async def _route(upstream: Start, handler: Serve, ours: Identity,
     port = await upstream(handler)
     rt = _runtime(ours)
     cfg = OutboundListener("out", Address("127.0.0.1", 0), Address("127.0.0.1", port), "",
-                           (SERVER_ID,))
+                           (SpiffePattern.parse(SERVER_ID),))
     assert await _call(rt, cfg, apps) == b"ping"
     assert "out" in rt.sessions
     return rt, cfg

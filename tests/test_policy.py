@@ -24,6 +24,7 @@ from sidecar.policy import (
     policy_warnings,
 )
 from sidecar.problems import ProblemsError
+from sidecar.spiffe import SpiffeId
 
 SOURCE = "policy.yaml"
 FRONTEND = "spiffe://example.org/ns/web/sa/frontend"
@@ -37,6 +38,11 @@ def problems(text: str, listeners: list[str] | None = None) -> list[str]:
     with pytest.raises(ProblemsError) as caught:
         policy(text, listeners)
     return [str(problem) for problem in caught.value.problems]
+
+
+def sid(text: str) -> SpiffeId:
+    """A peer's ID as authentication hands it to the policy: parsed once."""
+    return SpiffeId.parse(text)
 
 
 def allow(rule: str) -> Decision:
@@ -63,11 +69,11 @@ SPEC_EXAMPLE = """
 
 def test_exact_id() -> None:
     p = policy(SPEC_EXAMPLE)
-    assert p.decide(FRONTEND, "app") == allow("frontend-reads")
-    assert p.decide(FRONTEND + "x", "app") == deny("default")
-    assert p.decide(FRONTEND + "/x", "app") == deny("default")  # exact is not a prefix
-    assert p.decide("spiffe://example.org/ns/web/sa/Frontend", "app") == deny("default")
-    assert p.decide("spiffe://example.com/ns/web/sa/frontend", "app") == deny("default")
+    assert p.decide(sid(FRONTEND), "app") == allow("frontend-reads")
+    assert p.decide(sid(FRONTEND + "x"), "app") == deny("default")
+    assert p.decide(sid(FRONTEND + "/x"), "app") == deny("default")  # exact is not a prefix
+    assert p.decide(sid("spiffe://example.org/ns/web/sa/Frontend"), "app") == deny("default")
+    assert p.decide(sid("spiffe://example.com/ns/web/sa/frontend"), "app") == deny("default")
 
 
 @pytest.mark.parametrize(
@@ -87,7 +93,7 @@ def test_exact_id() -> None:
 )
 def test_prefix_matches_on_segment_boundaries(peer: str, matches: bool) -> None:
     p = policy(SPEC_EXAMPLE)
-    assert p.decide(peer, "app") == (allow("frontend-reads") if matches else deny("default"))
+    assert p.decide(sid(peer), "app") == (allow("frontend-reads") if matches else deny("default"))
 
 
 def test_trust_domain_wildcard() -> None:
@@ -96,24 +102,28 @@ def test_trust_domain_wildcard() -> None:
         rules:
           - {name: partners, action: allow, from: ["spiffe://partner.org/*"]}
     """)
-    assert p.decide("spiffe://partner.org/a", "app") == allow("partners")
-    assert p.decide("spiffe://partner.org/a/b/c", "app") == allow("partners")
-    assert p.decide("spiffe://partner.org.evil/a", "app") == deny("default")
-    assert p.decide("spiffe://sub.partner.org/a", "app") == deny("default")
-    assert p.decide("spiffe://partner.org", "app") == deny("invalid_peer_id")
+    assert p.decide(sid("spiffe://partner.org/a"), "app") == allow("partners")
+    assert p.decide(sid("spiffe://partner.org/a/b/c"), "app") == allow("partners")
+    assert p.decide(sid("spiffe://partner.org.evil/a"), "app") == deny("default")
+    assert p.decide(sid("spiffe://sub.partner.org/a"), "app") == deny("default")
+    assert p.decide(sid("spiffe://partner.org"), "app") == deny("invalid_peer_id")
 
 
 def test_trust_domain_compares_case_insensitively() -> None:
-    p = policy(SPEC_EXAMPLE)
-    assert p.decide("spiffe://Example.ORG/ns/web/sa/frontend", "app") == allow("frontend-reads")
-    assert p.decide("spiffe://EXAMPLE.org/ns/batch/job", "app") == allow("frontend-reads")
-    # Only ASCII folds: U+212A KELVIN SIGN must not become a 'k'.
     p = policy("""
-        rules: [{name: k, action: allow, from: ["spiffe://k.org/*"]}]
+        rules:
+          - {name: one, action: allow, from: ["spiffe://Example.ORG/ns/web/sa/frontend"]}
+          - {name: batch, action: allow, from: ["spiffe://EXAMPLE.org/ns/batch/*"]}
+          - {name: k, action: allow, from: ["spiffe://K.org/*"]}
         default: deny
     """)
-    assert p.decide("spiffe://K.org/x", "app") == allow("k")
-    assert p.decide("spiffe://\u212a.org/x", "app") == deny("invalid_peer_id")
+    assert p.decide(sid(FRONTEND), "app") == allow("one")
+    assert p.decide(sid("spiffe://example.org/ns/batch/job"), "app") == allow("batch")
+    assert p.decide(sid("spiffe://k.org/x"), "app") == allow("k")
+    assert p.decide(sid("spiffe://example.org/ns/web/sa/Frontend"), "app") == deny("default")
+    # Only ASCII folds: U+212A KELVIN SIGN must not become a 'k'.
+    (message,) = problems('rules: [{name: k, action: allow, from: ["spiffe://\u212a.org/*"]}]')
+    assert "the trust domain holds '\\u212a'" in message
 
 
 def test_deny_wins_over_allow_wherever_it_is_in_the_file() -> None:
@@ -126,10 +136,10 @@ def test_deny_wins_over_allow_wherever_it_is_in_the_file() -> None:
           - {name: no-ns, action: deny, from: ["spiffe://example.org/ns/*"]}
     """)
     # Both deny rules match: the first one in file order is reported.
-    assert p.decide("spiffe://example.org/ns/batch/evil", "app") == deny("no-evil")
-    assert p.decide("spiffe://example.org/ns/batch/good", "app") == deny("no-ns")
+    assert p.decide(sid("spiffe://example.org/ns/batch/evil"), "app") == deny("no-evil")
+    assert p.decide(sid("spiffe://example.org/ns/batch/good"), "app") == deny("no-ns")
     # Two allows match: the first in file order.
-    assert p.decide("spiffe://example.org/other", "app") == allow("all-ok")
+    assert p.decide(sid("spiffe://example.org/other"), "app") == allow("all-ok")
 
 
 def test_first_allow_in_file_order_is_reported() -> None:
@@ -138,7 +148,7 @@ def test_first_allow_in_file_order_is_reported() -> None:
           - {name: broad, action: allow, from: ["spiffe://example.org/*"]}
           - {name: narrow, action: allow, from: ["spiffe://example.org/ns/web/sa/frontend"]}
     """)
-    assert p.decide(FRONTEND, "app") == allow("broad")
+    assert p.decide(sid(FRONTEND), "app") == allow("broad")
 
 
 def test_default_deny_and_missing_default_is_deny() -> None:
@@ -146,7 +156,7 @@ def test_default_deny_and_missing_default_is_deny() -> None:
     implicit = policy("rules: []")
     for p in (explicit, implicit):
         assert p.default is Action.DENY
-        decision = p.decide(FRONTEND, "app")
+        decision = p.decide(sid(FRONTEND), "app")
         assert decision == deny("default")
         assert not decision.allowed
 
@@ -157,8 +167,8 @@ def test_default_allow_written_out() -> None:
         rules:
           - {name: no-batch, action: deny, from: ["spiffe://example.org/ns/batch/*"]}
     """)
-    assert p.decide(FRONTEND, "app") == allow("default")
-    assert p.decide("spiffe://example.org/ns/batch/x", "app") == deny("no-batch")
+    assert p.decide(sid(FRONTEND), "app") == allow("default")
+    assert p.decide(sid("spiffe://example.org/ns/batch/x"), "app") == deny("no-batch")
 
 
 def test_audit_mode_allows_what_it_would_deny() -> None:
@@ -170,15 +180,16 @@ def test_audit_mode_allows_what_it_would_deny() -> None:
           - {name: no-batch, action: deny, from: ["spiffe://example.org/ns/batch/*"]}
     """)
     assert p.mode is Mode.AUDIT
-    assert p.decide(FRONTEND, "app") == allow("web")
-    audit_rule = p.decide("spiffe://example.org/ns/batch/x", "app")
+    assert p.decide(sid(FRONTEND), "app") == allow("web")
+    audit_rule = p.decide(sid("spiffe://example.org/ns/batch/x"), "app")
     assert audit_rule == Decision(DecisionKind.AUDIT_DENY, "no-batch")
     assert audit_rule.allowed
-    audit_default = p.decide("spiffe://example.org/other", "app")
+    audit_default = p.decide(sid("spiffe://example.org/other"), "app")
     assert audit_default == Decision(DecisionKind.AUDIT_DENY, "default")
     assert audit_default.allowed
-    # A malformed ID is a bug upstream, not a policy question: denied even in audit mode.
-    assert p.decide("not an id", "app") == deny("invalid_peer_id")
+    # An ID naming no workload is a bug upstream, not a policy question: denied even in
+    # audit mode.
+    assert p.decide(sid("spiffe://example.org"), "app") == deny("invalid_peer_id")
 
 
 def test_listener_scoping() -> None:
@@ -194,13 +205,13 @@ def test_listener_scoping() -> None:
         """,
         listeners=["app", "grpc", "metrics"],
     )
-    assert p.decide(FRONTEND, "app") == allow("app-only")
-    assert p.decide(FRONTEND, "grpc") == deny("default")
-    assert p.decide("spiffe://example.org/ns/batch/x", "app") == allow("app-only")
-    assert p.decide("spiffe://example.org/ns/batch/x", "grpc") == deny("no-batch-on-grpc")
-    assert p.decide("spiffe://example.org/ns/batch/x", "metrics") == allow("batch-anywhere")
+    assert p.decide(sid(FRONTEND), "app") == allow("app-only")
+    assert p.decide(sid(FRONTEND), "grpc") == deny("default")
+    assert p.decide(sid("spiffe://example.org/ns/batch/x"), "app") == allow("app-only")
+    assert p.decide(sid("spiffe://example.org/ns/batch/x"), "grpc") == deny("no-batch-on-grpc")
+    assert p.decide(sid("spiffe://example.org/ns/batch/x"), "metrics") == allow("batch-anywhere")
     # A listener no rule names gets only the unscoped rules.
-    assert p.decide("spiffe://example.org/ns/batch/x", "unknown") == allow("batch-anywhere")
+    assert p.decide(sid("spiffe://example.org/ns/batch/x"), "unknown") == allow("batch-anywhere")
 
 
 def test_rules_naming_methods_or_paths_never_match_a_connection() -> None:
@@ -214,45 +225,21 @@ def test_rules_naming_methods_or_paths_never_match_a_connection() -> None:
           - {name: no-posts, action: deny, from: ["spiffe://example.org/*"],
              to: {methods: [POST]}}
     """)
-    assert p.decide(FRONTEND, "app") == deny("default")
+    assert p.decide(sid(FRONTEND), "app") == deny("default")
     assert p.rules[0].http_only
     assert p.rules[0].methods == ("GET", "HEAD")
 
 
-@pytest.mark.parametrize(
-    "peer",
-    [
-        "",
-        "junk",
-        "spiffe://",
-        "spiffe://example.org",  # the trust domain itself is no workload
-        "spiffe://example.org/",
-        "spiffe://example.org/ns/web/sa/frontend/",
-        "spiffe://example.org/ns/web/../web/sa/frontend",
-        "spiffe://example.org//ns/web/sa/frontend",
-        "spiffe://example.org/ns/batch/%78",
-        "spiffe://example.org/ns/batch/x?y",
-        "SPIFFE://example.org/ns/web/sa/frontend",
-        "spiffe://user@example.org/ns/web/sa/frontend",
-        "spiffe://example.org:443/ns/web/sa/frontend",
-        "spiffe://example.org/ns/batch/" + "x" * 3000,
-        "\udcff",
-    ],
-)
-def test_malformed_peer_ids_are_denied_never_raised(peer: str) -> None:
+def test_a_trust_domain_s_own_id_is_denied_even_by_an_allowing_default() -> None:
     p = policy("""
         default: allow
         rules: [{name: all, action: allow, from: ["spiffe://example.org/*"]}]
     """)
-    assert p.decide(peer, "app") == deny("invalid_peer_id")
-
-
-def test_non_string_peer_is_denied() -> None:
-    assert policy("default: allow").decide(None, "app") == deny("invalid_peer_id")  # type: ignore[arg-type]
+    assert p.decide(sid("spiffe://example.org"), "app") == deny("invalid_peer_id")
 
 
 def test_deny_all() -> None:
-    assert DENY_ALL.decide(FRONTEND, "app") == deny("no_policy")
+    assert DENY_ALL.decide(sid(FRONTEND), "app") == deny("no_policy")
     assert DENY_ALL.rule_names == ()
     assert DENY_ALL.mode is Mode.ENFORCE
 
@@ -307,7 +294,7 @@ def test_every_problem_is_listed_with_its_path() -> None:
         rules:
           - name: a
             action: permit
-            from: ["spiffe://Example.org/x", 7, "spiffe://example.org/*/x"]
+            from: ["spiffe://exa mple.org/x", 7, "spiffe://example.org/*/x"]
             to: {listeners: [ap], methods: [get], paths: [orders], port: 1}
           - name: a
             action: allow
@@ -332,11 +319,11 @@ def test_every_problem_is_listed_with_its_path() -> None:
         "policy.yaml: default: true is not valid here: write allow or deny "
         "(YAML reads unquoted yes/no/on/off as booleans)",
         "policy.yaml: rules[0].action: 'permit' is not valid here: write allow or deny",
-        "policy.yaml: rules[0].from[0]: 'spiffe://Example.org/x' is not a SPIFFE ID: "
-        "the trust domain must be lowercase (the SPIFFE spec allows a-z 0-9 . - _)",
+        "policy.yaml: rules[0].from[0]: 'spiffe://exa mple.org/x' is not a SPIFFE ID: "
+        "the trust domain holds ' '; only lowercase a-z 0-9 . - _ are allowed",
         "policy.yaml: rules[0].from[1]: must be a string (SPIFFE IDs or prefixes), not 7",
-        "policy.yaml: rules[0].from[2]: 'spiffe://example.org/*/x': '*' is allowed only as "
-        "a final '/*', as in spiffe://example.org/ns/batch/* or spiffe://example.org/*",
+        "policy.yaml: rules[0].from[2]: 'spiffe://example.org/*/x' is not a SPIFFE ID "
+        "pattern: '*' is allowed only as a final '/*', as in spiffe://example.org/ns/batch/* or spiffe://example.org/*",
         "policy.yaml: rules[0].to.port: unknown key 'port'; known keys: listeners, methods, paths",
         "policy.yaml: rules[0].to.listeners[0]: 'ap' is not an inbound listener of the "
         "config (app)",
@@ -353,12 +340,13 @@ def test_every_problem_is_listed_with_its_path() -> None:
         "applies to, e.g. from: [spiffe://example.org/ns/web/sa/frontend]",
         "policy.yaml: rules[5]: a rule must be a mapping, not 'just a string'",
         "policy.yaml: rules[6].name: 'default' is reserved: it labels decisions no rule made",
-        "policy.yaml: rules[6].from[0]: 'spiffe://example.org' names a trust domain, which "
-        "no workload presents; write 'spiffe://example.org/*' to match every ID of the "
-        "trust domain",
+        "policy.yaml: rules[6].from[0]: 'spiffe://example.org' is not a SPIFFE ID: it names "
+        "a trust domain, which no workload presents; write 'spiffe://example.org/*' to "
+        "match every ID of the trust domain",
         "policy.yaml: rules[7].name: 'has space' is not a valid rule name: use 1-128 "
         "letters, digits, '.', '_', ':' or '-', starting with a letter or digit",
-        "policy.yaml: rules[7].from[0]: '*': '*' is allowed only as a final '/*', as in "
+        "policy.yaml: rules[7].from[0]: '*' is not a SPIFFE ID pattern: '*' is allowed only "
+        "as a final '/*', as in "
         "spiffe://example.org/ns/batch/* or spiffe://example.org/*",
     ]
 
@@ -373,7 +361,7 @@ def test_every_problem_is_listed_with_its_path() -> None:
         ("spiffe://example.org/ns/*/sa/x", "'*' is allowed only"),
         ("spiffe://example.org/ns/**", "'*' is allowed only"),
         ("spiffe://example.org/ns/*/*", "'*' is allowed only"),
-        ("spiffe://Example.org/*", "is not a SPIFFE ID prefix: the trust domain must be lower"),
+        ("spiffe://\u212a.org/*", "is not a SPIFFE ID prefix: the trust domain holds"),
         ("spiffe://example.org/ns//*", "is not a SPIFFE ID prefix: the path must not end"),
         ("spiffe://example.org/a b", "is not a SPIFFE ID: the path holds ' '"),
         ("example.org/x", "is not a SPIFFE ID: it must start with spiffe://"),
@@ -430,7 +418,7 @@ def test_load_policy(tmp_path: Path) -> None:
     path.write_text(textwrap.dedent(SPEC_EXAMPLE))
     p = load_policy(path, ["app"])
     assert p.source == str(path)
-    assert p.decide(FRONTEND, "app").allowed
+    assert p.decide(sid(FRONTEND), "app").allowed
 
 
 def test_load_policy_problems_name_the_file(tmp_path: Path) -> None:
@@ -521,6 +509,7 @@ paths = st.lists(st.sampled_from(SEGMENTS), min_size=0, max_size=3).map(
 patterns = st.one_of(
     st.builds(lambda td, p: f"spiffe://{td}{p or '/x'}", st.sampled_from(TRUST_DOMAINS), paths),
     st.builds(lambda td, p: f"spiffe://{td}{p}/*", st.sampled_from(TRUST_DOMAINS), paths),
+    st.builds(lambda p: f"spiffe://A.ORG{p or '/x'}", paths),  # trust domains fold their case
 )
 
 
@@ -553,15 +542,12 @@ def policy_docs(draw: st.DrawFn) -> dict[str, Any]:
 
 peers = st.one_of(
     st.builds(lambda td, p: f"spiffe://{td}{p}", st.sampled_from(TRUST_DOMAINS), paths),
-    st.builds(lambda p: f"spiffe://A.ORG{p}", paths),
-    st.sampled_from(["", "junk", "spiffe://a.org/x/", "spiffe://a.org//x", "spiffe://c.org/x"]),
+    st.sampled_from(["spiffe://a.org", "spiffe://c.org/x"]),
 )
 
 
 def reference_decide(doc: dict[str, Any], peer: str, listener: str) -> tuple[str, str]:
     """The policy semantics read straight off SPEC.md: loop over every rule, no index."""
-    if peer.startswith("spiffe://A.ORG"):
-        peer = "spiffe://a.org" + peer[len("spiffe://A.ORG") :]
     workload = peer.startswith("spiffe://") and peer.count("/") >= 3
     if not workload or "//" in peer[9:] or peer.endswith("/") or not peer[9:].split("/")[0]:
         return "deny", "invalid_peer_id"
@@ -572,9 +558,10 @@ def reference_decide(doc: dict[str, Any], peer: str, listener: str) -> tuple[str
             continue
         if "listeners" in to and listener not in to["listeners"]:
             continue
+        entries = [e.replace("spiffe://A.ORG", "spiffe://a.org") for e in rule["from"]]
         hit = any(
             peer.startswith(entry[:-1]) if entry.endswith("/*") else peer == entry
-            for entry in rule["from"]
+            for entry in entries
         )
         if hit and rule["action"] == "deny" and first_deny is None:
             first_deny = rule["name"]
@@ -595,5 +582,5 @@ def test_compiled_decide_agrees_with_looping_over_every_rule(
 ) -> None:
     compiled = parse_policy(yaml.safe_dump(doc), SOURCE, LISTENERS)
     for peer in peer_ids:
-        decision = compiled.decide(peer, listener)
+        decision = compiled.decide(sid(peer), listener)
         assert (decision.kind.value, decision.rule) == reference_decide(doc, peer, listener)

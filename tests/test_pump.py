@@ -28,7 +28,8 @@ from tls_pairs import ready, tcp_pair
 from sidecar import pki
 from sidecar.endpoint import DONE, RESET, WANT_READ, WANT_WRITE, Endpoint, TcpEndpoint
 from sidecar.identity import load_identity
-from sidecar.proxy.pump import CHUNK, Close, Duplex, Flow
+from sidecar.outcomes import Close
+from sidecar.proxy.pump import CHUNK, Duplex, Flow
 from sidecar.tls import contexts, openssl
 from sidecar.tls.contexts import Contexts
 from sidecar.tls.engine import TlsEndpoint

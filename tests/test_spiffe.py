@@ -12,11 +12,11 @@ from hypothesis import strategies as st
 from sidecar.spiffe import (
     MAX_ID_BYTES,
     MAX_TRUST_DOMAIN_BYTES,
+    PatternKind,
     SpiffeId,
     SpiffeIdError,
+    SpiffePattern,
     TrustDomain,
-    fold_trust_domain_case,
-    parse_expected,
 )
 
 # --- SPIFFE IDs ---------------------------------------------------------------------------
@@ -168,20 +168,6 @@ def test_trust_domain_rejects(text: str, reason: str) -> None:
     assert "is not a trust domain" in str(caught.value)
 
 
-@pytest.mark.parametrize(
-    ("text", "folded"),
-    [
-        ("spiffe://Example.ORG/Path/X", "spiffe://example.org/Path/X"),  # path keeps its case
-        ("spiffe://EXAMPLE.org", "spiffe://example.org"),
-        ("spiffe://\u212aelvin.org/x", "spiffe://\u212aelvin.org/x"),
-        ("SPIFFE://Example.org/x", "SPIFFE://Example.org/x"),  # not ID-shaped: unchanged
-        ("", ""),
-    ],
-)
-def test_fold_trust_domain_case(text: str, folded: str) -> None:
-    assert fold_trust_domain_case(text) == folded
-
-
 # --- properties ---------------------------------------------------------------------------
 
 TD_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789.-_")
@@ -253,15 +239,137 @@ def test_trust_domain_parse_raises_only_spiffe_id_error(text: str) -> None:
     assert SpiffeId.parse(str(trust_domain)).trust_domain == trust_domain
 
 
-@pytest.mark.parametrize("text", ["spiffe://example.org/a//b", "spiffe://example.org/a/../b",
-                                  "spiffe://example.org/a/", "spiffe://example.org/ns/*",
-                                  "spiffe://Exa mple/*", "spiffe://*"])
-def test_an_expected_peer_no_id_can_equal_is_refused(text: str) -> None:
-    with pytest.raises(SpiffeIdError):
-        parse_expected(text)
+# --- patterns: the policy's `from`, a route's `expect_ids`, --expect-id ---------------------
 
 
-def test_an_expected_peer_is_an_id_or_a_whole_trust_domain() -> None:
-    assert parse_expected("spiffe://example.org/*") == TrustDomain("example.org")
-    assert parse_expected("spiffe://example.org/a/b") == SpiffeId.parse(
-        "spiffe://example.org/a/b")
+def pattern(text: str) -> SpiffePattern:
+    return SpiffePattern.parse(text)
+
+
+def ids(*texts: str) -> list[SpiffeId]:
+    return [SpiffeId.parse(t) for t in texts]
+
+
+def test_each_kind_of_pattern_is_parsed_to_its_kind() -> None:
+    assert pattern("spiffe://example.org/a/b") == SpiffePattern(
+        PatternKind.EXACT, TrustDomain("example.org"), "/a/b")
+    assert pattern("spiffe://example.org/a/b/*") == SpiffePattern(
+        PatternKind.PREFIX, TrustDomain("example.org"), "/a/b")
+    assert pattern("spiffe://example.org/*") == SpiffePattern(
+        PatternKind.TRUST_DOMAIN, TrustDomain("example.org"), "")
+
+
+@pytest.mark.parametrize("text", ["spiffe://example.org/a/b", "spiffe://example.org/a/b/*",
+                                  "spiffe://example.org/*"])
+def test_a_pattern_prints_as_it_is_written(text: str) -> None:
+    assert str(pattern(text)) == text
+
+
+def test_an_exact_pattern_matches_that_id_alone() -> None:
+    p = pattern("spiffe://example.org/ns/default/sa/payments")
+    assert [p.matches(i) for i in ids(
+        "spiffe://example.org/ns/default/sa/payments",
+        "spiffe://example.org/ns/default/sa/paymentsx",  # not a prefix inside a segment
+        "spiffe://example.org/ns/default/sa/payments/x",  # nor at a segment boundary
+        "spiffe://example.org/ns/default/sa/pay",
+        "spiffe://example.org/ns/default/sa/Payments",  # paths are case-sensitive
+        "spiffe://example.org",
+        "spiffe://example.com/ns/default/sa/payments",
+        "spiffe://example.orgx/ns/default/sa/payments",
+    )] == [True, False, False, False, False, False, False, False]
+
+
+def test_a_prefix_pattern_matches_ids_strictly_under_it_on_a_segment_boundary() -> None:
+    p = pattern("spiffe://example.org/ns/batch/*")
+    assert [p.matches(i) for i in ids(
+        "spiffe://example.org/ns/batch/job",
+        "spiffe://example.org/ns/batch/job/replica-1",
+        "spiffe://example.org/ns/batch",  # the prefix itself is not under it
+        "spiffe://example.org/ns/batchx/job",
+        "spiffe://example.org/ns/Batch/job",
+        "spiffe://example.org/ns",
+        "spiffe://other.org/ns/batch/job",
+    )] == [True, True, False, False, False, False, False]
+
+
+def test_a_trust_domain_pattern_matches_every_workload_of_that_domain_only() -> None:
+    p = pattern("spiffe://example.org/*")
+    assert [p.matches(i) for i in ids(
+        "spiffe://example.org/x",
+        "spiffe://example.org/ns/default/sa/payments",
+        "spiffe://example.org",  # the trust domain's own ID is no workload
+        "spiffe://example.org.evil.com/x",
+        "spiffe://evil-example.org/x",
+        "spiffe://sub.example.org/x",
+        "spiffe://example.o/x",
+    )] == [True, True, False, False, False, False, False]
+
+
+@pytest.mark.parametrize(
+    ("text", "matching"),
+    [
+        ("spiffe://Example.ORG/ns/a", "spiffe://example.org/ns/a"),
+        ("spiffe://EXAMPLE.org/ns/*", "spiffe://example.org/ns/b"),
+        ("spiffe://EXAMPLE.ORG/*", "spiffe://example.org/x"),
+    ],
+)
+def test_a_pattern_s_trust_domain_compares_case_insensitively(text: str, matching: str) -> None:
+    p = pattern(text)
+    assert p.trust_domain == TrustDomain("example.org")
+    assert p.matches(SpiffeId.parse(matching))
+
+
+def test_a_pattern_s_path_keeps_its_case() -> None:
+    p = pattern("spiffe://Example.org/NS/A")
+    assert str(p) == "spiffe://example.org/NS/A"
+    assert not p.matches(SpiffeId.parse("spiffe://example.org/ns/a"))
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("spiffe://example.org/a/*/b", "'*' is allowed only as a final '/*'"),
+        ("spiffe://example.org/a*", "'*' is allowed only as a final '/*'"),
+        ("spiffe://example.org/a/**", "'*' is allowed only as a final '/*'"),
+        ("spiffe://example.org/*/*", "'*' is allowed only as a final '/*'"),
+        ("/*", "'*' is allowed only as a final '/*'"),
+        ("*", "'*' is allowed only as a final '/*'"),
+        ("spiffe://*", "'*' is allowed only as a final '/*'"),
+        ("spiffe:///*", "'*' is allowed only as a final '/*'"),
+        ("spiffe://*/x", "'*' is allowed only as a final '/*'"),
+        ("spiffe://example.org/a/", "the path must not end with '/'; to match IDs under a "
+                                    "path, end it with /*"),
+        ("spiffe://example.org/a//*", "is not a SPIFFE ID prefix: the path must not end"),
+        ("spiffe://example.org/a//b", "empty segment"),
+        ("spiffe://example.org/a/../b", "'..' segment; dot segments are not allowed"),
+        ("spiffe://example.org/./*", "'.' segment; dot segments are not allowed"),
+        ("spiffe://example.org", "names a trust domain, which no workload presents; write "
+                                 "'spiffe://example.org/*'"),
+        ("spiffe://\u212aelvin.org/*", "the trust domain holds '\\u212a'"),  # no Unicode fold
+        ("example.org/x", "is not a SPIFFE ID: it must start with spiffe://"),
+        ("", "is not a SPIFFE ID: it is empty"),
+    ],
+)
+def test_an_invalid_pattern_is_refused_saying_why(text: str, says: str) -> None:
+    with pytest.raises(SpiffeIdError) as caught:
+        pattern(text)
+    assert says in str(caught.value)
+    assert caught.value.value == text  # the message quotes what was written, unfolded
+
+
+def test_where_prefixes_are_not_taken_a_prefix_is_refused_pointing_at_the_whole_domain() -> None:
+    assert SpiffePattern.parse("spiffe://example.org/*", prefixes=False).kind is \
+        PatternKind.TRUST_DOMAIN
+    for text in ("spiffe://example.org/ns/*", "spiffe://example.org/*/x"):
+        with pytest.raises(SpiffeIdError, match="a wildcard must be the whole path, "
+                           r"spiffe://example.org/\*"):
+            SpiffePattern.parse(text, prefixes=False)
+
+
+@given(st.text())
+def test_pattern_parse_raises_only_spiffe_id_error(text: str) -> None:
+    try:
+        p = SpiffePattern.parse(text)
+    except SpiffeIdError:
+        return
+    assert SpiffePattern.parse(str(p)) == p

@@ -33,20 +33,17 @@ from sidecar.config.schema import (
     Config,
     IdentityConfig,
     InboundListener,
-    KtlsMode,
     Limits,
     LogConfig,
     LogFormat,
     LogLevel,
     OutboundListener,
-    Protocol,
-    SessionStore,
     TlsConfig,
-    TlsVersion,
     Unsupported,
 )
 from sidecar.config.sections import _build, _refuse_unsupported
 from sidecar.config.values import parse_address, parse_duration
+from sidecar.modes import KtlsMode, Protocol, SessionStore, TlsVersion
 from sidecar.problems import Problem, ProblemsError
 
 __all__ = [

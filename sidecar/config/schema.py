@@ -1,5 +1,7 @@
 """The config schema: enums and frozen dataclasses whose field names are the YAML keys
-and whose defaults are SPEC.md's, and the settings refused as not supported yet."""
+and whose defaults are SPEC.md's, and the settings refused as not supported yet. The
+choices tls/ and proxy/ act on (protocol, TLS version, kTLS mode, session store) are
+defined in sidecar/modes.py and re-exported by the config package."""
 
 from __future__ import annotations
 
@@ -10,34 +12,13 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
 
+from sidecar.modes import KtlsMode, Protocol, SessionStore, TlsVersion
+from sidecar.spiffe import SpiffePattern
+
 DEFAULT_CONFIG_ENV: Final = "SIDECAR_CONFIG"
 
 # spiffe-helper's file names in the directory the SPIFFE CSI driver usually mounts.
 _SPIFFE_DIR: Final = Path("/run/spiffe")
-
-
-class Protocol(StrEnum):
-    TCP = "tcp"
-    HTTP = "http"
-
-
-class TlsVersion(StrEnum):
-    TLS_1_2 = "1.2"
-    TLS_1_3 = "1.3"
-
-
-class KtlsMode(StrEnum):
-    AUTO = "auto"
-    ON = "on"
-    OFF = "off"
-
-
-class SessionStore(StrEnum):
-    """Where an inbound listener keeps what a resumption needs."""
-
-    AUTO = "auto"  # memory with one worker, tickets with several
-    MEMORY = "memory"  # this process keeps the session; the ticket is only its ID
-    TICKETS = "tickets"  # the session travels encrypted in the ticket; any worker resumes
 
 
 class LogLevel(StrEnum):
@@ -95,7 +76,7 @@ class OutboundListener:
     listen: Address
     connect_to: Address
     server_name: str  # SNI; the parser defaults it to connect_to's host
-    expect_ids: tuple[str, ...]  # exact SPIFFE IDs or spiffe://TD/*
+    expect_ids: tuple[SpiffePattern, ...]  # exact SPIFFE IDs or spiffe://TD/*
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,8 +21,6 @@ from sidecar.config.schema import (
     LogFormat,
     LogLevel,
     OutboundListener,
-    Protocol,
-    SessionStore,
     TlsConfig,
 )
 from sidecar.config.values import (
@@ -45,6 +43,8 @@ from sidecar.config.values import (
     _workers,
     parse_duration,
 )
+from sidecar.modes import Protocol, SessionStore
+from sidecar.spiffe import SpiffePattern
 from sidecar.strict_yaml import show as _show
 
 
@@ -224,7 +224,7 @@ def _outbound(r: _Reader, raw: object, where: str) -> OutboundListener | None:
     )
 
 
-def _expect_ids(r: _Reader, raw: object, where: str) -> tuple[str, ...]:
+def _expect_ids(r: _Reader, raw: object, where: str) -> tuple[SpiffePattern, ...]:
     if isinstance(raw, str):
         raise ValueError(f"expected a list, found a string; for one ID write [{raw}]")
     if not isinstance(raw, list) or not raw:

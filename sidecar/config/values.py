@@ -11,7 +11,8 @@ from enum import StrEnum
 from typing import Final
 
 from sidecar import spiffe
-from sidecar.config.schema import Address, KtlsMode, TlsVersion
+from sidecar.config.schema import Address
+from sidecar.modes import KtlsMode, TlsVersion
 from sidecar.strict_yaml import show as _show
 
 # Linux's sockaddr_un.sun_path is 108 bytes, one of which is the terminating NUL.
@@ -118,7 +119,7 @@ def _unix_address(value: str, allowed: bool) -> Address:
     return Address(unix=path)
 
 
-def _expected_id(raw: object) -> str:
+def _expected_id(raw: object) -> spiffe.SpiffePattern:
     # spiffe.py owns the SPIFFE-ID rules: an entry no valid ID can equal is refused there.
     if not isinstance(raw, str):
         raise ValueError(
@@ -126,13 +127,12 @@ def _expected_id(raw: object) -> str:
             "spiffe://example.org/ns/default/sa/payments"
         )
     try:
-        spiffe.parse_expected(raw)
+        return spiffe.SpiffePattern.parse(raw, prefixes=False)
     except spiffe.SpiffeIdError as exc:
         raise ValueError(
             f"{exc}; every call on this route would fail spiffe_id_mismatch. Write an ID "
             "like spiffe://example.org/ns/default/sa/payments, or spiffe://example.org/*"
         ) from None
-    return raw
 
 
 def _trust_domain(raw: object) -> str:

@@ -10,6 +10,7 @@ import sys
 from sidecar import spiffe
 from sidecar.config import parse_address, parse_duration
 from sidecar.loadgen.plan import Mode, Plan, request_payload
+from sidecar.modes import TlsVersion
 from sidecar.tls import contexts
 
 
@@ -109,9 +110,10 @@ def make_plan(args: argparse.Namespace) -> Plan:
         address = parse_address(args.target)
     except ValueError as exc:
         raise UsageError(f"--target: {exc}") from None
+    expect_id = None
     if args.expect_id is not None:
         try:
-            spiffe.SpiffeId.parse(args.expect_id.removesuffix("/*"))
+            expect_id = spiffe.SpiffePattern.parse(args.expect_id, prefixes=False)
         except ValueError as exc:
             raise UsageError(f"--expect-id: {exc}") from None
     response_bytes = args.response_bytes or args.request_bytes
@@ -144,7 +146,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         host=address.host, port=address.port, server_name=args.server_name or address.host,
         modes=modes, concurrency=args.concurrency, duration=args.duration,
         requests=args.requests, payload=request_payload(args.request_bytes),
-        response_bytes=response_bytes, echo=not args.no_echo, expect_id=args.expect_id,
+        response_bytes=response_bytes, echo=not args.no_echo, expect_id=expect_id,
         metrics_url=args.metrics, target_pids=tuple(args.target_pid), timeout=args.timeout,
         as_json=args.json, plot=args.plot, progress=args.progress or sys.stderr.isatty(),
         per_connection=args.per_connection, rate=args.rate, sweep=args.sweep, plain=args.plain,
@@ -157,7 +159,8 @@ def client_context(args: argparse.Namespace) -> ssl.SSLContext:
     if bool(args.cert) != bool(args.key):
         raise UsageError("--cert and --key go together")
     try:
-        ctx = contexts.client(args.tls_min, args.tls_max)  # what a sidecar offers
+        # what a sidecar offers
+        ctx = contexts.client(TlsVersion(args.tls_min), TlsVersion(args.tls_max))
     except contexts.PinError as exc:
         raise UsageError(str(exc)) from None
     try:

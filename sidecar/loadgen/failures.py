@@ -8,8 +8,8 @@ from enum import StrEnum
 from cryptography import x509
 
 from sidecar import svid
-from sidecar.authn import matches_expected
 from sidecar.reasons import Reason
+from sidecar.spiffe import SpiffePattern
 from sidecar.tls.classify import classify
 
 
@@ -83,7 +83,7 @@ def response_error(exc: BaseException, timeout: float) -> RequestError:
     return RequestError(Trouble.OTHER, f"{type(exc).__name__}: {exc}")
 
 
-def peer_id_error(der: bytes | None, expect: str) -> RequestError | None:
+def peer_id_error(der: bytes | None, expect: SpiffePattern) -> RequestError | None:
     """None when the server's leaf is an SVID whose SPIFFE ID matches `expect`."""
     if der is None:
         return RequestError(Reason.INVALID_SVID, "the server presented no certificate")
@@ -92,7 +92,7 @@ def peer_id_error(der: bytes | None, expect: str) -> RequestError | None:
     except (svid.SvidError, ValueError) as exc:
         return RequestError(Reason.INVALID_SVID,
                             f"the server's certificate is not an X.509-SVID: {exc}")
-    if not matches_expected(str(found), [expect]):
+    if not expect.matches(found):
         return RequestError(Reason.SPIFFE_ID_MISMATCH,
                             f"the server is {found}, expected {expect}")
     return None

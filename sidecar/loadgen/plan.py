@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
+from sidecar.spiffe import SpiffePattern
+
 _ALPHABET = b"abcdefghijklmnopqrstuvwxyz0123456789"
 
 
@@ -28,7 +30,7 @@ class Plan:
     payload: bytes
     response_bytes: int
     echo: bool
-    expect_id: str | None
+    expect_id: SpiffePattern | None
     metrics_url: str | None
     target_pids: tuple[int, ...]
     timeout: float

@@ -30,6 +30,7 @@ from sidecar.loadgen.failures import (
 )
 from sidecar.loadgen.plan import Mode, Plan
 from sidecar.loadgen.summary import Tally, new_histogram
+from sidecar.spiffe import SpiffePattern
 
 # A loop over a target that refuses everything would otherwise spin for the whole
 # duration at tens of thousands of attempts a second; this many in a row say enough.
@@ -212,7 +213,7 @@ class Worker:
         else:
             self.tally.cpu_full += cpu
 
-    def _check_id(self, conn: ssl.SSLSocket, expect: str) -> None:
+    def _check_id(self, conn: ssl.SSLSocket, expect: SpiffePattern) -> None:
         # Resumed sessions still give the leaf; its verdict is cached per certificate.
         der = conn.getpeercert(binary_form=True)
         key = der or b""

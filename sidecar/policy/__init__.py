@@ -16,15 +16,17 @@ Semantics (SPEC.md, "Policy file"):
 - the reported rule is deterministic: the first matching deny rule in file order, else the
   first matching allow rule in file order.
 
-Patterns: an exact ID; `spiffe://td/a/b/*`, every ID strictly under `/a/b` on a segment
-boundary (`/a/b/c`, `/a/b/c/d`, not `/a/b` and not `/a/bc`); `spiffe://td/*`, every
-workload ID of the trust domain. A peer ID without a path names a trust domain, not a
-workload (X.509-SVID 5.2 forbids it on a leaf), so it is denied like a malformed one.
+Patterns (`spiffe.SpiffePattern`, which the outbound's `expect_ids` use too): an exact
+ID; `spiffe://td/a/b/*`, every ID strictly under `/a/b` on a segment boundary (`/a/b/c`,
+`/a/b/c/d`, not `/a/b` and not `/a/bc`); `spiffe://td/*`, every workload ID of the trust
+domain; trust domains compare case-insensitively. A peer ID without a path names a trust
+domain, not a workload (X.509-SVID 5.2 forbids it on a leaf), so it is denied.
 
 Cost: compiling turns the rules into two dicts keyed by the plain string
 `trust_domain + path`: exact IDs, and the paths patterns match under (`""` for a whole
-trust domain). A decision is one lookup for the exact ID plus one per proper path prefix
-of the peer, so it grows with the peer's path depth, never with the number of rules. Each
+trust domain). The peer comes as a `SpiffeId`, parsed once by authentication, never per
+decision. A decision is one lookup for the exact ID plus one per proper path prefix of
+the peer, so it grows with the peer's path depth, never with the number of rules. Each
 key holds the first deny and first allow rule for every listener plus, only if some rules
 are listener-scoped, the same per listener: one table, whatever the number of listeners.
 """
@@ -32,6 +34,7 @@ are listener-scoped, the same per listener: one table, whatever the number of li
 
 from __future__ import annotations
 
+from sidecar.outcomes import DecisionKind
 from sidecar.policy.model import (
     DEFAULT_RULE,
     DENY_ALL,
@@ -39,14 +42,12 @@ from sidecar.policy.model import (
     NO_POLICY_RULE,
     Action,
     Decision,
-    DecisionKind,
     Mode,
-    PatternKind,
-    PeerPattern,
     Policy,
     Rule,
 )
 from sidecar.policy.reader import load_policy, parse_policy, policy_warnings
+from sidecar.spiffe import PatternKind, SpiffePattern
 
 __all__ = [
     "DEFAULT_RULE",
@@ -58,9 +59,9 @@ __all__ = [
     "DecisionKind",
     "Mode",
     "PatternKind",
-    "PeerPattern",
     "Policy",
     "Rule",
+    "SpiffePattern",
     "load_policy",
     "parse_policy",
     "policy_warnings",

@@ -8,7 +8,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from sidecar.spiffe import SpiffeId, SpiffeIdError, fold_trust_domain_case
+from sidecar.outcomes import DecisionKind
+from sidecar.spiffe import PatternKind, SpiffeId, SpiffePattern
 
 
 class Mode(StrEnum):
@@ -19,20 +20,6 @@ class Mode(StrEnum):
 class Action(StrEnum):
     ALLOW = "allow"
     DENY = "deny"
-
-
-class DecisionKind(StrEnum):
-    """The `decision` label of `sidecar_authz_decisions_total` (SPEC.md)."""
-
-    ALLOW = "allow"
-    DENY = "deny"
-    AUDIT_DENY = "audit_deny"
-
-
-class PatternKind(StrEnum):
-    EXACT = "exact"
-    PREFIX = "prefix"  # spiffe://td/a/b/*
-    TRUST_DOMAIN = "trust_domain"  # spiffe://td/*
 
 
 # The `rule` label when no rule of the file decided. They are reserved as rule names so a
@@ -56,24 +43,10 @@ class Decision:
 
 
 @dataclass(frozen=True, slots=True)
-class PeerPattern:
-    """One `from` entry."""
-
-    kind: PatternKind
-    trust_domain: str
-    path: str  # exact: the ID's path; prefix: the path IDs must be under; trust_domain: ""
-    text: str  # as written in the file
-
-    @property
-    def key(self) -> str:
-        return self.trust_domain + self.path
-
-
-@dataclass(frozen=True, slots=True)
 class Rule:
     name: str
     action: Action
-    peers: tuple[PeerPattern, ...]
+    peers: tuple[SpiffePattern, ...]  # the `from` entries
     listeners: tuple[str, ...] | None = None  # None: every inbound listener
     methods: tuple[str, ...] = ()
     paths: tuple[str, ...] = ()
@@ -133,25 +106,6 @@ def _compile(rules: tuple[Rule, ...]) -> _Index:
 _INVALID_PEER = Decision(DecisionKind.DENY, INVALID_PEER_RULE)
 
 
-def _peer_key(peer_id: str) -> str | None:
-    """`trust_domain + path` of a workload ID, trust domain lowercased; None if not one."""
-    if not isinstance(peer_id, str):  # the caller's types say str; a decision never raises
-        return None
-    try:
-        peer = SpiffeId.parse(peer_id)
-    except SpiffeIdError:
-        folded = fold_trust_domain_case(peer_id)
-        if folded == peer_id:
-            return None
-        try:
-            peer = SpiffeId.parse(folded)
-        except SpiffeIdError:
-            return None
-    if not peer.path:
-        return None
-    return peer.trust_domain.name + peer.path
-
-
 def _merge(slot: _Slot, listener: str, deny: int, allow: int) -> tuple[int, int]:
     everywhere_deny, everywhere_allow, by_listener = slot
     deny, allow = min(deny, everywhere_deny), min(allow, everywhere_allow)
@@ -196,15 +150,16 @@ class Policy:
     def rule_names(self) -> tuple[str, ...]:
         return tuple(rule.name for rule in self.rules)
 
-    def decide(self, peer_id: str, listener: str) -> Decision:
-        """May `peer_id` (already authenticated) use inbound `listener`? Never raises.
+    def decide(self, peer: SpiffeId, listener: str) -> Decision:
+        """May `peer` (already authenticated) use inbound `listener`? Never raises.
 
-        An ID that is not a valid workload SPIFFE ID is denied even in audit mode: it means
-        authentication let something through that it must not, which audit cannot excuse.
+        An ID that names no workload (a trust domain's own ID, without a path) is denied
+        even in audit mode: it means authentication let something through that it must
+        not, which audit cannot excuse.
         """
-        key = _peer_key(peer_id)
-        if key is None:
+        if not peer.path:
             return _INVALID_PEER
+        key = peer.trust_domain.name + peer.path  # as SpiffePattern.key spells it
         deny = allow = _NEVER
         slot = self._index.exact.get(key)
         if slot is not None:

@@ -17,13 +17,11 @@ from sidecar.policy.model import (
     NO_POLICY_RULE,
     Action,
     Mode,
-    PatternKind,
-    PeerPattern,
     Policy,
     Rule,
 )
 from sidecar.problems import Problem, ProblemsError
-from sidecar.spiffe import SCHEME_PREFIX, SpiffeId, SpiffeIdError
+from sidecar.spiffe import SpiffeIdError, SpiffePattern
 from sidecar.strict_yaml import show as _show
 
 _RESERVED_NAMES = frozenset({DEFAULT_RULE, NO_POLICY_RULE, INVALID_PEER_RULE})
@@ -144,7 +142,7 @@ class _Reader:
             return name
         return None
 
-    def peers(self, raw: dict[object, object], where: str) -> list[PeerPattern]:
+    def peers(self, raw: dict[object, object], where: str) -> list[SpiffePattern]:
         # A rule without `from` would apply to everyone; that must be written out
         # (`spiffe://td/*`), never implied by a forgotten key.
         if "from" not in raw:
@@ -161,39 +159,12 @@ class _Reader:
                 found.append(pattern)
         return found
 
-    def peer(self, text: str, where: str) -> PeerPattern | None:
-        # "spiffe://*" is no prefix of anything: it leaves the '*' check below to explain.
-        is_prefix = text.endswith("/*") and len(text) - 2 > len(SCHEME_PREFIX)
-        kind, base = (PatternKind.PREFIX, text[:-2]) if is_prefix else (PatternKind.EXACT, text)
-        if "*" in base:
-            self.problem(
-                where,
-                f"{_show(text)}: '*' is allowed only as a final '/*', as in "
-                "spiffe://example.org/ns/batch/* or spiffe://example.org/*",
-            )
-            return None
+    def peer(self, text: str, where: str) -> SpiffePattern | None:
         try:
-            peer = SpiffeId.parse(base)
+            return SpiffePattern.parse(text)
         except SpiffeIdError as error:
-            exact = kind is PatternKind.EXACT
-            what = "a SPIFFE ID" if exact else "a SPIFFE ID prefix"
-            hint = (
-                "; to match IDs under a path, end it with /*"
-                if exact and base.endswith("/")
-                else ""
-            )
-            self.problem(where, f"{_show(text)} is not {what}: {error.reason}{hint}")
+            self.problem(where, str(error))
             return None
-        if not peer.path:
-            if kind is PatternKind.EXACT:
-                self.problem(
-                    where,
-                    f"{_show(text)} names a trust domain, which no workload presents; write "
-                    f"'{text}/*' to match every ID of the trust domain",
-                )
-                return None
-            kind = PatternKind.TRUST_DOMAIN
-        return PeerPattern(kind, peer.trust_domain.name, peer.path, text)
 
     def target(
         self, to: object, where: str, present: bool

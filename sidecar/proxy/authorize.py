@@ -9,20 +9,21 @@ app was being dialed when the policy changed (inbound.py), and the live recheck 
 from __future__ import annotations
 
 from sidecar import metrics
+from sidecar.outcomes import Close
 from sidecar.policy import Decision, Policy
 from sidecar.proxy.connection import Record
-from sidecar.proxy.pump import Close
+from sidecar.spiffe import SpiffeId
 
 
-def admit(policy: Policy, peer_id: str, rec: Record) -> Decision:
+def admit(policy: Policy, peer_id: SpiffeId, rec: Record) -> Decision:
     """The first decision on an authenticated peer, recorded and counted, allowed or not."""
     decision = policy.decide(peer_id, rec.listener)
-    rec.decision, rec.rule = str(decision.kind), decision.rule
+    rec.decision, rec.rule = decision.kind, decision.rule
     metrics.count_decision(rec.listener, decision.kind, decision.rule)
     return decision
 
 
-def recheck(policy: Policy, peer_id: str | None, listener: str) -> Decision | None:
+def recheck(policy: Policy, peer_id: SpiffeId | None, listener: str) -> Decision | None:
     """What a new policy says of a live connection: its denial, or None when the connection
     may stay (or never got as far as a peer). Pure."""
     if peer_id is None:
@@ -34,4 +35,4 @@ def recheck(policy: Policy, peer_id: str | None, listener: str) -> Decision | No
 def revoke(rec: Record, denial: Decision) -> None:
     """Record and count a recheck's denial; the caller closes the connection."""
     metrics.count_decision(rec.listener, denial.kind, denial.rule)
-    rec.decision, rec.rule, rec.close = str(denial.kind), denial.rule, Close.POLICY_RECHECK
+    rec.decision, rec.rule, rec.close = denial.kind, denial.rule, Close.POLICY_RECHECK

@@ -19,8 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sidecar import logs, metrics
-from sidecar.proxy.pump import Close, Duplex
+from sidecar.outcomes import Close, DecisionKind, Direction
+from sidecar.proxy.pump import Duplex
 from sidecar.reasons import Reason
+from sidecar.spiffe import SpiffeId
 
 _ids = itertools.count(1)
 _PID = os.getpid()
@@ -28,22 +30,22 @@ _PID = os.getpid()
 
 @dataclass(slots=True, eq=False)  # identity semantics: records key the pending table
 class Record:
-    direction: str  # inbound | outbound
+    direction: Direction
     listener: str
     peer_addr: str
     started: float  # time.monotonic(): uvloop's loop.time() counts whole milliseconds
     id: str = field(default_factory=lambda: f"{_PID:x}-{next(_ids):x}")
-    peer_id: str | None = None
+    peer_id: SpiffeId | None = None
     tls_version: str | None = None
     cipher: str | None = None
     resumed: bool | None = None
     handshake_ms: float | None = None
     handshake_cpu_ms: float | None = None
-    decision: str | None = None
+    decision: DecisionKind | None = None
     rule: str | None = None
     reason: Reason | None = None  # why it failed, when it did
     detail: str | None = None
-    close: str | None = None  # how it ended: a Close
+    close: Close | None = None  # how it ended
     evicted: str | None = None  # the limit that shed this pending handshake, if one did
     finished: bool = False
     ktls_tx: bool | None = None
@@ -57,7 +59,8 @@ class Record:
     def fields(self, duplex: Duplex | None) -> dict[str, Any]:
         out: dict[str, Any] = {
             "id": self.id, "direction": self.direction, "listener": self.listener,
-            "peer_addr": self.peer_addr, "peer_id": self.peer_id,
+            "peer_addr": self.peer_addr,
+            "peer_id": str(self.peer_id) if self.peer_id else None,
             "tls_version": self.tls_version, "cipher": self.cipher, "resumed": self.resumed,
             "handshake_ms": self.handshake_ms, "handshake_cpu_ms": self.handshake_cpu_ms,
             "decision": self.decision, "rule": self.rule,
@@ -99,7 +102,7 @@ class Tracker:
     def full(self) -> bool:
         return self.active >= self.max_connections
 
-    def open(self, direction: str, listener: str, peer_addr: str) -> Record:
+    def open(self, direction: Direction, listener: str, peer_addr: str) -> Record:
         self.active += 1
         series = metrics.series(direction, listener)
         series.connections.inc()
@@ -150,7 +153,7 @@ class Tracker:
     def attach(self, rec: Record, duplex: Duplex) -> None:
         self.live[duplex] = rec
 
-    def closed(self, duplex: Duplex, how: str, exc: BaseException | None) -> None:
+    def closed(self, duplex: Duplex, how: Close, exc: BaseException | None) -> None:
         """The pump's close callback."""
         rec = self.live.pop(duplex)
         rec.close = rec.close or how
@@ -209,7 +212,7 @@ class Tracker:
             if self.max_lifetime and now - duplex.started > self.max_lifetime:
                 if rec.close is None:
                     rec.close = Close.MAX_LIFETIME
-                    duplex.finish(client_is_peer=rec.direction == "inbound")
+                    duplex.finish(client_is_peer=rec.direction is Direction.INBOUND)
                 elif now - duplex.started > self.max_lifetime + _LIFETIME_GRACE:
                     duplex.abort(Close.MAX_LIFETIME)
 
@@ -225,7 +228,7 @@ class Tracker:
 # Bytes moved since they were last counted, per (direction, listener): [to_app, from_app].
 # A sweep adds them up and calls the counter once per listener and flow, not once per
 # connection: a Counter.inc takes a lock (~6,500 instructions under callgrind).
-Tally = dict[tuple[str, str], list[int]]
+Tally = dict[tuple[Direction, str], list[int]]
 
 
 def _tally(rec: Record, duplex: Duplex, tally: Tally) -> None:

@@ -29,11 +29,13 @@ import time
 from collections.abc import Callable, Collection
 
 from sidecar import metrics
-from sidecar.authn import AuthnError, Peer, matches_expected
+from sidecar.authn import AuthnError, Peer
 from sidecar.identity import Identity
+from sidecar.outcomes import Close, KtlsState
 from sidecar.proxy.connection import Record
 from sidecar.proxy.runtime import Runtime
 from sidecar.reasons import Reason
+from sidecar.spiffe import SpiffePattern
 from sidecar.tls.classify import classify, skew_note
 from sidecar.tls.engine import TlsEndpoint
 
@@ -52,7 +54,7 @@ class ResumptionRefused(Exception):
 
 async def secure(
     rt: Runtime, rec: Record, ep: TlsEndpoint, identity: Identity, *,
-    expect: Collection[str] | None = None, retry_resumed: bool = False,
+    expect: Collection[SpiffePattern] | None = None, retry_resumed: bool = False,
 ) -> Peer | None:
     """Handshake and authenticate against `identity`, the snapshot whose contexts made
     `ep`; on failure close ep, count, finish rec, return None (or, for a resumed session
@@ -98,10 +100,10 @@ async def secure(
         else:
             peer = rt.authn.full(ep.verified_chain(), identity)
         rec.peer_id = peer.spiffe_id
-        if expect is not None and not matches_expected(peer.spiffe_id, expect):
+        if expect is not None and not any(p.matches(peer.spiffe_id) for p in expect):
             raise AuthnError(
                 Reason.SPIFFE_ID_MISMATCH,
-                f"the server is {peer.spiffe_id}, expected {', '.join(expect)}")
+                f"the server is {peer.spiffe_id}, expected {', '.join(map(str, expect))}")
     except AuthnError as exc:
         ep.forget_session()  # its next connection must prove itself in full
         ep.shutdown_write()  # a close_notify rather than a bare reset, where it can
@@ -178,7 +180,7 @@ def judged(rec: Record, ep: TlsEndpoint, exc: BaseException | None) -> None:
     if isinstance(exc, ssl.SSLError):
         f = classify(exc)
         if f.by_peer:
-            rec.reason, rec.close = f.reason, "handshake_failed"
+            rec.reason, rec.close = f.reason, Close.HANDSHAKE_FAILED
             rec.detail = f"{f.detail}, after our side of the TLS 1.3 handshake had finished"
             _count_failure(rec, ep, f.reason, resumed=bool(rec.resumed))
             return
@@ -189,15 +191,15 @@ def judged(rec: Record, ep: TlsEndpoint, exc: BaseException | None) -> None:
 
 
 def _count_ktls(rt: Runtime, rec: Record, ep: TlsEndpoint) -> None:
-    if rt.ktls == "off":
+    if rt.ktls is None:
         return
-    if rt.ktls == "unavailable":
-        metrics.count_ktls(rec.direction, "tx", "unavailable")
-        metrics.count_ktls(rec.direction, "rx", "unavailable")
+    if rt.ktls is KtlsState.UNAVAILABLE:
+        metrics.count_ktls(rec.direction, "tx", KtlsState.UNAVAILABLE)
+        metrics.count_ktls(rec.direction, "rx", KtlsState.UNAVAILABLE)
         return
     rec.ktls_tx, rec.ktls_rx = ep.ktls()
-    metrics.count_ktls(rec.direction, "tx", "enabled" if rec.ktls_tx else "failed")
-    metrics.count_ktls(rec.direction, "rx", "enabled" if rec.ktls_rx else "failed")
+    metrics.count_ktls(rec.direction, "tx", KtlsState.ENABLED if rec.ktls_tx else KtlsState.FAILED)
+    metrics.count_ktls(rec.direction, "rx", KtlsState.ENABLED if rec.ktls_rx else KtlsState.FAILED)
 
 
 async def _fail(
@@ -207,10 +209,10 @@ async def _fail(
     rec.detail = detail
     if reason is not None:
         rec.reason = reason
-        rec.close = "handshake_failed"
+        rec.close = Close.HANDSHAKE_FAILED
         _count_failure(rec, ep, reason, resumed=resumed)
     else:
-        rec.close = rec.close or "shutdown"
+        rec.close = rec.close or Close.SHUTDOWN
     try:
         if linger:
             await _linger(ep)

@@ -11,17 +11,19 @@ import socket
 from sidecar import metrics
 from sidecar.config import InboundListener
 from sidecar.endpoint import TcpEndpoint
+from sidecar.modes import SessionStore
+from sidecar.outcomes import Close, Direction
 from sidecar.policy import Policy
 from sidecar.proxy import authorize
 from sidecar.proxy.connection import Record
 from sidecar.proxy.handshake import secure
 from sidecar.proxy.listener import AcceptCallback, dial
-from sidecar.proxy.pump import Close, Duplex
+from sidecar.proxy.pump import Duplex
 from sidecar.proxy.runtime import Runtime
 from sidecar.reasons import Reason
 from sidecar.tls.engine import TlsEndpoint
 
-DIRECTION = "inbound"
+DIRECTION = Direction.INBOUND
 
 
 def acceptor(rt: Runtime, cfg: InboundListener) -> AcceptCallback:
@@ -38,18 +40,18 @@ async def serve(rt: Runtime, cfg: InboundListener, rec: Record, sock: socket.soc
         ep = TlsEndpoint.server(contexts.server, sock)
     except OSError as exc:  # the peer reset between accept and wrap
         sock.close()
-        rec.close, rec.detail = "error", str(exc)
+        rec.close, rec.detail = Close.ERROR, str(exc)
         rt.tracker.finish(rec)
         return
     peer = await secure(rt, rec, ep, contexts.identity)
     if peer is None:
         return
-    ep.keep_session = contexts.session_store == "memory"
+    ep.keep_session = contexts.session_store is SessionStore.MEMORY
     policy = rt.policy
     if not authorize.admit(policy, peer.spiffe_id, rec).allowed:
         ep.shutdown_write()  # a close_notify: the caller reads an end, not a reset
         ep.close()
-        rec.close = "denied"
+        rec.close = Close.DENIED
         rt.tracker.finish(rec)
         return
     try:
@@ -57,7 +59,7 @@ async def serve(rt: Runtime, cfg: InboundListener, rec: Record, sock: socket.soc
     except (OSError, TimeoutError) as exc:
         ep.close()
         metrics.upstream_errors.labels(DIRECTION, cfg.name).inc()
-        rec.reason, rec.close = Reason.UPSTREAM_UNAVAILABLE, "upstream_unavailable"
+        rec.reason, rec.close = Reason.UPSTREAM_UNAVAILABLE, Close.UPSTREAM_UNAVAILABLE
         rec.detail = f"cannot reach the app at {cfg.forward_to}: {exc or 'timed out'}"
         rt.tracker.finish(rec)
         return

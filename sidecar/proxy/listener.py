@@ -18,6 +18,7 @@ from typing import Any
 
 from sidecar import metrics
 from sidecar.config import Address
+from sidecar.outcomes import Direction
 
 # Kernel backlog: SOMAXCONN-sized, so a burst waits in the kernel rather than failing.
 BACKLOG = 4096
@@ -40,7 +41,7 @@ class Listener:
         self,
         loop: asyncio.AbstractEventLoop,
         name: str,
-        direction: str,
+        direction: Direction,
         address: Address,
         on_accept: AcceptCallback,
         *,

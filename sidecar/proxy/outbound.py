@@ -25,6 +25,7 @@ from sidecar import authn, metrics
 from sidecar.authn import Peer
 from sidecar.config import OutboundListener
 from sidecar.endpoint import TcpEndpoint
+from sidecar.outcomes import Close, Direction
 from sidecar.proxy.connection import Record
 from sidecar.proxy.handshake import ResumptionRefused, judged, secure
 from sidecar.proxy.listener import AcceptCallback, dial
@@ -35,7 +36,7 @@ from sidecar.tls import resumption
 from sidecar.tls.contexts import Contexts
 from sidecar.tls.engine import TlsEndpoint
 
-DIRECTION = "outbound"
+DIRECTION = Direction.OUTBOUND
 
 
 def acceptor(rt: Runtime, cfg: OutboundListener) -> AcceptCallback:
@@ -60,7 +61,7 @@ async def serve(rt: Runtime, cfg: OutboundListener, rec: Record, app: socket.soc
     ep, peer, own_until = link
     resumed = offered if offered is not None and ep.resumed() else None
 
-    def closed(duplex: Duplex, how: str, exc: BaseException | None) -> None:
+    def closed(duplex: Duplex, how: Close, exc: BaseException | None) -> None:
         judged(rec, ep, exc)  # TLS 1.3: a server that refused us says so only now
         _after_connection(rt, cfg.name, contexts, ep, peer, resumed, own_until, duplex)
         rt.tracker.closed(duplex, how, exc)
@@ -80,7 +81,7 @@ async def _connect(
         raw = await dial(cfg.connect_to, rt.limits.connect_timeout)
     except (OSError, TimeoutError) as exc:
         metrics.upstream_errors.labels(DIRECTION, cfg.name).inc()
-        rec.reason, rec.close = Reason.UPSTREAM_UNAVAILABLE, "upstream_unavailable"
+        rec.reason, rec.close = Reason.UPSTREAM_UNAVAILABLE, Close.UPSTREAM_UNAVAILABLE
         rec.detail = f"cannot reach {cfg.connect_to}: {exc or 'timed out'}"
         rt.tracker.finish(rec)
         return None
@@ -90,7 +91,7 @@ async def _connect(
         ep = TlsEndpoint.client(contexts.client, raw, cfg.server_name or None, session)
     except OSError as exc:
         raw.close()
-        rec.close, rec.detail = "error", str(exc)
+        rec.close, rec.detail = Close.ERROR, str(exc)
         rt.tracker.finish(rec)
         return None
     peer = await secure(rt, rec, ep, contexts.identity, expect=cfg.expect_ids,

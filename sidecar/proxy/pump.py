@@ -22,7 +22,6 @@ it waits for after every step.
 from __future__ import annotations
 
 import asyncio
-import enum
 import errno
 import fcntl
 import os
@@ -32,30 +31,7 @@ import termios
 from collections.abc import Callable
 
 from sidecar.endpoint import RESET, WANT_WRITE, Endpoint
-
-
-class Close(enum.StrEnum):
-    """How a connection ended: the access log's `close` field, spelled here only.
-
-    Only CLOSED is a clean end (each side ended its stream: close_notify or FIN). Every
-    other end reaches the app as a TCP reset and the TLS peer as a reset without
-    close_notify, so that no side takes a cut stream for a complete one."""
-
-    CLOSED = "closed"
-    TRUNCATED = "truncated"  # the TLS peer's stream ended without close_notify
-    PEER_RESET = "peer_reset"  # the TLS peer reset the connection
-    APP_RESET = "app_reset"  # the local app reset the connection
-    ERROR = "error"  # a socket or TLS error other than a reset
-    IDLE_TIMEOUT = "idle_timeout"
-    MAX_LIFETIME = "max_lifetime"
-    DRAIN = "drain"
-    POLICY_RECHECK = "policy_recheck"
-    # Ends before the pump runs:
-    HANDSHAKE_FAILED = "handshake_failed"
-    DENIED = "denied"
-    UPSTREAM_UNAVAILABLE = "upstream_unavailable"
-    SHUTDOWN = "shutdown"
-    INTERNAL_ERROR = "internal_error"
+from sidecar.outcomes import Close
 
 
 class Cut(Exception):

@@ -15,6 +15,7 @@ from typing import Any
 from sidecar import logs
 from sidecar.authn import Authenticator
 from sidecar.config import Limits
+from sidecar.outcomes import Close, KtlsState
 from sidecar.policy import Policy
 from sidecar.proxy.connection import Record, Tracker
 from sidecar.tls.contexts import Contexts
@@ -29,9 +30,10 @@ class Runtime:
     limits: Limits
     tracker: Tracker
     session_resumption: bool = True
-    # kTLS: "enabled" (asked of OpenSSL on every connection), "unavailable" (auto, but this
-    # host cannot), or "off" (configured off: not counted).
-    ktls: str = "off"
+    # kTLS: ENABLED (asked of OpenSSL on every connection, each counted enabled or
+    # failed), UNAVAILABLE (auto, but this host cannot), or None (configured off: not
+    # counted).
+    ktls: KtlsState | None = None
     clock_skew_hint: float = 300.0
     authn: Authenticator = field(default_factory=Authenticator)
     # Outbound session cache: the session each outbound listener offers next.
@@ -49,5 +51,5 @@ class Runtime:
             # A bug, not a peer's fault: say so loudly rather than lose the connection quietly.
             logs.log.error("internal error in a connection handler", exc_info=task.exception())
             if not rec.finished:
-                rec.close = "internal_error"
+                rec.close = Close.INTERNAL_ERROR
                 self.tracker.finish(rec)

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from sidecar.identity import Identity
+from sidecar.modes import SessionStore, TlsVersion
 from sidecar.tls import openssl, peerchain
 
 # TLS 1.2 (only when configured): forward-secret AEAD suites, nothing else.
@@ -51,8 +52,8 @@ class Contexts:
     server: ssl.SSLContext
     client: ssl.SSLContext
     identity: Identity
-    # Where the server keeps resumable sessions: "memory", "tickets", or "off".
-    session_store: str = "tickets"
+    # Where the server keeps resumable sessions: MEMORY or TICKETS; None: not at all.
+    session_store: SessionStore | None = SessionStore.TICKETS
 
 
 def present(contexts: Contexts, identity: Identity) -> Contexts:
@@ -102,7 +103,7 @@ def ticket_keys(secret: bytes, epoch: int, trust_version: str) -> bytes:
 def build(
     identity: Identity,
     *,
-    min_version: str = "1.3",
+    min_version: TlsVersion = TlsVersion.TLS_1_3,
     session_resumption: bool = True,
     ktls: bool = False,
     ticket_keys: bytes | None = None,
@@ -114,9 +115,9 @@ def build(
 
     Raises PinError when the handshake parameters cannot be pinned (see `unpinnable`)."""
     server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    _offer(server, min_version, "1.3", groups)
+    _offer(server, min_version, TlsVersion.TLS_1_3, groups)
     _with_identity(server, identity, ktls)
-    store = "off"
+    store = None
     if session_resumption:
         server.num_tickets = TICKETS_PER_HANDSHAKE
         if session_cache_size is not None and openssl.server_session_cache(
@@ -125,11 +126,11 @@ def build(
             # A peer that hangs up without close_notify is a fatal error to OpenSSL, and a
             # fatal error evicts the session. The engine reads both ends as an end already.
             server.options |= ssl.OP_IGNORE_UNEXPECTED_EOF
-            store = "memory"
+            store = SessionStore.MEMORY
         else:
             if ticket_keys is not None:
                 openssl.set_ticket_keys(server, ticket_keys)
-            store = "tickets"
+            store = SessionStore.TICKETS
     else:
         server.num_tickets = 0
         server.options |= ssl.OP_NO_TICKET
@@ -177,7 +178,8 @@ def _pin_one_group(ctx: ssl.SSLContext, groups: tuple[str, ...]) -> bool:
 _CURVE_NAMES = {"P-256": "prime256v1", "P-384": "secp384r1", "P-521": "secp521r1"}
 
 
-def pin_handshake(ctx: ssl.SSLContext, groups: tuple[str, ...], min_version: str) -> bool:
+def pin_handshake(ctx: ssl.SSLContext, groups: tuple[str, ...],
+                  min_version: TlsVersion) -> bool:
     """Pin the key-exchange groups and signature algorithms of a context, client or server;
     False when they could not all be set.
 
@@ -185,11 +187,12 @@ def pin_handshake(ctx: ssl.SSLContext, groups: tuple[str, ...], min_version: str
     if not openssl.available():
         return _pin_one_group(ctx, groups)
     return openssl.set_groups(ctx, ":".join(groups)) and openssl.set_sigalgs(
-        ctx, SIGALGS_TLS12 if min_version == "1.2" else SIGALGS_TLS13)
+        ctx, SIGALGS_TLS12 if min_version == TlsVersion.TLS_1_2 else SIGALGS_TLS13)
 
 
 def client(
-    min_version: str = "1.3", max_version: str = "1.3", groups: tuple[str, ...] = GROUPS,
+    min_version: TlsVersion = TlsVersion.TLS_1_3, max_version: TlsVersion = TlsVersion.TLS_1_3,
+    groups: tuple[str, ...] = GROUPS,
 ) -> ssl.SSLContext:
     """A client context offering what the sidecar's outbound side offers: the versions,
     the TLS 1.2 suites, the key-exchange groups, the signature algorithms and options.
@@ -207,14 +210,17 @@ def client(
 
 
 def _offer(
-    ctx: ssl.SSLContext, min_version: str, max_version: str, groups: tuple[str, ...],
+    ctx: ssl.SSLContext, min_version: TlsVersion, max_version: TlsVersion,
+    groups: tuple[str, ...],
 ) -> None:
     """What a context offers in a handshake, client or server, from SPEC's `tls` keys."""
-    low = "1.2" if "1.2" in (min_version, max_version) else "1.3"
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2 if low == "1.2" else ssl.TLSVersion.TLSv1_3
-    if max_version == "1.2":
+    low = TlsVersion.TLS_1_2 if TlsVersion.TLS_1_2 in (min_version, max_version) \
+        else TlsVersion.TLS_1_3
+    ctx.minimum_version = (ssl.TLSVersion.TLSv1_2 if low is TlsVersion.TLS_1_2
+                           else ssl.TLSVersion.TLSv1_3)
+    if max_version is TlsVersion.TLS_1_2:
         ctx.maximum_version = ssl.TLSVersion.TLSv1_2
-    if low == "1.2":
+    if low is TlsVersion.TLS_1_2:
         ctx.set_ciphers(TLS12_CIPHERS)
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     if not pin_handshake(ctx, groups, low):

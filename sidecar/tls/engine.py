@@ -191,13 +191,11 @@ class TlsEndpoint:
         if self._ptr is None:
             return self._shutdown_public()
         rc = openssl.shutdown_once(self._ptr)
-        if rc == -openssl.SSL_ERROR_WANT_WRITE:
-            return WANT_WRITE
-        if rc == -openssl.SSL_ERROR_WANT_READ:
-            return WANT_READ
-        if rc == 1:
+        if rc == DONE:
             self._shut = True
             return DONE
+        if rc is not None:
+            return rc  # WANT_WRITE / WANT_READ: the retry sends it
         # OpenSSL refused a close_notify (e.g. a connection in a post-handshake step): end
         # the stream the TCP way; the peer reads it as a truncation, not a clean end.
         self._shut = True

@@ -40,6 +40,8 @@ import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from sidecar.endpoint import DONE, WANT_READ, WANT_WRITE
+
 _HEADER = object.__basicsize__  # ob_refcnt + ob_type: 16 on a default 64-bit build
 _PTR = ctypes.sizeof(ctypes.c_void_p)
 SSL_CTRL_MODE = 33
@@ -166,13 +168,12 @@ def set_message_callback(ctx: ssl.SSLContext, callback: MessageCallback) -> bool
     return True
 
 
-def shutdown_once(ptr: int) -> int:
+def shutdown_once(ptr: int) -> int | None:
     """Send close_notify and return at once; reading the peer's data stays possible.
 
-    Returns 1 when sent, SSL_ERROR_WANT_WRITE / SSL_ERROR_WANT_READ (as negative
-    numbers) when the socket buffer is full, or 0 when OpenSSL refused (e.g. a
-    connection still in a post-handshake step): the caller then ends the stream the TCP
-    way.
+    Returns the endpoint's codes: DONE when sent, WANT_WRITE / WANT_READ when the socket
+    cannot take it yet, or None when OpenSSL refused (e.g. a connection still in a
+    post-handshake step): the caller then ends the stream the TCP way.
 
     OpenSSL's error queue is per thread and shared by every connection: an error left
     there by this call would be reported by the next SSL call of *another* connection
@@ -183,12 +184,14 @@ def shutdown_once(ptr: int) -> int:
     _lib.ERR_clear_error()
     rc: int = _lib.SSL_shutdown(ptr)
     if rc >= 0:
-        return 1
+        return DONE
     err: int = _lib.SSL_get_error(ptr, rc)
     _lib.ERR_clear_error()
-    if err in (SSL_ERROR_WANT_READ, SSL_ERROR_WANT_WRITE):
-        return -err
-    return 0
+    if err == SSL_ERROR_WANT_WRITE:
+        return WANT_WRITE
+    if err == SSL_ERROR_WANT_READ:
+        return WANT_READ
+    return None
 
 
 def stop_message_callback(ptr: int) -> None:

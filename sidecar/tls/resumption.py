@@ -29,21 +29,22 @@ from typing import Any
 
 from sidecar import logs
 from sidecar.identity import Identity
+from sidecar.modes import SessionStore
 from sidecar.tls import contexts as tls_contexts
 from sidecar.tls import openssl
 
 
 @dataclass(frozen=True, slots=True)
 class Resumption:
-    store: str  # where the server keeps sessions: "memory" or "tickets" (auto resolved)
+    store: SessionStore  # where the server keeps sessions: MEMORY or TICKETS (auto resolved)
     period: float  # seconds between rotation boundaries (tls.session_ticket_rotation); 0: never
     cache_size: int  # sessions the memory store holds (tls.session_cache_size)
     secret: bytes  # shared by the workers, so any worker resumes any worker's tickets
-    configured: str = ""  # the store as configured (auto, memory, tickets), for /status
+    configured: SessionStore | None = None  # the store as configured, for /status
 
     def memory_cache(self) -> int | None:
         """For contexts.build: the cache size when sessions are kept in memory."""
-        return self.cache_size if self.store == "memory" else None
+        return self.cache_size if self.store is SessionStore.MEMORY else None
 
     def epoch(self) -> int:
         return int(time.time() // self.period) if self.period > 0 else 0
@@ -54,7 +55,7 @@ class Resumption:
     def rotate(self, contexts: tls_contexts.Contexts) -> None:
         """A boundary: sessions of the period before fall back to a full handshake."""
         every = self.period
-        if contexts.session_store == "memory":
+        if contexts.session_store is SessionStore.MEMORY:
             openssl.flush_sessions(contexts.server)
             logs.event(logging.INFO, "session cache flushed", next_in_s=every)
         else:
@@ -75,9 +76,9 @@ class Resumption:
 
     def status(self, contexts: tls_contexts.Contexts) -> dict[str, Any]:
         """For /status: the store, and for memory how full it is and how it serves."""
-        out: dict[str, Any] = {"store": contexts.session_store,
+        out: dict[str, Any] = {"store": contexts.session_store or "off",
                                "configured": self.configured}
-        if contexts.session_store == "memory":
+        if contexts.session_store is SessionStore.MEMORY:
             stats = contexts.server.session_stats()
             out.update(cached=stats["number"], capacity=self.cache_size,
                        hits=stats["hits"], misses=stats["misses"],

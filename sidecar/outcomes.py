@@ -1,0 +1,58 @@
+"""What happened to a connection, in words spelled here only: its direction, how it
+closed, what authorization decided, and what kTLS did for it.
+
+These are the values of access-log fields and metric labels (SPEC.md). They travel as
+these types through the proxy, the pump and observation, and become strings only at the
+edge: the log line and the label, where a StrEnum already reads as its value.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Direction(StrEnum):
+    """The `direction` label and log field: who dialed whom through the sidecar."""
+
+    INBOUND = "inbound"  # a remote workload -> mTLS -> the local app
+    OUTBOUND = "outbound"  # the local app -> mTLS -> a remote workload
+
+
+class Close(StrEnum):
+    """How a connection ended: the access log's `close` field.
+
+    Only CLOSED is a clean end (each side ended its stream: close_notify or FIN). Every
+    other end reaches the app as a TCP reset and the TLS peer as a reset without
+    close_notify, so that no side takes a cut stream for a complete one."""
+
+    CLOSED = "closed"
+    TRUNCATED = "truncated"  # the TLS peer's stream ended without close_notify
+    PEER_RESET = "peer_reset"  # the TLS peer reset the connection
+    APP_RESET = "app_reset"  # the local app reset the connection
+    ERROR = "error"  # a socket or TLS error other than a reset
+    IDLE_TIMEOUT = "idle_timeout"
+    MAX_LIFETIME = "max_lifetime"
+    DRAIN = "drain"
+    POLICY_RECHECK = "policy_recheck"
+    # Ends before the pump runs:
+    HANDSHAKE_FAILED = "handshake_failed"
+    DENIED = "denied"
+    UPSTREAM_UNAVAILABLE = "upstream_unavailable"
+    SHUTDOWN = "shutdown"
+    INTERNAL_ERROR = "internal_error"
+
+
+class DecisionKind(StrEnum):
+    """The `decision` label of `sidecar_authz_decisions_total` and the log field (SPEC.md)."""
+
+    ALLOW = "allow"
+    DENY = "deny"
+    AUDIT_DENY = "audit_deny"
+
+
+class KtlsState(StrEnum):
+    """The `state` label of `sidecar_ktls_connections_total`, per connection and path."""
+
+    ENABLED = "enabled"  # the kernel took this path's record keys
+    FAILED = "failed"  # asked, and OpenSSL or the kernel declined for this connection
+    UNAVAILABLE = "unavailable"  # tls.ktls: auto on a host that cannot: never asked
