@@ -240,6 +240,7 @@ class Server:
                                clock_skew_hint=cfg.clock_skew_hint)
         rt.authn.learn(identity)
         self.publish_identity(identity)
+        metrics.declare(cfg, lambda: rt.policy)
         wanted = [*((ib.name, inbound.DIRECTION, ib.listen, inbound.acceptor(rt, ib))
                     for ib in cfg.inbound),
                   *((ob.name, outbound.DIRECTION, ob.listen, outbound.acceptor(rt, ob))
