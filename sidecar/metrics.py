@@ -24,7 +24,7 @@ from prometheus_client import (
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from sidecar import __version__
-from sidecar.policy import DEFAULT_RULE, INVALID_PEER_RULE, NO_POLICY_RULE
+from sidecar.policy import DEFAULT_RULE, INVALID_PEER_RULE, NO_POLICY_RULE, DecisionKind
 from sidecar.reasons import Reason
 
 if TYPE_CHECKING:
@@ -212,14 +212,11 @@ def count_ktls(direction: str, path: str, state: str) -> None:
 # Label values known before any traffic, so that every series a dashboard or an alert
 # reads exists at 0 from the start: `rate()` of a series that appears with its first
 # error misses that error, and an absent series reads as "no data", not as 0.
-DIRECTIONS = ("inbound", "outbound")
 RESUMED = ("false", "true")
 RESULTS = ("ok", "error")
-FLOWS = ("to_app", "from_app")
 LIMITS = ("max_connections", "max_pending_handshakes")  # proxy/connection.py evicts by these
 PAUSES = ("max_connections", "descriptors")  # proxy/listener.py pauses for these
 RELOAD_KINDS = ("svid", "bundle", "crl", "policy")
-DECISIONS = ("allow", "deny", "audit_deny")
 KTLS_PATHS = ("tx", "rx")
 KTLS_STATES = ("enabled", "unavailable", "failed")
 
@@ -244,7 +241,7 @@ def declare(config: Config, current_policy: Callable[[], Policy]) -> None:
         listener_backlog.labels(direction, name)
         upstream_errors.labels(direction, name)
     for _, name in (lst for lst in listeners if lst[0] == "inbound"):
-        for decision in DECISIONS:
+        for decision in DecisionKind:
             authz_decisions.labels(name, decision, current_policy().default_rule)
     for kind in RELOAD_KINDS:
         for result in RESULTS:
