@@ -13,7 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
 
 from sidecar import metrics
 from sidecar.times import json_default
@@ -28,7 +29,7 @@ class Probe:
 
     ready: Callable[[], str | None]  # None when ready, else why not
     status: Callable[[], dict[str, Any]]
-    metrics: Callable[[], bytes] = lambda: generate_latest(metrics.REGISTRY)
+    registry: Collector = metrics.REGISTRY  # workers: the supervisor's, summing them
 
 
 async def start(host: str, port: int, probe: Probe) -> asyncio.Server:
@@ -64,7 +65,10 @@ def answer(head: bytes, probe: Probe) -> tuple[str, str, bytes]:
         return "405 Method Not Allowed", "text/plain", b"GET only\n"
     match target:
         case "/metrics":
-            return "200 OK", CONTENT_TYPE_LATEST, probe.metrics()
+            # OpenMetrics for a client that asks for it (Prometheus does, first), the
+            # classic text format for every other.
+            encode, ctype = choose_encoder(_header(head, b"accept"))
+            return "200 OK", ctype, encode(probe.registry)
         case "/healthz":
             # Answering at all proves the loop turns: this handler runs on it.
             return "200 OK", "text/plain", b"ok\n"
@@ -77,3 +81,12 @@ def answer(head: bytes, probe: Probe) -> tuple[str, str, bytes]:
             body = json.dumps(probe.status(), indent=2, default=json_default).encode() + b"\n"
             return "200 OK", "application/json", body
     return "404 Not Found", "text/plain", b"try /metrics /healthz /readyz /status\n"
+
+
+def _header(head: bytes, name: bytes) -> str:
+    """The value of header `name` (lower case) in a request head, or ""."""
+    for line in head.split(b"\r\n")[1:]:
+        key, _, value = line.partition(b":")
+        if key.strip().lower() == name:
+            return value.strip().decode("latin-1")
+    return ""

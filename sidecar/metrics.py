@@ -8,15 +8,40 @@ is left alone.
 from __future__ import annotations
 
 import os
-from typing import Any
+import platform
+import ssl
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+)
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from sidecar import __version__
+from sidecar.modes import KtlsMode
 from sidecar.outcomes import DecisionKind, Direction, KtlsState
+from sidecar.policy import DEFAULT_RULE, INVALID_PEER_RULE, NO_POLICY_RULE
+from sidecar.reasons import Reason
+
+if TYPE_CHECKING:
+    from sidecar.config import Config
+    from sidecar.policy import Policy
+
+# A `_created` twin of every counter and histogram doubles the series for a value
+# Prometheus never reads (it sees resets itself). The switch is process-wide.
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 # workers > 1: each worker writes its values to files the supervisor sums (workers.py).
 MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+if not MULTIPROCESS:  # workers: the supervisor sums the processes (ProcessTotals, below)
+    ProcessCollector(registry=REGISTRY)
 
 # Handshakes of mTLS proxies on loopback take 1-5 ms; across a network, tens of ms;
 # a stalled peer runs to handshake_timeout (10 s by default).
@@ -87,6 +112,18 @@ loop_lag_max = Gauge(
 worker_restarts = Counter(
     "sidecar_worker_restarts_total", "Workers that died and were replaced",
     registry=REGISTRY)
+# Dialing the app is a loopback connect (tens of microseconds); a remote across a network
+# takes a round trip or more; a dead one runs to limits.connect_timeout (5 s by default).
+upstream_connect_duration = Histogram(
+    "sidecar_upstream_connect_duration_seconds", "Time to dial the app (inbound) or the "
+    "remote (outbound), name resolution included; successful dials only",
+    ["direction", "listener"], buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
+                                        0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+    registry=REGISTRY)
+build_info = Gauge(
+    "sidecar_build_info", "Always 1; the labels say what runs", ["version", "python", "openssl"],
+    registry=REGISTRY, multiprocess_mode="max")
+build_info.labels(__version__, platform.python_version(), ssl.OPENSSL_VERSION).set(1)
 
 
 class Series:
@@ -97,7 +134,7 @@ class Series:
     """
 
     __slots__ = ("active", "bytes_from_app", "bytes_to_app", "connections", "cpu",
-                 "duration", "ok")
+                 "dial", "duration", "ok")
 
     def __init__(self, direction: Direction, listener: str) -> None:
         self.connections = connections.labels(direction, listener)
@@ -111,6 +148,7 @@ class Series:
                          handshake_duration.labels(direction, listener, "true"))
         self.cpu = (handshake_cpu.labels(direction, listener, "false"),
                     handshake_cpu.labels(direction, listener, "true"))
+        self.dial = upstream_connect_duration.labels(direction, listener)
 
 
 _series: dict[tuple[Direction, str], Series] = {}
@@ -136,9 +174,125 @@ def _inc(metric: Counter, *labels: str) -> None:
     child.inc()
 
 
+# The `rule` label of sidecar_authz_decisions_total names at most this many rules: the
+# first ones of the policy file, in file order (put the rules worth watching first). The
+# rest count as OTHER_RULE, so a 10,000-rule policy adds at most this many series per
+# listener and decision. The policy's own fallbacks (default, no_policy, invalid_peer_id)
+# always keep their names.
+NAMED_RULES = 50
+OTHER_RULE = "other"
+_FALLBACK_RULES = frozenset((DEFAULT_RULE, NO_POLICY_RULE, INVALID_PEER_RULE))
+_current_policy: Callable[[], Policy] | None = None
+_named: tuple[str, frozenset[str]] = ("", frozenset())  # (policy version, labels kept)
+
+
+def rule_label(policy: Policy, rule: str) -> str:
+    """The `rule` label a decision by `rule` under `policy` is counted with."""
+    global _named
+    if _named[0] != policy.version:
+        _named = (policy.version, _FALLBACK_RULES | {policy.default_rule}
+                  | set(policy.rule_names[:NAMED_RULES]))
+    return rule if rule in _named[1] else OTHER_RULE
+
+
+def declare_policy(current: Callable[[], Policy] | None) -> None:
+    """Bound the `rule` label by the policy `current()` returns at each decision."""
+    global _current_policy
+    _current_policy = current
+
+
 def count_decision(listener: str, decision: DecisionKind, rule: str) -> None:
+    if _current_policy is not None:
+        rule = rule_label(_current_policy(), rule)
     _inc(authz_decisions, listener, decision, rule)
 
 
 def count_ktls(direction: Direction, path: str, state: KtlsState) -> None:
     _inc(ktls_connections, direction, path, state)
+
+
+# Label values known before any traffic, so that every series a dashboard or an alert
+# reads exists at 0 from the start: `rate()` of a series that appears with its first
+# error misses that error, and an absent series reads as "no data", not as 0.
+RESUMED = ("false", "true")
+RESULTS = ("ok", "error")
+LIMITS = ("max_connections", "max_pending_handshakes")  # proxy/connection.py evicts by these
+PAUSES = ("max_connections", "descriptors")  # proxy/listener.py pauses for these
+RELOAD_KINDS = ("svid", "bundle", "crl", "policy")
+KTLS_PATHS = ("tx", "rx")
+KTLS_STATES = tuple(KtlsState)
+
+
+def declare(config: Config, current_policy: Callable[[], Policy]) -> None:
+    """At start: every label set of the configured listeners at 0, and the policy the
+    `rule` label is bounded by (read at each decision: it changes on a reload)."""
+    declare_policy(current_policy)
+    listeners = [*((Direction.INBOUND, lst.name) for lst in config.inbound),
+                 *((Direction.OUTBOUND, lst.name) for lst in config.outbound)]
+    for direction, name in listeners:
+        series(direction, name)
+        for result in RESULTS:
+            for resumed in RESUMED:
+                handshakes.labels(direction, name, result, resumed)
+        for reason in Reason:
+            handshake_errors.labels(direction, name, reason.value)
+        for limit in LIMITS:
+            connections_rejected.labels(direction, name, limit)
+        for pause in PAUSES:
+            listener_paused.labels(direction, name, pause)
+        listener_backlog.labels(direction, name)
+        upstream_errors.labels(direction, name)
+    for _, name in (lst for lst in listeners if lst[0] is Direction.INBOUND):
+        for decision in DecisionKind:
+            authz_decisions.labels(name, decision, current_policy().default_rule)
+    for kind in RELOAD_KINDS:
+        for result in RESULTS:
+            reloads.labels(kind, result)
+    if config.tls.ktls is not KtlsMode.OFF:
+        for direction in {d for d, _ in listeners}:
+            for path in KTLS_PATHS:
+                for state in KTLS_STATES:
+                    ktls_connections.labels(direction, path, state)
+
+
+class ProcessTotals:
+    """`process_*` for `workers: N`, on the supervisor's /metrics: the supervisor and its
+    workers as one, as a pod's CPU and memory limits count them.
+
+    prometheus_client's multiprocess mode has no process metrics (each worker's would be
+    its own series, with pids that change on every restart), so this sums them:
+    `process_cpu_seconds_total` is the supervisor's CPU plus every worker's, the dead ones'
+    included (the kernel adds a reaped child's CPU to its parent's `children` times), so
+    it never goes down when a worker is replaced; memory and open descriptors are those of
+    the live processes; the start time and the descriptor limit are the supervisor's.
+    """
+
+    _SUMMED = ("process_cpu_seconds", "process_resident_memory_bytes",
+               "process_virtual_memory_bytes", "process_open_fds")
+
+    def __init__(self, worker_pids: Callable[[], Iterable[int]]) -> None:
+        self._worker_pids = worker_pids
+        self._own = ProcessCollector(registry=None)
+
+    def collect(self) -> Iterable[Metric]:
+        totals: dict[str, float] = {}
+        for pid in self._worker_pids():
+            for family in ProcessCollector(pid=_constant(pid), registry=None).collect():
+                if family.name in self._SUMMED:
+                    totals[family.name] = totals.get(family.name, 0.0) + \
+                        family.samples[0].value
+        times = os.times()
+        reaped = times.children_user + times.children_system
+        for family in self._own.collect():
+            value = family.samples[0].value + totals.get(family.name, 0.0)
+            if family.name == "process_cpu_seconds":
+                yield CounterMetricFamily("process_cpu_seconds", family.documentation +
+                                          " (supervisor and workers)", value=value + reaped)
+            else:
+                yield GaugeMetricFamily(family.name, family.documentation + (
+                    " (supervisor and workers)" if family.name in self._SUMMED else
+                    " (supervisor)"), value=value)
+
+
+def _constant(pid: int) -> Callable[[], int]:
+    return lambda: pid

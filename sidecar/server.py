@@ -18,7 +18,7 @@ import secrets
 from collections.abc import Callable
 from typing import Any
 
-from sidecar import admin, fdlimit, lifecycle, logs, preflight, reload, snapshots, status
+from sidecar import admin, fdlimit, lifecycle, logs, metrics, preflight, reload, snapshots, status
 from sidecar.config import Config, KtlsMode, SessionStore
 from sidecar.drain import Drain
 from sidecar.identity import Identity
@@ -157,6 +157,7 @@ class Server:
                                clock_skew_hint=cfg.clock_skew_hint)
         rt.authn.learn(identity)
         snapshots.publish(identity)
+        metrics.declare(cfg, lambda: rt.policy)
         return rt
 
     def _listen(self, rt: Runtime) -> bool:

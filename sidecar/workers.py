@@ -190,16 +190,17 @@ class Supervisor:
             if refusal is not None:
                 logs.event(logging.ERROR, f"cannot start: {refusal}")
                 return 1
-        from prometheus_client import CollectorRegistry, generate_latest
+        from prometheus_client import CollectorRegistry
         from prometheus_client.multiprocess import MultiProcessCollector
 
         registry = CollectorRegistry()
         MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        registry.register(metrics.ProcessTotals(self._worker_pids))
         self._restarts_counter = metrics.worker_restarts
         try:
             a = self.config.admin.listen
             self._admin = await admin.start(a.host, a.port, admin.Probe(
-                self.not_ready, self.status, lambda: generate_latest(registry)))
+                self.not_ready, self.status, registry))
         except OSError as exc:
             logs.event(logging.ERROR, f"cannot listen on admin {self.config.admin.listen}: "
                        f"{exc.strerror}")
@@ -287,6 +288,10 @@ class Supervisor:
                     w.ready = word == b"ready"
         finally:
             transport.close()
+
+    def _worker_pids(self) -> list[int]:
+        return [w.proc.pid for w in self.workers
+                if w.proc is not None and w.proc.returncode is None]
 
     def _on_signal(self, name: str) -> None:
         logs.event(logging.INFO, f"{name} received", workers=self.count)

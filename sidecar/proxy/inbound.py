@@ -55,7 +55,8 @@ async def serve(rt: Runtime, cfg: InboundListener, rec: Record, sock: socket.soc
         rt.tracker.finish(rec)
         return
     try:
-        app = await dial(cfg.forward_to, rt.limits.connect_timeout)
+        app = await dial(cfg.forward_to, rt.limits.connect_timeout,
+                         metrics.series(DIRECTION, cfg.name).dial)
     except (OSError, TimeoutError) as exc:
         ep.close()
         metrics.upstream_errors.labels(DIRECTION, cfg.name).inc()

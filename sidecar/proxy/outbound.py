@@ -78,7 +78,8 @@ async def _connect(
     """Dial, handshake (resuming `session` if given), authenticate: the endpoint, the
     server, and when our own chain presented in it expires; None once rec is finished."""
     try:
-        raw = await dial(cfg.connect_to, rt.limits.connect_timeout)
+        raw = await dial(cfg.connect_to, rt.limits.connect_timeout,
+                         metrics.series(DIRECTION, cfg.name).dial)
     except (OSError, TimeoutError) as exc:
         metrics.upstream_errors.labels(DIRECTION, cfg.name).inc()
         rec.reason, rec.close = Reason.UPSTREAM_UNAVAILABLE, Close.UPSTREAM_UNAVAILABLE

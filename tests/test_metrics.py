@@ -1,0 +1,183 @@
+"""What a Prometheus user expects of /metrics (issue 20, item 3): process metrics, a
+build-info gauge, no `_created` twins, every label set at 0 from the start, an
+upstream-connect histogram, OpenMetrics on request, and a `rule` label that stays bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import socket
+import ssl
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from sidecar import __version__, admin, metrics
+from sidecar.config import Address, parse_config
+from sidecar.policy import parse_policy
+from sidecar.proxy.listener import dial
+from sidecar.reasons import Reason
+
+pytestmark = pytest.mark.timeout(30)
+
+
+@pytest.fixture(autouse=True)
+def _policy_untouched() -> Iterator[None]:
+    """`declare` keeps the policy the `rule` label is bounded by; leave none behind for
+    the tests after these (a real server declares its own)."""
+    yield
+    metrics.declare_policy(None)
+
+
+def _samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def _scrape(accept: str = "") -> tuple[str, str]:
+    head = f"GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: {accept}\r\n\r\n".encode()
+    probe = admin.Probe(ready=lambda: None, status=dict)
+    status, ctype, body = admin.answer(head, probe)
+    assert status == "200 OK"
+    return ctype, body.decode()
+
+
+def test_no_family_has_a_created_twin() -> None:
+    metrics.handshakes.labels("inbound", "created", "ok", "false").inc()
+    metrics.handshake_duration.labels("inbound", "created", "false").observe(0.01)
+    for accept in ("", "application/openmetrics-text; version=1.0.0"):
+        assert "_created" not in _scrape(accept)[1]
+
+
+def test_build_info_names_the_version_python_and_openssl() -> None:
+    labels = frozenset({"version": __version__, "python": platform.python_version(),
+                        "openssl": ssl.OPENSSL_VERSION}.items())
+    assert _samples(_scrape()[1])[("sidecar_build_info", labels)] == 1.0
+
+
+def test_process_metrics_are_exported() -> None:
+    values = {name: v for (name, _), v in _samples(_scrape()[1]).items()}
+    for name in ("process_cpu_seconds_total", "process_resident_memory_bytes",
+                 "process_open_fds", "process_max_fds", "process_start_time_seconds"):
+        assert values[name] > 0, name
+
+
+def test_openmetrics_when_asked_for_text_otherwise() -> None:
+    ctype, body = _scrape("application/openmetrics-text;version=1.0.0,text/plain;q=0.5")
+    assert ctype.startswith("application/openmetrics-text") and body.endswith("# EOF\n")
+    ctype, body = _scrape("text/plain;version=0.0.4;q=1,*/*;q=0.1")
+    assert ctype.startswith("text/plain") and "# EOF" not in body
+    assert _scrape("")[0].startswith("text/plain")
+
+
+def _config(tmp_path: Path) -> str:
+    return json.dumps({
+        "identity": {"cert": "c.pem", "key": "k.pem", "bundle": "b.pem"},
+        "inbound": [{"name": "zero-in", "listen": "127.0.0.1:0",
+                     "forward_to": "127.0.0.1:1"}],
+        "outbound": [{"name": "zero-out", "listen": "127.0.0.1:0",
+                      "connect_to": "127.0.0.1:2",
+                      "expect_ids": ["spiffe://example.org/x"]}],
+        "policy": str(tmp_path / "policy.yaml")})
+
+
+def test_every_label_set_of_a_configured_listener_exists_at_zero(tmp_path: Path) -> None:
+    config = parse_config(_config(tmp_path), tmp_path / "s.yaml", check_files=False)
+    policy = parse_policy("default: deny\nrules: []\n", "policy.yaml")
+    metrics.declare(config, lambda: policy)
+    found = _samples(_scrape()[1])
+
+    def zero(name: str, **labels: str) -> bool:
+        return found.get((name, frozenset(labels.items()))) == 0.0
+
+    for direction, name in (("inbound", "zero-in"), ("outbound", "zero-out")):
+        where = {"direction": direction, "listener": name}
+        assert all(zero("sidecar_handshake_errors_total", **where, reason=r.value)
+                   for r in Reason)
+        assert all(zero("sidecar_handshakes_total", **where, result=res, resumed=rsm)
+                   for res in ("ok", "error") for rsm in ("true", "false"))
+        assert zero("sidecar_upstream_errors_total", **where)
+        assert zero("sidecar_upstream_connect_duration_seconds_count", **where)
+        assert zero("sidecar_connections_rejected_total", **where, limit="max_connections")
+        assert zero("sidecar_bytes_total", **where, flow="to_app")
+    # Process-wide, and other tests of this process may have reloaded: present, at least.
+    assert all(("sidecar_reloads_total", frozenset({"kind": k, "result": r}.items())) in found
+               for k in ("svid", "bundle", "crl", "policy") for r in ("ok", "error"))
+    assert all(zero("sidecar_authz_decisions_total", listener="zero-in", decision=d,
+                    rule="default") for d in ("allow", "deny", "audit_deny"))
+
+
+def test_a_10000_rule_policy_adds_at_most_the_named_rules_and_other() -> None:
+    rules = [{"name": f"r{i:05d}", "action": "allow",
+              "from": [f"spiffe://example.org/app/{i}"]} for i in range(10_000)]
+    policy = parse_policy(json.dumps({"default": "deny", "rules": rules}), "big.yaml")
+    metrics.declare(parse_config(json.dumps({"identity": {
+        "cert": "c", "key": "k", "bundle": "b"}}), Path("/x/s.yaml"), check_files=False),
+        lambda: policy)
+    for i in (*range(0, 10_000, 7), 9_999):
+        metrics.count_decision("big", "allow", f"r{i:05d}")
+    metrics.count_decision("big", "deny", "default")
+    rules_seen = {dict(labels)["rule"] for (name, labels) in _samples(_scrape()[1])
+                  if name == "sidecar_authz_decisions_total" and ("listener", "big") in labels}
+    kept = {f"r{i:05d}" for i in range(0, metrics.NAMED_RULES, 7)}
+    assert rules_seen == kept | {"other", "default"}
+    assert metrics.rule_label(policy, "r00049") == "r00049"
+    assert metrics.rule_label(policy, "r00050") == "other"
+
+
+def test_a_successful_dial_is_timed_a_failed_one_is_not() -> None:
+    histogram = Histogram("dial_seconds", "test", registry=CollectorRegistry())
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+
+        async def both() -> None:
+            (await dial(Address("127.0.0.1", port), 5.0, histogram)).close()
+            with socket.socket() as free:
+                free.bind(("127.0.0.1", 0))  # bound, never listening: refused
+                with pytest.raises(OSError):
+                    await dial(Address("127.0.0.1", free.getsockname()[1]), 5.0, histogram)
+
+        asyncio.run(both())
+    text = generate_latest(histogram).decode()
+    assert "dial_seconds_count 1.0" in text
+
+
+def test_process_totals_sum_live_workers_and_keep_dead_workers_cpu() -> None:
+    """A real child process: its memory counts while it lives; once it has died and been
+    reaped its CPU stays in the total (a counter must not go down on a worker restart)."""
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\n" \
+        "print('done', flush=True)\ninput()\n"
+    child = subprocess.Popen([sys.executable, "-c", burn], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "done\n"
+        alone = _totals([])
+        together = _totals([child.pid])
+        assert together["process_resident_memory_bytes"] > \
+            alone["process_resident_memory_bytes"] + 1_000_000
+        assert together["process_cpu_seconds_total"] >= \
+            alone["process_cpu_seconds_total"] + 0.25
+        assert together["process_open_fds"] > alone["process_open_fds"]
+    finally:
+        assert child.stdin is not None
+        child.stdin.close()
+        child.wait(timeout=10)
+    after = _totals([])
+    assert after["process_cpu_seconds_total"] >= together["process_cpu_seconds_total"] - 0.05
+    assert after["process_start_time_seconds"] == alone["process_start_time_seconds"]
+
+
+def _totals(pids: list[int]) -> dict[str, float]:
+    registry = CollectorRegistry()
+    registry.register(metrics.ProcessTotals(lambda: pids))
+    found = {name: v for (name, _), v in _samples(generate_latest(registry).decode()).items()}
+    assert os.getpid() not in pids
+    return found
