@@ -14,16 +14,16 @@ import itertools
 import socket
 import ssl
 import textwrap
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import pytest
 from tls_pairs import closed_on_exit
 
 from sidecar import metrics, pki
 from sidecar.config.schema import Address, InboundListener, Limits, OutboundListener
-from sidecar.endpoint import WANT_READ, WANT_WRITE
+from sidecar.endpoint import RESET, TRUNCATED, WANT_READ, WANT_WRITE
 from sidecar.identity import Identity, load_identity
 from sidecar.pki import CA
 from sidecar.policy import Policy
@@ -49,7 +49,7 @@ def fresh_name(prefix: str) -> str:
     return f"{prefix}-{next(_names)}"
 
 
-# --- identities ------------------------------------------------------------------------------
+# --- identities -------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,10 +97,11 @@ def allowing(spiffe_id: str, listener: str) -> Policy:
 # --- the runtime ------------------------------------------------------------------------------
 
 
-def runtime(ident: Identity, *, policy: Policy = DENY_ALL, limits: Limits = Limits(),
+def runtime(ident: Identity, *, policy: Policy = DENY_ALL, limits: Limits | None = None
             ) -> Runtime:
     """A Runtime as `run` assembles it, on the running loop; authn knows our own chain."""
     loop = asyncio.get_running_loop()
+    limits = limits or Limits()
     tracker = Tracker(loop, max_connections=limits.max_connections,
                       max_pending_handshakes=limits.max_pending_handshakes,
                       idle_timeout=limits.idle_timeout,
@@ -134,7 +135,7 @@ def handshake_errors(direction: str, listener: str, reason: str) -> float:
                   reason=reason)
 
 
-# --- waiting ------------------------------------------------------------------------------------
+# --- waiting ----------------------------------------------------------------------------------
 
 
 async def until(cond: Callable[[], object], what: str, budget: float = BUDGET) -> None:
@@ -147,17 +148,20 @@ async def until(cond: Callable[[], object], what: str, budget: float = BUDGET) -
         raise AssertionError(f"waited {budget:g}s for {what}") from None
 
 
-# --- sockets and TLS peers -------------------------------------------------------------------------
+# --- sockets and TLS peers --------------------------------------------------------------------
 
 
-@pytest.fixture
-def held() -> Iterator[list[socket.socket | TlsEndpoint]]:
-    """What a test opens; closed when it ends."""
-    with closed_on_exit() as opened:
-        yield opened
+Held = list[Any]  # what a test opened: sockets and endpoints, closed when it ends
 
 
-def tcp(held: list[socket.socket | TlsEndpoint], *, rcvbuf: int | None = None,
+async def holding(body: Callable[[Held], Awaitable[None]]) -> None:
+    """Run `body` with a list for what it opens; each item is closed when it returns,
+    while the loop still runs."""
+    with closed_on_exit() as held:
+        await body(held)
+
+
+def tcp(held: Held, *, rcvbuf: int | None = None,
         sndbuf: int | None = None) -> tuple[socket.socket, socket.socket]:
     """A TCP connection over loopback (near, far), both non-blocking; `rcvbuf` sizes
     near's receive buffer and `sndbuf` far's send buffer (set before connecting)."""
@@ -185,13 +189,22 @@ async def read_all(loop: asyncio.AbstractEventLoop, sock: socket.socket, want: i
     return got
 
 
+class Truncated(EOFError):
+    """The TLS peer's stream ended without close_notify."""
+
+
 async def tls_read(ep: TlsEndpoint) -> bytes:
-    """One read from a TLS endpoint: the bytes, b"" at the end; raises a TLS error."""
+    """One read from a TLS endpoint: the bytes, b"" at a close_notify; raises Truncated at
+    a bare end, ConnectionResetError at a reset, the TLS error (an alert) otherwise."""
     buf = memoryview(bytearray(64 * 1024))
     while True:
         n = ep.read_into(buf)
         if n >= 0:
             return bytes(buf[:n])
+        if n == TRUNCATED:
+            raise Truncated("the stream ended without close_notify")
+        if n == RESET:
+            raise ConnectionResetError("the peer reset the connection")
         await _ready(ep.fd, write=n == WANT_WRITE)
 
 
@@ -222,7 +235,7 @@ async def peer_says(ep: TlsEndpoint) -> BaseException | bytes:
     try:
         await ep.handshake()
         return await tls_read(ep)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError) as exc:
         return exc
 
 
@@ -243,7 +256,7 @@ def accept(rt: Runtime, far: socket.socket, listener: str) -> Accepted:
     return Accepted(rec, ep, task)
 
 
-def tls_peer(held: list[socket.socket | TlsEndpoint], near: socket.socket,
+def tls_peer(held: Held, near: socket.socket,
              ctx: ssl.SSLContext, session: ssl.SSLSession | None = None) -> TlsEndpoint:
     ep = TlsEndpoint.client(ctx, near, None, session)
     held.append(ep)

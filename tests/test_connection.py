@@ -17,11 +17,12 @@ import pytest
 from orchestrators import (
     CLIENT_ID,
     SERVER_ID,
+    Held,
     Trust,
     accept,
     client_ctx,
     fresh_name,
-    held,  # noqa: F401  (a fixture)
+    holding,
     identity,
     read_all,
     runtime,
@@ -40,8 +41,6 @@ from sidecar.proxy.pump import Duplex
 from sidecar.proxy.runtime import Runtime
 
 pytestmark = pytest.mark.timeout(60)
-
-Held = list[Any]
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +75,7 @@ def test_at_max_connections_accepting_stops_until_one_ends_and_each_ends_once(
 ) -> None:
     name = fresh_name("conn-max")
 
-    async def body() -> None:
+    async def body(held: Held) -> None:
         rt = runtime(ours, limits=Limits(max_connections=2))
         calls = Calls(rt.tracker)
         first = rt.tracker.open("inbound", name, "a")
@@ -92,15 +91,15 @@ def test_at_max_connections_accepting_stops_until_one_ends_and_each_ends_once(
         assert sample("sidecar_connections_active", direction="inbound", listener=name) == 0
         assert sample("sidecar_connections_total", direction="inbound", listener=name) == 2
 
-    run(body())
+    run(holding(body))
 
 
 def test_at_max_connections_a_peer_silent_for_long_makes_room_a_young_one_does_not(
-    run: Callable[..., Any], ours: Identity, held: Held,
+    run: Callable[..., Any], ours: Identity,
 ) -> None:
     name = fresh_name("conn-silent")
 
-    async def body() -> None:
+    async def body(held: Held) -> None:
         rt = runtime(ours, limits=Limits(max_connections=2))
         calls = Calls(rt.tracker)
         _, far = tcp(held)
@@ -119,15 +118,15 @@ def test_at_max_connections_a_peer_silent_for_long_makes_room_a_young_one_does_n
                       listener=name, limit="max_connections") == 1
         rt.tracker.finish(newer)
 
-    run(body())
+    run(holding(body))
 
 
 def test_over_max_pending_the_oldest_peer_without_a_hello_goes_first(
-    run: Callable[..., Any], ours: Identity, caller: Identity, held: Held,
+    run: Callable[..., Any], ours: Identity, caller: Identity,
 ) -> None:
     name = fresh_name("conn-pending")
 
-    async def body() -> None:
+    async def body(held: Held) -> None:
         rt = runtime(ours, limits=Limits(max_pending_handshakes=2))
         # The oldest has sent its hello and stalls; the next never said anything.
         near, far = tcp(held)
@@ -149,7 +148,7 @@ def test_over_max_pending_the_oldest_peer_without_a_hello_goes_first(
             a.task.cancel()
             await a.task
 
-    run(body())
+    run(holding(body))
 
 
 # --- live connections: the sweep -------------------------------------------------------------
@@ -170,7 +169,7 @@ class Pumped:
 
 
 def test_an_idle_connection_is_closed_unless_its_send_queue_drains(
-    run: Callable[..., Any], ours: Identity, held: Held,
+    run: Callable[..., Any], ours: Identity,
 ) -> None:
     """A reader slower than the socket buffers: our writes are done, the kernel's queue
     still drains. That is progress; a queue that stands still is not."""
@@ -178,7 +177,7 @@ def test_an_idle_connection_is_closed_unless_its_send_queue_drains(
     idle = 0.05
     sent = 512 * 1024
 
-    async def body() -> None:
+    async def body(held: Held) -> None:
         rt = runtime(ours, limits=Limits(idle_timeout=idle))
         loop = rt.loop
         c = Pumped(rt, held, name, rcvbuf=4096, sndbuf=2 * sent)
@@ -218,16 +217,16 @@ def test_an_idle_connection_is_closed_unless_its_send_queue_drains(
         await until(lambda: quiet.rec.finished, "the idle close")
         assert str(quiet.rec.close) == "idle_timeout"
 
-    run(body())
+    run(holding(body))
 
 
 def test_a_connection_past_its_lifetime_ends_the_clients_direction_first(
-    run: Callable[..., Any], ours: Identity, held: Held,
+    run: Callable[..., Any], ours: Identity,
 ) -> None:
     name = fresh_name("conn-life")
     lifetime = 0.05
 
-    async def body() -> None:
+    async def body(held: Held) -> None:
         rt = runtime(ours, limits=Limits(max_connection_lifetime=lifetime))
         loop = rt.loop
         c = Pumped(rt, held, name)
@@ -247,15 +246,15 @@ def test_a_connection_past_its_lifetime_ends_the_clients_direction_first(
         fields = c.rec.fields(c.duplex)
         assert (fields["bytes_to_app"], fields["bytes_from_app"]) == (7, 6)
 
-    run(body())
+    run(holding(body))
 
 
 def test_a_clean_end_is_closed_and_its_bytes_are_counted(
-    run: Callable[..., Any], ours: Identity, held: Held,
+    run: Callable[..., Any], ours: Identity,
 ) -> None:
     name = fresh_name("conn-end")
 
-    async def body() -> None:
+    async def body(held: Held) -> None:
         rt = runtime(ours)
         loop = rt.loop
         calls = Calls(rt.tracker)
@@ -274,4 +273,4 @@ def test_a_clean_end_is_closed_and_its_bytes_are_counted(
         assert sample("sidecar_bytes_total", direction="inbound", listener=name,
                       flow="from_app") == 5
 
-    run(body())
+    run(holding(body))

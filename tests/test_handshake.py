@@ -18,13 +18,14 @@ from orchestrators import (
     CLIENT_ID,
     SERVER_ID,
     TD,
+    Held,
     Trust,
     accept,
     client_ctx,
     fresh_name,
     handshake_errors,
     handshakes,
-    held,  # noqa: F401  (a fixture)
+    holding,
     identity,
     peer_says,
     runtime,
@@ -43,8 +44,6 @@ from sidecar.identity import Identity
 from sidecar.reasons import Reason
 
 pytestmark = pytest.mark.timeout(60)
-
-Held = list[Any]
 
 
 @pytest.fixture(scope="module")
@@ -65,11 +64,11 @@ def caller(trust: Trust, tmp_path_factory: pytest.TempPathFactory) -> Identity:
 
 
 def test_a_handshake_records_the_peer_and_counts_full_then_resumed(
-    run: Callable[..., Any], ours: Identity, caller: Identity, held: Held,
+    run: Callable[..., Any], ours: Identity, caller: Identity,
 ) -> None:
     name = fresh_name("hs-ok")
 
-    async def body() -> None:
+    async def body(held: Held) -> None:
         rt = runtime(ours)
         ctx = client_ctx(caller)
         session = None
@@ -98,7 +97,7 @@ def test_a_handshake_records_the_peer_and_counts_full_then_resumed(
                       listener=name, resumed="false") > 0
         assert handshakes("inbound", name, "error", False) == 0
 
-    run(body())
+    run(holding(body))
 
 
 CASES = ["unknown-ca", "invalid-svid", "no-client-cert", "timeout"]
@@ -106,7 +105,7 @@ CASES = ["unknown-ca", "invalid-svid", "no-client-cert", "timeout"]
 
 @pytest.mark.parametrize("case", CASES)
 def test_each_failure_counts_its_reason(
-    run: Callable[..., Any], ours: Identity, trust: Trust, tmp_path: Path, held: Held,
+    run: Callable[..., Any], ours: Identity, trust: Trust, tmp_path: Path,
     case: str,
 ) -> None:
     name = fresh_name(f"hs-{case}")
@@ -114,7 +113,7 @@ def test_each_failure_counts_its_reason(
               "no-client-cert": Reason.NO_CLIENT_CERT,
               "timeout": Reason.HANDSHAKE_TIMEOUT}[case]
 
-    async def body() -> None:
+    async def body(held: Held) -> None:
         rt = runtime(ours, limits=Limits(handshake_timeout=0.2))
         near, far = tcp(held)
         srv = accept(rt, far, name)
@@ -145,16 +144,16 @@ def test_each_failure_counts_its_reason(
         assert handshakes("inbound", name, "error", False) == 1
         assert handshakes("inbound", name, "ok", False) == 0
 
-    run(body())
+    run(holding(body))
 
 
 def test_a_refused_peer_gets_a_linger_that_holds_its_connection_not_a_pending_slot(
-    run: Callable[..., Any], ours: Identity, tmp_path: Path, trust: Trust, held: Held,
+    run: Callable[..., Any], ours: Identity, tmp_path: Path, trust: Trust,
 ) -> None:
     """After the alert, our FIN; we read what the peer still sends until it closes."""
     name = fresh_name("hs-linger")
 
-    async def body() -> None:
+    async def body(held: Held) -> None:
         rt = runtime(ours)
         near, far = tcp(held)
         srv = accept(rt, far, name)
@@ -176,15 +175,15 @@ def test_a_refused_peer_gets_a_linger_that_holds_its_connection_not_a_pending_sl
         assert await srv.task is None
         assert srv.rec.finished and rt.tracker.active == 0
 
-    run(body())
+    run(holding(body))
 
 
 def test_an_evicted_pending_handshake_is_counted_as_a_timeout_under_its_limit(
-    run: Callable[..., Any], ours: Identity, caller: Identity, held: Held,
+    run: Callable[..., Any], ours: Identity, caller: Identity,
 ) -> None:
     name = fresh_name("hs-evict")
 
-    async def body() -> None:
+    async def body(held: Held) -> None:
         rt = runtime(ours, limits=Limits(max_pending_handshakes=1))
         _, far = tcp(held)
         silent = accept(rt, far, name)
@@ -204,15 +203,15 @@ def test_an_evicted_pending_handshake_is_counted_as_a_timeout_under_its_limit(
         assert handshake_errors("inbound", name, "handshake_timeout") == 1
         good.ep.close()
 
-    run(body())
+    run(holding(body))
 
 
 def test_a_handshake_cancelled_at_shutdown_is_no_failure(
-    run: Callable[..., Any], ours: Identity, held: Held,
+    run: Callable[..., Any], ours: Identity,
 ) -> None:
     name = fresh_name("hs-shutdown")
 
-    async def body() -> None:
+    async def body(held: Held) -> None:
         rt = runtime(ours)
         _, far = tcp(held)
         srv = accept(rt, far, name)
@@ -223,4 +222,4 @@ def test_a_handshake_cancelled_at_shutdown_is_no_failure(
         assert srv.rec.finished and rt.tracker.active == 0
         assert handshakes("inbound", name, "error", False) == 0
 
-    run(body())
+    run(holding(body))
