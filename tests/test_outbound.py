@@ -32,8 +32,6 @@ from orchestrators import (
     holding,
     identity,
     outbound_cfg,
-    recv,
-    recv,
     runtime,
     tcp,
     tls_read,
