@@ -193,17 +193,6 @@ class Truncated(EOFError):
     """The TLS peer's stream ended without close_notify."""
 
 
-async def recv(sock: socket.socket, n: int = 65536) -> bytes:
-    """One read from a plain socket, waiting on the loop's reader. (Not loop.sock_recv:
-    uvloop's missed a wakeup on an app socket once the remote was uvloop's own TLS
-    server, and the test hung though the bytes had arrived.)"""
-    while True:
-        try:
-            return sock.recv(n)
-        except (BlockingIOError, InterruptedError):
-            await _ready(sock.fileno(), write=False)
-
-
 async def tls_read(ep: TlsEndpoint) -> bytes:
     """One read from a TLS endpoint: the bytes, b"" at a close_notify; raises Truncated at
     a bare end, ConnectionResetError at a reset, the TLS error (an alert) otherwise."""
