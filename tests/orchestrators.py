@@ -22,6 +22,7 @@ from typing import Any
 from tls_pairs import closed_on_exit
 
 from sidecar import metrics, pki
+from sidecar.authn import Peer
 from sidecar.config.schema import Address, InboundListener, Limits, OutboundListener
 from sidecar.endpoint import RESET, TRUNCATED, WANT_READ, WANT_WRITE
 from sidecar.identity import Identity, load_identity
@@ -111,6 +112,22 @@ def runtime(ident: Identity, *, policy: Policy = DENY_ALL, limits: Limits | None
     return rt
 
 
+def records_of(rt: Runtime) -> list[Record]:
+    """The records of the connections `rt` opens from now on, in order. An acceptor opens
+    its record inside; the tracker keeps none once a connection ends, so the test keeps
+    them by wrapping `open` (the tracker's own method still does all the work)."""
+    records: list[Record] = []
+    opened = rt.tracker.open
+
+    def open_and_keep(direction: str, listener: str, peer_addr: str) -> Record:
+        rec = opened(direction, listener, peer_addr)
+        records.append(rec)
+        return rec
+
+    rt.tracker.open = open_and_keep  # type: ignore[method-assign]
+    return records
+
+
 def inbound_cfg(name: str, forward_to: int) -> InboundListener:
     return InboundListener(name, Address("127.0.0.1", 0), Address("127.0.0.1", forward_to))
 
@@ -157,6 +174,7 @@ Held = list[Any]  # what a test opened: sockets and endpoints, closed when it en
 async def holding(body: Callable[[Held], Awaitable[None]]) -> None:
     """Run `body` with a list for what it opens; each item is closed when it returns,
     while the loop still runs."""
+    held: Held
     with closed_on_exit() as held:
         await body(held)
 
@@ -222,7 +240,11 @@ async def _ready(fd: int, *, write: bool) -> None:
     fut: asyncio.Future[None] = loop.create_future()
     add, remove = ((loop.add_writer, loop.remove_writer) if write
                    else (loop.add_reader, loop.remove_reader))
-    add(fd, lambda: fut.done() or fut.set_result(None))
+    def fire() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    add(fd, fire)
     try:
         await fut
     finally:
@@ -245,7 +267,7 @@ class Accepted:
 
     rec: Record
     ep: TlsEndpoint
-    task: asyncio.Task[object]
+    task: asyncio.Task[Peer | None]
 
 
 def accept(rt: Runtime, far: socket.socket, listener: str) -> Accepted:

@@ -106,7 +106,7 @@ def test_at_max_connections_a_peer_silent_for_long_makes_room_a_young_one_does_n
         silent = accept(rt, far, name)
         await until(lambda: silent.rec in rt.tracker.pending, "a pending handshake")
         young = rt.tracker.open("inbound", name, "young")
-        assert calls.full == 1 and not silent.rec.evicted  # accepted a moment ago
+        assert calls.full == 1 and silent.rec.evicted is None  # accepted a moment ago
         rt.tracker.finish(young)
         await until(lambda: rt.loop.time() - silent.rec.started > SILENT_AFTER,
                     "the pending peer to be silent for long", budget=SILENT_AFTER + 2)

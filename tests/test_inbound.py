@@ -26,6 +26,7 @@ from orchestrators import (
     identity,
     inbound_cfg,
     peer_says,
+    records_of,
     runtime,
     sample,
     tls_peer,
@@ -39,7 +40,6 @@ from sidecar.config.schema import Address, InboundListener
 from sidecar.identity import Identity
 from sidecar.policy.model import DENY_ALL
 from sidecar.proxy import inbound
-from sidecar.proxy.connection import Record
 from sidecar.proxy.listener import Listener
 from sidecar.proxy.runtime import Runtime
 from sidecar.tls.engine import TlsEndpoint
@@ -69,16 +69,8 @@ class Inbound:
 
     def __init__(self, rt: Runtime, cfg: InboundListener) -> None:
         self.rt, self.cfg = rt, cfg
-        self.records: list[Record] = []
+        self.records = records_of(rt)
         on_accept = inbound.acceptor(rt, cfg)
-        opened = rt.tracker.open
-
-        def open_and_keep(direction: str, listener: str, peer_addr: str) -> Record:
-            rec = opened(direction, listener, peer_addr)
-            self.records.append(rec)
-            return rec
-
-        rt.tracker.open = open_and_keep  # type: ignore[method-assign]
         self.listener = Listener(rt.loop, cfg.name, inbound.DIRECTION, cfg.listen, on_accept)
         self.listener.resume()
 
@@ -100,7 +92,6 @@ async def serving(ours: Identity, forward_to: int, *, allow: bool) -> AsyncItera
         yield side
     finally:
         side.listener.close()
-        side.rt.tracker.abort_all("shutdown")  # type: ignore[arg-type]
 
 
 def app_listening(held: Held) -> socket.socket:
