@@ -33,6 +33,7 @@ from sidecar.policy.reader import parse_policy
 from sidecar.proxy.connection import Record, Tracker
 from sidecar.proxy.handshake import secure
 from sidecar.proxy.runtime import Runtime
+from sidecar.spiffe import SpiffePattern
 from sidecar.tls import contexts
 from sidecar.tls.engine import TlsEndpoint
 
@@ -134,7 +135,7 @@ def inbound_cfg(name: str, forward_to: int) -> InboundListener:
 
 def outbound_cfg(name: str, connect_to: int, expect: tuple[str, ...]) -> OutboundListener:
     return OutboundListener(name, Address("127.0.0.1", 0), Address("127.0.0.1", connect_to),
-                            "", expect)
+                            "", tuple(SpiffePattern.parse(e, prefixes=False) for e in expect))
 
 
 def sample(name: str, **labels: str) -> float:

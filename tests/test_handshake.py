@@ -83,7 +83,7 @@ def test_a_handshake_records_the_peer_and_counts_full_then_resumed(
             assert await tls_read(cli) == b"!"
             session = cli.new_session()
             rec = srv.rec
-            assert (str(peer.spiffe_id), rec.peer_id) == (CLIENT_ID, CLIENT_ID)
+            assert (str(peer.spiffe_id), str(rec.peer_id)) == (CLIENT_ID, CLIENT_ID)
             assert rec.resumed is resumed
             assert rec.tls_version == "TLSv1.3" and rec.cipher
             assert rec.handshake_ms is not None and rec.handshake_ms > 0

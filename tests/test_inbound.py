@@ -111,7 +111,7 @@ def test_a_denied_caller_is_closed_before_the_app_is_dialed(
             assert said == b""  # a close_notify: an end, not a reset
             await until(lambda: side.records and side.records[0].finished, "the end")
             rec = side.records[0]
-            assert (rec.peer_id, rec.decision, str(rec.close)) == (CLIENT_ID, "deny", "denied")
+            assert (str(rec.peer_id), rec.decision, str(rec.close)) == (CLIENT_ID, "deny", "denied")
             assert sample("sidecar_authz_decisions_total", listener=side.cfg.name,
                           decision="deny", rule="no_policy") == 1
         with pytest.raises(BlockingIOError):
