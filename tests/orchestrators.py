@@ -26,6 +26,7 @@ from sidecar.authn import Peer
 from sidecar.config.schema import Address, InboundListener, Limits, OutboundListener
 from sidecar.endpoint import RESET, TRUNCATED, WANT_READ, WANT_WRITE
 from sidecar.identity import Identity, load_identity
+from sidecar.outcomes import Direction
 from sidecar.pki import CA
 from sidecar.policy import Policy
 from sidecar.policy.model import DENY_ALL
@@ -273,7 +274,7 @@ class Accepted:
 
 def accept(rt: Runtime, far: socket.socket, listener: str) -> Accepted:
     """Start `secure` on our end of a connection, as an inbound accept does."""
-    rec = rt.tracker.open("inbound", listener, "test")
+    rec = rt.tracker.open(Direction.INBOUND, listener, "test")
     ep = TlsEndpoint.server(rt.contexts.server, far)
     task = rt.loop.create_task(secure(rt, rec, ep, rt.contexts.identity))
     return Accepted(rec, ep, task)

@@ -36,6 +36,7 @@ from sidecar import pki
 from sidecar.config.schema import Limits
 from sidecar.endpoint import TcpEndpoint
 from sidecar.identity import Identity
+from sidecar.outcomes import Direction
 from sidecar.proxy.connection import SILENT_AFTER, Record, Tracker
 from sidecar.proxy.pump import Duplex
 from sidecar.proxy.runtime import Runtime
@@ -78,9 +79,9 @@ def test_at_max_connections_accepting_stops_until_one_ends_and_each_ends_once(
     async def body(held: Held) -> None:
         rt = runtime(ours, limits=Limits(max_connections=2))
         calls = Calls(rt.tracker)
-        first = rt.tracker.open("inbound", name, "a")
+        first = rt.tracker.open(Direction.INBOUND, name, "a")
         assert (calls.full, rt.tracker.full) == (0, False)
-        second = rt.tracker.open("inbound", name, "b")
+        second = rt.tracker.open(Direction.INBOUND, name, "b")
         assert (calls.full, rt.tracker.full) == (1, True)  # nothing pending to shed
         rt.tracker.finish(first)
         assert (calls.capacity, calls.empty) == (1, 0)
@@ -105,12 +106,12 @@ def test_at_max_connections_a_peer_silent_for_long_makes_room_a_young_one_does_n
         _, far = tcp(held)
         silent = accept(rt, far, name)
         await until(lambda: silent.rec in rt.tracker.pending, "a pending handshake")
-        young = rt.tracker.open("inbound", name, "young")
+        young = rt.tracker.open(Direction.INBOUND, name, "young")
         assert calls.full == 1 and silent.rec.evicted is None  # accepted a moment ago
         rt.tracker.finish(young)
         await until(lambda: rt.loop.time() - silent.rec.started > SILENT_AFTER,
                     "the pending peer to be silent for long", budget=SILENT_AFTER + 2)
-        newer = rt.tracker.open("inbound", name, "newer")
+        newer = rt.tracker.open(Direction.INBOUND, name, "newer")
         assert calls.full == 1  # room was made instead of pausing
         assert await silent.task is None
         assert silent.rec.evicted == "max_connections"
@@ -161,7 +162,7 @@ class Pumped:
                  sndbuf: int | None = None) -> None:
         self.app, app_far = tcp(held)
         self.peer, peer_far = tcp(held, rcvbuf=rcvbuf, sndbuf=sndbuf)
-        self.rec: Record = rt.tracker.open("inbound", name, "test")
+        self.rec: Record = rt.tracker.open(Direction.INBOUND, name, "test")
         self.duplex = Duplex(rt.loop, TcpEndpoint(app_far), TcpEndpoint(peer_far),
                              rt.tracker.closed)
         rt.tracker.attach(self.rec, self.duplex)
