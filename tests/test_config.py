@@ -934,6 +934,10 @@ def test_policy_of_wrong_type(tmp_path: Path) -> None:
 # One snippet per NOT_SUPPORTED_YET path that sets the refused value; the first problem
 # is expected at the given YAML path.
 UNSUPPORTED_SNIPPETS = {
+    "identity.workload_api": ("identity.workload_api", "'unix:///run/agent.sock'",
+                              "workload_api: unix:///run/agent.sock"),
+    "identity.spiffe_id": ("identity.spiffe_id", "'spiffe://example.org/a'",
+                           "spiffe_id: spiffe://example.org/a"),
     "inbound[].protocol": ("inbound[0].protocol", "'http'", "protocol: http"),
     "inbound[].proxy_protocol": ("inbound[0].proxy_protocol", "true", "proxy_protocol: true"),
     "identity.crl": ("identity.crl", "'crl.pem'", "crl: crl.pem"),
@@ -948,7 +952,7 @@ def unsupported_text(path: str) -> str:
     setting = UNSUPPORTED_SNIPPETS[path][2]
     if path.startswith("inbound[]"):
         return VALID.replace("    forward_to:", f"    {setting}\n    forward_to:")
-    if path == "identity.crl":
+    if path.startswith("identity."):
         return VALID.replace("identity:\n", f"identity:\n  {setting}\n")
     if path == "tls.session_ticket_rotation":
         return VALID + "tls: {session_ticket_rotation: 12h}\n"

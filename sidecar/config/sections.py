@@ -112,7 +112,15 @@ def _identity(r: _Reader, raw: object) -> IdentityConfig:
         reload_interval=r.value(
             m, "reload_interval", "identity", parse_duration, d.reload_interval
         ),
+        workload_api=r.value(m, "workload_api", "identity", _text, None),
+        spiffe_id=r.value(m, "spiffe_id", "identity", _text, None),
     )
+
+
+def _text(raw: object) -> str:
+    if not isinstance(raw, str) or not raw:
+        raise ValueError(f"{_show(raw)} is not a string")
+    return raw
 
 
 def _federated_bundles(r: _Reader, raw: object) -> Mapping[str, Path]:
