@@ -6,7 +6,7 @@ Run (from the repo root; needs haproxy, valgrind and callgrind_control on PATH):
 
 One run, same certificates, same client, same backend for both proxies:
 
-- a dev PKI from `sidecar.pki` (root -> intermediate -> ECDSA P-256 SVIDs): the client
+- a dev PKI from `sidecar.tools.pki` (root -> intermediate -> ECDSA P-256 SVIDs): the client
   (frontend), the inbound side (payments), the outbound side (frontend again);
 - one echo backend (a threaded Python process, never under valgrind);
 - one client (this process, the stdlib `ssl` module on blocking sockets, never under
@@ -75,7 +75,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from sidecar import pki
+from sidecar.tools import pki
 
 ROOT = Path(__file__).resolve().parents[1]
 TRUST_DOMAIN = "example.org"

@@ -48,7 +48,7 @@ from typing import Any
 import compare_haproxy as ch
 import memory_idle as mi
 
-from sidecar import pki
+from sidecar.tools import pki
 
 DENIED_ID = f"spiffe://{ch.TRUST_DOMAIN}/ns/evil/sa/intruder"
 GOAL = 1.10

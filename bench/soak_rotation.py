@@ -24,7 +24,7 @@ Scenarios (`--scenarios`, all by default):
   rotate --layout L` (one process per side, one dev CA), in the layout's own way:
   spiffe-helper rewrites svid.pem, svid_key.pem, bundle.pem in place; csi-driver-spiffe
   replaces tls.crt, tls.key, ca.crt by rename; a Kubernetes secret volume swaps the
-  `..data` symlink the visible names point through (see sidecar/pki/layouts.py);
+  `..data` symlink the visible names point through (see sidecar/tools/pki/layouts.py);
 - `bundle`: a trust-bundle rotation, the two sidecars always on DIFFERENT intermediates of
   the same root, SVIDs re-issued every second throughout, in five equal stages: R1 (A on
   I1a, B on I1b); new intermediates I2a, I2b of R1; both bundles R1+R2; SVIDs from R2's
@@ -66,7 +66,7 @@ from typing import Any
 import compare_haproxy as ch
 import memory_idle as mi
 
-from sidecar import pki
+from sidecar.tools import pki
 
 TRUST_DOMAIN = ch.TRUST_DOMAIN
 FRONTEND = ch.CLIENT_ID  # sidecar A, the caller

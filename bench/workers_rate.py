@@ -23,7 +23,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from sidecar import pki
+from sidecar.tools import pki
 
 TD = "example.org"
 CLIENT = f"spiffe://{TD}/ns/web/sa/frontend"

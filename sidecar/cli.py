@@ -36,7 +36,7 @@ def _config_path(args: argparse.Namespace) -> Path | None:
 
 
 def _broken_kinds() -> list[Any]:
-    from sidecar.pki import Broken
+    from sidecar.tools.pki import Broken
 
     return list(Broken)
 
@@ -126,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         case "pki":
             return _pki(args)
         case "demo":
-            from sidecar.demo import main as demo_main
+            from sidecar.tools.demo import main as demo_main
 
             return demo_main()
         case _:
@@ -136,8 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _delegate(command: str, rest: list[str]) -> int:
     import importlib
 
-    module = {"inspect": "sidecar.inspect", "diagnose": "sidecar.diagnose",
-              "bench": "sidecar.bench"}[command]
+    module = {"inspect": "sidecar.tools.inspect.command", "diagnose": "sidecar.tools.diagnose",
+              "bench": "sidecar.tools.bench.command"}[command]
     try:
         entry = importlib.import_module(module).main
     except (ImportError, AttributeError):
@@ -148,8 +148,8 @@ def _delegate(command: str, rest: list[str]) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from sidecar import logs
     from sidecar.config import load_config
+    from sidecar.observe import logs
     from sidecar.problems import ProblemsError
 
     path = _config_path(args)
@@ -165,7 +165,7 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     logs.setup(str(config.log.level), str(config.log.format))
     loop_name = args.loop or os.environ.get("SIDECAR_LOOP", "uvloop")
-    from sidecar import workers
+    from sidecar.run import workers
 
     role = workers.role_from_env()
     count = config.workers or workers.usable_cpus()
@@ -176,7 +176,7 @@ def _run(args: argparse.Namespace) -> int:
             return asyncio.run(supervisor.run())
         finally:
             _ignore_stop_signals()
-    from sidecar.server import Server
+    from sidecar.run.server import Server
 
     if role is not None:
         logs.static["worker"] = role.index
@@ -204,7 +204,7 @@ def _ignore_stop_signals() -> None:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from sidecar.check import check
+    from sidecar.tools.check import check
 
     path = _config_path(args)
     if path is None:
@@ -214,13 +214,13 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _pki(args: argparse.Namespace) -> int:
-    from sidecar import pki
+    from sidecar.tools import pki
 
     if args.pki_command == "init":
         return pki.cmd_init(args.dir, args.trust_domain, force=args.force)
     ttl = timedelta(seconds=args.ttl)
     if args.pki_command == "agent":
-        from sidecar.pki.commands import cmd_agent
+        from sidecar.tools.pki.commands import cmd_agent
 
         return cmd_agent(args.dir, args.socket, args.spiffe_ids, args.federate, args.every,
                              ttl, args.control)

@@ -1,5 +1,5 @@
 """Real pieces for the tests of the proxy's orchestrators (handshake, connection, listener,
-inbound, outbound), built in this process: identities from `sidecar.pki` written to files
+inbound, outbound), built in this process: identities from `sidecar.tools.pki` written to files
 and loaded by `load_identity`, contexts from `tls.contexts`, a `Runtime` with its `Tracker`,
 and TLS peers over real TCP on loopback.
 
@@ -21,13 +21,12 @@ from typing import Any
 
 from tls_pairs import closed_on_exit
 
-from sidecar import metrics, pki
 from sidecar.authn import Peer
 from sidecar.config.schema import Address, InboundListener, Limits, OutboundListener
 from sidecar.endpoint import RESET, TRUNCATED, WANT_READ, WANT_WRITE
 from sidecar.identity import Identity, load_identity
+from sidecar.observe import metrics
 from sidecar.outcomes import Direction
-from sidecar.pki import CA
 from sidecar.policy import Policy
 from sidecar.policy.model import DENY_ALL
 from sidecar.policy.reader import parse_policy
@@ -37,6 +36,8 @@ from sidecar.proxy.runtime import Runtime
 from sidecar.spiffe import SpiffePattern
 from sidecar.tls import contexts
 from sidecar.tls.engine import TlsEndpoint
+from sidecar.tools import pki
+from sidecar.tools.pki import CA
 
 TD = "example.org"
 OTHER_TD = "other.org"

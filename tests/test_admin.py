@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from sidecar import admin, metrics
+from sidecar.observe import admin, metrics
 
 pytestmark = pytest.mark.timeout(10)
 

@@ -27,16 +27,16 @@ from tls_pairs import (
     ready,
 )
 
-from sidecar import pki
 from sidecar.authn import Authenticator, AuthnError, Peer
 from sidecar.endpoint import WANT_READ, WANT_WRITE
 from sidecar.identity import Identity, load_identity
-from sidecar.pki import CA, Svid
 from sidecar.reasons import Reason
 from sidecar.spiffe import SpiffeId
 from sidecar.tls import contexts, peerchain
 from sidecar.tls.contexts import Contexts
 from sidecar.tls.engine import TlsEndpoint
+from sidecar.tools import pki
+from sidecar.tools.pki import CA, Svid
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from sidecar import metrics
+from sidecar.observe import metrics
 from sidecar.outcomes import Close
 from sidecar.policy import DENY_ALL, DecisionKind, parse_policy
 from sidecar.proxy import authorize

@@ -1,7 +1,7 @@
 """`sidecar bench` against real servers on 127.0.0.1: an in-test mTLS echo server (threads
 and stdlib ssl, exporting its own handshake counters under the SPEC's metric names),
 `openssl s_server`, a refused port and a plaintext server. Certificates come from
-`sidecar.pki`; nothing is mocked. Every server a test starts is stopped by its fixture.
+`sidecar.tools.pki`; nothing is mocked. Every server a test starts is stopped by its fixture.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 
-from sidecar import bench, pki
+from sidecar.tools import pki
+from sidecar.tools.bench import command as bench
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from cryptography import x509
 
-from sidecar import pki
+from sidecar.tools import pki
 
 pytestmark = pytest.mark.timeout(120)
 REPO = Path(__file__).resolve().parents[1]

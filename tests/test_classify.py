@@ -31,15 +31,15 @@ from tls_pairs import (
     tcp_pair,
 )
 
-from sidecar import pki
 from sidecar.endpoint import WANT_READ, WANT_WRITE
 from sidecar.identity import Identity, load_identity
-from sidecar.pki import CA
 from sidecar.reasons import Reason
 from sidecar.tls import contexts, peerchain
 from sidecar.tls.classify import Failure, classify
 from sidecar.tls.engine import TlsEndpoint
 from sidecar.tls.peerchain import MAX_KEPT, parse_certificate_message
+from sidecar.tools import pki
+from sidecar.tools.pki import CA
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -32,7 +32,6 @@ from orchestrators import (
     until,
 )
 
-from sidecar import pki
 from sidecar.config.schema import Limits
 from sidecar.endpoint import TcpEndpoint
 from sidecar.identity import Identity
@@ -40,6 +39,7 @@ from sidecar.outcomes import Direction
 from sidecar.proxy.connection import SILENT_AFTER, Record, Tracker
 from sidecar.proxy.pump import Duplex
 from sidecar.proxy.runtime import Runtime
+from sidecar.tools import pki
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from sidecar import diagnose, pki
 from sidecar.identity import load_identity
-from sidecar.loadgen import arguments
 from sidecar.tls import contexts
+from sidecar.tools import diagnose, pki
+from sidecar.tools.bench import arguments
 
 
 def offer(ctx: ssl.SSLContext) -> tuple[object, ...]:

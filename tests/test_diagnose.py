@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from sidecar import diagnose, pki
 from sidecar.tls.classify import skew_note
+from sidecar.tools import diagnose, pki
 
 pytestmark = pytest.mark.timeout(60)
 TD = "example.org"
@@ -228,7 +228,7 @@ def test_a_ca_copying_a_trusted_name_is_not_called_absent(
 
 
 def test_inspect_names_a_ca_copying_a_trusted_name(tmp_path: Path) -> None:
-    from sidecar import inspect
+    from sidecar.tools.inspect import command as inspect
 
     trusted = pki.new_root(TD, name="example.org root CA")
     rogue = pki.new_root(TD, name="example.org root CA")

@@ -17,8 +17,8 @@ from pathlib import Path
 import yaml
 from prometheus_client.metrics import MetricWrapperBase
 
-from sidecar import metrics
 from sidecar.config import Address, Config, parse_config
+from sidecar.observe import metrics
 from sidecar.reasons import Reason
 from sidecar.spiffe import SpiffePattern
 

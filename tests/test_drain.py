@@ -7,8 +7,8 @@ from collections.abc import Callable
 
 import pytest
 
-from sidecar.drain import Drain
 from sidecar.proxy.connection import Tracker
+from sidecar.run.drain import Drain
 
 pytestmark = pytest.mark.timeout(10)
 

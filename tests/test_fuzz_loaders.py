@@ -37,13 +37,14 @@ from cryptography.hazmat.primitives import serialization
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-from sidecar import pki, reload
 from sidecar.config import Config, parse_config
 from sidecar.identity import Identity, load_identity
 from sidecar.policy import Decision, Policy, parse_policy
 from sidecar.problems import ProblemsError
+from sidecar.sources import watch as reload
 from sidecar.spiffe import SpiffeId, SpiffeIdError, TrustDomain
 from sidecar.tls.peerchain import parse_certificate_message
+from sidecar.tools import pki
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -19,10 +19,10 @@ from typing import Any
 import pytest
 from tls_pairs import closed_on_exit, endpoints, handshake_both
 
-from sidecar import pki
 from sidecar.identity import Identity, load_identity
-from sidecar.pki import CA, KeyType
 from sidecar.tls import contexts, openssl
+from sidecar.tools import pki
+from sidecar.tools.pki import CA, KeyType
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -38,10 +38,10 @@ from orchestrators import (
 )
 from tls_pairs import client_context
 
-from sidecar import pki
 from sidecar.config.schema import Limits
 from sidecar.identity import Identity
 from sidecar.reasons import Reason
+from sidecar.tools import pki
 
 pytestmark = pytest.mark.timeout(60)
 

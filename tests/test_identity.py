@@ -15,10 +15,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from sidecar import pki
 from sidecar.identity import Identity, load_identity
-from sidecar.pki import CA, KeyFormat, KeyType, Layout, LayoutFiles, Svid
 from sidecar.problems import Problem, ProblemsError
+from sidecar.tools import pki
+from sidecar.tools.pki import CA, KeyFormat, KeyType, Layout, LayoutFiles, Svid
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -23,11 +23,11 @@ PURE = ("spiffe", "svid", "reasons", "outcomes", "modes", "problems", "times",
 IO_MODULES = {"socket", "ssl", "asyncio", "subprocess", "os", "selectors", "threading",
               "ctypes", "uvloop", "watchfiles", "prometheus_client", "http", "urllib"}
 # The commands around the proxy: the proxy and its life cycle never import them.
-TOOLS = ("pki", "inspection", "inspect", "loadgen", "bench", "diagnose", "check", "demo",
-         "cli")
-PROXY_AND_RUN = ("proxy", "tls", "server", "workers", "snapshots", "drain", "lifecycle",
-                 "reload", "authn", "identity", "endpoint", "preflight", "status")
-OBSERVATION = ("admin", "metrics", "logs", "status")
+TOOLS = ("tools", "cli")
+PROXY_AND_RUN = ("proxy", "tls", "run.server", "run.workers", "run.snapshots", "run.drain",
+                 "run.lifecycle", "sources", "authn", "identity", "endpoint", "run.preflight",
+                 "run.status")
+OBSERVATION = ("observe", "run.status")
 # Tests allow `ssl.SSLSocket`'s public names; these are CPython's private reach.
 PRIVATE_SSL = {"_sslobj", "_msg_callback", "_sslcontext", "_ssl"}
 
@@ -54,7 +54,7 @@ def _imports(path: Path) -> Iterator[tuple[int, str]]:
                 up = package.split(".")[: len(package.split(".")) - (node.level - 1)]
                 base = "sidecar." + ".".join([*up, base]).strip(".")
             yield node.lineno, base
-            for alias in node.names:  # `from sidecar import pki` imports sidecar.pki
+            for alias in node.names:  # `from sidecar.tools import pki` imports sidecar.tools.pki
                 yield node.lineno, f"{base}.{alias.name}"
 
 
@@ -85,7 +85,7 @@ def _violations(sources: tuple[str, ...], bad: tuple[str, ...]) -> list[str]:
 
 
 def test_the_module_list_is_read() -> None:
-    assert {"spiffe", "tls.openssl", "proxy.pump", "server", "policy.model"} <= set(MODULES)
+    assert {"spiffe", "tls.openssl", "proxy.pump", "run.server", "policy.model"} <= set(MODULES)
 
 
 @pytest.mark.parametrize("module", PURE)
@@ -103,13 +103,13 @@ def test_pure_cores_import_no_io(module: str) -> None:
 
 
 def test_tls_knows_neither_the_proxy_nor_the_config_nor_the_dev_ca() -> None:
-    assert _violations(("tls",), ("proxy", "config", "pki", "server", "workers",
-                                  *TOOLS)) == []
+    assert _violations(("tls",), ("proxy", "config", "tools.pki", "run.server",
+                                  "run.workers", *TOOLS)) == []
 
 
 def test_observation_does_not_drive_the_proxy() -> None:
-    assert _violations(OBSERVATION, ("proxy", "server", "workers", "drain", "lifecycle",
-                                     *TOOLS)) == []
+    assert _violations(OBSERVATION, ("proxy", "run.server", "run.workers", "run.drain",
+                                     "run.lifecycle", *TOOLS)) == []
 
 
 def test_the_proxy_and_its_life_cycle_never_import_the_tools() -> None:
@@ -117,8 +117,8 @@ def test_the_proxy_and_its_life_cycle_never_import_the_tools() -> None:
 
 
 def test_the_proxy_does_not_import_its_assembly() -> None:
-    assert _violations(("proxy",), ("server", "workers", "snapshots", "drain",
-                                    "lifecycle")) == []
+    assert _violations(("proxy",), ("run.server", "run.workers", "run.snapshots",
+                                    "run.drain", "run.lifecycle")) == []
 
 
 def test_only_tls_openssl_touches_private_ssl_objects_or_ctypes() -> None:

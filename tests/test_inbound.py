@@ -35,7 +35,6 @@ from orchestrators import (
     until,
 )
 
-from sidecar import pki
 from sidecar.config.schema import Address, InboundListener
 from sidecar.identity import Identity
 from sidecar.policy.model import DENY_ALL
@@ -43,6 +42,7 @@ from sidecar.proxy import inbound
 from sidecar.proxy.listener import Listener
 from sidecar.proxy.runtime import Runtime
 from sidecar.tls.engine import TlsEndpoint
+from sidecar.tools import pki
 
 pytestmark = pytest.mark.timeout(60)
 

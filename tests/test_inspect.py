@@ -1,4 +1,4 @@
-"""`sidecar inspect`: real certificate files from sidecar.pki, through `inspect.main`."""
+"""`sidecar inspect`: real certificate files from sidecar.tools.pki, through `inspect.main`."""
 
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from sidecar import inspect, pki
-from sidecar.pki import CA, KeyFormat, KeyType, Svid
 from sidecar.reasons import Reason
 from sidecar.svid import SvidRule
+from sidecar.tools import pki
+from sidecar.tools.inspect import command as inspect
+from sidecar.tools.pki import CA, KeyFormat, KeyType, Svid
 
 TD = "example.org"
 WEB = f"spiffe://{TD}/ns/default/sa/web"

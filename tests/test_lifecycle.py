@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from sidecar import lifecycle
+from sidecar.run import lifecycle
 
 pytestmark = pytest.mark.timeout(10)
 

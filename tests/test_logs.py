@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from sidecar import logs
+from sidecar.observe import logs
 
 
 @pytest.fixture

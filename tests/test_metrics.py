@@ -20,8 +20,9 @@ import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from sidecar import __version__, admin, metrics
+from sidecar import __version__
 from sidecar.config import Address, parse_config
+from sidecar.observe import admin, metrics
 from sidecar.policy import parse_policy
 from sidecar.proxy.listener import dial
 from sidecar.reasons import Reason

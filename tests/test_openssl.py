@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from sidecar import pki
 from sidecar.tls import openssl
+from sidecar.tools import pki
 
 pytestmark = pytest.mark.skipif(not openssl.available(), reason="needs the OpenSSL reach")
 

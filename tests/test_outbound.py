@@ -39,7 +39,6 @@ from orchestrators import (
     until,
 )
 
-from sidecar import pki
 from sidecar.authn import Authenticator
 from sidecar.identity import Identity
 from sidecar.proxy import outbound
@@ -48,6 +47,7 @@ from sidecar.proxy.runtime import Runtime
 from sidecar.reasons import Reason
 from sidecar.tls import contexts
 from sidecar.tls.engine import TlsEndpoint
+from sidecar.tools import pki
 
 pytestmark = pytest.mark.timeout(60)
 

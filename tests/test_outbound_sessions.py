@@ -17,17 +17,17 @@ from pathlib import Path
 
 import pytest
 
-from sidecar import pki
 from sidecar.authn import Authenticator
 from sidecar.config.schema import Address, Limits, OutboundListener
 from sidecar.identity import Identity, load_identity
-from sidecar.pki import CA
 from sidecar.policy.model import DENY_ALL
 from sidecar.proxy import outbound
 from sidecar.proxy.connection import Tracker
 from sidecar.proxy.runtime import Runtime
 from sidecar.spiffe import SpiffePattern
 from sidecar.tls import contexts, resumption
+from sidecar.tools import pki
+from sidecar.tools.pki import CA
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -14,15 +14,16 @@ from sidecar.outcomes import Close, DecisionKind, Direction, KtlsState
 
 SIDECAR = Path(__file__).resolve().parent.parent / "sidecar"
 # The modules a connection's outcome is written or counted in.
-USERS = sorted([*SIDECAR.glob("proxy/*.py"), SIDECAR / "server.py", SIDECAR / "metrics.py",
-                SIDECAR / "tls" / "resumption.py"])
+USERS = sorted([*SIDECAR.glob("proxy/*.py"), SIDECAR / "run" / "server.py",
+                SIDECAR / "observe" / "metrics.py", SIDECAR / "tls" / "resumption.py"])
 # "error" is also the `result` of a handshake or a reload, a vocabulary of its own.
 WORDS = {m.value for e in (Close, DecisionKind, Direction, KtlsState) for m in e} - {"error"}
 
 
 # The modules that act on the run modes (the config parses them; these never re-spell them).
 MODE_USERS = sorted([*SIDECAR.glob("tls/*.py"), *SIDECAR.glob("proxy/*.py"),
-                     SIDECAR / "server.py", SIDECAR / "workers.py", SIDECAR / "check.py"])
+                     SIDECAR / "run" / "server.py", SIDECAR / "run" / "workers.py",
+                     SIDECAR / "tools" / "check.py"])
 MODE_WORDS = {m.value for e in (KtlsMode, SessionStore, TlsVersion) for m in e}
 # /status's word for "no store": resumption is off (contexts.session_store is None).
 EDGES = {"tls/resumption.py": {"off"}}

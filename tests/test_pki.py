@@ -26,8 +26,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509 import verification
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from sidecar import pki
-from sidecar.pki import CA, KeyType, Layout, PkiError, Svid
+from sidecar.tools import pki
+from sidecar.tools.pki import CA, KeyType, Layout, PkiError, Svid
 
 TD = "example.org"
 SERVER_ID = f"spiffe://{TD}/ns/default/sa/server"

@@ -24,8 +24,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from sidecar.pki import CA, init_ca_dir, new_intermediate, new_root
-from sidecar.pki.agent import (
+from sidecar.tools.pki import CA, init_ca_dir, new_intermediate, new_root
+from sidecar.tools.pki.agent import (
     HEADER_MISSING,
     NO_IDENTITY,
     Agent,
@@ -33,7 +33,7 @@ from sidecar.pki.agent import (
     Entry,
     has_security_header,
 )
-from sidecar.pki.agent_control import ControlServer, send
+from sidecar.tools.pki.agent_control import ControlServer, send
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # spiffe's DSA import warning, as in agent.py

@@ -25,7 +25,6 @@ from typing import Any
 import pytest
 from tls_pairs import ready, tcp_pair
 
-from sidecar import pki
 from sidecar.endpoint import DONE, RESET, WANT_READ, WANT_WRITE, Endpoint, TcpEndpoint
 from sidecar.identity import load_identity
 from sidecar.outcomes import Close
@@ -33,6 +32,7 @@ from sidecar.proxy.pump import CHUNK, Duplex, Flow
 from sidecar.tls import contexts, openssl
 from sidecar.tls.contexts import Contexts
 from sidecar.tls.engine import TlsEndpoint
+from sidecar.tools import pki
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sidecar import metrics
+from sidecar.observe import metrics
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()

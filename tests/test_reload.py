@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from sidecar import metrics, pki
 from sidecar.identity import Identity, load_identity
+from sidecar.observe import metrics
 from sidecar.policy import load_policy
 from sidecar.problems import ProblemsError
-from sidecar.reload import Reloadable, watch
+from sidecar.sources.watch import Reloadable, watch
+from sidecar.tools import pki
 
 pytestmark = pytest.mark.timeout(20)
 TD = "example.org"
@@ -214,7 +215,7 @@ def test_a_load_stuck_at_exit_does_not_keep_the_process_alive(hung_file: Path) -
     script = textwrap.dedent(f"""
         import asyncio, threading
         from pathlib import Path
-        from sidecar.reload import Reloadable
+        from sidecar.sources.watch import Reloadable
 
         async def main():
             r = Reloadable("svid", (), lambda: Path({str(hung_file)!r}).read_bytes(),

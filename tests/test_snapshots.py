@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from sidecar import pki, snapshots
 from sidecar.config import Config, Limits, parse_config
 from sidecar.policy import DENY_ALL, Policy
 from sidecar.problems import ProblemsError
 from sidecar.proxy.connection import Tracker
 from sidecar.proxy.runtime import Runtime
+from sidecar.run import snapshots
 from sidecar.tls import contexts as tls_contexts
+from sidecar.tools import pki
 
 pytestmark = pytest.mark.timeout(30)
 TD = "example.org"

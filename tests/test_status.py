@@ -1,4 +1,4 @@
-"""What /status and /readyz say about an identity snapshot (sidecar/status.py)."""
+"""What /status and /readyz say about an identity snapshot (sidecar/run/status.py)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import datetime as dt
 
 import pytest
 
-from sidecar import pki, status
 from sidecar.identity import Identity, load_identity
+from sidecar.run import status
+from sidecar.tools import pki
 
 TD = "example.org"
 ID = f"spiffe://{TD}/ns/default/sa/payments"

@@ -28,16 +28,16 @@ from tls_pairs import (
     socket_pair,
 )
 
-from sidecar import pki
 from sidecar.authn import Authenticator
 from sidecar.endpoint import DONE, TRUNCATED, WANT_READ, WANT_WRITE
 from sidecar.identity import Identity, load_identity
-from sidecar.pki import CA, Svid
 from sidecar.reasons import Reason
 from sidecar.tls import contexts, openssl, peerchain
 from sidecar.tls.classify import classify
 from sidecar.tls.contexts import Contexts
 from sidecar.tls.engine import TlsEndpoint
+from sidecar.tools import pki
+from sidecar.tools.pki import CA, Svid
 
 pytestmark = pytest.mark.timeout(30)
 

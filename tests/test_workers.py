@@ -9,7 +9,7 @@ import select
 import pytest
 
 from sidecar.config import Address
-from sidecar.workers import WorkerRole
+from sidecar.run.workers import WorkerRole
 
 pytestmark = pytest.mark.timeout(10)
 

@@ -18,9 +18,9 @@ from typing import Protocol
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from sidecar import pki
-from sidecar.pki import Svid
 from sidecar.tls.engine import TlsEndpoint
+from sidecar.tools import pki
+from sidecar.tools.pki import Svid
 
 
 class Closable(Protocol):

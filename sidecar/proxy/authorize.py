@@ -8,7 +8,7 @@ app was being dialed when the policy changed (inbound.py), and the live recheck 
 
 from __future__ import annotations
 
-from sidecar import metrics
+from sidecar.observe import metrics
 from sidecar.outcomes import Close
 from sidecar.policy import Decision, Policy
 from sidecar.proxy.connection import Record

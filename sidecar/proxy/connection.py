@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sidecar import logs, metrics
+from sidecar.observe import logs, metrics
 from sidecar.outcomes import Close, DecisionKind, Direction
 from sidecar.proxy.pump import Duplex
 from sidecar.reasons import Reason

@@ -28,9 +28,9 @@ import ssl
 import time
 from collections.abc import Callable, Collection
 
-from sidecar import metrics
 from sidecar.authn import AuthnError, Peer
 from sidecar.identity import Identity
+from sidecar.observe import metrics
 from sidecar.outcomes import Close, KtlsState
 from sidecar.proxy.connection import Record
 from sidecar.proxy.runtime import Runtime

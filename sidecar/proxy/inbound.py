@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import socket
 
-from sidecar import metrics
 from sidecar.config import InboundListener
 from sidecar.endpoint import TcpEndpoint
 from sidecar.modes import SessionStore
+from sidecar.observe import metrics
 from sidecar.outcomes import Close, Direction
 from sidecar.policy import Policy
 from sidecar.proxy import authorize

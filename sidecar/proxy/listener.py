@@ -17,8 +17,8 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from sidecar import metrics
 from sidecar.config import Address
+from sidecar.observe import metrics
 from sidecar.outcomes import Direction
 
 # Kernel backlog: SOMAXCONN-sized, so a burst waits in the kernel rather than failing.

@@ -21,10 +21,11 @@ import socket
 import ssl
 import time
 
-from sidecar import authn, metrics
+from sidecar import authn
 from sidecar.authn import Peer
 from sidecar.config import OutboundListener
 from sidecar.endpoint import TcpEndpoint
+from sidecar.observe import metrics
 from sidecar.outcomes import Close, Direction
 from sidecar.proxy.connection import Record
 from sidecar.proxy.handshake import ResumptionRefused, judged, secure

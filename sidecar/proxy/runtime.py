@@ -12,9 +12,9 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from sidecar import logs
 from sidecar.authn import Authenticator
 from sidecar.config import Limits
+from sidecar.observe import logs
 from sidecar.outcomes import Close, KtlsState
 from sidecar.policy import Policy
 from sidecar.proxy.connection import Record, Tracker

@@ -27,9 +27,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sidecar import logs
 from sidecar.identity import Identity
 from sidecar.modes import SessionStore
+from sidecar.observe import logs
 from sidecar.tls import contexts as tls_contexts
 from sidecar.tls import openssl
 

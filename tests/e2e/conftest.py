@@ -1,6 +1,6 @@
 """End-to-end fixtures: a dev PKI, real `sidecar run` processes, an echo app, TLS clients.
 
-Nothing here is mocked: certificates come from `sidecar.pki`, the sidecars are real
+Nothing here is mocked: certificates come from `sidecar.tools.pki`, the sidecars are real
 processes started with `python -m sidecar run`, every socket is a real one on 127.0.0.1
 (or a real unix socket file), and the test-side TLS is the stdlib `ssl` module.
 
@@ -34,7 +34,7 @@ from typing import Any
 import pytest
 from cryptography import x509
 
-from sidecar import pki
+from sidecar.tools import pki
 
 REPO = Path(__file__).resolve().parents[2]
 

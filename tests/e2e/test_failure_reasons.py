@@ -24,7 +24,7 @@ import pytest
 from cryptography import x509
 from tls_pairs import forge_certificate_verify
 
-from sidecar import pki
+from sidecar.tools import pki
 
 from .conftest import (
     BILLING,

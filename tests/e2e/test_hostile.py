@@ -46,7 +46,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from prometheus_client.parser import text_string_to_metric_families
 
-from sidecar import pki
+from sidecar.tools import pki
 
 from .conftest import (
     FRONTEND,

@@ -25,7 +25,7 @@ import pytest
 from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 
-from sidecar import pki
+from sidecar.tools import pki
 
 from .conftest import (
     BATCH,

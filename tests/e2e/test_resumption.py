@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from sidecar import pki
+from sidecar.tools import pki
 
 from .conftest import (
     FRONTEND,

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from sidecar import pki
+from sidecar.tools import pki
 
 from .conftest import (
     FRONTEND,

@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from sidecar import pki
+from sidecar.tools import pki
 
 from .conftest import (
     FRONTEND,

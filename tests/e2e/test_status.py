@@ -105,7 +105,7 @@ def test_status_writes_times_in_rfc3339(sidecar: SidecarFactory,
 def test_a_bundle_merged_after_start_is_warned_about(
     sidecar: SidecarFactory, echo_app: Callable[..., EchoApp],
 ) -> None:
-    from sidecar import pki
+    from sidecar.tools import pki
 
     b = sidecar("b", inbound=[{"name": "in", "forward_to": echo_app().address}])
     other = pki.new_root("other.org")

@@ -131,6 +131,6 @@ def test_a_policy_change_reaches_every_worker(
 
 
 def test_auto_counts_the_cpus_this_process_may_use() -> None:
-    from sidecar.workers import usable_cpus
+    from sidecar.run.workers import usable_cpus
 
     assert 1 <= usable_cpus() <= len(os.sched_getaffinity(0))

@@ -452,7 +452,7 @@ class Pair:
 
     def _config(self, name: str, svid: str | None = None, tls: dict[str, Any] | None = None,
                 **listeners: Any) -> Path:
-        from sidecar import pki
+        from sidecar.tools import pki
 
         d = self.workdir / f"{name}-ktls-{self.ktls}"
         d.mkdir(parents=True)
@@ -479,7 +479,7 @@ class Pair:
         return path
 
     def start(self) -> None:
-        from sidecar import pki
+        from sidecar.tools import pki
 
         root = pki.new_root(TRUST_DOMAIN)
         inter = pki.new_intermediate(root)
@@ -523,7 +523,7 @@ class Pair:
     def client_files(self) -> tuple[Path, Path, Path]:
         """The outbound identity's SVID as files a plain ssl client can load: cert chain,
         key, bundle."""
-        from sidecar import pki
+        from sidecar.tools import pki
 
         files = pki.write_svid(self.workdir / "client12", self._svids["outbound"],
                                self._bundle)
@@ -533,7 +533,7 @@ class Pair:
     def rotate(self, name: str) -> Any:
         """A new SVID for the same ID from the same intermediate, written over `name`'s files
         in place the way spiffe-helper does; returns it."""
-        from sidecar import pki
+        from sidecar.tools import pki
 
         spiffe_id = self._svids[name].spiffe_id
         svid = pki.issue_svid(self._inter, spiffe_id)

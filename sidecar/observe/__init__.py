@@ -1,0 +1,1 @@
+"""What the sidecar tells operators: the admin endpoint, metrics and logs."""

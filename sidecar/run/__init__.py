@@ -1,0 +1,1 @@
+"""The running proxy: the server, its workers, snapshots, drain and lifecycle."""

@@ -1,0 +1,1 @@
+"""Where new inputs come from: file watching, SIGHUP and the reload interval."""

@@ -1,0 +1,1 @@
+"""The commands around the proxy: check, demo, diagnose, inspect, bench and pki."""
