@@ -7,7 +7,7 @@ from __future__ import annotations
 from enum import StrEnum
 
 
-class Protocol(StrEnum):
+class ListenerProtocol(StrEnum):
     """What an inbound listener speaks to the app (`inbound[].protocol`)."""
 
     TCP = "tcp"

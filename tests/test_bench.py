@@ -419,7 +419,7 @@ def test_handshake_cost_reads_inbound_ok_handshakes_only() -> None:
 
 def test_summarize_splits_server_cpu_by_resumption() -> None:
     server = bench.HandshakeCost(ok_full=10, ok_resumed=90, cpu_full=0.02, cpu_resumed=0.045)
-    row = bench.summarize(bench.Mode.RESUME, [bench.Tally()], 1.0, server)
+    row = bench.summarize(bench.ConnectionMode.RESUME, [bench.Tally()], 1.0, server)
     assert row.server_cpu_per_full_handshake_ms == pytest.approx(2.0)
     assert row.server_cpu_per_resumed_handshake_ms == pytest.approx(0.5)
     assert row.server_cpu_per_handshake_ms == pytest.approx(0.65)
@@ -590,7 +590,7 @@ def test_sweep_table_names_the_break_even(files: Files,
 def test_fit_and_break_even_from_the_sweeps_ends() -> None:
     assert bench.fit([(1, 2.05), (10, 0.25), (1000, 0.052)]) == pytest.approx((2.0, 0.05))
     assert bench.fit([(10, 1.0), (10, 2.0)]) is None
-    rows = [bench.summarize(bench.Mode.FULL, [bench.Tally()], 1.0, None, per_connection=n)
+    rows = [bench.summarize(bench.ConnectionMode.FULL, [bench.Tally()], 1.0, None, per_connection=n)
             for n in (1, 1000)]
     assert bench.break_even(rows) == []  # no requests, no figures: nothing to say
     point = bench.BreakEven("full", "server", setup_ms=2.0, request_ms=0.05)

@@ -17,9 +17,9 @@ from sidecar.config import (
     Address,
     Config,
     KtlsMode,
+    ListenerProtocol,
     LogFormat,
     LogLevel,
-    Protocol,
     SessionStore,
     TlsVersion,
     Unsupported,
@@ -190,7 +190,7 @@ def test_valid_config_parses_every_field(tmp_path: Path) -> None:
     assert inbound.name == "app"
     assert inbound.listen == Address("127.0.0.1", 8443)
     assert inbound.forward_to == Address("127.0.0.1", 8080)
-    assert inbound.protocol is Protocol.TCP and inbound.proxy_protocol is False
+    assert inbound.protocol is ListenerProtocol.TCP and inbound.proxy_protocol is False
     (outbound,) = config.outbound
     assert outbound.connect_to == Address("payments.default.svc", 8443)
     assert outbound.server_name == "payments.default.svc"
@@ -605,9 +605,9 @@ def test_bad_listener_name(name: object, tmp_path: Path) -> None:
     assert problem.where == "inbound[0].name"
 
 
-@pytest.mark.parametrize(("value", "member"), [("tcp", Protocol.TCP), ("http", Protocol.HTTP)])
-def test_protocol_values(value: str, member: Protocol) -> None:
-    assert Protocol(value) is member
+@pytest.mark.parametrize(("value", "member"), [("tcp", ListenerProtocol.TCP), ("http", ListenerProtocol.HTTP)])
+def test_protocol_values(value: str, member: ListenerProtocol) -> None:
+    assert ListenerProtocol(value) is member
 
 
 def test_bad_protocol(tmp_path: Path) -> None:

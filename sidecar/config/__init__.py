@@ -43,7 +43,7 @@ from sidecar.config.schema import (
 )
 from sidecar.config.sections import _build, _refuse_unsupported
 from sidecar.config.values import parse_address, parse_duration
-from sidecar.modes import KtlsMode, Protocol, SessionStore, TlsVersion
+from sidecar.modes import KtlsMode, ListenerProtocol, SessionStore, TlsVersion
 from sidecar.problems import Problem, ProblemsError
 
 __all__ = [
@@ -56,11 +56,11 @@ __all__ = [
     "InboundListener",
     "KtlsMode",
     "Limits",
+    "ListenerProtocol",
     "LogConfig",
     "LogFormat",
     "LogLevel",
     "OutboundListener",
-    "Protocol",
     "SessionStore",
     "TlsConfig",
     "TlsVersion",

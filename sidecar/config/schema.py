@@ -12,7 +12,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
 
-from sidecar.modes import KtlsMode, Protocol, SessionStore, TlsVersion
+from sidecar.modes import KtlsMode, ListenerProtocol, SessionStore, TlsVersion
 from sidecar.spiffe import SpiffePattern
 
 DEFAULT_CONFIG_ENV: Final = "SIDECAR_CONFIG"
@@ -70,7 +70,7 @@ class InboundListener:
     name: str
     listen: Address
     forward_to: Address
-    protocol: Protocol = Protocol.TCP
+    protocol: ListenerProtocol = ListenerProtocol.TCP
     proxy_protocol: bool = False
 
 

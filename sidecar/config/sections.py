@@ -43,7 +43,7 @@ from sidecar.config.values import (
     _workers,
     parse_duration,
 )
-from sidecar.modes import Protocol, SessionStore
+from sidecar.modes import ListenerProtocol, SessionStore
 from sidecar.spiffe import SpiffePattern
 from sidecar.strict_yaml import show as _show
 
@@ -185,7 +185,7 @@ def _inbound(r: _Reader, raw: object, where: str) -> InboundListener | None:
             Address(),
             missing="the local app's address, like 127.0.0.1:8080",
         ),
-        protocol=r.value(m, "protocol", where, _choice(Protocol), Protocol.TCP),
+        protocol=r.value(m, "protocol", where, _choice(ListenerProtocol), ListenerProtocol.TCP),
         proxy_protocol=r.value(m, "proxy_protocol", where, _bool, False),
     )
 

@@ -34,7 +34,7 @@ _RULE_KEYS = ("name", "action", "from", "to")
 _TO_KEYS = ("listeners", "methods", "paths")
 
 
-class _Reader:
+class _PolicyReader:
     """Walks the parsed YAML, collecting every problem with its path."""
 
     def __init__(self, source: str, listeners: Collection[str] | None) -> None:
@@ -210,7 +210,7 @@ def parse_policy(text: str, source: str, listeners: Collection[str] | None = Non
     `listeners`: the inbound listener names of the config; when given, a rule naming any
     other listener is an error (a typo must not silently narrow a rule to nothing).
     """
-    reader = _Reader(source, listeners)
+    reader = _PolicyReader(source, listeners)
     try:
         doc = strict_yaml.load(text)  # libyaml: a 10,000-rule policy is seconds in pure Python
     except strict_yaml.YamlError as exc:

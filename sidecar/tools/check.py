@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from sidecar.config import Config, KtlsMode, Protocol, load_config
+from sidecar.config import Config, KtlsMode, ListenerProtocol, load_config
 from sidecar.identity import Identity
 from sidecar.policy import Policy, policy_warnings
 from sidecar.problems import Problem, ProblemsError
@@ -71,7 +71,7 @@ def examine(path: Path) -> Findings:
         try:
             policy = snapshots.policy_of(config)
             warnings.extend(policy_warnings(policy, [ib.name for ib in config.inbound
-                                                     if ib.protocol is Protocol.TCP]))
+                                                     if ib.protocol is ListenerProtocol.TCP]))
         except ProblemsError as exc:
             errors.extend(exc.problems)
     return Findings(errors, warnings, config, identity, policy)

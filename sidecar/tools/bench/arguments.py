@@ -11,7 +11,7 @@ from sidecar import spiffe
 from sidecar.config import parse_address, parse_duration
 from sidecar.modes import TlsVersion
 from sidecar.tls import contexts
-from sidecar.tools.bench.plan import Mode, Plan, request_payload
+from sidecar.tools.bench.plan import ConnectionMode, Plan, request_payload
 
 
 class UsageError(Exception):
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", help="trust anchors for the server; without: not verified")
     p.add_argument("--expect-id", help="the server's SPIFFE ID (or spiffe://TD/*)")
     p.add_argument("--server-name", help="SNI (default: the target's host)")
-    p.add_argument("--mode", choices=[*Mode, "all"], default="all",
+    p.add_argument("--mode", choices=[*ConnectionMode, "all"], default="all",
                    help="full, resume, reuse, or all three one after the other (default)")
     p.add_argument("--concurrency", type=_positive, default=8, help="workers (default 8)")
     p.add_argument("--duration", type=_duration, default=10.0,
@@ -134,14 +134,14 @@ def make_plan(args: argparse.Namespace) -> Plan:
         except ValueError as exc:
             raise UsageError(f"--resumed-target: {exc}") from None
         resumed_target = (resumed.host, resumed.port)
-    if args.plain and resumed_target is None and args.mode == Mode.RESUME:
+    if args.plain and resumed_target is None and args.mode == ConnectionMode.RESUME:
         raise UsageError("--plain: the client makes no handshake to resume; give "
                          "--resumed-target, an outbound listener whose sidecar resumes")
     if args.sweep and args.mode != "all":
         raise UsageError("--sweep runs full and resume modes itself: leave out --mode")
-    modes = tuple(Mode) if args.mode == "all" else (Mode(args.mode),)
+    modes = tuple(ConnectionMode) if args.mode == "all" else (ConnectionMode(args.mode),)
     if args.plain and resumed_target is None:
-        modes = tuple(m for m in modes if m is not Mode.RESUME)
+        modes = tuple(m for m in modes if m is not ConnectionMode.RESUME)
     return Plan(
         host=address.host, port=address.port, server_name=args.server_name or address.host,
         modes=modes, concurrency=args.concurrency, duration=args.duration,

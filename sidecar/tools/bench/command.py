@@ -61,7 +61,7 @@ from dataclasses import asdict
 
 from sidecar.tools.bench import echo
 from sidecar.tools.bench.arguments import UsageError, build_parser, client_context, make_plan
-from sidecar.tools.bench.plan import Mode, Plan, request_payload
+from sidecar.tools.bench.plan import ConnectionMode, Plan, request_payload
 from sidecar.tools.bench.plot import plot
 from sidecar.tools.bench.render import cost_note, json_text, report_errors, table
 from sidecar.tools.bench.run import run_mode
@@ -73,7 +73,7 @@ from sidecar.tools.bench.worker import MAX_FUTILE_ATTEMPTS
 # What other code imports from here (cli.py: main; tests/test_bench.py: the rest).
 __all__ = [
     "EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "MAX_FUTILE_ATTEMPTS", "BreakEven",
-    "HandshakeCost", "Mode", "Tally", "break_even", "fit", "handshake_cost", "main",
+    "ConnectionMode", "HandshakeCost", "Tally", "break_even", "fit", "handshake_cost", "main",
     "percentile_ms", "request_payload", "scrape", "summarize",
 ]
 

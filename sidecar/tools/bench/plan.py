@@ -10,7 +10,9 @@ from sidecar.spiffe import SpiffePattern
 _ALPHABET = b"abcdefghijklmnopqrstuvwxyz0123456789"
 
 
-class Mode(StrEnum):
+class ConnectionMode(StrEnum):
+    """How each request gets its connection: a full handshake, a resumed one, or reuse."""
+
     FULL = "full"
     RESUME = "resume"
     REUSE = "reuse"
@@ -23,7 +25,7 @@ class Plan:
     host: str
     port: int
     server_name: str
-    modes: tuple[Mode, ...]
+    modes: tuple[ConnectionMode, ...]
     concurrency: int
     duration: float
     requests: int | None
@@ -49,9 +51,9 @@ class Plan:
     # is then one whose sidecar does not (tls.session_resumption: false).
     resumed_target: tuple[str, int] | None = None
 
-    def for_mode(self, mode: Mode) -> Plan:
+    def for_mode(self, mode: ConnectionMode) -> Plan:
         """The plan one mode runs: --plain's resume mode goes to --resumed-target."""
-        if mode is Mode.RESUME and self.resumed_target is not None:
+        if mode is ConnectionMode.RESUME and self.resumed_target is not None:
             host, port = self.resumed_target
             return replace(self, host=host, port=port, server_name=host)
         return self

@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TextIO
 
-from sidecar.tools.bench.plan import Mode
+from sidecar.tools.bench.plan import ConnectionMode
 from sidecar.tools.bench.summary import Tally
 
 
-def progress_text(mode: Mode, elapsed: float, tallies: Sequence[Tally]) -> str:
+def progress_text(mode: ConnectionMode, elapsed: float, tallies: Sequence[Tally]) -> str:
     """The line itself, from the workers' counts so far."""
     done = sum(t.requests for t in tallies)
     return (f"{mode:<6} {elapsed:5.1f}s  {done} requests "

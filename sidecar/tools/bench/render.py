@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict
 from typing import TextIO
 
-from sidecar.tools.bench.plan import Mode
+from sidecar.tools.bench.plan import ConnectionMode
 from sidecar.tools.bench.summary import ModeResult
 
 # (heading, ModeResult field, width, format of a number)
@@ -58,9 +58,10 @@ def table(results: Iterable[ModeResult], *, sweep: bool = False) -> str:
 def cost_note(results: Sequence[ModeResult]) -> str | None:
     """The one sentence the bench exists for: full vs resumed server CPU."""
     full = next((r.server_cpu_per_full_handshake_ms for r in results
-                 if r.mode == Mode.FULL and r.server_cpu_per_full_handshake_ms), None)
+                 if r.mode == ConnectionMode.FULL and r.server_cpu_per_full_handshake_ms), None)
     resumed = next((r.server_cpu_per_resumed_handshake_ms for r in results
-                    if r.mode == Mode.RESUME and r.server_cpu_per_resumed_handshake_ms), None)
+                    if r.mode == ConnectionMode.RESUME
+                    and r.server_cpu_per_resumed_handshake_ms), None)
     if full is None or resumed is None:
         return None
     return (f"server CPU per handshake: full {full:.3f} ms, resumed {resumed:.3f} ms "

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import TextIO
 
-from sidecar.tools.bench.plan import Mode, Plan
+from sidecar.tools.bench.plan import ConnectionMode, Plan
 from sidecar.tools.bench.progress import ProgressLine, progress_text
 from sidecar.tools.bench.summary import ModeResult, summarize
 from sidecar.tools.bench.target_metrics import HandshakeCost, pid_cpu, scrape
@@ -22,13 +22,13 @@ JOIN_STEPS = 3
 
 
 def run_mode(
-    plan: Plan, ctx: ssl.SSLContext, mode: Mode, err: TextIO
+    plan: Plan, ctx: ssl.SSLContext, mode: ConnectionMode, err: TextIO
 ) -> tuple[ModeResult, bool]:
     """Run one mode; the flag says it was interrupted (Ctrl-C) and no more should run."""
     plan = plan.for_mode(mode)
     budget = Budget(plan.requests, plan.duration, plan.rate)
     workers = [Worker(plan, ctx, mode, budget) for _ in range(plan.concurrency)]
-    if mode is Mode.RESUME:
+    if mode is ConnectionMode.RESUME:
         for w in workers:  # before the counters are read: these handshakes are not counted
             w.prime()
     before = _server_counters(plan)
@@ -64,9 +64,9 @@ def run_mode(
     return result, interrupted
 
 
-def _label(plan: Plan, mode: Mode) -> str | None:
+def _label(plan: Plan, mode: ConnectionMode) -> str | None:
     """--plain's full mode is `plain` unless --resumed-target makes it one of two."""
-    if plan.plain and mode is Mode.FULL and plan.resumed_target is None:
+    if plan.plain and mode is ConnectionMode.FULL and plan.resumed_target is None:
         return "plain"
     return None
 
@@ -89,7 +89,7 @@ def _server_counters(plan: Plan) -> HandshakeCost | str | None:
     return replace(counters or HandshakeCost(), process_cpu=total)
 
 
-def _watch(plan: Plan, mode: Mode, started: float, workers: Sequence[Worker],
+def _watch(plan: Plan, mode: ConnectionMode, started: float, workers: Sequence[Worker],
            threads: Sequence[threading.Thread], budget: Budget, err: TextIO) -> None:
     """Wait for the workers, drawing the progress line; end stragglers at the hard stop."""
     hard_stop = started + plan.duration + JOIN_STEPS * plan.timeout + 1.0

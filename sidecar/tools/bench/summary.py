@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sidecar.tools.bench.plan import Mode
+from sidecar.tools.bench.plan import ConnectionMode
 from sidecar.tools.bench.target_metrics import HandshakeCost
 
 
@@ -106,7 +106,7 @@ def _per_ms(seconds: float, count: float) -> float | None:
     return round(seconds / count * 1000, 4) if count > 0 else None
 
 
-def summarize(mode: Mode, tallies: Sequence[Tally], seconds: float,
+def summarize(mode: ConnectionMode, tallies: Sequence[Tally], seconds: float,
               server: HandshakeCost | None, *, per_connection: int | None = None,
               rate: float | None = None, label: str | None = None) -> ModeResult:
     """Merge the workers' tallies (and the target's counter delta) into one row, named
@@ -164,7 +164,7 @@ def summarize(mode: Mode, tallies: Sequence[Tally], seconds: float,
         client_cpu_per_request_ms=_per_ms(total.cpu, total.requests),
         server_cpu_per_request_ms=(None if server is None or server.process_cpu is None
                                    else _per_ms(server.process_cpu, total.requests)),
-        per_connection=None if mode is Mode.REUSE else per_connection,
+        per_connection=None if mode is ConnectionMode.REUSE else per_connection,
         target_rate=rate,
     )
 

@@ -15,12 +15,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TextIO
 
-from sidecar.tools.bench.plan import SWEEP_PER_CONNECTION, Mode, Plan
+from sidecar.tools.bench.plan import SWEEP_PER_CONNECTION, ConnectionMode, Plan
 from sidecar.tools.bench.summary import ModeResult
 
-SWEEP_MODES = (Mode.FULL, Mode.RESUME)
+SWEEP_MODES = (ConnectionMode.FULL, ConnectionMode.RESUME)
 
-RunMode = Callable[[Plan, ssl.SSLContext, Mode, TextIO], tuple[ModeResult, bool]]
+RunMode = Callable[[Plan, ssl.SSLContext, ConnectionMode, TextIO], tuple[ModeResult, bool]]
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,7 +29,7 @@ from sidecar.tools.bench.failures import (
     peer_id_error,
     response_error,
 )
-from sidecar.tools.bench.plan import Mode, Plan
+from sidecar.tools.bench.plan import ConnectionMode, Plan
 from sidecar.tools.bench.summary import Tally, new_histogram
 
 # A loop over a target that refuses everything would otherwise spin for the whole
@@ -87,7 +87,8 @@ class Budget:
 
 
 class Worker:
-    def __init__(self, plan: Plan, ctx: ssl.SSLContext, mode: Mode, budget: Budget) -> None:
+    def __init__(self, plan: Plan, ctx: ssl.SSLContext, mode: ConnectionMode,
+                 budget: Budget) -> None:
         self.plan = plan
         self.ctx = ctx
         self.mode = mode
@@ -123,7 +124,7 @@ class Worker:
         """One request, on `conn` or a new connection; the connection to use next, or None
         when it is closed (the server closed it, or it carried --per-connection)."""
         if conn is None:
-            conn = self._connect(self._session if self.mode is Mode.RESUME else None)
+            conn = self._connect(self._session if self.mode is ConnectionMode.RESUME else None)
             self._served = 0
         try:
             still_open = self._exchange(conn)
@@ -132,11 +133,12 @@ class Worker:
             raise
         self._record(time.perf_counter() - due)
         self._served += 1
-        if self._served == 1 and isinstance(conn, ssl.SSLSocket) and self.mode is Mode.RESUME:
+        resuming = self.mode is ConnectionMode.RESUME
+        if self._served == 1 and isinstance(conn, ssl.SSLSocket) and resuming:
             # Read after the response: a TLS 1.3 ticket comes with the server's first bytes.
             # Once per connection: each read copies the session into a new Python object.
             self._session = conn.session or self._session
-        limit = None if self.mode is Mode.REUSE else self.plan.per_connection
+        limit = None if self.mode is ConnectionMode.REUSE else self.plan.per_connection
         if still_open and (limit is None or self._served < limit):
             return conn
         conn.close()

@@ -9,7 +9,7 @@ Unimplemented (the servicer's default), as the spec allows.
 
 What it refuses, as the SPIFFE Workload Endpoint spec (section 6) and SPIRE's agent say it:
 a call without the metadata `workload.spiffe.io: true` gets InvalidArgument "security header
-missing from request"; in `Mode.REFUSE` every call, and every open stream, gets
+missing from request"; in `Answer.REFUSE` every call, and every open stream, gets
 PermissionDenied "no identity issued" (SPIRE's words while no registration entry matches).
 
 The control surface, for tests that exercise a Workload API client's failure handling:
@@ -77,7 +77,9 @@ _DER = serialization.Encoding.DER
 _MAX_SOCKET_PATH = 107
 
 
-class Mode(StrEnum):
+class Answer(StrEnum):
+    """How the agent answers a call: serve it, refuse it, or hold it open."""
+
     SERVE = "serve"
     REFUSE = "refuse"
     STALL = "stall"
@@ -159,7 +161,7 @@ class _State:
     generation: int = 0
     federated: dict[str, tuple[x509.Certificate, ...]] = field(default_factory=dict)
     crl: bytes = b""
-    mode: Mode = Mode.SERVE
+    mode: Answer = Answer.SERVE
     drop_epoch: int = 0
     drop_kind: Drop = Drop.END
     revoked: frozenset[int] = frozenset()
@@ -278,13 +280,13 @@ class Agent:
         return generation
 
     def serve(self) -> None:
-        self._set_mode(Mode.SERVE)
+        self._set_mode(Answer.SERVE)
 
     def refuse(self) -> None:
-        self._set_mode(Mode.REFUSE)
+        self._set_mode(Answer.REFUSE)
 
     def stall(self) -> None:
-        self._set_mode(Mode.STALL)
+        self._set_mode(Answer.STALL)
 
     def drop(self, kind: Drop = Drop.END) -> None:
         with self._state.cond:
@@ -311,7 +313,7 @@ class Agent:
             self._changed()
 
     @property
-    def mode(self) -> Mode:
+    def mode(self) -> Answer:
         return self._state.mode
 
     @property
@@ -331,7 +333,7 @@ class Agent:
         """Responses written to clients so far, over both methods."""
         return self._sent
 
-    def _set_mode(self, mode: Mode) -> None:
+    def _set_mode(self, mode: Answer) -> None:
         with self._state.cond:
             self._state.mode = mode
             self._changed()
@@ -374,9 +376,9 @@ class Agent:
                 if s.drop_epoch != drop_epoch:
                     kind = s.drop_kind
                     break
-                if s.mode is Mode.REFUSE:
+                if s.mode is Answer.REFUSE:
                     context.abort(grpc.StatusCode.PERMISSION_DENIED, NO_IDENTITY)
-                response = build() if s.mode is Mode.SERVE else None
+                response = build() if s.mode is Answer.SERVE else None
                 wire = response.SerializeToString(deterministic=True) if response else None
                 if wire is None or wire == last:
                     # Any change since this check notifies: the lock is held until wait.
