@@ -7,7 +7,7 @@ regular file once symlinks are followed is refused before a byte is read. Symlin
 themselves are fine: Kubernetes projects every file as `name -> ..data/name`.
 
 What this cannot stop is a regular file on a hung network file system: its read blocks
-in the kernel. reload.py bounds every load in time for that case.
+in the kernel. sources/watch.py bounds every load in time for that case.
 """
 
 from __future__ import annotations

@@ -82,7 +82,7 @@ class Identity:
 
 def changed_parts(old: object, new: object) -> tuple[str, ...]:
     """What differs between two snapshots, as the `kind` labels of sidecar_reloads_total:
-    our SVID (chain or key), a trust bundle, a CRL. Objects only so that reload.py can
+    our SVID (chain or key), a trust bundle, a CRL. Objects only so that sources/watch.py can
     call it on any snapshot."""
     assert isinstance(old, Identity) and isinstance(new, Identity)
     parts = []

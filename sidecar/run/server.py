@@ -5,7 +5,7 @@ policy at start means deny everything, loudly), bind every listener (a port in u
 fatal: a sidecar half-listening is worse than one that fails its rollout), then serve.
 SIGTERM or SIGINT starts a drain: stop accepting, let live connections finish until
 `drain_timeout`, close what is left, exit 0. A second signal ends the drain at once.
-SIGHUP reloads the identity and the policy, as file changes do (reload.py).
+SIGHUP reloads the identity and the policy, as file changes do (sources/watch.py).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ reports. The analysis is pure and lives in sidecar/tools/inspect/: `read_pem` tu
 certificates (pem.py), and `examine` turns certificates, an optional bundle and `now` into
 a `FileReport` of findings (report.py), each named by a `Reason` (with its explanation and
 fix from reasons.py), an `SvidRule`, or a `FileProblem`. How a file is read is told in
-report.py, the chain walk in chain.py. Reading files lives in inspection/files.py and
+report.py, the chain walk in chain.py. Reading files lives in files.py and
 printing in `main`, and nowhere else. The names other code uses (`main`, `read_pem`,
 `examine`, `BundleFile`, `span`, `MAX_CHAIN`, ...) are importable from here as before.
 """
