@@ -72,6 +72,6 @@ def test_revoke_records_the_recheck_as_how_it_closed() -> None:
     denial = authorize.recheck(POLICY, BATCH, "app")
     assert denial is not None
     before = decisions("deny", "default")
-    authorize.revoke(rec, denial)
+    authorize.revoke(POLICY, rec, denial)
     assert (rec.decision, rec.rule, rec.close) == ("deny", "default", Close.POLICY_RECHECK)
     assert decisions("deny", "default") == before + 1

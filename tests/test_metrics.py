@@ -13,7 +13,6 @@ import socket
 import ssl
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,19 +22,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from sidecar import __version__
 from sidecar.config import Address, parse_config
 from sidecar.observe import admin, metrics
+from sidecar.outcomes import DecisionKind
 from sidecar.policy import parse_policy
 from sidecar.proxy.listener import dial
 from sidecar.reasons import Reason
 
 pytestmark = pytest.mark.timeout(30)
-
-
-@pytest.fixture(autouse=True)
-def _policy_untouched() -> Iterator[None]:
-    """`declare` keeps the policy the `rule` label is bounded by; leave none behind for
-    the tests after these (a real server declares its own)."""
-    yield
-    metrics.declare_policy(None)
 
 
 def _samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -124,8 +116,8 @@ def test_a_10000_rule_policy_adds_at_most_the_named_rules_and_other() -> None:
         "cert": "c", "key": "k", "bundle": "b"}}), Path("/x/s.yaml"), check_files=False),
         lambda: policy)
     for i in (*range(0, 10_000, 7), 9_999):
-        metrics.count_decision("big", "allow", f"r{i:05d}")
-    metrics.count_decision("big", "deny", "default")
+        metrics.count_decision(policy, "big", DecisionKind.ALLOW, f"r{i:05d}")
+    metrics.count_decision(policy, "big", DecisionKind.DENY, "default")
     rules_seen = {dict(labels)["rule"] for (name, labels) in _samples(_scrape()[1])
                   if name == "sidecar_authz_decisions_total" and ("listener", "big") in labels}
     kept = {f"r{i:05d}" for i in range(0, metrics.NAMED_RULES, 7)}
@@ -182,3 +174,22 @@ def _totals(pids: list[int]) -> dict[str, float]:
     found = {name: v for (name, _), v in _samples(generate_latest(registry).decode()).items()}
     assert os.getpid() not in pids
     return found
+
+
+def test_each_decision_is_labelled_by_the_policy_that_made_it() -> None:
+    """Several sidecars in one process (the demo, in-process tests) each keep their own
+    rule names: a process-wide policy once counted the demo's allow rule as `other`."""
+    small = parse_policy(json.dumps({"default": "deny", "rules": [
+        {"name": "frontend-to-payments", "action": "allow",
+         "from": ["spiffe://example.org/ns/web/sa/frontend"]}]}), "small.yaml")
+    big = parse_policy(json.dumps({"default": "deny", "rules": [
+        {"name": f"b{i:03d}", "action": "allow", "from": [f"spiffe://example.org/b/{i}"]}
+        for i in range(metrics.NAMED_RULES + 10)]}), "big.yaml")
+    assert metrics.rule_label(big, "b001") == "b001"
+    metrics.count_decision(small, "two-in-one", DecisionKind.ALLOW, "frontend-to-payments")
+    metrics.count_decision(big, "two-in-one", DecisionKind.ALLOW,
+                           f"b{metrics.NAMED_RULES + 5:03d}")
+    rules_seen = {dict(labels)["rule"] for (name, labels) in _samples(_scrape()[1])
+                  if name == "sidecar_authz_decisions_total"
+                  and ("listener", "two-in-one") in labels}
+    assert rules_seen == {"frontend-to-payments", "other"}

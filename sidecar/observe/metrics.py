@@ -182,7 +182,6 @@ def _inc(metric: Counter, *labels: str) -> None:
 NAMED_RULES = 50
 OTHER_RULE = "other"
 _FALLBACK_RULES = frozenset((DEFAULT_RULE, NO_POLICY_RULE, INVALID_PEER_RULE))
-_current_policy: Callable[[], Policy] | None = None
 _named: tuple[str, frozenset[str]] = ("", frozenset())  # (policy version, labels kept)
 
 
@@ -195,16 +194,10 @@ def rule_label(policy: Policy, rule: str) -> str:
     return rule if rule in _named[1] else OTHER_RULE
 
 
-def declare_policy(current: Callable[[], Policy] | None) -> None:
-    """Bound the `rule` label by the policy `current()` returns at each decision."""
-    global _current_policy
-    _current_policy = current
-
-
-def count_decision(listener: str, decision: DecisionKind, rule: str) -> None:
-    if _current_policy is not None:
-        rule = rule_label(_current_policy(), rule)
-    _inc(authz_decisions, listener, decision, rule)
+def count_decision(policy: Policy, listener: str, decision: DecisionKind, rule: str) -> None:
+    """Count a decision `policy` made; its `rule` label bounded by that policy (not by a
+    process-wide one: the demo and tests run several sidecars in one process)."""
+    _inc(authz_decisions, listener, decision, rule_label(policy, rule))
 
 
 def count_ktls(direction: Direction, path: str, state: KtlsState) -> None:
@@ -226,7 +219,6 @@ KTLS_STATES = tuple(KtlsState)
 def declare(config: Config, current_policy: Callable[[], Policy]) -> None:
     """At start: every label set of the configured listeners at 0, and the policy the
     `rule` label is bounded by (read at each decision: it changes on a reload)."""
-    declare_policy(current_policy)
     listeners = [*((Direction.INBOUND, lst.name) for lst in config.inbound),
                  *((Direction.OUTBOUND, lst.name) for lst in config.outbound)]
     for direction, name in listeners:

@@ -19,7 +19,7 @@ def admit(policy: Policy, peer_id: SpiffeId, rec: Record) -> Decision:
     """The first decision on an authenticated peer, recorded and counted, allowed or not."""
     decision = policy.decide(peer_id, rec.listener)
     rec.decision, rec.rule = decision.kind, decision.rule
-    metrics.count_decision(rec.listener, decision.kind, decision.rule)
+    metrics.count_decision(policy, rec.listener, decision.kind, decision.rule)
     return decision
 
 
@@ -32,7 +32,7 @@ def recheck(policy: Policy, peer_id: SpiffeId | None, listener: str) -> Decision
     return None if decision.allowed else decision
 
 
-def revoke(rec: Record, denial: Decision) -> None:
+def revoke(policy: Policy, rec: Record, denial: Decision) -> None:
     """Record and count a recheck's denial; the caller closes the connection."""
-    metrics.count_decision(rec.listener, denial.kind, denial.rule)
+    metrics.count_decision(policy, rec.listener, denial.kind, denial.rule)
     rec.decision, rec.rule, rec.close = denial.kind, denial.rule, Close.POLICY_RECHECK

@@ -68,7 +68,7 @@ async def serve(rt: Runtime, cfg: InboundListener, rec: Record, sock: socket.soc
     if rt.policy is not policy:
         denial = authorize.recheck(rt.policy, peer.spiffe_id, cfg.name)
         if denial is not None:
-            authorize.revoke(rec, denial)
+            authorize.revoke(rt.policy, rec, denial)
             app.close()
             ep.close()
             rt.tracker.finish(rec)
@@ -88,7 +88,7 @@ def recheck_live(rt: Runtime, policy: Policy) -> int:
         denial = authorize.recheck(policy, rec.peer_id, rec.listener)
         if denial is None:
             continue
-        authorize.revoke(rec, denial)
+        authorize.revoke(policy, rec, denial)
         duplex.abort(Close.POLICY_RECHECK)
         closed += 1
     return closed
