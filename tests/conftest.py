@@ -15,6 +15,10 @@ from typing import Any
 import pytest
 import uvloop
 from hypothesis import settings
+from orchestrators import CLIENT_ID, SERVER_ID, Trust, identity
+
+from sidecar.identity import Identity
+from sidecar.tools import pki
 
 settings.register_profile("ci", derandomize=True)
 if os.environ.get("CI"):
@@ -44,3 +48,22 @@ def run(request: pytest.FixtureRequest) -> Iterator[Callable[..., Any]]:
             return runner.run(bounded())
 
         yield run_
+
+
+# The in-process orchestrator tests (test_connection, test_handshake, test_inbound) share
+# one trust root and two identities per module; a test file may define its own instead.
+@pytest.fixture(scope="module")
+def trust() -> Trust:
+    return Trust.new()
+
+
+@pytest.fixture(scope="module")
+def ours(trust: Trust, tmp_path_factory: pytest.TempPathFactory) -> Identity:
+    return identity(tmp_path_factory.mktemp("ours"), pki.issue_svid(trust.issuer, SERVER_ID),
+                    trust.root)
+
+
+@pytest.fixture(scope="module")
+def caller(trust: Trust, tmp_path_factory: pytest.TempPathFactory) -> Identity:
+    return identity(tmp_path_factory.mktemp("caller"), pki.issue_svid(trust.issuer, CLIENT_ID),
+                    trust.root)

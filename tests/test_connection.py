@@ -15,15 +15,11 @@ from typing import Any
 
 import pytest
 from orchestrators import (
-    CLIENT_ID,
-    SERVER_ID,
     Held,
-    Trust,
     accept,
     client_ctx,
     fresh_name,
     holding,
-    identity,
     read_all,
     runtime,
     sample,
@@ -39,26 +35,8 @@ from sidecar.outcomes import Direction
 from sidecar.proxy.connection import SILENT_AFTER, Record, Tracker
 from sidecar.proxy.pump import Duplex
 from sidecar.proxy.runtime import Runtime
-from sidecar.tools import pki
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture(scope="module")
-def trust() -> Trust:
-    return Trust.new()
-
-
-@pytest.fixture(scope="module")
-def ours(trust: Trust, tmp_path_factory: pytest.TempPathFactory) -> Identity:
-    return identity(tmp_path_factory.mktemp("ours"), pki.issue_svid(trust.issuer, SERVER_ID),
-                    trust.root)
-
-
-@pytest.fixture(scope="module")
-def caller(trust: Trust, tmp_path_factory: pytest.TempPathFactory) -> Identity:
-    return identity(tmp_path_factory.mktemp("caller"), pki.issue_svid(trust.issuer, CLIENT_ID),
-                    trust.root)
 
 
 class Calls:

@@ -16,7 +16,6 @@ from typing import Any
 import pytest
 from orchestrators import (
     CLIENT_ID,
-    SERVER_ID,
     TD,
     Held,
     Trust,
@@ -26,7 +25,6 @@ from orchestrators import (
     handshake_errors,
     handshakes,
     holding,
-    identity,
     peer_says,
     runtime,
     sample,
@@ -44,23 +42,6 @@ from sidecar.reasons import Reason
 from sidecar.tools import pki
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture(scope="module")
-def trust() -> Trust:
-    return Trust.new()
-
-
-@pytest.fixture(scope="module")
-def ours(trust: Trust, tmp_path_factory: pytest.TempPathFactory) -> Identity:
-    return identity(tmp_path_factory.mktemp("ours"), pki.issue_svid(trust.issuer, SERVER_ID),
-                    trust.root)
-
-
-@pytest.fixture(scope="module")
-def caller(trust: Trust, tmp_path_factory: pytest.TempPathFactory) -> Identity:
-    return identity(tmp_path_factory.mktemp("caller"), pki.issue_svid(trust.issuer, CLIENT_ID),
-                    trust.root)
 
 
 def test_a_handshake_records_the_peer_and_counts_full_then_resumed(

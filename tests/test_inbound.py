@@ -16,14 +16,11 @@ from typing import Any
 import pytest
 from orchestrators import (
     CLIENT_ID,
-    SERVER_ID,
     Held,
-    Trust,
     allowing,
     client_ctx,
     fresh_name,
     holding,
-    identity,
     inbound_cfg,
     peer_says,
     records_of,
@@ -42,26 +39,8 @@ from sidecar.proxy import inbound
 from sidecar.proxy.listener import Listener
 from sidecar.proxy.runtime import Runtime
 from sidecar.tls.engine import TlsEndpoint
-from sidecar.tools import pki
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture(scope="module")
-def trust() -> Trust:
-    return Trust.new()
-
-
-@pytest.fixture(scope="module")
-def ours(trust: Trust, tmp_path_factory: pytest.TempPathFactory) -> Identity:
-    return identity(tmp_path_factory.mktemp("ours"), pki.issue_svid(trust.issuer, SERVER_ID),
-                    trust.root)
-
-
-@pytest.fixture(scope="module")
-def caller(trust: Trust, tmp_path_factory: pytest.TempPathFactory) -> Identity:
-    return identity(tmp_path_factory.mktemp("caller"), pki.issue_svid(trust.issuer, CLIENT_ID),
-                    trust.root)
 
 
 class Inbound:
