@@ -56,3 +56,36 @@ class KtlsState(StrEnum):
     ENABLED = "enabled"  # the kernel took this path's record keys
     FAILED = "failed"  # asked, and OpenSSL or the kernel declined for this connection
     UNAVAILABLE = "unavailable"  # tls.ktls: auto on a host that cannot: never asked
+
+
+class StreamState(StrEnum):
+    """The `state` label of `sidecar_workload_api_stream_state`: where the Workload API
+    stream stands."""
+
+    CONNECTING = "connecting"  # dialing the agent, or waiting for its first response
+    STREAMING = "streaming"  # the stream is open and has answered
+    BACKOFF = "backoff"  # the last attempt failed; waiting to try again
+    STOPPED = "stopped"  # the source was stopped (drain)
+
+
+class StreamFailure(StrEnum):
+    """The `reason` label of `sidecar_workload_api_stream_failures_total`: why a stream to
+    the agent ended or could not begin."""
+
+    SOCKET_MISSING = "socket_missing"  # no socket file: the agent is not (yet) running
+    REFUSED = "refused"  # the socket is there but nobody accepts: the agent restarting
+    PERMISSION_DENIED = "permission_denied"  # no registration entry matches us (yet)
+    UNAVAILABLE = "unavailable"  # the agent aborted the stream or went away mid-stream
+    ENDED = "ended"  # the agent closed the stream cleanly
+    STALLED = "stalled"  # no answer in time: nothing at first, or nothing by rotation time
+    INVALID_ARGUMENT = "invalid_argument"  # the agent refused the request itself
+    OTHER = "other"
+
+
+class UpdateResult(StrEnum):
+    """The `result` label of `sidecar_workload_api_updates_total`: what became of one
+    response of the agent."""
+
+    APPLIED = "applied"  # a new identity (SVID, bundles or CRLs) is in force
+    UNCHANGED = "unchanged"  # the same material again (a new stream starts with it)
+    REJECTED = "rejected"  # it failed the checks; the previous identity stays

@@ -36,7 +36,7 @@ def _keys(schema: type, prefix: str = "") -> set[str]:
     keys = set()
     hints = typing.get_type_hints(schema)
     for f in dataclasses.fields(schema):
-        if f.name == "source":  # where the Config came from, not a key
+        if f.name == "source" or not f.metadata.get("yaml", True):  # not YAML keys
             continue
         kind = hints[f.name]
         if typing.get_origin(kind) is tuple:

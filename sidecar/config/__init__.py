@@ -32,6 +32,7 @@ from sidecar.config.schema import (
     AdminConfig,
     Config,
     IdentityConfig,
+    IdentitySource,
     InboundListener,
     Limits,
     LogConfig,
@@ -53,6 +54,7 @@ __all__ = [
     "AdminConfig",
     "Config",
     "IdentityConfig",
+    "IdentitySource",
     "InboundListener",
     "KtlsMode",
     "Limits",
@@ -112,7 +114,7 @@ def missing_files(config: Config) -> list[Problem]:
     """Every file the config names that cannot be read as a file, with its YAML path."""
     svid_hint = "check that your SVID issuer (spiffe-helper, csi-driver-spiffe) writes it there"
     ident = config.identity
-    wanted: list[tuple[str, Path, str]] = [
+    wanted: list[tuple[str, Path, str]] = [] if ident.workload_api is not None else [
         ("identity.cert", ident.cert, svid_hint),
         ("identity.key", ident.key, svid_hint),
         ("identity.bundle", ident.bundle, svid_hint),

@@ -36,7 +36,8 @@ class _Reader:
 
     def mapping(self, raw: object, where: str, schema: type) -> dict[str, object]:
         """The known keys of `raw`, a mapping whose keys are the fields of `schema`."""
-        known = [f.name for f in fields(schema) if f.name != "source"]
+        known = [f.name for f in fields(schema)
+                 if f.name != "source" and f.metadata.get("yaml", True)]
         if raw is None:
             return {}
         if not isinstance(raw, dict):

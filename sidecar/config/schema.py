@@ -13,12 +13,18 @@ from types import MappingProxyType
 from typing import Any, Final
 
 from sidecar.modes import KtlsMode, ListenerProtocol, SessionStore, TlsVersion
-from sidecar.spiffe import SpiffePattern
+from sidecar.spiffe import SpiffeId, SpiffePattern
+from sidecar.workload_endpoint import WorkloadAddress
 
 DEFAULT_CONFIG_ENV: Final = "SIDECAR_CONFIG"
 
 # spiffe-helper's file names in the directory the SPIFFE CSI driver usually mounts.
 _SPIFFE_DIR: Final = Path("/run/spiffe")
+
+
+class IdentitySource(StrEnum):
+    FILES = "files"
+    WORKLOAD_API = "workload_api"
 
 
 class LogLevel(StrEnum):
@@ -59,10 +65,16 @@ class IdentityConfig:
     crl: tuple[Path, ...] = ()
     watch: bool = True
     reload_interval: float = 300.0
-    # The SPIFFE Workload API as the identity source, and which SVID to take from it:
-    # SPEC settings whose feature is not built yet (refused below, never ignored).
-    workload_api: str | None = None
-    spiffe_id: str | None = None
+    # The SPIFFE Workload API instead of the files: where it is, and which of its SVIDs
+    # to take (the first when None).
+    workload_api: WorkloadAddress | None = None
+    spiffe_id: SpiffeId | None = None
+    # The address came from SPIFFE_ENDPOINT_SOCKET, not the file (`check` says so).
+    workload_api_from_env: bool = field(default=False, metadata={"yaml": False})
+
+    @property
+    def source(self) -> IdentitySource:
+        return IdentitySource.FILES if self.workload_api is None else IdentitySource.WORKLOAD_API
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,13 +162,6 @@ def _is(expected: object) -> Callable[[object], bool]:
 # A setting the proxy cannot honour yet is refused, never silently ignored. Delete a line
 # when its feature lands.
 NOT_SUPPORTED_YET: Final[tuple[Unsupported, ...]] = (
-    Unsupported("identity.workload_api", lambda value: value is not None,
-                "taking identity from the SPIFFE Workload API is planned",
-                "have spiffe-helper or csi-driver-spiffe write the SVID files (cert, key, "
-                "bundle)"),
-    Unsupported("identity.spiffe_id", lambda value: value is not None,
-                "choosing among the Workload API's SVIDs comes with identity.workload_api",
-                "remove it"),
     Unsupported("inbound[].protocol", _is("http"), "per-request HTTP policy is planned", "use tcp"),
     Unsupported("inbound[].proxy_protocol", _is(True), "PROXY v2 headers are planned", "set false"),
 )

@@ -3,6 +3,7 @@ listen addresses, settings not supported yet)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
@@ -44,8 +45,9 @@ from sidecar.config.values import (
     parse_duration,
 )
 from sidecar.modes import ListenerProtocol, SessionStore
-from sidecar.spiffe import SpiffePattern
+from sidecar.spiffe import SpiffeId, SpiffePattern
 from sidecar.strict_yaml import show as _show
+from sidecar.workload_endpoint import ENDPOINT_ENV, WorkloadAddress, parse_workload_address
 
 
 def _build(r: _Reader, document: object, source: Path) -> Config:
@@ -71,6 +73,10 @@ def _build(r: _Reader, document: object, source: Path) -> Config:
     drain_timeout = r.value(top, "drain_timeout", "", parse_duration, d.drain_timeout)
     log = _log(r, top.get("log"))
 
+    if identity.workload_api is not None and workers != 1:
+        r.report("workers", "more than one worker with identity.workload_api is not "
+                 "supported yet (each worker would hold its own stream to the agent); set "
+                 "workers: 1, or have spiffe-helper write the SVID files")
     listeners = [(where, x) for where, x in [*inbound, *outbound] if x is not None]
     _check_names(r, [(where, x.name) for where, x in listeners])
     listens = [(f"{where}.listen", x.listen) for where, x in listeners]
@@ -102,6 +108,16 @@ def _build(r: _Reader, document: object, source: Path) -> Config:
 def _identity(r: _Reader, raw: object) -> IdentityConfig:
     m = r.mapping(raw, "identity", IdentityConfig)
     d = IdentityConfig()
+    address, from_env = _workload_api(r, m)
+    spiffe_id = r.value(m, "spiffe_id", "identity", _spiffe_id, None)
+    if address is not None:
+        files = [key for key in _FILE_SOURCE_KEYS if key in m]
+        if files:
+            r.report("identity", f"takes its SVID from the Workload API ({address}) or from "
+                     f"files, not both: remove {', '.join(files)}, or workload_api")
+    elif spiffe_id is not None:
+        r.report("identity.spiffe_id", "chooses among the SVIDs of the Workload API; it "
+                 "needs identity.workload_api (with files, the certificate says who we are)")
     return IdentityConfig(
         cert=r.value(m, "cert", "identity", r.path, d.cert),
         key=r.value(m, "key", "identity", r.path, d.key),
@@ -112,9 +128,36 @@ def _identity(r: _Reader, raw: object) -> IdentityConfig:
         reload_interval=r.value(
             m, "reload_interval", "identity", parse_duration, d.reload_interval
         ),
-        workload_api=r.value(m, "workload_api", "identity", _text, None),
-        spiffe_id=r.value(m, "spiffe_id", "identity", _text, None),
+        workload_api=address,
+        spiffe_id=spiffe_id,
+        workload_api_from_env=from_env,
     )
+
+
+# The keys that only mean something when the SVID comes from files.
+_FILE_SOURCE_KEYS = ("cert", "key", "bundle", "federated_bundles", "crl", "watch",
+                     "reload_interval")
+
+
+def _workload_api(r: _Reader, m: Mapping[str, object]) -> tuple[WorkloadAddress | None, bool]:
+    """The Workload API address the file names; else SPIFFE_ENDPOINT_SOCKET's, when the file
+    names no identity files (the SPIFFE Workload Endpoint spec's default); else None."""
+    if "workload_api" in m:
+        return r.value(m, "workload_api", "identity",
+                       lambda v: parse_workload_address(_text(v), r.base), None), False
+    env = os.environ.get(ENDPOINT_ENV)
+    if not env or any(key in m for key in _FILE_SOURCE_KEYS):
+        return None, False
+    try:
+        return parse_workload_address(env, r.base), True
+    except ValueError as exc:
+        r.report(ENDPOINT_ENV, f"(environment variable, read since the config names no "
+                 f"identity files) {exc}")
+        return None, False
+
+
+def _spiffe_id(raw: object) -> SpiffeId:
+    return SpiffeId.parse(_text(raw))
 
 
 def _text(raw: object) -> str:

@@ -120,6 +120,26 @@ upstream_connect_duration = Histogram(
     ["direction", "listener"], buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
                                         0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
     registry=REGISTRY)
+# identity.workload_api: the stream to the agent (sources/workload_api.py).
+workload_api_stream_state = Gauge(
+    "sidecar_workload_api_stream_state", "1 for the state the Workload API stream is in "
+    "(connecting, streaming, backoff, stopped), 0 for the others", ["state"],
+    registry=REGISTRY, multiprocess_mode="liveall")
+workload_api_updates = Counter(
+    "sidecar_workload_api_updates_total", "Responses of the Workload API agent, by what "
+    "became of them: applied (a new SVID, bundle or CRL in force), unchanged, rejected "
+    "(failed the checks; the identity in force stays)", ["result"], registry=REGISTRY)
+workload_api_stream_failures = Counter(
+    "sidecar_workload_api_stream_failures_total", "Streams to the Workload API agent that "
+    "ended or could not begin, by reason", ["reason"], registry=REGISTRY)
+workload_api_last_update = Gauge(
+    "sidecar_workload_api_last_update_timestamp_seconds", "When the agent last sent a "
+    "valid response (Unix time)", ["address"], registry=REGISTRY,
+    multiprocess_mode="liveall")
+workload_api_update_age = Gauge(
+    "sidecar_workload_api_seconds_since_update", "Seconds since the agent last sent a "
+    "valid response (NaN before the first)", ["address"], registry=REGISTRY,
+    multiprocess_mode="liveall")
 build_info = Gauge(
     "sidecar_build_info", "Always 1; the labels say what runs", ["version", "python", "openssl"],
     registry=REGISTRY, multiprocess_mode="max")

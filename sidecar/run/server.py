@@ -31,6 +31,7 @@ from sidecar.run import fdlimit, lifecycle, preflight, snapshots, status
 from sidecar.run.drain import Drain
 from sidecar.run.workers import WorkerRole
 from sidecar.sources import watch as reload
+from sidecar.sources.workload_api import MissingExtra, WorkloadApiSource
 from sidecar.tls import contexts as tls_contexts
 from sidecar.tls import ktls
 from sidecar.tls.resumption import Resumption
@@ -64,7 +65,9 @@ class Server:
         self.rt: Runtime | None = None
         self._drain = Drain(config.drain_timeout)
         self._reloadables: list[reload.Reloadable] = []
+        self._swaps: snapshots.Swaps | None = None
         self._admin: asyncio.Server | None = None
+        self.source: WorkloadApiSource | None = None  # identity.workload_api
         self.ktls = ktls.Support(False, "not detected yet")
 
     # -- snapshots ------------------------------------------------------------------------
@@ -96,16 +99,18 @@ class Server:
         """Start (1 when it cannot), serve until stopped, drain (0)."""
         rt = await self._start()
         if rt is None:
-            return 1
+            self._stop_source()
+            return 0 if self.draining else 1  # stopped while waiting for an identity: fine
         if not self._listen(rt) or not await self._start_admin():
+            self._stop_source()
             return 1
         rt.tracker.on_full = self._pause_listeners
         rt.tracker.on_capacity = self._resume_listeners
         rt.tracker.on_empty = self._drain.on_empty
         lifecycle.install_signals(rt.loop, self._on_signal)
         self._announce_listening()
-        self._reloadables = snapshots.Swaps(self.config, rt, self.build_contexts,
-                                            self._on_policy).reloadables()
+        self._swaps = snapshots.Swaps(self.config, rt, self.build_contexts, self._on_policy)
+        self._reloadables = self._swaps.reloadables()
         background = self._background()
         await self._catch_up()
         logs.event(logging.INFO, "ready", spiffe_id=str(rt.contexts.identity.spiffe_id),
@@ -122,6 +127,7 @@ class Server:
         lag.cancel()
         for task in background:
             task.cancel()
+        self._stop_source()
         self._close_listeners()
         try:
             await self._drain.finish(rt.tracker, rt.tasks)
@@ -140,7 +146,7 @@ class Server:
         if refusal is not None:
             logs.event(logging.ERROR, f"cannot start: {refusal}")
             return None
-        identity = await snapshots.first_identity(cfg)
+        identity = await self._first_identity()
         if identity is None:
             return None
         if self.worker is None:  # workers: the supervisor says these, once
@@ -161,6 +167,48 @@ class Server:
         snapshots.publish(identity)
         metrics.declare(cfg, lambda: rt.policy)
         return rt
+
+    async def _first_identity(self) -> Identity | None:
+        """From the files (retried briefly, as a reload), or the first the Workload API
+        agent hands out: that waits as long as it takes, with the admin endpoint up so
+        that /readyz says what it waits for, and ends early (None) on SIGTERM."""
+        cfg = self.config
+        if cfg.identity.workload_api is None:
+            return await snapshots.first_identity(cfg)
+        loop = asyncio.get_running_loop()
+        try:
+            self.source = WorkloadApiSource(cfg.identity.workload_api, cfg.identity.spiffe_id,
+                                            loop, self._apply_streamed)
+        except MissingExtra as exc:
+            logs.event(logging.ERROR, f"cannot start: {exc}")
+            return None
+        if not await self._start_admin():
+            return None
+        lifecycle.install_signals(loop, self._on_signal)
+        self.source.start()
+        logs.event(logging.INFO, "waiting for an identity from the Workload API",
+                   address=str(cfg.identity.workload_api),
+                   spiffe_id=str(cfg.identity.spiffe_id) if cfg.identity.spiffe_id else None)
+        first = asyncio.ensure_future(self.source.first.wait())
+        stopped = asyncio.ensure_future(self._drain.stopped.wait())
+        await asyncio.wait((first, stopped), return_when=asyncio.FIRST_COMPLETED)
+        first.cancel()
+        stopped.cancel()
+        return self.source.identity if self.source.first.is_set() else None
+
+    def _apply_streamed(self, identity: Identity) -> None:
+        """A new identity from the Workload API, on the loop: swapped in as a reloaded one
+        is (before the runtime exists, the source keeps it for _start)."""
+        if self._swaps is not None:
+            self._swaps.identity(identity)
+        elif self.rt is not None:  # between _start and run's Swaps: rare, but not lost
+            self._swaps = snapshots.Swaps(self.config, self.rt, self.build_contexts,
+                                          self._on_policy)
+            self._swaps.identity(identity)
+
+    def _stop_source(self) -> None:
+        if self.source is not None:
+            self.source.stop()
 
     def _listen(self, rt: Runtime) -> bool:
         """Bind every listener, paused; False (all closed, said in the log) when one fails:
@@ -186,7 +234,7 @@ class Server:
     async def _start_admin(self) -> bool:
         """The admin endpoint (a worker has none: its supervisor serves it); False (the
         listeners closed, said in the log) when its port cannot be bound."""
-        if self.worker is not None:
+        if self.worker is not None or self._admin is not None:
             return True
         listen = self.config.admin.listen
         try:
@@ -251,14 +299,19 @@ class Server:
     def not_ready(self) -> str | None:
         if self.draining:
             return "draining"
+        if self.source is not None and (why := self.source.not_ready()) is not None:
+            return why
         if self.rt is None:
             return "starting"
         return status.identity_problem(self.rt.contexts.identity, dt.datetime.now(dt.UTC))
 
     def status(self) -> dict[str, Any]:
-        assert self.rt is not None
+        source = self.source.status() if self.source is not None else \
+            status.file_source(self.config.identity)
+        if self.rt is None:
+            return status.waiting(source, draining=self.draining, pid=os.getpid())
         return status.single(
-            self.rt.contexts.identity,
+            self.rt.contexts.identity, source,
             [{"name": lst.name, "direction": lst.direction, "address": lst.bound}
              for lst in self.listeners],
             self.serving(), draining=self.draining, pid=os.getpid())
@@ -296,6 +349,7 @@ class Server:
     def _on_signal(self, name: str) -> None:
         logs.event(logging.INFO, f"{name} received")
         if name == "SIGHUP":
-            self.reload_all("SIGHUP")
+            if self.rt is not None:
+                self.reload_all("SIGHUP")
         else:
             self.stop()

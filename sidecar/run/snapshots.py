@@ -26,8 +26,13 @@ from sidecar.tls import contexts as tls_contexts
 
 
 def identity_of(config: Config) -> Identity:
-    """The identity files the config names, CRLs and federated bundles included."""
+    """The identity files the config names, CRLs and federated bundles included; or, with
+    identity.workload_api, one answer of the agent (`check` uses this; `run` streams)."""
     ident = config.identity
+    if ident.workload_api is not None:
+        from sidecar.sources import workload_api  # grpc: only where it is used
+
+        return workload_api.fetch_once(ident.workload_api, ident.spiffe_id, timeout=5.0)
     return load_identity(ident.cert, ident.key, ident.bundle, ident.federated_bundles,
                          ident.crl)
 
@@ -125,12 +130,13 @@ class Swaps:
         """The identity and (when configured) the policy, each with its files."""
         config, ident = self.config, self.config.identity
         trust = {path: "bundle" for path in (ident.bundle, *ident.federated_bundles.values())}
-        out = [reload.Reloadable(
+        out = [] if ident.workload_api is not None else [reload.Reloadable(
             "svid",
             (ident.cert, ident.key, ident.bundle, *ident.federated_bundles.values(),
              *ident.crl),
             lambda: identity_of(config), self.identity, parts=changed_parts,
             kind_of=trust | {path: "crl" for path in ident.crl})]
+        # The Workload API's stream swaps the identity itself (sources/workload_api.py).
         if config.policy is not None:
             out.append(reload.Reloadable("policy", (config.policy,), lambda: policy_of(config),
                                          self.policy))

@@ -6,6 +6,7 @@ import datetime as dt
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from sidecar.config import IdentityConfig
 from sidecar.identity import Identity
 from sidecar.policy import Policy
 from sidecar.times import rfc3339
@@ -57,13 +58,30 @@ def serving(
     }
 
 
+def file_source(ident: IdentityConfig) -> dict[str, Any]:
+    """Where the identity comes from, for /status, when files are the source."""
+    return {"kind": "files", "cert": str(ident.cert), "key": str(ident.key),
+            "bundle": str(ident.bundle),
+            "federated_bundles": {td: str(p) for td, p in ident.federated_bundles.items()},
+            "crl": [str(p) for p in ident.crl]}
+
+
+def waiting(source: Mapping[str, Any], *, draining: bool, pid: int) -> dict[str, Any]:
+    """/status while there is no identity yet (the Workload API has not answered): nothing
+    listens, and the source says what it waits for."""
+    return {"spiffe_id": None, "svid": None, "identity_source": dict(source),
+            "listeners": [], "draining": draining, "workers": [{"pid": pid}]}
+
+
 def single(
-    identity: Identity, listeners: Sequence[Mapping[str, Any]], served: Mapping[str, Any],
-    *, draining: bool, pid: int,
+    identity: Identity, source: Mapping[str, Any], listeners: Sequence[Mapping[str, Any]],
+    served: Mapping[str, Any], *, draining: bool, pid: int,
 ) -> dict[str, Any]:
-    """/status of a single process: its identity, listeners and what it serves."""
+    """/status of a single process: its identity and where it came from, its listeners
+    and what it serves."""
     return {
         **describe_identity(identity),
+        "identity_source": dict(source),
         "listeners": list(listeners),
         **served,
         "draining": draining,

@@ -18,9 +18,11 @@ from sidecar.identity import Identity
 from sidecar.policy import Policy, policy_warnings
 from sidecar.problems import Problem, ProblemsError
 from sidecar.run import fdlimit, preflight, snapshots, workers
+from sidecar.sources.workload_api import MissingExtra
 from sidecar.times import rfc3339
 from sidecar.tls import ktls
 from sidecar.tools.inspect.validity import span
+from sidecar.workload_endpoint import ENDPOINT_ENV
 
 # A summary names at most this many rules: a 10,000-rule policy must not flood a terminal.
 SUMMARY_RULES: Final = 20
@@ -56,7 +58,14 @@ def examine(path: Path) -> Findings:
         identity = snapshots.identity_of(config)
         warnings.extend(preflight.identity_warnings(config, identity, dt.datetime.now(dt.UTC)))
     except ProblemsError as exc:
-        errors.extend(exc.problems)
+        if config.identity.workload_api is None:
+            errors.extend(exc.problems)
+        else:  # run waits for the agent rather than failing: so does check
+            warnings.extend(Problem(p.where, f"{p.message}; `run` will wait for the agent, "
+                                    "/readyz answering 503 meanwhile")
+                            for p in exc.problems)
+    except MissingExtra as exc:
+        errors.append(Problem("identity.workload_api", str(exc)))
     if config.tls.ktls == KtlsMode.ON:  # only `on` can refuse; spare the probe otherwise
         refusal = preflight.ktls_refusal(config.tls.ktls, ktls.detect())
         if refusal is not None:
@@ -87,11 +96,25 @@ def check(path: Path) -> int:
         print(f"{path}: {len(found.errors)} problem(s)")
         return 1
     print(f"{path}: ok" + (f" ({len(found.warnings)} warning(s))" if found.warnings else ""))
+    if found.config is not None:
+        print(f"  {source_line(found.config)}")
     if found.config is not None and found.identity is not None:
         for line in summary(found.config, found.identity, found.policy,
                             dt.datetime.now(dt.UTC)):
             print(f"  {line}")
     return 0
+
+
+def source_line(config: Config) -> str:
+    """Where `run` takes its identity from, and why there."""
+    ident = config.identity
+    if ident.workload_api is None:
+        return f"identity source: files ({ident.cert}, {ident.key}, {ident.bundle})"
+    why = f"{ENDPOINT_ENV}, as the config names no identity files" \
+        if ident.workload_api_from_env else "identity.workload_api"
+    wanted = f", SVID {ident.spiffe_id}" if ident.spiffe_id else ", its first SVID"
+    return f"identity source: the SPIFFE Workload API at {ident.workload_api} (from {why}" \
+        f"{wanted})"
 
 
 def summary(config: Config, identity: Identity, policy: Policy | None,
