@@ -150,13 +150,6 @@ def _is(expected: object) -> Callable[[object], bool]:
 # A setting the proxy cannot honour yet is refused, never silently ignored. Delete a line
 # when its feature lands.
 NOT_SUPPORTED_YET: Final[tuple[Unsupported, ...]] = (
-    Unsupported("identity.workload_api", lambda value: value is not None,
-                "taking identity from the SPIFFE Workload API is planned",
-                "have spiffe-helper or csi-driver-spiffe write the SVID files (cert, key, "
-                "bundle)"),
-    Unsupported("identity.spiffe_id", lambda value: value is not None,
-                "choosing among the Workload API's SVIDs comes with identity.workload_api",
-                "remove it"),
     Unsupported("inbound[].protocol", _is("http"), "per-request HTTP policy is planned", "use tcp"),
     Unsupported("inbound[].proxy_protocol", _is(True), "PROXY v2 headers are planned", "set false"),
 )
