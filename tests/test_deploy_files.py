@@ -568,7 +568,8 @@ WORKLOAD_API_DRIVER = "csi.spiffe.io"  # the SPIFFE CSI driver: the agent's sock
 def _workload_api_address(pod: Pod) -> str | None:
     """Where the sidecar dials the Workload API: its config's key, else the env variable."""
     env = {e["name"]: e.get("value") for e in pod.sidecar.get("env") or []}
-    return pod.config.identity.workload_api or env.get("SPIFFE_ENDPOINT_SOCKET")
+    configured = pod.config.identity.workload_api
+    return str(configured) if configured else env.get("SPIFFE_ENDPOINT_SOCKET")
 
 
 def _workload_api_problems(pod: Pod, address: str) -> list[str]:
@@ -827,7 +828,7 @@ def _cluster_spiffe_id_problems(documents: list[dict[str, Any]], pods: list[Pod]
             problems.append(f"{pod.name}: registered as {ids[0]}, but the policy and routes "
                             f"expect {_spiffe_id_of(pod)}")
         hint = pod.config.identity.spiffe_id
-        if hint is not None and hint not in ids:
+        if hint is not None and str(hint) not in ids:
             problems.append(f"{pod.name}: identity.spiffe_id {hint} is not the ID registered "
                             f"({ids}); the sidecar would wait for an SVID it never gets")
     return problems
@@ -904,7 +905,8 @@ def test_cluster_spiffe_id_check_fails_a_hint_for_another_id(tmp_path: Path) -> 
     pods = []
     for pod in _pods(tmp_path):
         if pod.config.identity.spiffe_id:
-            identity = replace(pod.config.identity, spiffe_id="spiffe://example.org/ns/x/sa/y")
+            identity = replace(pod.config.identity,
+                               spiffe_id=SpiffeId.parse("spiffe://example.org/ns/x/sa/y"))
             pod = replace(pod, config=replace(pod.config, identity=identity))
         pods.append(pod)
     problems = _cluster_spiffe_id_problems(_cluster_spiffe_ids(), pods)
