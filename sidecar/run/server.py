@@ -68,6 +68,7 @@ class Server:
         self._swaps: snapshots.Swaps | None = None
         self._admin: asyncio.Server | None = None
         self.source: WorkloadApiSource | None = None  # identity.workload_api
+        self._admin_announced = False
         self.ktls = ktls.Support(False, "not detected yet")
 
     # -- snapshots ------------------------------------------------------------------------
@@ -184,6 +185,9 @@ class Server:
             return None
         if not await self._start_admin():
             return None
+        logs.event(logging.INFO, "listening", listener="admin", direction="admin",
+                   address=self.admin_address)
+        self._admin_announced = True
         lifecycle.install_signals(loop, self._on_signal)
         self.source.start()
         logs.event(logging.INFO, "waiting for an identity from the Workload API",
@@ -252,7 +256,7 @@ class Server:
             lst.resume()
             logs.event(logging.INFO, "listening", listener=lst.name, direction=lst.direction,
                        address=lst.bound)
-        if self._admin is not None:
+        if self._admin is not None and not self._admin_announced:
             logs.event(logging.INFO, "listening", listener="admin", direction="admin",
                        address=self.admin_address)
 

@@ -14,8 +14,8 @@ construction when the socket is missing, which is an ordinary state of a pod who
 starts after it. Its generated stubs (`spiffe._proto`) are what we use.
 
 Silence is also a failure: an agent that accepted the call but sends nothing within
-`first_response_timeout`, or has not rotated our SVID by three quarters of its lifetime
-(SPIRE rotates at half), gets the stream cancelled and redialed.
+`first_response_timeout`, or has not rotated our SVID by three quarters of the lifetime it
+had left when it came (SPIRE rotates at half), gets the stream cancelled and redialed.
 """
 
 from __future__ import annotations
@@ -38,8 +38,10 @@ from sidecar.times import rfc3339
 from sidecar.workload_endpoint import SECURITY_HEADER, WorkloadAddress
 
 FIRST_RESPONSE_TIMEOUT = 30.0
-# An SVID not replaced by this fraction of its lifetime means the agent is stuck.
+# No new response by this fraction of the SVID's remaining lifetime means the agent is
+# stuck (SPIRE rotates at half the lifetime); but never redial more often than this.
 SILENT_PAST = 0.75
+MIN_SILENCE = 5.0
 
 
 class MissingExtra(RuntimeError):
@@ -212,9 +214,10 @@ class WorkloadApiSource:
             self._post(self._on_rejected, exc)
             return
         self._post(self._on_identity, identity)
-        lifetime = identity.not_after - identity.leaf.not_valid_before_utc
-        due = identity.leaf.not_valid_before_utc + lifetime * SILENT_PAST
-        self._arm(max(1.0, (due - dt.datetime.now(dt.UTC)).total_seconds()))
+        # From what is left rather than from notBefore, which issuers backdate (SPIRE by
+        # seconds, our dev CA by minutes) and which would make a short SVID look overdue.
+        left = (identity.not_after - dt.datetime.now(dt.UTC)).total_seconds()
+        self._arm(max(MIN_SILENCE, left * SILENT_PAST))
 
     def _arm(self, seconds: float) -> None:
         self._disarm()

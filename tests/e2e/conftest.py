@@ -143,7 +143,9 @@ class Sidecar:
 
     # -- life cycle -----------------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, *, wait_ready: bool = True) -> None:
+        """Start and wait for "ready"; `wait_ready=False`: only for the admin endpoint
+        (a Workload API sidecar serves it while it waits for its first SVID)."""
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
@@ -161,6 +163,12 @@ class Sidecar:
         self._reader = threading.Thread(target=self._read, name=f"stderr-{self.name}",
                                         daemon=True)
         self._reader.start()
+        if not wait_ready:
+            admin = self.wait_line(lambda ln: ln.get("msg") == "listening"
+                                   and ln.get("listener") == "admin", START_TIMEOUT,
+                                   "the admin endpoint")
+            self.ports["admin"] = int(admin["address"].rpartition(":")[2])
+            return
         # With workers, each worker logs its own "ready" (tagged "worker"); the process is
         # ready when the supervisor says so, untagged.
         ready = self.wait_line(lambda ln: ln.get("msg") == "ready" and "worker" not in ln,
