@@ -23,6 +23,7 @@ import logging
 import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -45,6 +46,7 @@ BILLING = f"spiffe://{TRUST_DOMAIN}/ns/default/sa/billing"
 # A SPIRE agent rotates at half the SVID's lifetime; these agents rotate every few seconds
 # so that rotations happen while the demo runs, and its step 6 waits for one.
 ROTATE_EVERY = 2.0
+SVID_TTL = timedelta(hours=1)
 CALL_PACE = 0.02  # seconds between the calls of step 6: a steady stream, not a flood
 AFTER_ROTATION = 5  # calls made on the rotated identities before step 6 ends
 
@@ -109,8 +111,12 @@ def _workload(d: Path, intermediate: pki.CA, name: str, spiffe_id: str) -> Workl
     from sidecar.tools.pki.agent import Agent, Entry
 
     issued: list[int] = []
+
+    def record(_generation: int, svids: tuple[pki.Svid, ...]) -> None:
+        issued.extend(s.serial for s in svids)
+
     agent = Agent(intermediate, d / f"{name}.sock", [Entry(spiffe_id)], every=ROTATE_EVERY,
-                  on_rotate=lambda _gen, svids: issued.extend(s.serial for s in svids))
+                  ttl=SVID_TTL, on_rotate=record)
     return Workload(name, spiffe_id, agent, issued)
 
 
@@ -166,8 +172,9 @@ async def _demo(d: Path) -> int:
                                    ("batch", BATCH))}
     for w in workloads.values():
         _say(f"   agent {w.socket_name:14} hands out {w.spiffe_id} only")
-    _say(f"   each on a unix socket in {d}; SVIDs valid 1h, re-issued with a new key every "
-         f"{ROTATE_EVERY:g} s")
+    hours = SVID_TTL / timedelta(hours=1)
+    _say(f"   each on a unix socket in {d}; SVIDs valid {hours:g}h, re-issued with a new key "
+         f"every {ROTATE_EVERY:g} s")
     (d / "policy.yaml").write_text(POLICY)
     _say(f"   policy on payments' sidecar: allow {FRONTEND}, deny everything else")
 
