@@ -10,9 +10,13 @@
 # with a read-only root filesystem and a tmpfs (compose: `read_only: true`,
 # `tmpfs: [/tmp]`) or an emptyDir on /tmp (Kubernetes).
 #
-# Mount the config at /etc/sidecar/config.yaml (the policy beside it) and the SVID at
-# /run/spiffe (svid.pem, svid_key.pem, bundle.pem: spiffe-helper's names), readable by
-# uid 10001 or by the group given with `--group-add` / fsGroup.
+# Mount the config at /etc/sidecar/config.yaml (the policy beside it) and either the SVID
+# at /run/spiffe (svid.pem, svid_key.pem, bundle.pem: spiffe-helper's names), readable by
+# uid 10001 or by the group given with `--group-add` / fsGroup, or, with
+# `identity.workload_api`, the directory holding the SPIRE agent's socket.
+#
+# The image has the `spire` extra (grpcio, py-spiffe): `identity.workload_api` needs it,
+# and so does `sidecar pki agent`, the dev Workload API server the compose example runs.
 
 FROM python:3.13-slim AS build
 ENV PIP_NO_CACHE_DIR=1 \
@@ -22,7 +26,7 @@ WORKDIR /src
 # Only what the package build reads; .dockerignore keeps the rest of the tree out.
 COPY pyproject.toml README.md ./
 COPY sidecar ./sidecar
-RUN pip wheel --wheel-dir /wheels .
+RUN pip wheel --wheel-dir /wheels '.[spire]'
 
 FROM python:3.13-slim
 LABEL org.opencontainers.image.title="sidecar" \

@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a unix socket taking commands: rotate, refuse, stall, serve, "
                        "drop end|unavailable, federate TD DIR, unfederate TD, stop, start")
 
-    sub.add_parser("demo", help="a local zero-trust demo on loopback, with built-in defaults")
+    sub.add_parser("demo", help="a local zero-trust demo on loopback: each sidecar takes its "
+                   "SVID from its own dev Workload API agent (needs .[spire])")
 
     # These parse their own arguments (each module's main), so their --help is their own.
     for name, text in (("inspect", "explain certificates"),

@@ -52,7 +52,7 @@ COMPOSE_CONFIGS = COMPOSE_DIR / "sidecar"  # mounted at /etc/sidecar by compose.
 K8S_DIR = ROOT / "examples" / "kubernetes"
 
 # Set per sidecar by whoever runs it (compose.yaml's `environment:`), not in .env.
-RUNNER_VARIABLES = ("SVID_DIR", "CONFIG_DIR")
+RUNNER_VARIABLES = ("WORKLOAD_API_DIR", "CONFIG_DIR")
 # The oldest Kubernetes the manifests support (native sidecars, preStop sleep), and the
 # newest kubernetes-validate knows (its default).
 K8S_VERSIONS = ("1.30.0", None)
@@ -158,6 +158,9 @@ def test_dockerfile_keeps_its_contract() -> None:
     assert len(froms) >= 2 and all(f.startswith("python:3.13-slim") for f in froms), froms
     final = steps[max(i for i, (op, _) in enumerate(steps) if op == "FROM"):]
     assert any(op == "RUN" and "pip wheel" in args for op, args in steps), "wheels are built"
+    # identity.workload_api (Kubernetes variant C) and `sidecar pki agent` (compose) need it.
+    assert any(op == "RUN" and "pip wheel" in args and "'.[spire]'" in args
+               for op, args in steps), "the image has the spire extra"
     installs = [args for op, args in final if op == "RUN" and "pip install" in args]
     assert installs and all("--no-index" in a for a in installs), "final stage: wheels only"
     users = [args for op, args in final if op == "USER"]
@@ -298,9 +301,18 @@ def _placeholders(text: str) -> set[str]:
             if m.group("braced") or m.group("named")}
 
 
-def _render(template: Path, svid_dir: str = "/run/spiffe") -> str:
-    """As compose.yaml's sidecar entry command does: string.Template.substitute."""
-    env = {**_env_file(COMPOSE_ENV), "SVID_DIR": svid_dir, "CONFIG_DIR": str(COMPOSE_CONFIGS)}
+def _sidecar_environment() -> dict[str, str]:
+    """The `environment:` compose.yaml gives every sidecar (x-sidecar)."""
+    environment = _compose_document()["x-sidecar"]["environment"]
+    assert set(environment) == set(RUNNER_VARIABLES), environment
+    return {k: str(v) for k, v in environment.items()}
+
+
+def _render(template: Path) -> str:
+    """As compose.yaml's sidecar entry command does: string.Template.substitute. The
+    policy is read from this checkout (CONFIG_DIR), the socket is where compose puts it."""
+    env = {**_env_file(COMPOSE_ENV), **_sidecar_environment(),
+           "CONFIG_DIR": str(COMPOSE_CONFIGS)}
     return string.Template(template.read_text()).substitute(env)
 
 
@@ -321,7 +333,9 @@ def test_compose_example_has_its_configs_and_policy() -> None:
 @pytest.mark.parametrize("template", list(_compose_templates()), ids=lambda p: p.name)
 def test_compose_sidecar_config_parses(template: Path) -> None:
     config = _compose_config_of(template)
-    assert config.identity.cert == Path("/run/spiffe/svid.pem")
+    socket_dir = _sidecar_environment()["WORKLOAD_API_DIR"]
+    assert str(config.identity.workload_api) == f"unix://{socket_dir}/agent.sock"
+    assert config.workers == 1, "the Workload API needs exactly one worker"
     if config.policy is not None:
         assert config.policy.is_file(), config.policy
         load_policy(config.policy, _inbound_names(config))
@@ -355,14 +369,72 @@ def _compose_document() -> dict[str, Any]:
     return document
 
 
+def _option(command: list[str], flag: str) -> list[str]:
+    """Every value of a repeatable option (`--flag VALUE`) in an argv."""
+    return [command[i + 1] for i, arg in enumerate(command[:-1]) if arg == flag]
+
+
+def _agents(services: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Workload name -> its `sidecar pki agent` service."""
+    return {name.removeprefix("agent-"): service for name, service in services.items()
+            if name.startswith("agent-") and (service.get("command") or [])[:2] == ["pki", "agent"]}
+
+
 def _issued_ids() -> dict[str, str]:
-    """Workload name -> the SPIFFE ID its issuer service rotates."""
+    """Workload name -> the SPIFFE ID its agent hands out (it must hand out only that one)."""
     ids = {}
-    for name, service in _compose_document()["services"].items():
-        command = service.get("command") or []
-        if name.startswith("issuer-") and "rotate" in command:
-            ids[name.removeprefix("issuer-")] = command[command.index("--spiffe-id") + 1]
+    for workload, agent in _agents(_compose_document()["services"]).items():
+        [ids[workload]] = _option(agent["command"], "--spiffe-id")
     return ids
+
+
+def _mounts(service: dict[str, Any]) -> dict[str, tuple[str, bool]]:
+    """Container path -> (source, read-only) of each short-syntax volume."""
+    out = {}
+    for volume in service.get("volumes") or []:
+        source, target, *mode = str(volume).split(":")
+        out[target] = (source, mode == ["ro"])
+    return out
+
+
+def _socket_wiring_problems(services: dict[str, Any]) -> list[str]:
+    """Why a sidecar would not reach its own workload's agent, and only that one: its
+    config's socket must lie in a named volume that exactly it (read-only) and its agent
+    (which serves that very socket path, and one SPIFFE ID) mount."""
+    problems = []
+    agents = _agents(services)
+    for name, service in services.items():
+        if not name.endswith("-sidecar"):
+            continue
+        workload = name.removesuffix("-sidecar")
+        agent = agents.get(workload)
+        if agent is None:
+            problems.append(f"{name}: no agent-{workload} service runs `sidecar pki agent`")
+            continue
+        [template] = service["command"]
+        config = _compose_config_of(COMPOSE_CONFIGS / Path(template).name)
+        socket = PurePosixPath(str(config.identity.workload_api).removeprefix("unix://"))
+        mounts = _mounts(service)
+        if str(socket.parent) not in mounts:
+            problems.append(f"{name}: nothing is mounted at {socket.parent}")
+            continue
+        volume, read_only = mounts[str(socket.parent)]
+        if not read_only:
+            problems.append(f"{name}: {volume} is mounted writable; a sidecar only dials")
+        served = [PurePosixPath(p) for p in _option(agent["command"], "--socket")]
+        agent_mounts = {source: PurePosixPath(target)
+                        for target, (source, _) in _mounts(agent).items()}
+        if volume not in agent_mounts or served != [agent_mounts[volume] / socket.name]:
+            problems.append(f"{name}: dials {socket} in volume {volume}, but agent-{workload} "
+                            f"serves {served} with {sorted(agent_mounts)} mounted")
+        sharing = sorted(other for other, s in services.items() if other not in
+                         (name, f"agent-{workload}", "ca-init")
+                         and volume in {src for src, _ in _mounts(s).values()})
+        if sharing:
+            problems.append(f"{name}: its socket volume {volume} is mounted by {sharing} too")
+        if len(_option(agent["command"], "--spiffe-id")) != 1:
+            problems.append(f"agent-{workload}: hands out more than its workload's one ID")
+    return problems
 
 
 def test_compose_story_holds() -> None:
@@ -382,6 +454,53 @@ def test_compose_story_holds() -> None:
             expected = [str(p) for p in route.expect_ids]
             assert ids["payments"] in expected, (caller, expected)
             assert str(route.connect_to) == _env_file(COMPOSE_ENV)["PAYMENTS_ADDR"]
+
+
+def test_each_compose_sidecar_dials_its_own_agent() -> None:
+    services = _compose_document()["services"]
+    assert set(_agents(services)) == {"payments", "frontend", "batch"}
+    assert _socket_wiring_problems(services) == []
+
+
+def _crossed(services: dict[str, Any]) -> None:
+    services["frontend-sidecar"]["volumes"][1] = "socket-batch:/run/spiffe-workload-api:ro"
+
+
+def _writable(services: dict[str, Any]) -> None:
+    services["payments-sidecar"]["volumes"][1] = "socket-payments:/run/spiffe-workload-api"
+
+
+def _elsewhere(services: dict[str, Any]) -> None:
+    command = services["agent-payments"]["command"]
+    command[command.index("--socket") + 1] = "/run/spiffe-workload-api/spire-agent.sock"
+
+
+def _two_ids(services: dict[str, Any]) -> None:
+    services["agent-batch"]["command"] += ["--spiffe-id", "spiffe://example.org/ns/web/sa/frontend"]
+
+
+def _no_agent(services: dict[str, Any]) -> None:
+    del services["agent-batch"]
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (_crossed, "frontend-sidecar: dials /run/spiffe-workload-api/agent.sock in volume "
+                   "socket-batch, but agent-frontend serves"),
+        (_writable, "payments-sidecar: socket-payments is mounted writable"),
+        (_elsewhere, "payments-sidecar: dials /run/spiffe-workload-api/agent.sock in volume "
+                     "socket-payments, but agent-payments serves"),
+        (_two_ids, "agent-batch: hands out more than its workload's one ID"),
+        (_no_agent, "batch-sidecar: no agent-batch service"),
+    ],
+    ids=["crossed", "writable", "elsewhere", "two-ids", "no-agent"],
+)
+def test_socket_wiring_check_fails_a_broken_compose(change: Any, expected: str) -> None:
+    services = deepcopy(_compose_document()["services"])
+    change(services)
+    problems = _socket_wiring_problems(services)
+    assert any(p.startswith(expected) for p in problems), problems
 
 
 def test_prometheus_scrapes_every_compose_sidecar() -> None:

@@ -3,8 +3,9 @@
 `examples/docker-compose/compose.yaml` is read with PyYAML and played as processes in
 network namespaces this test makes itself:
 
-    issuer ns (no network, like `network_mode: none`): issuer-init's command, then one
-        `sidecar pki rotate` per workload, each writing into its own "volume" directory
+    agents ns (no network, like `network_mode: none`): ca-init's command, then one
+        `sidecar pki agent` per workload, each serving the Workload API on a socket in its
+        own "volume" directory, which only that workload's sidecar also mounts
     payments ns: payments' sidecar (the template rendered by the compose entry command)
         and the payments app on its loopback, as `network_mode: service:payments-sidecar`
     frontend ns, batch ns: each a sidecar and its caller app
@@ -12,16 +13,20 @@ network namespaces this test makes itself:
         compose network (10.200.0.0/24, nothing leaves this machine)
 
 Every command is the one compose.yaml gives (the image's ENTRYPOINT from the Dockerfile,
-the x-sidecar rendering script, the issuers' and apps' commands, the healthchecks), with
+the x-sidecar rendering script, the agents' and apps' commands, the healthchecks), with
 container paths mapped to the directories standing in for the service's volumes, and
 `${...}` interpolated from `.env` as compose does. The sidecars' environment is `.env`
 plus the service's `environment`, with one change: PAYMENTS_ADDR names payments'
-namespace address instead of the `payments-sidecar` hostname. For the rotation under
-traffic, payments' and frontend's issuers are restarted with `--every 1500ms` (not 30s).
+namespace address instead of the `payments-sidecar` hostname. The sidecars start before
+their agents are healthy (compose waits only for `service_started`), and their SVIDs come
+over the Workload API. For the rotation under traffic, payments' and frontend's agents are
+restarted with `--every 1500ms` (not 30s), as `docker compose up` replaces a container: the
+sidecars lose the stream, redial, and keep serving meanwhile.
 
 Checks: frontend -> payments is allowed (rule `frontend`), batch -> payments is refused by
 rule `no-batch` before the payments app is dialed, and calls in a loop while both ends'
-SVIDs rotate every 1.5 s for ~8 s all succeed while payments' sidecar reloads its identity.
+agents restart and then rotate both ends' SVIDs every 1.5 s for ~8 s all succeed while
+payments' sidecar swaps in each new identity its agent pushes.
 Every namespace (and with it every veth and the bridge) and every process is removed at
 the end, pass or fail.
 """
@@ -206,7 +211,7 @@ class Netns:
         bridge = self.add("bridge")
         ip("-n", bridge, "link", "add", "br0", "type", "bridge")
         ip("-n", bridge, "link", "set", "br0", "up")
-        self.add("issuer")  # network_mode: none -- a loopback only
+        self.add("agents")  # network_mode: none -- a loopback only
         for group, address in ADDRESS.items():
             ns = self.add(group)
             port = f"v-{group}"
@@ -249,7 +254,7 @@ def namespaces_or_skip() -> None:
 
 
 class Proc:
-    """A plain-text process (app, issuer): its output lines, collected by a thread."""
+    """A plain-text process (app, agent): its output lines, collected by a thread."""
 
     def __init__(self, name: str, argv: list[str], env: dict[str, str], cwd: Path) -> None:
         self.name = name
@@ -354,7 +359,7 @@ class Topology:
     compose: Compose
     dotenv: dict[str, str]
     base_env: dict[str, str]
-    issuers: dict[str, Proc] = field(default_factory=dict)
+    agents: dict[str, Proc] = field(default_factory=dict)
     sidecars: dict[str, NsSidecar] = field(default_factory=dict)
     apps: dict[str, Proc] = field(default_factory=dict)
     stopped: list[Proc] = field(default_factory=list)
@@ -365,30 +370,34 @@ class Topology:
                               text=True, timeout=timeout, env=env or self.base_env,
                               cwd=self.root, stdin=subprocess.DEVNULL)
 
-    def start_issuers(self) -> None:
-        init = self.compose.service("issuer-init")
-        r = self.run("issuer", init.argv())
-        assert r.returncode == 0, f"issuer-init failed:\n{r.stdout}{r.stderr}"
-        for workload in ADDRESS:
-            self.start_issuer(workload)
-        for workload in ADDRESS:  # healthy: compose's own healthcheck, until it passes
-            check = self.compose.service(f"issuer-{workload}").healthcheck()
-            wait_for(lambda c=check: self.run("issuer", c, timeout=5).returncode == 0,
-                     START_TIMEOUT, f"issuer-{workload}'s healthcheck")
+    def init_ca(self) -> None:
+        init = self.compose.service("ca-init")
+        r = self.run("agents", init.argv())
+        assert r.returncode == 0, f"ca-init failed:\n{r.stdout}{r.stderr}"
 
-    def start_issuer(self, workload: str, every: str | None = None) -> Proc:
-        """compose's issuer-WORKLOAD service; with `every`, at that interval instead."""
-        svc = self.compose.service(f"issuer-{workload}")
+    def start_agents(self) -> None:
+        for workload in ADDRESS:
+            self.start_agent(workload)
+
+    def wait_agents_healthy(self) -> None:
+        for workload in ADDRESS:  # healthy: compose's own healthcheck, until it passes
+            check = self.compose.service(f"agent-{workload}").healthcheck()
+            wait_for(lambda c=check: self.run("agents", c, timeout=5).returncode == 0,
+                     START_TIMEOUT, f"agent-{workload}'s healthcheck")
+
+    def start_agent(self, workload: str, every: str | None = None) -> Proc:
+        """compose's agent-WORKLOAD service; with `every`, at that interval instead."""
+        svc = self.compose.service(f"agent-{workload}")
         argv = svc.argv(entrypoint=image_entrypoint())
         if every is not None:
             argv[argv.index("--every") + 1] = every
-        old = self.issuers.pop(workload, None)
+        old = self.agents.pop(workload, None)
         if old is not None:  # as `docker compose up` replacing the container: stop, start
             old.signal(signal.SIGTERM)
             old.wait(STOP_TIMEOUT)
             self.stopped.append(old)
-        proc = Proc(svc.name, [*self.netns.exec("issuer"), *argv], self.base_env, self.root)
-        self.issuers[workload] = proc
+        proc = Proc(svc.name, [*self.netns.exec("agents"), *argv], self.base_env, self.root)
+        self.agents[workload] = proc
         return proc
 
     def start_sidecars(self) -> None:
@@ -428,7 +437,7 @@ class Topology:
         return [*svc.argv(), *extra]
 
     def stop(self) -> list[str]:
-        """Apps and sidecars by SIGTERM (a sidecar must exit 0), issuers too; kill
+        """Apps and sidecars by SIGTERM (a sidecar must exit 0), agents too; kill
         anything that hangs. Returns what went wrong."""
         problems: list[str] = []
         for app in self.apps.values():
@@ -443,9 +452,9 @@ class Topology:
             if rc != 0 and sc.count("ready"):
                 problems.append(f"{sc.name} exited {rc} after SIGTERM; last lines:\n"
                                 f"{sc.tail(15)}")
-        for p in self.issuers.values():
+        for p in self.agents.values():
             p.signal(signal.SIGTERM)
-        for p in self.issuers.values():
+        for p in self.agents.values():
             p.wait(STOP_TIMEOUT)
         return problems
 
@@ -489,8 +498,19 @@ def topology(tmp_path: Path) -> Iterator[Topology]:
 
 def test_compose_topology_in_network_namespaces(topology: Topology) -> None:
     t = topology
-    t.start_issuers()
+    t.init_ca()
+    # The sidecars start with their agents, not after them: compose's `service_started`.
+    t.start_agents()
     t.start_sidecars()
+    t.wait_agents_healthy()
+    # Each identity came over the Workload API, from that workload's own agent.
+    for workload, expected in (("payments", PAYMENTS), ("frontend", FRONTEND),
+                               ("batch", BATCH_ID)):
+        first = t.sidecars[workload].wait_line(
+            lambda ln: ln.get("msg") == "identity from the Workload API", START_TIMEOUT,
+            "the identity from the Workload API")
+        assert first["spiffe_id"] == expected, first
+        assert first["address"].endswith("/socket-" + workload + "/agent.sock"), first
     app = t.start_payments_app()
     payments, frontend_sc = t.sidecars["payments"], t.sidecars["frontend"]
 
@@ -522,12 +542,12 @@ def test_compose_topology_in_network_namespaces(topology: Topology) -> None:
     assert out["peer_id"] == PAYMENTS, out  # authentication worked; authorization refused
     assert app_requests() == 1, "the payments app saw the denied call:\n" + "\n".join(app.lines)
 
-    # A rotation under traffic: payments' and frontend's issuers restarted to re-issue every
+    # A rotation under traffic: payments' and frontend's agents restarted to re-issue every
     # 1.5 s (not compose's 30 s) while frontend calls (a new connection each call) and a
     # long-lived connection calls alongside.
     since = time.monotonic()
     for workload in ("payments", "frontend"):
-        t.start_issuer(workload, every=ROTATE_EVERY)
+        t.start_agent(workload, every=ROTATE_EVERY)
     loops = {
         "calls": subprocess.Popen(
             [*t.netns.exec("frontend"), *t.caller(
@@ -568,8 +588,9 @@ def test_compose_topology_in_network_namespaces(topology: Topology) -> None:
     allowed = [ln for ln in payments.connections(decision="allow") if ln["_t"] >= since]
     assert len(allowed) >= SOAK_CALLS, len(allowed)  # plus the long-lived one, once done
     assert app_requests() == 1 + SOAK_CALLS + KEEPALIVE_CALLS
-    rotations = t.issuers["payments"].count(lambda ln: ln.startswith("rotation "))
-    assert rotations >= reloads, t.issuers["payments"].lines
+    # Each reload is an SVID the restarted agent issued (its first one counts: "rotation 1").
+    rotations = t.agents["payments"].count(lambda ln: ln.startswith("rotation "))
+    assert rotations >= reloads, t.agents["payments"].lines
     print(f"soak {soak_seconds:.1f}s: {reloads} payments reloads, "
               f"{frontend_sc.count('identity reloaded', since)} frontend reloads, "
               f"{len(allowed)} allowed connections")
