@@ -164,7 +164,7 @@ def _bundle(td: str, der: bytes, federated: bool, now: datetime, skew: timedelta
             ) -> BundleReport:
     source = f"bundle for {td} ({'federated' if federated else 'ours'})"
     return BundleReport(td, federated, examine(source, _contents(source, der), now=now,
-                                               skew=skew))
+                                               skew=skew, bundle_only=True))
 
 
 def _crls(ders: Sequence[bytes]) -> tuple[CrlView, ...]:
