@@ -315,3 +315,35 @@ def test_diagnose_names_the_svid_a_config_asks_for_and_lacks(
     assert code == 1
     assert f"no SVID for identity.spiffe_id of {config} {ID_DB}" in err
     assert f"the agent offers {ID_WEB}" in err
+
+
+# --- without the `spire` extra ------------------------------------------------------------
+
+
+def _without_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What load_grpc raises where grpcio or py-spiffe is not installed."""
+    from sidecar.sources import workload_api
+
+    def missing() -> None:
+        raise workload_api.MissingExtra("identity.workload_api needs the optional "
+                                        "dependencies of the `spire` extra")
+
+    monkeypatch.setattr(workload_api, "load_grpc", missing)
+
+
+def test_inspect_without_the_extra_says_so_and_exits_2(
+        agent: Agent, sock: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    _without_the_extra(monkeypatch)
+    code, out, err = run_inspect(capsys, "--workload-api", address(sock))
+    assert code == 2 and out == ""
+    assert "the `spire` extra" in err
+
+
+def test_diagnose_without_the_extra_says_so_and_exits_2(
+        agent: Agent, sock: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    _without_the_extra(monkeypatch)
+    code = diagnose.main(["127.0.0.1:9", "--workload-api", address(sock)])
+    assert code == 2
+    assert "the `spire` extra" in capsys.readouterr().err

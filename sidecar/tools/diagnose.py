@@ -19,6 +19,11 @@ What the client's seat can tell apart, and so all the tool claims:
   app, or when our SVID breaks a rule it checks after the handshake; only its log says
   which, so the tool names all three;
 - the end of the stream with no ticket: any of the above, or a refusal with no alert.
+
+Who we are when we dial (diagnose_seat.py): the --cert/--key/--bundle files, the identity
+a SPIFFE Workload API agent hands out (--workload-api, --spiffe-id), or the one a sidecar
+config names (-c). With an identity from an agent, the server's chain must also end in
+the bundle of its own trust domain, as the outbound checks it (authn.py).
 """
 
 from __future__ import annotations
