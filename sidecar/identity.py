@@ -135,8 +135,8 @@ def identity_from_der(material: Material, *, now: dt.datetime | None = None) -> 
     where = material.where
     try:
         problems: list[Problem] = []
-        chain = _der_certs(where, material.chain, problems)
-        own = _der_certs(f"{where}: bundle", material.bundle, problems)
+        chain = der_certs(where, material.chain, problems)
+        own = der_certs(f"{where}: bundle", material.bundle, problems)
         try:
             key_obj = serialization.load_der_private_key(material.key, password=None)
         except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
@@ -144,7 +144,7 @@ def identity_from_der(material: Material, *, now: dt.datetime | None = None) -> 
             key_obj = None
         if problems or key_obj is None:
             raise ProblemsError(problems)
-        federated = {td: _der_certs(f"{where}: federated bundle {td}", der, problems)
+        federated = {td: der_certs(f"{where}: federated bundle {td}", der, problems)
                      for td, der in material.federated.items()}
         crls: list[tuple[str, x509.CertificateRevocationList]] = []
         for i, der in enumerate(material.crls):
@@ -165,8 +165,10 @@ def identity_from_der(material: Material, *, now: dt.datetime | None = None) -> 
                             ) from exc
 
 
-def _der_certs(where: str, data: bytes, problems: list[Problem]) -> list[x509.Certificate]:
-    """Concatenated DER certificates (the Workload API's encoding) -> certificates."""
+def der_certs(where: str, data: bytes, problems: list[Problem]) -> list[x509.Certificate]:
+    """Concatenated DER certificates (the Workload API's encoding) -> certificates; [] and
+    a problem at `where` when any is not whole DER (`sidecar inspect` reads the agent's
+    answer with it too)."""
     certs: list[x509.Certificate] = []
     rest = data
     while rest:

@@ -308,13 +308,19 @@ def fetch_once(address: WorkloadAddress, wanted: SpiffeId | None,
                timeout: float = 10.0) -> Identity:
     """One identity from the agent, for `check`, `diagnose` and `inspect`: the first
     response of a stream, checked as `run` checks it. ProblemsError says why not."""
+    return identity_from_der(material_of(fetch_response(address, timeout), wanted))
+
+
+def fetch_response(address: WorkloadAddress, timeout: float = 10.0) -> Any:
+    """The agent's first `X509SVIDResponse`, as it is (`sidecar inspect` shows all of it).
+    ProblemsError says why there is none: the same words as the stream's failures."""
     grpc, pb2, pb2_grpc = load_grpc()
     where = f"workload API {address}"
     with grpc.insecure_channel(address.grpc_target) as channel:
         call = pb2_grpc.SpiffeWorkloadAPIStub(channel).FetchX509SVID(
             pb2.X509SVIDRequest(), metadata=(SECURITY_HEADER,), timeout=timeout)
         try:
-            response = next(iter(call))
+            return next(iter(call))
         except StopIteration:
             raise ProblemsError([Problem(where, "the agent ended the stream without an "
                                                 "answer")]) from None
@@ -330,4 +336,3 @@ def fetch_once(address: WorkloadAddress, wanted: SpiffeId | None,
                                                 f"({ADVICE[failure]})")]) from None
         finally:
             call.cancel()
-    return identity_from_der(material_of(response, wanted))

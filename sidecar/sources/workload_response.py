@@ -6,6 +6,7 @@ holds the stream); the response is read by its fields, as the spec's proto names
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -17,29 +18,57 @@ from sidecar.spiffe import SpiffeId, SpiffeIdError
 WHERE: Final = "workload API"
 
 
+@dataclass(frozen=True, slots=True)
+class Offer:
+    """One SVID of a response, as the agent offers it: its SPIFFE ID as written, SPIRE's
+    hint, and the material an identity is built from (with the response's federated
+    bundles and CRLs, which every SVID of it shares)."""
+
+    spiffe_id: str
+    hint: str
+    material: Material = field(repr=False)  # holds the key
+
+    def __str__(self) -> str:
+        return offer_words(self.spiffe_id, self.hint)
+
+
+def offer_words(spiffe_id: str, hint: str) -> str:
+    """An offered SVID as problems and `sidecar inspect` name it."""
+    return f"{spiffe_id} (hint {hint!r})" if hint else spiffe_id
+
+
+def offers(response: Any) -> tuple[Offer, ...]:
+    """Every SVID of one `X509SVIDResponse`, in the agent's order."""
+    federated = {td: bytes(der) for td, der in response.federated_bundles.items()}
+    crls = tuple(bytes(c) for c in response.crl)
+    return tuple(
+        Offer(s.spiffe_id, s.hint, Material(
+            where=f"{WHERE}: SVID {s.spiffe_id}", chain=bytes(s.x509_svid),
+            key=bytes(s.x509_svid_key), bundle=bytes(s.bundle), federated=federated,
+            crls=crls))
+        for s in response.svids)
+
+
+def choose(offered: Sequence[Offer], wanted: SpiffeId | None,
+           asked_by: str = "identity.spiffe_id") -> Offer:
+    """The first SVID, or the one `wanted` names (`asked_by` says who asked, for the
+    problem). ProblemsError when there is none to take."""
+    if not offered:
+        raise ProblemsError([Problem(WHERE, "the response holds no SVID")])
+    if wanted is None:
+        return offered[0]
+    matching = [o for o in offered if _same_id(o.spiffe_id, wanted)]
+    if not matching:
+        raise ProblemsError([Problem(WHERE, f"no SVID for {asked_by} {wanted}; the agent "
+                                            f"offers {', '.join(map(str, offered))}")])
+    return matching[0]
+
+
 def material_of(response: Any, wanted: SpiffeId | None) -> Material:
     """The parts of our identity in one `X509SVIDResponse`: the first SVID, or the one
     `wanted` names; every federated bundle under its own trust domain; the CRLs.
     ProblemsError when the response has no SVID we can take."""
-    svids = list(response.svids)
-    if not svids:
-        raise ProblemsError([Problem(WHERE, "the response holds no SVID")])
-    chosen = svids[0]
-    if wanted is not None:
-        matching = [s for s in svids if _same_id(s.spiffe_id, wanted)]
-        if not matching:
-            offered = ", ".join(_described(s) for s in svids)
-            raise ProblemsError([Problem(WHERE, f"no SVID for identity.spiffe_id {wanted}; "
-                                                f"the agent offers {offered}")])
-        chosen = matching[0]
-    return Material(
-        where=f"{WHERE}: SVID {chosen.spiffe_id}",
-        chain=bytes(chosen.x509_svid),
-        key=bytes(chosen.x509_svid_key),
-        bundle=bytes(chosen.bundle),
-        federated={td: bytes(der) for td, der in response.federated_bundles.items()},
-        crls=tuple(bytes(c) for c in response.crl),
-    )
+    return choose(offers(response), wanted).material
 
 
 def _same_id(text: str, wanted: SpiffeId) -> bool:
@@ -47,10 +76,6 @@ def _same_id(text: str, wanted: SpiffeId) -> bool:
         return SpiffeId.parse(text) == wanted
     except SpiffeIdError:
         return False
-
-
-def _described(svid: Any) -> str:
-    return f"{svid.spiffe_id} (hint {svid.hint!r})" if svid.hint else str(svid.spiffe_id)
 
 
 def classify(code: str, details: str, socket_missing: bool) -> StreamFailure:

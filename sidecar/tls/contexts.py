@@ -232,6 +232,18 @@ def _with_identity(ctx: ssl.SSLContext, identity: Identity, ktls: bool) -> ssl.S
     """The sidecar's own side: its SVID, its trust, kTLS, and the reach's tuning."""
     if ktls:
         ctx.options |= ssl.OP_ENABLE_KTLS
+    present_and_trust(ctx, identity)
+    peerchain.install(ctx)
+    openssl.release_buffers(ctx)
+    openssl.read_ahead(ctx)
+    openssl.bound_peer_chain(ctx, MAX_CHAIN_DEPTH, MAX_CHAIN_BYTES)
+    return ctx
+
+
+def present_and_trust(ctx: ssl.SSLContext, identity: Identity) -> None:
+    """An identity's SVID and trust into a context: what it presents, the anchors of every
+    bundle and its CRLs. The sidecar's contexts and `sidecar diagnose` (which installs
+    its own handshake hooks) load an identity this one way."""
     ctx.verify_mode = ssl.CERT_REQUIRED
     # Every trust domain's anchors go into OpenSSL's one store so that it can verify any
     # peer; authn.py then insists the chain ended in the bundle of the peer's own trust
@@ -245,11 +257,6 @@ def _with_identity(ctx: ssl.SSLContext, identity: Identity, ktls: bool) -> ssl.S
         ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
     with _in_memory_file(identity.chain_pem + identity.key_pem) as path:
         ctx.load_cert_chain(path)
-    peerchain.install(ctx)
-    openssl.release_buffers(ctx)
-    openssl.read_ahead(ctx)
-    openssl.bound_peer_chain(ctx, MAX_CHAIN_DEPTH, MAX_CHAIN_BYTES)
-    return ctx
 
 
 @contextlib.contextmanager

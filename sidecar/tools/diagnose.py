@@ -19,6 +19,11 @@ What the client's seat can tell apart, and so all the tool claims:
   app, or when our SVID breaks a rule it checks after the handshake; only its log says
   which, so the tool names all three;
 - the end of the stream with no ticket: any of the above, or a refusal with no alert.
+
+Who we are when we dial (diagnose_seat.py): the --cert/--key/--bundle files, the identity
+a SPIFFE Workload API agent hands out (--workload-api, --spiffe-id), or the one a sidecar
+config names (-c). With an identity from an agent, the server's chain must also end in
+the bundle of its own trust domain, as the outbound checks it (authn.py).
 """
 
 from __future__ import annotations
@@ -31,16 +36,20 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from cryptography import x509
 
 from sidecar import spiffe, svid
+from sidecar.authn import Authenticator, AuthnError
 from sidecar.modes import TlsVersion
 from sidecar.reasons import Reason
 from sidecar.tls import contexts, openssl
 from sidecar.tls.classify import Failure, classify, skew_note
 from sidecar.tls.peerchain import ATTRIBUTE as PRESENTED
+from sidecar.tools import identity_source
+from sidecar.tools.diagnose_seat import Seat, seat_of
 
 CONNECT_TIMEOUT = 5.0
 HANDSHAKE_TIMEOUT = 10.0
@@ -53,6 +62,13 @@ _REFUSED_US = frozenset({str(r) for r in (Reason.PEER_CLOSED, Reason.OTHER, Reas
                                           Reason.INVALID_SVID)})
 _CLIENT_HELLO = 1  # TLS handshake message types
 _CERTIFICATE_REQUEST = 13
+
+
+class Setup(StrEnum):
+    """Why diagnose never dialled: not a handshake's reason (those are `Reason`s)."""
+
+    USAGE = "usage"  # the command line cannot be followed (exit 2)
+    NO_IDENTITY = "no_identity"  # the agent or the config gave no identity (exit 1)
 
 
 @dataclass(slots=True)
@@ -76,7 +92,9 @@ class Outcome:
     resumed_second: bool | None = None  # None: no second connection was made
     # resumed | not_resumed | no_ticket (none to resume) | second_failed | None (not got there)
     resumption: str | None = None
-    server_verified: bool = False  # the server's chain was checked against --bundle
+    server_verified: bool = False  # the server's chain was checked against our trust
+    our_spiffe_id: str | None = None  # what we presented, when we did
+    identity_source: str | None = None  # where it came from: files, an agent, a config
     we_refused: bool = False  # our check of the server's chain failed (not its of ours)
     steps: list[Step] = field(default_factory=list)
 
@@ -95,16 +113,11 @@ class Outcome:
         return self
 
 
-def client_context(args: argparse.Namespace) -> ssl.SSLContext:
-    """What the sidecar's outbound side offers (tls/contexts.py), from plain files."""
+def client_context(args: argparse.Namespace, seat: Seat | None = None) -> ssl.SSLContext:
+    """What the sidecar's outbound side offers (tls/contexts.py), presenting and trusting
+    what `seat` says (default: the --cert/--key/--bundle files)."""
     ctx = contexts.client(TlsVersion(args.tls_min), TlsVersion(args.tls_max))
-    if args.bundle:
-        ctx.load_verify_locations(cafile=args.bundle)
-        ctx.verify_mode = ssl.CERT_REQUIRED
-    else:
-        ctx.verify_mode = ssl.CERT_NONE
-    if args.cert:
-        ctx.load_cert_chain(args.cert, args.key)
+    (seat if seat is not None else seat_of(args)).load(ctx)
     seen: set[int] = set()
 
     def hook(conn: Any, direction: str, version: Any, content_type: Any, msg_type: Any,
@@ -122,46 +135,24 @@ def client_context(args: argparse.Namespace) -> ssl.SSLContext:
     return ctx
 
 
-def _known_intermediates(cert_path: str | None) -> list[x509.Name]:
-    return _subjects(cert_path)[1:]
-
-
-def _subjects(path: str | None) -> list[x509.Name]:
-    """The subjects of the certificates in a PEM file, in order; [] when unreadable."""
-    if not path:
-        return []
-    try:
-        with open(path, "rb") as f:
-            certs = x509.load_pem_x509_certificates(f.read())
-    except (OSError, ValueError):
-        return []
-    return [c.subject for c in certs]
-
-
-def _own_certificate(args: argparse.Namespace) -> tuple[Reason, str] | None:
+def _own_certificate(seat: Seat, skew: float) -> tuple[Reason, str] | None:
     """What is wrong with the certificate we are about to present, if anything.
 
     A server tells a refused client little (TLS 1.3: an alert, or a hang-up after the
-    handshake), but our own files can be read: when the server refuses us and our own
-    certificate is broken, that is the reason to report.
+    handshake), but our own certificate can be read: when the server refuses us and our
+    own certificate is broken, that is the reason to report.
     """
-    if not args.cert:
+    if not seat.presents:
         return None
     from datetime import UTC, datetime, timedelta
 
     from sidecar.tools.inspect import command as inspect
 
-    try:
-        with open(args.cert, "rb") as f:
-            contents = inspect.read_pem(f.read())
-        bundle = None
-        if args.bundle:
-            with open(args.bundle, "rb") as f:
-                bundle = inspect.BundleFile(args.bundle, inspect.read_pem(f.read()).certs)
-    except OSError:
+    contents = seat.chain()
+    if contents is None:
         return None
-    report = inspect.examine(args.cert, contents, now=datetime.now(UTC),
-                             skew=timedelta(seconds=args.clock_skew_hint), bundle=bundle)
+    report = inspect.examine(seat.source, contents, now=datetime.now(UTC),
+                             skew=timedelta(seconds=skew), bundle=seat.own_bundle())
     for finding in report.findings:
         if finding.reason is not None:
             return finding.reason, finding.message
@@ -176,22 +167,29 @@ def run(args: argparse.Namespace) -> Outcome:
         port = int(port_text)
     except ValueError:
         out.step("target", False, f"{args.target!r} is not HOST:PORT")
-        out.reason = "usage"
+        out.reason = Setup.USAGE
         return out
     try:
-        ctx = client_context(args)
+        seat = seat_of(args)
+    except identity_source.SourceError as exc:
+        out.step("our identity", False, str(exc))
+        out.reason = Setup.USAGE if exc.usage else Setup.NO_IDENTITY
+        return out
+    try:
+        ctx = client_context(args, seat)
     except contexts.PinError as exc:
         out.step("client context", False, str(exc))
-        out.reason = "usage"
+        out.reason = Setup.USAGE
         return out
     except (OSError, ssl.SSLError) as exc:
-        out.step("load files", False, f"cannot load --cert/--key/--bundle: {exc}")
-        out.reason = "usage"
+        out.step("load files", False, f"cannot load {seat.source}: {exc}")
+        out.reason = Setup.USAGE
         return out
-    own = _own_certificate(args)
+    _name_ourselves(seat, out)
+    own = _own_certificate(seat, args.clock_skew_hint)
     if own is not None:
         out.step("our certificate", False, f"{own[0]}: {own[1]}")
-    session = _attempt(args, ctx, host, port, out, first=True)
+    session = _attempt(args, seat, ctx, host, port, out, first=True)
     if not out.ok and own is not None and out.reason in _REFUSED_US and not out.we_refused:
         # The server refused us, and our own certificate says why.
         reason, detail = own
@@ -204,7 +202,7 @@ def run(args: argparse.Namespace) -> Outcome:
         out.step("resumption", False, "not tried: the server sent no session ticket to "
                  f"resume within {VERDICT_WAIT:g} s (session resumption off on the server?)")
         return out
-    _attempt(args, ctx, host, port, out, first=False, session=session)
+    _attempt(args, seat, ctx, host, port, out, first=False, session=session)
     if out.resumed_second is None:
         out.resumption = "second_failed"
         out.step("resumption", False, "unknown: the second connection failed (see above)")
@@ -218,8 +216,27 @@ def run(args: argparse.Namespace) -> Outcome:
     return out
 
 
+def _name_ourselves(seat: Seat, out: Outcome) -> None:
+    """Say who we are about to be, and from where: with an agent, what it handed out."""
+    out.identity_source = seat.source or None
+    if not seat.presents:
+        return
+    out.our_spiffe_id = seat.spiffe_id()
+    if out.our_spiffe_id is None:
+        return  # _own_certificate says what is wrong with it
+    detail = f"{out.our_spiffe_id} from {seat.source}"
+    if seat.identity is not None:
+        from sidecar.times import rfc3339
+
+        ident = seat.identity
+        detail += (f"; serial {ident.serial:#x}, not after {rfc3339(ident.not_after)}; "
+                   f"trusts {', '.join(sorted(ident.bundles))}")
+    out.step("our identity", True, detail)
+
+
 def _attempt(
-    args: argparse.Namespace, ctx: ssl.SSLContext, host: str, port: int, out: Outcome,
+    args: argparse.Namespace, seat: Seat, ctx: ssl.SSLContext, host: str, port: int,
+    out: Outcome,
     *, first: bool, session: ssl.SSLSession | None = None,
 ) -> ssl.SSLSession | None:
     label = "" if first else " (second connection)"
@@ -248,8 +265,8 @@ def _attempt(
             sock.do_handshake()
         except (OSError, ValueError) as exc:
             f = classify(exc, presented=sock.__dict__.get(PRESENTED),
-                         known_intermediates=_known_intermediates(args.cert),
-                         trusted_names=_subjects(args.bundle))
+                         known_intermediates=seat.known_intermediates(),
+                         trusted_names=seat.trusted_names())
             if isinstance(exc, TimeoutError | socket.timeout):
                 f = Failure(Reason.HANDSHAKE_TIMEOUT, "the server did not answer in time")
             elif _CLIENT_HELLO in seen or (f.reason is Reason.OTHER
@@ -274,9 +291,9 @@ def _attempt(
             out.resumed_second = resumed
             return None
         out.server_asked_for_cert = _CERTIFICATE_REQUEST in seen
-        if not _check_server(sock, args, out):
+        if not _check_server(sock, args, seat, out):
             return None
-        return _verdict(sock, args, out)
+        return _verdict(sock, seat, out)
 
 
 def _expected_id(text: str) -> spiffe.SpiffePattern:
@@ -287,18 +304,29 @@ def _expected_id(text: str) -> spiffe.SpiffePattern:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _check_server(sock: ssl.SSLSocket, args: argparse.Namespace, out: Outcome) -> bool:
+def _check_server(sock: ssl.SSLSocket, args: argparse.Namespace, seat: Seat,
+                  out: Outcome) -> bool:
     der = sock.getpeercert(binary_form=True)
-    chain = sock.get_verified_chain() if args.bundle else []
+    chain = sock.get_verified_chain() if seat.verifies else []
     if der is None:
         out.fail(Reason.OTHER, "the server presented no certificate")
         return False
     leaf = x509.load_der_x509_certificate(der)
     shown = " <- ".join(x509.load_der_x509_certificate(c).subject.rfc4514_string() or "(empty)"
                         for c in chain) if chain else leaf.subject.rfc4514_string()
-    out.server_verified = bool(args.bundle)
-    trust = "verified against --bundle" if args.bundle else "NOT verified (no --bundle given)"
-    out.step("server chain", bool(args.bundle), f"{shown}; {trust}")
+    out.server_verified = seat.verifies
+    trust = f"verified against {seat.trust_label}" if seat.verifies else \
+        "NOT verified (no --bundle given)"
+    if seat.identity is not None:
+        # As the outbound: the chain must end in the bundle of the server's own trust
+        # domain (a federated CA never vouches for another domain's IDs).
+        try:
+            Authenticator().full(chain, seat.identity)
+        except AuthnError as exc:
+            out.step("server chain", False, f"{shown}; {exc.detail}")
+            out.fail(exc.reason, exc.detail)
+            return False
+    out.step("server chain", seat.verifies, f"{shown}; {trust}")
     try:
         sid = svid.spiffe_id_of(leaf)
     except svid.SvidError as exc:
@@ -315,7 +343,7 @@ def _check_server(sock: ssl.SSLSocket, args: argparse.Namespace, out: Outcome) -
     return True
 
 
-def _verdict(sock: ssl.SSLSocket, args: argparse.Namespace, out: Outcome) -> ssl.SSLSession | None:
+def _verdict(sock: ssl.SSLSocket, seat: Seat, out: Outcome) -> ssl.SSLSession | None:
     """Read for VERDICT_WAIT: an alert, an end of stream, a ticket, or nothing (see the
     module docstring for what each tells, and what it cannot)."""
     asked = out.server_asked_for_cert
@@ -332,7 +360,7 @@ def _verdict(sock: ssl.SSLSocket, args: argparse.Namespace, out: Outcome) -> ssl
         ended = "without a close_notify"
     except ssl.SSLError as exc:
         f = classify(exc)
-        if not args.cert:
+        if not seat.presents:
             out.step("client certificate", False, f"we sent none: {f.detail}")
             out.fail(f.reason, "the server requires a client certificate: pass --cert and "
                      "--key")
@@ -349,7 +377,7 @@ def _verdict(sock: ssl.SSLSocket, args: argparse.Namespace, out: Outcome) -> ssl
         out.step("client certificate", False, note)
         out.fail(Reason.NO_CLIENT_CERT, note)
         return None
-    if not args.cert:
+    if not seat.presents:
         out.fail(Reason.NO_CLIENT_CERT, "the server asks for a client certificate; pass "
                  "--cert and --key")
         return None
@@ -381,11 +409,14 @@ def _closed_after_handshake(out: Outcome, ended: str, *, ticket: bool) -> None:
 
 
 def main(argv: Sequence[str]) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    identity_source.check_exclusive(p, args, {"--cert": args.cert, "--key": args.key,
+                                              "--bundle": args.bundle})
     out = run(args)
-    if out.reason == "usage":
+    if out.reason in (Setup.USAGE, Setup.NO_IDENTITY):
         print(f"sidecar diagnose: {out.steps[-1].detail}", file=sys.stderr)
-        return 2
+        return 2 if out.reason == Setup.USAGE else 1
     if args.json:
         print(json.dumps(asdict(out), indent=2))
     else:
@@ -408,6 +439,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--key", help="the private key of --cert (PEM)")
     p.add_argument("--bundle", help="trust anchors to verify the server with; without: "
                    "the server is not verified and the verdict says UNVERIFIED")
+    identity_source.add_arguments(p, "--cert/--key/--bundle")
     p.add_argument("--expect-id", action="append", default=[], type=_expected_id,
                    help="the SPIFFE ID the server must have (repeatable; spiffe://TD/* too)")
     p.add_argument("--server-name", help="SNI (default: the host)")

@@ -1,4 +1,5 @@
-"""Writing a `FileReport` for people (wrapped text) and for programs (JSON values); pure."""
+"""Writing a `FileReport`, or the agent's `AnswerReport`, for people (wrapped text) and for
+programs (JSON values); pure."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ import textwrap
 from collections.abc import Sequence
 from typing import Any
 
+from sidecar.sources.workload_response import offer_words
 from sidecar.tools.inspect.findings import Finding
 from sidecar.tools.inspect.report import FileReport
 from sidecar.tools.inspect.validity import iso
+from sidecar.tools.inspect.workload import AnswerReport
 
 _WRAP = 100
 
@@ -116,3 +119,53 @@ def _problem_lines(findings: Sequence[Finding]) -> list[str]:
             lines.append(_line("means", reason.explanation, indent=4))
             lines.append(_line("fix", reason.fix, indent=4))
     return lines
+
+
+def answer_text(answer: AnswerReport) -> str:
+    """The agent's answer for people: a summary, each SVID shown, each bundle, the CRLs."""
+    problems = answer.problems
+    chosen = answer.chosen
+    why = (f"named by {answer.wanted_by}" if answer.wanted else
+           "the only one" if len(answer.offered) == 1 else
+           "the first; identity.spiffe_id (or --spiffe-id here) picks another")
+    head = [f"Workload API {answer.address}: "
+            + (f"PROBLEM: {', '.join(problems)}" if problems else "OK"),
+            _line("offers", f"{len(answer.offered)} SVID(s): "
+                  + ", ".join(offer_words(i, h) for i, h in answer.offered)),
+            _line("run takes", f"{offer_words(chosen.spiffe_id, chosen.hint)} ({why})")]
+    sections = ["\n".join(head)]
+    for s in answer.svids:
+        lines = [render_text(s.report),
+                 _line("run", "would NOT take it:" if s.refused else "would take it")]
+        lines += [textwrap.fill(f"- {p}", _WRAP, initial_indent=" " * 4,
+                                subsequent_indent=" " * 6, break_on_hyphens=False)
+                  for p in s.refused]
+        sections.append("\n".join(lines))
+    sections += [render_text(b.report) for b in answer.bundles]
+    crls = [_line(f"CRL {n}", (c.problem or "unreadable") if c.issuer is None else
+                  f"from '{c.issuer}', {c.revoked} revoked, updated "
+                  f"{iso(c.last_update) if c.last_update else '?'}, next update "
+                  f"{iso(c.next_update) if c.next_update else 'none'}")
+            for n, c in enumerate(answer.crls, 1)]
+    sections.append("CRLs: " + ("none" if not crls else f"{len(crls)}\n" + "\n".join(crls)))
+    return "\n\n".join(sections)
+
+
+def answer_json(answer: AnswerReport) -> dict[str, Any]:
+    """The agent's answer for programs: one object, each report as `to_json` writes a
+    file's."""
+    return {
+        "workload_api": answer.address,
+        "spiffe_id_wanted": answer.wanted,
+        "problems": answer.problems,
+        "offered": [{"spiffe_id": i, "hint": h} for i, h in answer.offered],
+        "svids": [{"spiffe_id": s.spiffe_id, "hint": s.hint, "chosen": s.chosen,
+                   "run_takes_it": not s.refused, "run_refuses_because": list(s.refused),
+                   "report": to_json(s.report)} for s in answer.svids],
+        "bundles": [{"trust_domain": b.trust_domain, "federated": b.federated,
+                     "report": to_json(b.report)} for b in answer.bundles],
+        "crls": [{"issuer": c.issuer, "revoked": c.revoked,
+                  "last_update": iso(c.last_update) if c.last_update else None,
+                  "next_update": iso(c.next_update) if c.next_update else None,
+                  "problem": c.problem} for c in answer.crls],
+    }

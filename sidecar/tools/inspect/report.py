@@ -81,8 +81,11 @@ def examine(
     skew: timedelta = DEFAULT_CLOCK_SKEW_HINT,
     bundle: BundleFile | None = None,
     known_intermediates: Mapping[x509.Name, str] | None = None,
+    bundle_only: bool = False,
 ) -> FileReport:
-    """Everything wrong with one file's certificates at `now`; no I/O."""
+    """Everything wrong with one file's certificates at `now`; no I/O. `bundle_only`: the
+    certificates are a trust bundle (the agent says so), read as a CA file whatever the
+    first one looks like."""
     findings = [Finding(FileProblem.MALFORMED_PEM, d) for d in contents.damage]
     notes = [f"a {label} block, ignored" for label in contents.other_blocks]
     if contents.private_keys:
@@ -93,7 +96,7 @@ def examine(
         return FileReport(source, None, (), bundle.source if bundle else None, None,
                           tuple(findings), tuple(notes), contents.private_keys)
     views = [describe(c) for c in certs]
-    kind = "ca" if views[0].can_sign else "svid"
+    kind = "ca" if bundle_only or views[0].can_sign else "svid"
     labels = [("the leaf" if kind == "svid" else "certificate 1") if i == 0
               else f"certificate {i + 1} ('{v.subject}')" for i, v in enumerate(views)]
     walk = walk_chain(certs, bundle.cas if bundle else None, known_intermediates or {}, labels)
