@@ -158,5 +158,4 @@ NOT_SUPPORTED_YET: Final[tuple[Unsupported, ...]] = (
                 "choosing among the Workload API's SVIDs comes with identity.workload_api",
                 "remove it"),
     Unsupported("inbound[].protocol", _is("http"), "per-request HTTP policy is planned", "use tcp"),
-    Unsupported("inbound[].proxy_protocol", _is(True), "PROXY v2 headers are planned", "set false"),
 )

@@ -247,6 +247,16 @@ class TlsEndpoint:
     def resumed(self) -> bool:
         return bool(self._obj.session_reused)
 
+    def server_name(self) -> str | None:
+        """The SNI the client sent (a server's view); None also where the private reach
+        is unavailable: Python shows it only to an sni_callback."""
+        return openssl.server_name(self._ptr) if self._ptr is not None else None
+
+    def alpn(self) -> str | None:
+        """The application protocol the handshake negotiated, if any."""
+        proto: str | None = self._obj.selected_alpn_protocol()
+        return proto
+
     def new_session(self) -> ssl.SSLSession | None:
         """The session to resume with next time, when this client connection brought one;
         else None, without asking. CPython 3.13.0's session getter leaks a copy of the
