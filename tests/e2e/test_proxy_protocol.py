@@ -41,10 +41,12 @@ from .conftest import (
     FRONTEND,
     IO_TIMEOUT,
     LINE_TIMEOUT,
+    PAYMENTS,
     EchoApp,
     Sidecar,
     SidecarFactory,
     TlsClient,
+    plain_roundtrip,
     wait_for,
 )
 
@@ -329,6 +331,31 @@ def test_the_pypi_parser_reads_the_header_then_exactly_the_callers_bytes(
         True, True, True, 0)
     assert (ssl_tlv.version, ssl_tlv.cipher) == (line["tls_version"], line["cipher"])
     assert ssl_tlv.cn is None
+
+
+def test_through_a_callers_sidecar_the_app_learns_its_spiffe_id_and_server_name(
+    sidecar: SidecarFactory, proxy_echo_app: Callable[..., ProxyEchoApp],
+) -> None:
+    # The mesh's own path: plaintext -> A (outbound, FRONTEND) ==mTLS==> B -> the app.
+    app = proxy_echo_app()
+    b = b_with(sidecar, app.address)
+    a = sidecar("a", spiffe_id=FRONTEND, outbound=[{
+        "name": "out", "connect_to": f"127.0.0.1:{b.port('in')}", "server_name": SNI,
+        "expect_ids": [PAYMENTS]}])
+    payload = secrets.token_bytes(2000)
+
+    r = plain_roundtrip(a.port("out"), payload)
+
+    assert r.received == payload
+    [line] = b.wait_connections(1, listener="in")
+    [received] = app.received
+    header = received.header
+    assert header is not None
+    host, _, port = line["peer_addr"].rpartition(":")
+    assert header.source == (ipaddress.ip_address(host), int(port))  # A's socket
+    assert header.tlv[0xE0] == FRONTEND.encode()
+    assert header.tlv.authority == SNI  # A's outbound[].server_name
+    assert header.tlv.unique_id == line["id"].encode()
 
 
 def test_without_proxy_protocol_the_app_reads_the_callers_bytes_first(
