@@ -13,8 +13,11 @@ peer's bytes.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import ipaddress
 import socket
+import sys
+import termios
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -33,6 +36,7 @@ from orchestrators import (
     records_of,
     runtime,
     sample,
+    tcp,
     tls_peer,
     tls_read,
     tls_write,
@@ -43,6 +47,7 @@ from proxyprotocol.result import ProxyResult
 from proxyprotocol.v2 import ProxyProtocolV2
 
 from sidecar.config.schema import Address, InboundListener
+from sidecar.endpoint import close_with_reset
 from sidecar.identity import Identity
 from sidecar.policy.model import DENY_ALL
 from sidecar.proxy import inbound
@@ -320,3 +325,48 @@ def test_without_proxy_protocol_the_app_reads_only_the_peers_bytes(
             assert await one_call(side, held, app, cli, b"just this") == b"just this"
 
     run(holding(body))
+
+
+# --- send_all: the header's write to the app ------------------------------------------------
+
+
+def test_send_all_writes_what_the_socket_takes_later_once_the_reader_drains(
+    run: Callable[..., Any],
+) -> None:
+    async def body(held: Held) -> None:
+        near, far = tcp(held, rcvbuf=4096, sndbuf=4096)
+        loop = asyncio.get_running_loop()
+        data = bytes(range(256)) * 4096  # 1 MiB: far more than the buffers hold
+        task = loop.create_task(inbound.send_all(loop, far, data, 5.0))
+        await until(lambda: _unsent(far) > 0, "the send buffer to fill")
+        assert not task.done()  # it waits for the socket, not a busy loop
+        assert await read_all(loop, near, len(data)) == data
+        await task
+
+    run(holding(body))
+
+
+def test_send_all_gives_up_after_its_timeout(run: Callable[..., Any]) -> None:
+    async def body(held: Held) -> None:
+        _, far = tcp(held, rcvbuf=4096, sndbuf=4096)  # a reader that never reads
+        loop = asyncio.get_running_loop()
+        with pytest.raises(TimeoutError):
+            await inbound.send_all(loop, far, bytes(8 << 20), 0.2)
+
+    run(holding(body))
+
+
+def test_send_all_to_a_reset_app_raises_a_connection_error(run: Callable[..., Any]) -> None:
+    async def body(held: Held) -> None:
+        near, far = tcp(held)
+        close_with_reset(near)  # on loopback the reset has reached far when this returns
+        with pytest.raises(ConnectionError):
+            await inbound.send_all(asyncio.get_running_loop(), far, b"header", 1.0)
+
+    run(holding(body))
+
+
+def _unsent(sock: socket.socket) -> int:
+    """Bytes queued in sock's send buffer (SIOCOUTQ)."""
+    out = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    return int.from_bytes(out, sys.byteorder)
