@@ -12,6 +12,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 from hypothesis import given
 from hypothesis import strategies as st
@@ -220,3 +221,12 @@ def test_common_name_is_read_from_the_subject() -> None:
     named = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "frontend")])
     assert proxy_header.common_name(_self_signed(key, named, hashes.SHA256())) == "frontend"
     assert proxy_header.common_name(_self_signed(key, NO_CN, hashes.SHA256())) is None
+
+
+def test_common_name_of_der_reads_each_certificate_not_a_cached_neighbour() -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    ders = [_self_signed(key, x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]),
+                         hashes.SHA256()).public_bytes(Encoding.DER) for name in ("a", "b")]
+    no_cn = _self_signed(key, NO_CN, hashes.SHA256()).public_bytes(Encoding.DER)
+    for _ in range(2):  # the second round comes from the cache
+        assert [proxy_header.common_name_of(d) for d in (*ders, no_cn)] == ["a", "b", None]

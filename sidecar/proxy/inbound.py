@@ -15,8 +15,6 @@ from __future__ import annotations
 import asyncio
 import socket
 
-from cryptography import x509
-
 from sidecar.authn import Peer
 from sidecar.config import InboundListener
 from sidecar.endpoint import TcpEndpoint, close_with_reset
@@ -117,7 +115,7 @@ def origin(ep: TlsEndpoint, peer: Peer, rec: Record, identity: Identity
     source = ep.sock.getpeername()
     destination = ep.sock.getsockname()
     leaf = ep.peer_leaf()
-    cn = proxy_header.common_name(x509.load_der_x509_certificate(leaf)) if leaf else None
+    cn = proxy_header.common_name_of(leaf) if leaf else None
     sig_alg, key_alg = _own_algorithms(identity)
     tls = proxy_header.TlsFacts(
         version=rec.tls_version or "", cipher=rec.cipher, resumed=bool(rec.resumed),

@@ -37,6 +37,7 @@ Not sent, on purpose:
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import struct
 from dataclasses import dataclass
@@ -130,7 +131,7 @@ def encode(origin: Origin) -> bytes:
 
 
 def _addresses(source: tuple[str, int], destination: tuple[str, int]) -> tuple[int, bytes]:
-    src, dst = ipaddress.ip_address(source[0]), ipaddress.ip_address(destination[0])
+    src, dst = _ip(source[0]), _ip(destination[0])
     if isinstance(src, ipaddress.IPv6Address) and isinstance(dst, ipaddress.IPv6Address):
         src4, dst4 = src.ipv4_mapped, dst.ipv4_mapped
         if src4 is not None and dst4 is not None:
@@ -140,6 +141,13 @@ def _addresses(source: tuple[str, int], destination: tuple[str, int]) -> tuple[i
                          "of one IP family")
     family = _TCP_OVER_IPV4 if src.version == 4 else _TCP_OVER_IPV6
     return family, src.packed + dst.packed + struct.pack("!HH", source[1], destination[1])
+
+
+# A connection's addresses repeat (our listener's always, a peer's host often): parsed
+# once each, not ~2 us a connection.
+@functools.lru_cache(maxsize=256)
+def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    return ipaddress.ip_address(host)
 
 
 def _ssl(tls: TlsFacts) -> bytes:
@@ -166,6 +174,14 @@ def _tlv(kind: int, value: bytes) -> bytes:
 
 
 # --- facts of certificates, as the SSL sub-TLVs name them -----------------------------------
+
+
+# A peer's leaf comes back on each of its connections, and an SVID usually has no Common
+# Name: parsing it once saves ~5 us of every connection. Bounded: 256 leaves of ~0.6 KiB.
+@functools.lru_cache(maxsize=256)
+def common_name_of(der: bytes) -> str | None:
+    """The Common Name of a DER certificate's subject, or None."""
+    return common_name(x509.load_der_x509_certificate(der))
 
 
 def common_name(cert: x509.Certificate) -> str | None:
