@@ -141,17 +141,17 @@ def _own_algorithms(identity: Identity) -> tuple[str | None, str | None]:
 async def send_all(loop: asyncio.AbstractEventLoop, sock: socket.socket, data: bytes,
                    timeout: float) -> None:
     """Write all of `data` to a non-blocking socket within `timeout` seconds. A fresh
-    connection's send buffer is empty, so a header goes in the first send; the wait is
-    for the case it does not."""
-    view = memoryview(data)
+    connection's send buffer is empty, so a header goes in the first send, with no timer
+    armed; the wait is for the case it does not."""
+    try:
+        sent = sock.send(data)
+    except (BlockingIOError, InterruptedError):
+        sent = 0
+    if sent == len(data):
+        return
+    view = memoryview(data)[sent:]
     async with asyncio.timeout(timeout):
         while True:
-            try:
-                view = view[sock.send(view):]
-            except (BlockingIOError, InterruptedError):
-                pass
-            if not view:
-                return
             writable: asyncio.Future[None] = loop.create_future()
 
             def fire(fut: asyncio.Future[None] = writable) -> None:
@@ -163,6 +163,12 @@ async def send_all(loop: asyncio.AbstractEventLoop, sock: socket.socket, data: b
                 await writable
             finally:
                 loop.remove_writer(sock.fileno())
+            try:
+                view = view[sock.send(view):]
+            except (BlockingIOError, InterruptedError):
+                pass
+            if not view:
+                return
 
 
 def recheck_live(rt: Runtime, policy: Policy) -> int:
