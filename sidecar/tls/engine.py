@@ -248,9 +248,12 @@ class TlsEndpoint:
         return bool(self._obj.session_reused)
 
     def server_name(self) -> str | None:
-        """The SNI the client sent (a server's view); None also where the private reach
-        is unavailable: Python shows it only to an sni_callback."""
-        return openssl.server_name(self._ptr) if self._ptr is not None else None
+        """The SNI the client sent (a server's view): asked of OpenSSL, or, without the
+        private reach, what remember_server_name kept during the handshake."""
+        if self._ptr is not None:
+            return openssl.server_name(self._ptr)
+        name: str | None = self.sock.__dict__.get(_SERVER_NAME)
+        return name
 
     def alpn(self) -> str | None:
         """The application protocol the handshake negotiated, if any."""
@@ -315,6 +318,16 @@ class TlsEndpoint:
     def _keep_session(self) -> None:
         if self.keep_session and not self._shut and self._ptr is not None:
             openssl.keep_session(self._ptr)
+
+
+_SERVER_NAME = "sidecar_server_name"  # where remember_server_name keeps it on the socket
+
+
+def remember_server_name(sock: Any, name: str | None, _ctx: ssl.SSLContext) -> None:
+    """A server context's sni_callback where OpenSSL cannot be asked afterwards (contexts.py
+    installs it only then: it is a Python call in every handshake that sends SNI)."""
+    if name is not None:
+        sock.__dict__[_SERVER_NAME] = name
 
 
 def _inq(fd: int) -> int:
