@@ -96,13 +96,26 @@ REFERENCE = {
 }
 GOALS = {"full": 1.0, "resumed": 1.0, "mib": 1.5}  # max sidecar/haproxy instruction ratio
 
+# A PROXY v2 header (--sidecar-proxy-protocol) is read and dropped first: it starts with
+# \r, which no client here starts with, and says its length in bytes 15-16.
 ECHO_SERVER = r"""
 import socket, sys, threading
+def skip_proxy_header(c):
+    head = c.recv(65536)
+    if not head.startswith(b"\r"):
+        return head
+    while len(head) < 16:
+        head += c.recv(65536)
+    end = 16 + int.from_bytes(head[14:16], "big")
+    while len(head) < end:
+        head += c.recv(65536)
+    return head[end:]
 def serve(c):
     buf = bytearray(65536)
     mv = memoryview(buf)
     try:
         c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        c.sendall(skip_proxy_header(c))
         while True:
             n = c.recv_into(buf)
             if not n:
@@ -279,7 +292,7 @@ class Pair:
 
 
 def sidecar_pair(p: Pki, work: Path, echo_port: int, *, callgrind: bool, loop: str,
-                 ktls: str, session_store: str) -> Pair:
+                 ktls: str, session_store: str, proxy_protocol: bool = False) -> Pair:
     tls_port, plain_port = free_port(), free_port()
     (work / "policy.yaml").write_text(
         f"mode: enforce\ndefault: deny\nrules:\n"
@@ -293,6 +306,7 @@ def sidecar_pair(p: Pki, work: Path, echo_port: int, *, callgrind: bool, loop: s
         f"  bundle: {p.server_dir}/bundle.pem\n"
         f"inbound:\n  - name: app\n    listen: 127.0.0.1:{tls_port}\n"
         f"    forward_to: 127.0.0.1:{echo_port}\n"
+        f"    proxy_protocol: {'true' if proxy_protocol else 'false'}\n"
         f"policy: policy.yaml\n{common.format(admin_port=free_port())}")
     (work / "outbound.yaml").write_text(
         f"identity:\n  cert: {p.client_dir}/svid.pem\n  key: {p.client_dir}/svid_key.pem\n"
@@ -517,7 +531,8 @@ def run_target(target: str, mode: str, args: argparse.Namespace, p: Pki, work: P
     log(f"{target}, {mode}: starting the two proxies" + (" under callgrind" if callgrind else ""))
     if target == "sidecar":
         pair = sidecar_pair(p, d, echo_port, callgrind=callgrind, loop=args.loop,
-                            ktls=args.sidecar_ktls, session_store=args.sidecar_session_store)
+                            ktls=args.sidecar_ktls, session_store=args.sidecar_session_store,
+                            proxy_protocol=args.sidecar_proxy_protocol)
     else:
         pair = haproxy_pair(p, d, echo_port, callgrind=callgrind,
                             tickets=args.haproxy_tickets == "on")
@@ -580,7 +595,9 @@ def table(results: dict[str, Any], meta: dict[str, Any]) -> str:
 
     lines = [
         f"sidecar (python {meta['python']}, --loop {meta['loop']}, kTLS {meta['sidecar_ktls']},"
-        f" session_store {meta['sidecar_session_store']}) vs HAProxy {meta['haproxy']}"
+        f" session_store {meta['sidecar_session_store']}"
+        f"{', proxy_protocol' if meta['sidecar_proxy_protocol'] else ''})"
+        f" vs HAProxy {meta['haproxy']}"
         f" (nbthread 1, two processes: inbound + outbound, tls tickets {meta['haproxy_tickets']})",
         f"{meta['openssl']}; TLS 1.3 {meta['cipher']}; ECDSA P-256 SVIDs, root + intermediate;"
         f" client: stdlib ssl, one connection at a time; backend: one echo process",
@@ -646,6 +663,9 @@ def main() -> int:
     ap.add_argument("--sidecar-session-store", choices=["auto", "memory", "tickets"],
                     default="auto", help="the sidecar's tls.session_store (default auto: "
                     "memory, one process)")
+    ap.add_argument("--sidecar-proxy-protocol", action="store_true",
+                    help="the inbound sidecar sends the echo backend a PROXY v2 header "
+                    "(inbound[].proxy_protocol), which it drops")
     ap.add_argument("--haproxy-tickets", choices=["on", "off"], default="on",
                     help="off: HAProxy's no-tls-tickets, its own session cache (default on)")
     ap.add_argument("--keep", type=Path, default=None,
@@ -674,6 +694,7 @@ def main() -> int:
         "python": platform.python_version(), "loop": args.loop,
         "sidecar_ktls": args.sidecar_ktls, "openssl": ssl.OPENSSL_VERSION,
         "sidecar_session_store": args.sidecar_session_store,
+        "sidecar_proxy_protocol": args.sidecar_proxy_protocol,
         "haproxy_tickets": args.haproxy_tickets,
         "haproxy": hv[2] if len(hv) > 2 else "?", "native_scale": args.native_scale,
         "connections": args.connections, "mib": args.mib, "work_dir": str(work),

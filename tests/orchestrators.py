@@ -131,8 +131,11 @@ def records_of(rt: Runtime) -> list[Record]:
     return records
 
 
-def inbound_cfg(name: str, forward_to: int) -> InboundListener:
-    return InboundListener(name, Address("127.0.0.1", 0), Address("127.0.0.1", forward_to))
+def inbound_cfg(name: str, forward_to: int, *, host: str = "127.0.0.1",
+                proxy_protocol: bool = False) -> InboundListener:
+    """An inbound listener on `host` (an ephemeral port) forwarding to 127.0.0.1:forward_to."""
+    return InboundListener(name, Address(host, 0), Address("127.0.0.1", forward_to),
+                           proxy_protocol=proxy_protocol)
 
 
 def outbound_cfg(name: str, connect_to: int, expect: tuple[str, ...]) -> OutboundListener:
@@ -281,8 +284,9 @@ def accept(rt: Runtime, far: socket.socket, listener: str) -> Accepted:
     return Accepted(rec, ep, task)
 
 
-def tls_peer(held: Held, near: socket.socket,
-             ctx: ssl.SSLContext, session: ssl.SSLSession | None = None) -> TlsEndpoint:
-    ep = TlsEndpoint.client(ctx, near, None, session)
+def tls_peer(held: Held, near: socket.socket, ctx: ssl.SSLContext,
+             session: ssl.SSLSession | None = None, server_name: str | None = None
+             ) -> TlsEndpoint:
+    ep = TlsEndpoint.client(ctx, near, server_name, session)
     held.append(ep)
     return ep

@@ -172,7 +172,9 @@ def test_a_good_config_is_summed_up(tmp_path: Path) -> None:
                       "  - {name: web, action: allow, from: ['spiffe://example.org/ns/web/*'],"
                       " to: {listeners: [in]}}\n")
     path = write_config(tmp_path, policy=str(policy), inbound=[
-        {"name": "in", "listen": "127.0.0.1:0", "forward_to": "127.0.0.1:8080"}])
+        {"name": "in", "listen": "127.0.0.1:0", "forward_to": "127.0.0.1:8080"},
+        {"name": "pp", "listen": "127.0.0.1:0", "forward_to": "127.0.0.1:8081",
+         "proxy_protocol": True}])
     code, out = check(path)
     assert code == 0, out
     svid = x509.load_pem_x509_certificate((tmp_path / "svid.pem").read_bytes())
@@ -180,7 +182,8 @@ def test_a_good_config_is_summed_up(tmp_path: Path) -> None:
     assert re.search(rf"identity: spiffe://{TD}/ns/a/sa/b, expires in \d+ min \({not_after}\)",
                      out), out
     for line in (
-                 "inbound in: 127.0.0.1:0 -> 127.0.0.1:8080 (tcp)",
+                 "inbound in: 127.0.0.1:0 -> 127.0.0.1:8080 (tcp)\n",
+                 "inbound pp: 127.0.0.1:0 -> 127.0.0.1:8081 (tcp, PROXY v2 header first)",
                  f"outbound out: 127.0.0.1:0 -> 127.0.0.1:9, expects spiffe://{TD}/*",
                  "admin: 127.0.0.1:0",
                  "1 rule(s), default deny",

@@ -616,6 +616,10 @@ def test_bad_protocol(tmp_path: Path) -> None:
     assert "'udp' is not one of tcp, http" in problem.message
 
 
+def test_proxy_protocol_true_is_accepted(tmp_path: Path) -> None:
+    assert parse(with_inbound(proxy_protocol=True), tmp_path).inbound[0].proxy_protocol is True
+
+
 def test_proxy_protocol_must_be_a_boolean(tmp_path: Path) -> None:
     problem = only_problem(with_inbound(proxy_protocol="maybe"), tmp_path)
     assert problem.where == "inbound[0].proxy_protocol"
@@ -939,7 +943,6 @@ UNSUPPORTED_SNIPPETS = {
     "identity.spiffe_id": ("identity.spiffe_id", "'spiffe://example.org/a'",
                            "spiffe_id: spiffe://example.org/a"),
     "inbound[].protocol": ("inbound[0].protocol", "'http'", "protocol: http"),
-    "inbound[].proxy_protocol": ("inbound[0].proxy_protocol", "true", "proxy_protocol: true"),
     "identity.crl": ("identity.crl", "'crl.pem'", "crl: crl.pem"),
     "tls.ktls": ("tls.ktls", "'on'", "ktls: on"),
     "workers": ("workers", "2", "workers: 2"),

@@ -19,7 +19,7 @@ SIDECAR = Path(__file__).resolve().parent.parent / "sidecar"
 
 # Pure values, rules and vocabularies: functions of plain values, testable without I/O.
 PURE = ("spiffe", "svid", "reasons", "outcomes", "modes", "problems", "times",
-        "policy.model", "tls.classify")
+        "policy.model", "tls.classify", "proxy.proxy_header")
 IO_MODULES = {"socket", "ssl", "asyncio", "subprocess", "os", "selectors", "threading",
               "ctypes", "uvloop", "watchfiles", "prometheus_client", "http", "urllib"}
 # The commands around the proxy: the proxy and its life cycle never import them.

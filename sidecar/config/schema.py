@@ -163,5 +163,4 @@ def _is(expected: object) -> Callable[[object], bool]:
 # when its feature lands.
 NOT_SUPPORTED_YET: Final[tuple[Unsupported, ...]] = (
     Unsupported("inbound[].protocol", _is("http"), "per-request HTTP policy is planned", "use tcp"),
-    Unsupported("inbound[].proxy_protocol", _is(True), "PROXY v2 headers are planned", "set false"),
 )

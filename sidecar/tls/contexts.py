@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from sidecar.identity import Identity
 from sidecar.modes import SessionStore, TlsVersion
-from sidecar.tls import openssl, peerchain
+from sidecar.tls import engine, openssl, peerchain
 
 # TLS 1.2 (only when configured): forward-secret AEAD suites, nothing else.
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
@@ -117,6 +117,8 @@ def build(
     server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     _offer(server, min_version, TlsVersion.TLS_1_3, groups)
     _with_identity(server, identity, ktls)
+    if not openssl.available():
+        server.sni_callback = engine.remember_server_name  # the PROXY header's SNI
     store = None
     if session_resumption:
         server.num_tickets = TICKETS_PER_HANDSHAKE

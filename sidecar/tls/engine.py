@@ -247,6 +247,19 @@ class TlsEndpoint:
     def resumed(self) -> bool:
         return bool(self._obj.session_reused)
 
+    def server_name(self) -> str | None:
+        """The SNI the client sent (a server's view): asked of OpenSSL, or, without the
+        private reach, what remember_server_name kept during the handshake."""
+        if self._ptr is not None:
+            return openssl.server_name(self._ptr)
+        name: str | None = self.sock.__dict__.get(_SERVER_NAME)
+        return name
+
+    def alpn(self) -> str | None:
+        """The application protocol the handshake negotiated, if any."""
+        proto: str | None = self._obj.selected_alpn_protocol()
+        return proto
+
     def new_session(self) -> ssl.SSLSession | None:
         """The session to resume with next time, when this client connection brought one;
         else None, without asking. CPython 3.13.0's session getter leaks a copy of the
@@ -305,6 +318,16 @@ class TlsEndpoint:
     def _keep_session(self) -> None:
         if self.keep_session and not self._shut and self._ptr is not None:
             openssl.keep_session(self._ptr)
+
+
+_SERVER_NAME = "sidecar_server_name"  # where remember_server_name keeps it on the socket
+
+
+def remember_server_name(sock: Any, name: str | None, _ctx: ssl.SSLContext) -> None:
+    """A server context's sni_callback where OpenSSL cannot be asked afterwards (contexts.py
+    installs it only then: it is a Python call in every handshake that sends SNI)."""
+    if name is not None:
+        sock.__dict__[_SERVER_NAME] = name
 
 
 def _inq(fd: int) -> int:

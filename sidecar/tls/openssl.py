@@ -94,6 +94,7 @@ def _load() -> Any:
             "SSL_set_msg_callback": ([ctypes.c_void_p, ctypes.c_void_p], None),
             "SSL_get_wbio": ([ctypes.c_void_p], ctypes.c_void_p),
             "SSL_get_rbio": ([ctypes.c_void_p], ctypes.c_void_p),
+            "SSL_get_servername": ([ctypes.c_void_p, ctypes.c_int], ctypes.c_char_p),
             "BIO_ctrl": (
                 [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p],
                 ctypes.c_long,
@@ -443,6 +444,19 @@ def has_ticket(ptr: int) -> bool:
     assert _lib is not None
     session = _lib.SSL_get_session(ptr)
     return bool(session) and bool(_lib.SSL_SESSION_has_ticket(session))
+
+
+# --- The SNI a client sent (a server's view) ----------------------------------------------
+# Python shows it only to an sni_callback, a Python call in every handshake of every
+# listener; the PROXY header (proxy/inbound.py) asks for it only where it is sent.
+TLSEXT_NAMETYPE_HOST_NAME = 0
+
+
+def server_name(ptr: int) -> str | None:
+    """The host name of the ClientHello's server_name extension, or None."""
+    assert _lib is not None
+    name: bytes | None = _lib.SSL_get_servername(ptr, TLSEXT_NAMETYPE_HOST_NAME)
+    return name.decode("utf-8", "replace") if name else None
 
 
 # --- A close_notify, or a bare end of the TCP stream? ------------------------------------

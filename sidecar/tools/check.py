@@ -127,7 +127,9 @@ def summary(config: Config, identity: Identity, policy: Policy | None,
         lines.append(f"trusts {td}: {len(bundle.cas)} CA(s), earliest expiry "
                      f"{rfc3339(bundle.earliest_expiry)}")
     for ib in config.inbound:
-        lines.append(f"inbound {ib.name}: {ib.listen} -> {ib.forward_to} ({ib.protocol})")
+        header = ", PROXY v2 header first" if ib.proxy_protocol else ""
+        lines.append(f"inbound {ib.name}: {ib.listen} -> {ib.forward_to} "
+                     f"({ib.protocol}{header})")
     for ob in config.outbound:
         lines.append(f"outbound {ob.name}: {ob.listen} -> {ob.connect_to}, expects "
                      f"{', '.join(str(e) for e in ob.expect_ids)}")
