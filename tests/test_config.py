@@ -938,10 +938,6 @@ def test_policy_of_wrong_type(tmp_path: Path) -> None:
 # One snippet per NOT_SUPPORTED_YET path that sets the refused value; the first problem
 # is expected at the given YAML path.
 UNSUPPORTED_SNIPPETS = {
-    "identity.workload_api": ("identity.workload_api", "'unix:///run/agent.sock'",
-                              "workload_api: unix:///run/agent.sock"),
-    "identity.spiffe_id": ("identity.spiffe_id", "'spiffe://example.org/a'",
-                           "spiffe_id: spiffe://example.org/a"),
     "inbound[].protocol": ("inbound[0].protocol", "'http'", "protocol: http"),
     "identity.crl": ("identity.crl", "'crl.pem'", "crl: crl.pem"),
     "tls.ktls": ("tls.ktls", "'on'", "ktls: on"),
