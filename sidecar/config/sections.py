@@ -33,6 +33,7 @@ from sidecar.config.values import (
     _expected_id,
     _forward_to,
     _group,
+    _head_bytes,
     _kind,
     _ktls,
     _listen,
@@ -347,6 +348,15 @@ def _limits(r: _Reader, raw: object) -> Limits:
         ),
         max_connection_lifetime=r.value(
             m, "max_connection_lifetime", "limits", parse_duration, d.max_connection_lifetime
+        ),
+        max_request_head_bytes=r.value(
+            m, "max_request_head_bytes", "limits", _head_bytes, d.max_request_head_bytes
+        ),
+        max_request_headers=r.value(
+            m, "max_request_headers", "limits", _count, d.max_request_headers
+        ),
+        request_head_timeout=r.value(
+            m, "request_head_timeout", "limits", _positive_duration, d.request_head_timeout
         ),
     )
     pending, most = limits.max_pending_handshakes, limits.max_connections
