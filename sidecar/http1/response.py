@@ -65,9 +65,7 @@ def examine(status: int, reason: bytes, fields: list[tuple[bytes, bytes]], *, he
         elif lower == b"content-length":
             length = int(value.strip(_OWS))  # llhttp let only digits through, once
         parts += (name, b": ", value, _CRLF)
-    if status < 200:
-        framing = Framing.NONE
-    elif head or status in (204, 304):
+    if status < 200 or head or status in (204, 304):
         framing = Framing.NONE
     elif codings:
         if codings > 1 or coding != b"chunked":

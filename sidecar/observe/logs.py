@@ -80,8 +80,9 @@ _direct: Any = None  # the stream of the JSON handler setup() installed, for acc
 static: dict[str, Any] = {}  # fields on every line, e.g. {"worker": 1} in a worker process
 
 
-def access(fields: dict[str, Any], *, failed: bool) -> None:
-    """One access-log line. In the usual JSON setup the line is built and written here:
+def access(fields: dict[str, Any], *, failed: bool, msg: str = "connection") -> None:
+    """One access-log line: `msg` "connection" for a connection, "request" for a request
+    on an http listener. In the usual JSON setup the line is built and written here:
     a LogRecord, a Formatter and datetime.isoformat per connection were a tenth of the
     Python time of a resumed connection. Anything else (text format, an extra handler
     such as the demo's) goes through logging."""
@@ -94,10 +95,10 @@ def access(fields: dict[str, Any], *, failed: bool) -> None:
         head = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
         line = {"ts": f"{head}.{int(now * 1000) % 1000:03d}Z",
                 "level": "warning" if failed else "info", "logger": ACCESS.name,
-                "msg": "connection", **static, **fields}
+                "msg": msg, **static, **fields}
         _direct.write(json.dumps(line, default=str, separators=(",", ":")) + "\n")
         return
-    ACCESS.log(level, "connection", extra={"fields": fields})
+    ACCESS.log(level, msg, extra={"fields": fields})
 
 
 def event(level: int, msg: str, **fields: Any) -> None:

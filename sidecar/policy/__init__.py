@@ -44,6 +44,7 @@ from sidecar.policy.model import (
     Decision,
     Mode,
     Policy,
+    RequestRules,
     Rule,
 )
 from sidecar.policy.reader import load_policy, parse_policy, policy_warnings
@@ -60,6 +61,7 @@ __all__ = [
     "Mode",
     "PatternKind",
     "Policy",
+    "RequestRules",
     "Rule",
     "SpiffePattern",
     "load_policy",

@@ -83,6 +83,9 @@ class Record:
     finished: bool = False
     ktls_tx: bool | None = None
     ktls_rx: bool | None = None
+    # An http listener's WebSocket: the (method, path) of its upgrade request, which a
+    # policy recheck judges again.
+    request: tuple[str, str] | None = None
     # Bytes already added to sidecar_bytes_total: the sweeper adds what moved since, so a
     # long stream shows as it flows (a metric call per moving connection a second, never
     # one per chunk).

@@ -10,11 +10,11 @@ import socket
 
 from sidecar.config import InboundListener
 from sidecar.endpoint import TcpEndpoint
-from sidecar.modes import SessionStore
+from sidecar.modes import ListenerProtocol, SessionStore
 from sidecar.observe import metrics
 from sidecar.outcomes import Close, Direction
 from sidecar.policy import Policy
-from sidecar.proxy import authorize
+from sidecar.proxy import authorize, http
 from sidecar.proxy.connection import Record
 from sidecar.proxy.handshake import secure
 from sidecar.proxy.listener import AcceptCallback, dial
@@ -47,6 +47,9 @@ async def serve(rt: Runtime, cfg: InboundListener, rec: Record, sock: socket.soc
     if peer is None:
         return
     ep.keep_session = contexts.session_store is SessionStore.MEMORY
+    if cfg.protocol is ListenerProtocol.HTTP:
+        http.serve(rt, cfg, rec, ep, peer.spiffe_id)  # decided request by request
+        return
     policy = rt.policy
     if not authorize.admit(policy, peer.spiffe_id, rec).allowed:
         ep.shutdown_write()  # a close_notify: the caller reads an end, not a reset
@@ -83,9 +86,9 @@ def recheck_live(rt: Runtime, policy: Policy) -> int:
     many it closed."""
     closed = 0
     for duplex, rec in list(rt.tracker.live.items()):
-        if rec.direction != DIRECTION:
-            continue
-        denial = authorize.recheck(policy, rec.peer_id, rec.listener)
+        if rec.direction != DIRECTION or isinstance(duplex, http.Session):
+            continue  # an http session asks the policy in force at each request
+        denial = authorize.recheck(policy, rec.peer_id, rec.listener, rec.request)
         if denial is None:
             continue
         authorize.revoke(policy, rec, denial)
