@@ -37,7 +37,8 @@ def acceptor(rt: Runtime, cfg: InboundListener) -> AcceptCallback:
 async def serve(rt: Runtime, cfg: InboundListener, rec: Record, sock: socket.socket) -> None:
     contexts = rt.contexts
     try:
-        ep = TlsEndpoint.server(contexts.server, sock)
+        ep = TlsEndpoint.server(contexts.server, sock,
+                                http1=cfg.protocol is ListenerProtocol.HTTP)
     except OSError as exc:  # the peer reset between accept and wrap
         sock.close()
         rec.close, rec.detail = Close.ERROR, str(exc)

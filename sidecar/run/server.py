@@ -18,7 +18,7 @@ import secrets
 from collections.abc import Callable
 from typing import Any
 
-from sidecar.config import Config, KtlsMode, SessionStore
+from sidecar.config import Config, KtlsMode, ListenerProtocol, SessionStore
 from sidecar.identity import Identity
 from sidecar.observe import admin, logs, metrics
 from sidecar.outcomes import KtlsState
@@ -80,7 +80,9 @@ class Server:
                                   ktls=self.ktls.available,
                                   ticket_keys=self.resumption.ticket_keys(identity),
                                   session_cache_size=self.resumption.memory_cache(),
-                                  groups=tls.groups)
+                                  groups=tls.groups,
+                                  http1=any(ib.protocol is ListenerProtocol.HTTP
+                                            for ib in self.config.inbound))
 
     def _on_policy(self, policy: Policy) -> None:
         if self.config.policy_recheck and self.rt is not None:

@@ -57,6 +57,10 @@ _LIBRARY_REASONS: dict[str, Reason] = {
     "NO_SUITABLE_KEY_SHARE": Reason.NO_SHARED_CIPHER,
     "SSLV3_ALERT_HANDSHAKE_FAILURE": Reason.NO_SHARED_CIPHER,
     "TLSV1_ALERT_INSUFFICIENT_SECURITY": Reason.NO_SHARED_CIPHER,
+    # Our http listener refused the client's ALPN list (openssl.offer_http1), or, from
+    # the client's seat, the server refused ours with the alert.
+    "NO_APPLICATION_PROTOCOL": Reason.NO_APPLICATION_PROTOCOL,
+    "TLSV1_ALERT_NO_APPLICATION_PROTOCOL": Reason.NO_APPLICATION_PROTOCOL,
     "TLSV1_ALERT_UNKNOWN_CA": Reason.UNKNOWN_CA,
     "SSLV3_ALERT_CERTIFICATE_EXPIRED": Reason.CERT_EXPIRED,
     "SSLV3_ALERT_CERTIFICATE_REVOKED": Reason.REVOKED,
@@ -81,6 +85,12 @@ _LIBRARY_REASONS: dict[str, Reason] = {
     "UNEXPECTED_MESSAGE": Reason.OTHER,
     "RENEGOTIATION_ATTEMPT": Reason.OTHER,
     "NO_RENEGOTIATION": Reason.OTHER,
+}
+
+# Where a reason's own name says too little.
+_WORDS = {
+    "NO_APPLICATION_PROTOCOL": "the client's ALPN offer lacks http/1.1 (h2 alone?), and "
+                               "this http listener speaks HTTP/1.1 only",
 }
 
 # Which of those reasons the peer reported about us (an alert it sent), as opposed to a
@@ -117,7 +127,7 @@ def classify(
         name = exc.reason or ""
         reason = _LIBRARY_REASONS.get(name, Reason.OTHER)
         by_peer = name in _PEER_SAYS
-        words = name.lower().replace("_", " ") if name else str(exc)
+        words = _WORDS.get(name) or (name.lower().replace("_", " ") if name else str(exc))
         detail = f"the peer sent the alert '{words}'" if by_peer else words
         return Failure(reason, detail, by_peer=by_peer)
     if isinstance(exc, ConnectionError | EOFError):

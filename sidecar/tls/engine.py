@@ -82,10 +82,15 @@ class TlsEndpoint:
         self.keep_session = False
 
     @classmethod
-    def server(cls, ctx: ssl.SSLContext, raw: socket.socket) -> TlsEndpoint:
-        """`raw` must be non-blocking already (each FIONBIO is a syscall)."""
+    def server(cls, ctx: ssl.SSLContext, raw: socket.socket, *,
+               http1: bool = False) -> TlsEndpoint:
+        """`raw` must be non-blocking already (each FIONBIO is a syscall). `http1`: the
+        connection agrees on ALPN http/1.1 only (openssl.offer_http1)."""
         _require_non_blocking(raw)
-        return cls(ctx.wrap_socket(raw, server_side=True, do_handshake_on_connect=False))
+        ep = cls(ctx.wrap_socket(raw, server_side=True, do_handshake_on_connect=False))
+        if http1 and ep._ptr is not None:
+            openssl.mark_http1(ep._ptr)
+        return ep
 
     @classmethod
     def client(
