@@ -59,7 +59,7 @@ from sidecar.proxy.pump import CHUNK, ROUNDS_PER_TURN, Duplex, _unsent
 from sidecar.proxy.runtime import Runtime
 from sidecar.reasons import Reason
 from sidecar.spiffe import SpiffeId
-from sidecar.tls.engine import TlsEndpoint
+from sidecar.tls.engine import _READ_ROOM, TlsEndpoint
 
 _buffer = memoryview(bytearray(CHUNK))  # one read at a time, shared by every session
 
@@ -69,6 +69,9 @@ _buffer = memoryview(bytearray(CHUNK))  # one read at a time, shared by every se
 LINGER_SECONDS = 1.0
 LINGER_BYTES = 64 * 1024
 _CHUNK_END = b"0\r\n\r\n"
+# A TLS read shorter than this stopped because OpenSSL wanted the socket (engine.py reads
+# records until it does, or until less than a record's room is left in the buffer).
+_FULL_READ = CHUNK - _READ_ROOM
 _CRLF = b"\r\n"
 _METHODS: dict[bytes, str] = {}  # llhttp's method names as str, made once each
 # Requests sent again on a new connection when the app closed its kept-alive one as
@@ -119,6 +122,7 @@ CloseCallback = Callable[[Any, Close, BaseException | None], None]
 
 class Session:
     __slots__ = (
+        "_access",
         "_app_broken",
         "_app_requests",
         "_app_reused",
@@ -188,6 +192,8 @@ class Session:
         self.peer_text = str(peer_id)
         self.xfcc = xfcc
         self._on_close = on_close
+        self._access = logs.RequestLog({"id": rec.id, "listener": self.listener,
+                                        "peer_id": self.peer_text})
         self.app: TcpEndpoint | None = None
         self._policy: Policy | None = None
         self._rules: RequestRules | None = None
@@ -319,6 +325,11 @@ class Session:
                 elif time.monotonic() - pending.started > self._head_timeout:
                     self._refuse_incoming("", timeout=True)
             self._flush()
+            if n < _FULL_READ:
+                # The engine read until OpenSSL wanted the socket: nothing is left behind,
+                # and a further read would only raise SSLWantReadError (~10k instructions).
+                self._peer_rwait = WANT_READ
+                return
             rounds += 1
             if rounds == ROUNDS_PER_TURN:
                 self._peer_paused = True
@@ -612,8 +623,8 @@ class Session:
                 self._broken(self._app_broken)
                 return
             self._flush()
-            if self.app is None or self._done:
-                return
+            if self.app is None or self._done or n < CHUNK:
+                return  # a short read drained the socket; readiness says when more comes
             rounds += 1
             if rounds == ROUNDS_PER_TURN:
                 self._loop.call_soon(self._resume_app)
@@ -1001,23 +1012,30 @@ class Session:
             self._peer_paused = False
             self._loop.call_soon(self._resume_peer)  # OpenSSL may hold what comes next
         if self._shutting:
-            reading_peer = self._linger_timer is not None  # once our answer is out
+            reading = self._linger_timer is not None  # once our answer is out
         else:
-            reading_peer = not self._peer_paused and not self._no_more
-        want = [
-            self.app is not None and self._pend_peer is None and not self._tunnel,
-            self.app is not None and self._pend_app is not None,
-            (reading_peer and self._peer_rwait == WANT_READ) or self._peer_wwait == WANT_READ,
-            (reading_peer and self._peer_rwait == WANT_WRITE)
-            or self._peer_wwait == WANT_WRITE,
-        ]
+            reading = not self._peer_paused and not self._no_more
+        rwait, wwait = self._peer_rwait, self._peer_wwait
+        has_app = self.app is not None
         reg = self._reg
-        for i in range(4):
-            if want[i] != reg[i]:
-                if want[i]:
-                    self._register(i)
-                else:
-                    self._unregister(i)
+        want = has_app and self._pend_peer is None and not self._tunnel
+        if want != reg[0]:
+            self._set(0, want)
+        want = has_app and self._pend_app is not None
+        if want != reg[1]:
+            self._set(1, want)
+        want = (reading and rwait == WANT_READ) or wwait == WANT_READ
+        if want != reg[2]:
+            self._set(2, want)
+        want = (reading and rwait == WANT_WRITE) or wwait == WANT_WRITE
+        if want != reg[3]:
+            self._set(3, want)
+
+    def _set(self, i: int, on: bool) -> None:
+        if on:
+            self._register(i)
+        else:
+            self._unregister(i)
 
     def _register(self, i: int) -> None:
         loop = self._loop
@@ -1055,21 +1073,16 @@ class Session:
         seconds = time.monotonic() - r.started
         head = r.head
         decision = r.decision
-        label = str(decision.kind) if decision is not None else NO_DECISION
-        fields: dict[str, Any] = {
-            "id": self.rec.id, "listener": self.listener, "peer_id": self.peer_text,
-            "method": head.method if head is not None else None,
-            "path": head.path if head is not None else None,
-            "status": r.status or None, "decision": label,
-            "rule": decision.rule if decision is not None else None,
-            "bytes_in": r.body_in, "bytes_out": r.body_out,
-            "duration_ms": round(seconds * 1000, 3),
-        }
-        if r.refusal is not None:
-            fields["detail"] = r.refusal
-        if aborted:
-            fields["aborted"] = True
-        logs.access(fields, failed=False, msg="request")
+        label = decision.kind if decision is not None else NO_DECISION
+        extra: dict[str, Any] | None = None
+        if r.refusal is not None or aborted:
+            extra = {"detail": r.refusal} if r.refusal is not None else {}
+            if aborted:
+                extra["aborted"] = True
+        self._access.write(head.method if head is not None else None,
+                           head.path if head is not None else None, r.status or None,
+                           label, decision.rule if decision is not None else None,
+                           r.body_in, r.body_out, seconds, extra)
         if aborted or not r.status:
             return
         rule = None
