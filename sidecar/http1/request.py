@@ -40,7 +40,7 @@ class Framing(IntEnum):
     CLOSE = 3  # responses only: the body runs until the app closes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one is made per message, and frozen fields cost
 class RequestHead:
     method: str
     path: str  # normalized: what the policy judges and the app receives

@@ -29,7 +29,7 @@ _CLOSE = b"Connection: close\r\n"
 _STATUS = {code: b"HTTP/1.1 %d " % code for code in range(100, 600)}
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one is made per message, and frozen fields cost
 class ResponseHead:
     status: int
     forwarded: bytes  # the head as the caller receives it, CRLF-terminated
