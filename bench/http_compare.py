@@ -210,8 +210,18 @@ class KeptAlive:
 # --- measuring --------------------------------------------------------------------------
 
 
+@dataclass
+class Cost:
+    per_request: float  # instructions per request, as measured
+    idle_per_request: float  # what the same wall time costs the process with no request
+
+    @property
+    def net(self) -> float:
+        return self.per_request - self.idle_per_request
+
+
 def per_request_instructions(name: str, args: argparse.Namespace, p: Pki, work: Path,
-                             backend: int, dumps: dict[str, Path]) -> float:
+                             backend: int, dumps: dict[str, Path]) -> Cost:
     d = work / f"{name}-callgrind"
     d.mkdir()
     if name == "sidecar":
@@ -225,15 +235,23 @@ def per_request_instructions(name: str, args: argparse.Namespace, p: Pki, work: 
             conn.one(b"xfcc")
         proc.dump()
         log(f"{name}: {args.requests} requests under callgrind")
+        started = time.monotonic()
         for _ in range(args.requests):
             conn.one(b"xfcc")
+        elapsed = time.monotonic() - started
         dump = proc.dump()
         kept = d / f"{name}-requests.callgrind"
         shutil.copyfile(dump, kept)
         dumps[name] = kept
+        # The same wall time with nothing to do: timers that run whatever the traffic (the
+        # sidecar's 10 ms loop-lag probe, its 1 s sweeper) fire ~50x more often per
+        # request under callgrind's slowdown than natively, so they are measured apart.
+        log(f"{name}: {elapsed:.1f} s idle under callgrind")
+        time.sleep(elapsed)
+        idle = instructions(proc.dump())
         conn.close()
         proc.check_alive()
-        return instructions(dump) / args.requests
+        return Cost(instructions(dump) / args.requests, idle / args.requests)
     finally:
         proc.stop()
 
@@ -316,8 +334,8 @@ def main() -> int:
         p = make_pki(work / "pki")
         if "instructions" not in skip:
             for name in ("haproxy", "sidecar"):
-                results[f"{name}_instructions"] = per_request_instructions(
-                    name, args, p, work, backend_port, dumps)
+                results[f"{name}_instructions"] = vars(per_request_instructions(
+                    name, args, p, work, backend_port, dumps))
         if "latency" not in skip:
             results["latency"] = {k: vars(v) for k, v in
                                   latencies(args, p, work, backend_port).items()}
@@ -340,12 +358,19 @@ def main() -> int:
           f"{meta['haproxy']} mode http (nbthread 1); {meta['openssl']}")
     print("one kept-alive TLS 1.3 connection, small GET, 200 OK with a 4-byte body, "
           "XFCC added, one access-log line per request")
-    s, h = results.get("sidecar_instructions"), results.get("haproxy_instructions")
-    if s and h:
+    sc, hc = results.get("sidecar_instructions"), results.get("haproxy_instructions")
+    if sc and hc:
+        print(f"instructions per request, thousands (callgrind, {args.requests} requests):")
+        print(f"  {'':30}{'sidecar':>10}{'haproxy':>10}{'ratio':>8}")
+        rows = (("as measured", "per_request"), ("idle over the same time", "idle_per_request"))
+        for title, key in rows:
+            s, h = sc[key], hc[key]
+            print(f"  {title:30}{s / 1e3:10.1f}{h / 1e3:10.1f}{s / h if h else 0:8.2f}")
+        s = sc["per_request"] - sc["idle_per_request"]
+        h = hc["per_request"] - hc["idle_per_request"]
         ratio = s / h
-        print(f"instructions per request (callgrind, {args.requests} requests): sidecar "
-              f"{s / 1e3:.1f} k, haproxy {h / 1e3:.1f} k, ratio {ratio:.2f} "
-              f"(goal <= {GOAL}: {'ok' if ratio <= GOAL else 'OVER'})")
+        print(f"  {'the requests alone':30}{s / 1e3:10.1f}{h / 1e3:10.1f}{ratio:8.2f}"
+              f"  (goal <= {GOAL}: {'ok' if ratio <= GOAL else 'OVER'})")
     lat = results.get("latency")
     if lat:
         d = lat["direct"]

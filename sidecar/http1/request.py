@@ -74,10 +74,14 @@ _OWS = b" \t"
 
 
 def examine(method: str, target: bytes, version: str, fields: list[tuple[bytes, bytes]],
-            upgrade: bool, xfcc: bytes) -> RequestHead | str:
+            upgrade: bool, xfcc: bytes, max_bytes: int = 64 * 1024,
+            max_fields: int = 100) -> RequestHead | str:
     """The request to forward, or why it is refused (a str, answered 400). `upgrade` is
-    llhttp's view (Connection: upgrade with an Upgrade field); `xfcc` our whole field line.
-    Never raises."""
+    llhttp's view (Connection: upgrade with an Upgrade field); `xfcc` our whole field line;
+    `max_bytes` and `max_fields` bound the head (request line and fields, as reported:
+    each field counts its name, value and 4 bytes of `: ` and CRLF). Never raises."""
+    if len(fields) > max_fields:
+        return f"the request has more than {max_fields} header fields"
     line_end = _VERSIONS.get(version)
     if line_end is None:
         return f"HTTP/{version} is not spoken here: only HTTP/1.1 and HTTP/1.0"
@@ -99,6 +103,7 @@ def examine(method: str, target: bytes, version: str, fields: list[tuple[bytes, 
         parts += (b"?", query)
     parts.append(line_end)
     first_field = len(parts)
+    size = len(target) + len(method) + 11  # the request line: METHOD SP target SP HTTP/1.1 CRLF
     hosts = lengths = codings = 0
     length = 0
     coding = b""
@@ -106,6 +111,7 @@ def examine(method: str, target: bytes, version: str, fields: list[tuple[bytes, 
     upgrade_to = b""
     named = False  # the Connection field names fields besides close/keep-alive/upgrade
     for name, value in fields:
+        size += len(name) + len(value) + 4
         kind = _SPECIAL.get(name.lower())
         if kind is None:
             parts += (name, b": ", value, _CRLF)
@@ -129,6 +135,8 @@ def examine(method: str, target: bytes, version: str, fields: list[tuple[bytes, 
                 tokens.append(token)
         elif kind == _UPGRADE:
             upgrade_to = value.strip(_OWS)
+    if size > max_bytes:
+        return f"the request head is larger than {max_bytes} bytes"
     refusal = _framing_refusal(http10, hosts, lengths, codings, coding, length)
     if refusal is not None:
         return refusal

@@ -259,8 +259,9 @@ class RequestTally:
     __slots__ = ("_counts", "_durations")
 
     def __init__(self) -> None:
-        # (family, labels) -> how many since the last flush
-        self._counts: dict[tuple[Counter, tuple[str, ...]], int] = {}
+        # (listener, decision, rule label or None, status code) -> how many since the
+        # last flush
+        self._counts: dict[tuple[str, str, str | None, int], int] = {}
         # listener -> [count per bucket (the last is +Inf)..., sum of seconds]
         self._durations: dict[str, list[float]] = {}
 
@@ -269,10 +270,7 @@ class RequestTally:
         """One request: `rule` is the decision's `rule` label, None when no policy
         decision was made (a malformed request)."""
         counts = self._counts
-        if rule is not None:
-            key = (authz_decisions, (listener, decision, rule))
-            counts[key] = counts.get(key, 0) + 1
-        key = (http_requests, (listener, decision, _CODES.get(code) or str(code)))
+        key = (listener, decision, rule, code)
         counts[key] = counts.get(key, 0) + 1
         sums = self._durations.get(listener)
         if sums is None:
@@ -283,8 +281,10 @@ class RequestTally:
     def flush(self) -> None:
         if self._counts:
             counts, self._counts = self._counts, {}
-            for (family, labels), n in counts.items():
-                _child(family, labels).inc(n)
+            for (listener, decision, rule, code), n in counts.items():
+                if rule is not None:
+                    _child(authz_decisions, (listener, decision, rule)).inc(n)
+                _child(http_requests, (listener, decision, _CODES.get(code) or str(code))).inc(n)
         if self._durations:
             durations, self._durations = self._durations, {}
             for listener, sums in durations.items():

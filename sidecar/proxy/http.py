@@ -131,6 +131,7 @@ class Session:
         "_head_timeout",
         "_in",
         "_interim",
+        "_labels",
         "_linger_left",
         "_linger_timer",
         "_loop",
@@ -142,6 +143,7 @@ class Session:
         "_out_peer",
         "_peer_eof",
         "_peer_paused",
+        "_peer_read",
         "_peer_rwait",
         "_peer_wwait",
         "_pend_app",
@@ -188,6 +190,9 @@ class Session:
         self.listener = cfg.name
         self.forward_to = cfg.forward_to
         self.peer = peer
+        # A TLS caller reads without a second, failing read after each record (engine.py).
+        self._peer_read: Callable[[memoryview], int] = getattr(peer, "read_some", None) \
+            or peer.read_into
         self.peer_id = peer_id
         self.peer_text = str(peer_id)
         self.xfcc = xfcc
@@ -197,6 +202,7 @@ class Session:
         self.app: TcpEndpoint | None = None
         self._policy: Policy | None = None
         self._rules: RequestRules | None = None
+        self._labels: dict[str, str] = {}  # rule -> its label in the metrics, this policy
         limits = rt.limits
         self._max_head = limits.max_request_head_bytes
         self._max_fields = limits.max_request_headers
@@ -207,8 +213,8 @@ class Session:
         self._in: Exchange | None = None  # the request being parsed
         self._out_app: list[bytes] = []
         self._out_peer: list[bytes] = []
-        self._pend_app: memoryview | None = None
-        self._pend_peer: memoryview | None = None
+        self._pend_app: memoryview | bytes | None = None
+        self._pend_peer: memoryview | bytes | None = None
         self._peer_rwait = WANT_READ  # what the last peer read waits for
         self._peer_wwait = 0  # what the pending peer write waits for (0: nothing)
         self._app_requests = 0  # requests sent on the app connection in use
@@ -291,7 +297,7 @@ class Session:
 
     def _read_peer(self) -> None:
         rounds = 0
-        peer = self.peer
+        read = self._peer_read
         while True:
             if self._done:
                 return
@@ -301,7 +307,7 @@ class Session:
             if self._reading_peer_paused():
                 self._peer_paused = True
                 return
-            n = peer.read_into(_buffer)
+            n = read(_buffer)
             if n < 0:
                 if n in (WANT_READ, WANT_WRITE):
                     self._peer_rwait = n
@@ -401,28 +407,20 @@ class Session:
     def on_message_begin(self) -> None:
         self._in = Exchange(time.monotonic())
 
+    # The head's size and field count are checked once it is complete (request.examine);
+    # until then what llhttp hands over is bounded by the raw bytes read (_read_peer).
+
     def on_url(self, url: bytes) -> None:
         r = self._in
         assert r is not None
         r.url += url
-        r.size += len(url)
-        if r.size > self._max_head:
-            r.refusal = f"the request head is larger than {self._max_head} bytes"
-            raise _Stop
 
     def on_header(self, name: bytes, value: bytes) -> None:
         r = self._in
         assert r is not None
-        if r.head is not None:
-            return  # a trailer field: not forwarded (the chunked body ends without them)
-        r.fields.append((name, value))
-        r.size += len(name) + len(value) + 4
-        if r.size > self._max_head:
-            r.refusal = f"the request head is larger than {self._max_head} bytes"
-            raise _Stop
-        if len(r.fields) > self._max_fields:
-            r.refusal = f"the request has more than {self._max_fields} header fields"
-            raise _Stop
+        if r.head is None:
+            r.fields.append((name, value))
+        # else: a trailer field, not forwarded (the chunked body ends without them)
 
     def on_headers_complete(self) -> None:
         r = self._in
@@ -433,7 +431,8 @@ class Session:
         if method is None:
             method = _METHODS.setdefault(raw_method, raw_method.decode("ascii"))
         head = request.examine(method, r.url, parser.get_http_version(), r.fields,
-                               parser.should_upgrade(), self.xfcc)
+                               parser.should_upgrade(), self.xfcc, self._max_head,
+                               self._max_fields)
         r.fields = []
         if isinstance(head, str):
             r.refusal = head
@@ -486,6 +485,7 @@ class Session:
         if policy is not self._policy:  # first request, or the policy was reloaded
             self._policy = policy
             self._rules = policy.for_peer(self.peer_id, self.listener)
+            self._labels = {}
         assert self._rules is not None
         decision = r.decision = self._rules.decide(head.method, head.path)
         if not decision.allowed:
@@ -914,12 +914,12 @@ class Session:
         app = self.app
         assert app is not None
         while True:
-            data = self._pend_app
+            data: memoryview | bytes | None = self._pend_app
             if data is None:
                 out = self._out_app
                 if not out:
                     return
-                data = memoryview(out[0] if len(out) == 1 else b"".join(out))
+                data = out[0] if len(out) == 1 else b"".join(out)
                 out.clear()
             try:
                 n = app.write(data)
@@ -929,7 +929,7 @@ class Session:
             if n == len(data):
                 self._pend_app = None
                 continue
-            self._pend_app = data[max(n, 0):]
+            self._pend_app = memoryview(data)[max(n, 0):]
             return
 
     def _app_write_failed(self, exc: BaseException) -> None:
@@ -946,13 +946,13 @@ class Session:
     def _write_peer(self) -> None:
         peer = self.peer
         while True:
-            data = self._pend_peer
+            data: memoryview | bytes | None = self._pend_peer
             if data is None:
                 out = self._out_peer
                 if not out:
                     self._peer_wwait = 0
                     return
-                data = memoryview(out[0] if len(out) == 1 else b"".join(out))
+                data = out[0] if len(out) == 1 else b"".join(out)
                 out.clear()
             try:
                 n = peer.write(data)
@@ -963,7 +963,7 @@ class Session:
                 self._pend_peer = None
                 continue
             if n < 0:
-                self._pend_peer = data
+                self._pend_peer = data  # retried as these very bytes
                 self._peer_wwait = n
             else:  # part of it (TCP): the rest is a new write
                 self._pend_peer = memoryview(bytes(data[n:]))
@@ -1087,8 +1087,11 @@ class Session:
             return
         rule = None
         if decision is not None:
-            assert self._policy is not None
-            rule = metrics.rule_label(self._policy, decision.rule)
+            rule = self._labels.get(decision.rule)
+            if rule is None:
+                assert self._policy is not None
+                rule = self._labels[decision.rule] = metrics.rule_label(self._policy,
+                                                                        decision.rule)
         metrics.requests.add(self.listener, label, rule, r.status, seconds)
 
 

@@ -432,8 +432,23 @@ def _declare_has_ticket() -> None:
     fn.restype = ctypes.c_int
 
 
+def _declare_has_pending() -> None:
+    if _lib is None:
+        return
+    fn = _lib.SSL_has_pending
+    fn.argtypes = [ctypes.c_void_p]
+    fn.restype = ctypes.c_int
+
+
+def has_pending(ptr: int) -> bool:
+    """Does OpenSSL hold bytes of this connection not yet read, decrypted or not?"""
+    assert _lib is not None
+    return bool(_lib.SSL_has_pending(ptr))
+
+
 try:
     _declare_has_ticket()
+    _declare_has_pending()
 except AttributeError:  # an OpenSSL without it is older than any Python 3.13 accepts
     _lib = None
 
