@@ -55,7 +55,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from compare_haproxy import (  # noqa: E402  (a sibling script, not a package)
+from compare_haproxy import (  # a sibling script, not a package
     CLIENT_ID,
     IO_TIMEOUT,
     SERVER_ID,

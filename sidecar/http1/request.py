@@ -25,6 +25,7 @@ TE, Upgrade, and any field the caller's Connection names) and minus every
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -71,6 +72,11 @@ _FRAMING_FIELDS = frozenset({b"host", b"content-length", b"transfer-encoding"})
 _VERSIONS = {"1.1": b" HTTP/1.1\r\n", "1.0": b" HTTP/1.0\r\n"}
 _CRLF = b"\r\n"
 _OWS = b" \t"
+# The special fields' names in the lowercased field block (each line after a "\n").
+_SPECIAL_NAMES = re.compile(
+    rb"\n(content-length|transfer-encoding|connection|upgrade|keep-alive|proxy-connection|"
+    rb"te|x-forwarded-client-cert):")
+_LENGTH_VALUE = re.compile(rb"\ncontent-length:[ \t]*([0-9]+)")
 
 
 def examine(method: str, target: bytes, version: str, fields: list[tuple[bytes, bytes]],
@@ -78,8 +84,8 @@ def examine(method: str, target: bytes, version: str, fields: list[tuple[bytes, 
             max_fields: int = 100) -> RequestHead | str:
     """The request to forward, or why it is refused (a str, answered 400). `upgrade` is
     llhttp's view (Connection: upgrade with an Upgrade field); `xfcc` our whole field line;
-    `max_bytes` and `max_fields` bound the head (request line and fields, as reported:
-    each field counts its name, value and 4 bytes of `: ` and CRLF). Never raises."""
+    `max_bytes` and `max_fields` bound the head (the request line and the fields, each as
+    `name: value` CRLF). Never raises."""
     if len(fields) > max_fields:
         return f"the request has more than {max_fields} header fields"
     line_end = _VERSIONS.get(version)
@@ -97,13 +103,43 @@ def examine(method: str, target: bytes, version: str, fields: list[tuple[bytes, 
     path = normalize(raw_path)
     if isinstance(path, str):
         return path
+    # The fields as lines, joined in C: most requests are decided by searching this
+    # block once, and forwarded with it as it is.
+    block = b"\r\n".join(map(b": ".join, fields))
+    if len(target) + len(method) + len(block) + 13 > max_bytes:
+        return f"the request head is larger than {max_bytes} bytes"
+    low = b"\n" + block.lower()
+    special = _SPECIAL_NAMES.findall(low)
     http10 = version == "1.0"
-    parts = [method.encode("ascii"), b" ", path]
-    if question:
-        parts += (b"?", query)
-    parts.append(line_end)
+    first = [method.encode("ascii"), b" ", path, b"?", query, line_end] if question else \
+        [method.encode("ascii"), b" ", path, line_end]
+    if upgrade or (special and special != [b"content-length"]):
+        return _examine_fields(method, path, first, fields, upgrade, xfcc, http10)
+    hosts = low.count(b"\nhost:")
+    if hosts != 1 and (hosts or not http10):
+        return "no Host field" if not hosts else "more than one Host field"
+    length = 0
+    if special:
+        found = _LENGTH_VALUE.search(low)
+        if found is None:  # not reached: llhttp let only digits through
+            return "an invalid Content-Length"
+        length = int(found.group(1))
+    if block:
+        first += (block, _CRLF)
+    if http10:
+        first.append(b"Connection: close\r\n")
+    first += (xfcc, _CRLF)
+    return RequestHead(method, path.decode("ascii"), b"".join(first),
+                       Framing.LENGTH if length else Framing.NONE, length, not http10, False,
+                       http10)
+
+
+def _examine_fields(method: str, path: bytes, parts: list[bytes],
+                    fields: list[tuple[bytes, bytes]], upgrade: bool, xfcc: bytes,
+                    http10: bool) -> RequestHead | str:
+    """examine, field by field: for heads with framing or hop-by-hop fields besides a
+    Content-Length (chunked bodies, Connection, Upgrade, a forged XFCC, ...)."""
     first_field = len(parts)
-    size = len(target) + len(method) + 11  # the request line: METHOD SP target SP HTTP/1.1 CRLF
     hosts = lengths = codings = 0
     length = 0
     coding = b""
@@ -111,7 +147,6 @@ def examine(method: str, target: bytes, version: str, fields: list[tuple[bytes, 
     upgrade_to = b""
     named = False  # the Connection field names fields besides close/keep-alive/upgrade
     for name, value in fields:
-        size += len(name) + len(value) + 4
         kind = _SPECIAL.get(name.lower())
         if kind is None:
             parts += (name, b": ", value, _CRLF)
@@ -135,8 +170,6 @@ def examine(method: str, target: bytes, version: str, fields: list[tuple[bytes, 
                 tokens.append(token)
         elif kind == _UPGRADE:
             upgrade_to = value.strip(_OWS)
-    if size > max_bytes:
-        return f"the request head is larger than {max_bytes} bytes"
     refusal = _framing_refusal(http10, hosts, lengths, codings, coding, length)
     if refusal is not None:
         return refusal

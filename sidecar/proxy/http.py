@@ -152,15 +152,14 @@ class Session:
         "_reg",
         "_request_parser",
         "_resp",
-        "_resp_fields",
-        "_resp_reason",
-        "_resp_size",
+        "_resp_buf",
+        "_resp_done",
+        "_resp_start",
         "_response_parser",
         "_rt",
         "_rules",
         "_shutting",
         "_tunnel",
-        "_up_app",
         "_up_peer",
         "_upgrade",
         "_winding_down",
@@ -228,13 +227,12 @@ class Session:
         self._dialing = False
         self._tunnel = False  # a 101 went out: hand over to the pump once flushed
         self._up_peer = b""  # bytes of the caller after its upgrade request
-        self._up_app = b""  # bytes of the app after its 101
         self._upgrade: tuple[str, str] | None = None  # the upgrade request's method, path
         self._app_broken: str | None = None
         self._resp: ResponseHead | None = None
-        self._resp_fields: list[tuple[bytes, bytes]] = []
-        self._resp_reason = b""
-        self._resp_size = 0
+        self._resp_buf: bytearray | None = None  # the response's head while incomplete
+        self._resp_start = 0  # where in it the final response's head begins (after 1xx)
+        self._resp_done = False  # the response to the exchange in progress has ended
         self._interim = False
         self._linger_left = 0
         self._linger_timer: asyncio.TimerHandle | None = None
@@ -552,6 +550,9 @@ class Session:
             out.append(_CHUNK_END)
         if self._response_parser is None:
             self._response_parser = self._new_response_parser()
+        self._resp_buf = bytearray()
+        self._resp_start = 0
+        self._resp_done = False
 
     def _answer_now(self, r: Exchange, answer: Answer, why: str) -> None:
         """Answer the exchange at the head of the queue ourselves, and close after it."""
@@ -591,11 +592,11 @@ class Session:
     # -- the app's side ------------------------------------------------------------------
 
     def _new_response_parser(self) -> httptools.HttpResponseParser:
-        # Callbacks by name, bound straight to ours: no extra call per event.
+        # Callbacks by name, bound straight to ours; none per field: the head is read
+        # from the bytes themselves once llhttp has validated it (response.py).
         return httptools.HttpResponseParser(SimpleNamespace(
-            on_message_begin=self._r_begin, on_status=self._r_status,
-            on_header=self._r_header, on_headers_complete=self._r_headers_complete,
-            on_body=self._r_body, on_message_complete=self._r_complete))
+            on_message_begin=self._r_begin, on_headers_complete=self._r_headers_complete,
+            on_message_complete=self._r_complete))
 
     def _read_app(self) -> None:
         app = self.app
@@ -637,14 +638,28 @@ class Session:
             self._update()
 
     def _feed_response(self, n: int) -> None:
+        """Parse a read of the app's; its bytes go to the caller as they are, in order with
+        anything the parser's callbacks add (a next request's 403), or held while the
+        response's head is incomplete (`_resp_buf`: it may have to be rebuilt)."""
         parser = self._response_parser
         assert parser is not None
+        out = self._out_peer
+        mark = len(out)
+        r = self.queue[0]
+        sent_before = r.status
+        data = bytes(_buffer[:n])
+        if self._resp_buf is None:
+            out.append(data)  # a body: as it came
+            r.body_out += n
+        else:
+            self._resp_buf += data
+            if len(self._resp_buf) > self._max_head + CHUNK:
+                self._app_broken = "the app's response head is over limits.max_request_head_bytes"
+                return
         try:
-            parser.feed_data(_buffer[:n])
-        except httptools.HttpParserUpgrade as up:
-            if self._tunnel:
-                self._up_app = bytes(_buffer[up.args[0]:n])
-            else:
+            parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            if not self._tunnel:
                 self._app_broken = "the app switched protocols unasked"
         except httptools.HttpParserCallbackError as exc:
             if not isinstance(exc.__context__, _Stop):
@@ -656,92 +671,78 @@ class Session:
                 self._app_broken = (
                     "the app's 101 lacks its Connection: upgrade" if self._tunnel else
                     f"the app's response is malformed: {exc}")
+        if self._app_broken is not None:
+            del out[mark:]  # none of this read reaches the caller
+            r.status = sent_before
 
     def _r_begin(self) -> None:
-        self._resp_fields = []
-        self._resp_reason = b""
-        self._resp_size = 0
-
-    def _r_status(self, reason: bytes) -> None:
-        self._resp_reason += reason
-
-    def _r_header(self, name: bytes, value: bytes) -> None:
-        if self._resp is not None:
-            return  # a trailer field of a chunked response: not forwarded
-        self._resp_fields.append((name, value))
-        self._resp_size += len(name) + len(value) + 4
-        if self._resp_size > self._max_head or len(self._resp_fields) > self._max_fields:
-            self._app_broken = "the app's response head is over the request head limits"
+        if self._resp_done:
+            self._app_broken = "the app sent a second response to one request"
             raise _Stop
 
     def _r_headers_complete(self) -> None:
-        r = self.queue[0] if self.queue else None
-        if r is None or not r.forwarding or r.answered:
-            self._app_broken = "the app sent a response no request was waiting for"
-            raise _Stop
+        r = self.queue[0]
         head = r.head
-        assert head is not None and self._response_parser is not None
-        status = self._response_parser.get_status_code()
-        closing = not head.keep_alive or self._winding_down
-        resp = response.examine(status, self._resp_reason, self._resp_fields,
-                                head=head.method == "HEAD", close=closing)
-        self._resp_fields = []
-        if isinstance(resp, str):
-            self._app_broken = resp
-            raise _Stop
+        parser = self._response_parser
+        buf = self._resp_buf
+        assert head is not None and parser is not None and buf is not None
+        status = parser.get_status_code()
+        start = self._resp_start
+        end = response.head_end(buf, start)
         if status < 200:
             if status == 101:
                 if not head.upgrade:
                     self._app_broken = "the app switched protocols unasked"
                     raise _Stop
                 r.status = 101
-                self._out_peer.append(resp.forwarded)
+                self._out_peer.append(bytes(buf[start:]))  # the 101 and the tunnel's start
+                self._resp_buf = None
                 self._tunnel = True
                 self._exchange_upgraded(r)
                 return
+            self._out_peer.append(bytes(buf[start:end]))  # 100 Continue and the like
+            self._resp_start = end
             self._interim = True
-            self._out_peer.append(resp.forwarded)  # 100 Continue and the like
             return
+        resp = response.examine(status, bytes(buf[start:end]), head_request=head.method == "HEAD",
+                                close=self._winding_down, keep_alive=parser.should_keep_alive())
+        if isinstance(resp, str):
+            self._app_broken = resp
+            raise _Stop
         r.status = status
         self._resp = resp
-        self._out_peer.append(resp.forwarded)
+        self._resp_buf = None
+        if resp.forwarded is None:
+            self._out_peer.append(bytes(buf[start:]))
+        else:
+            self._out_peer += (resp.forwarded, bytes(buf[end:]))
+        r.body_out += len(buf) - end
         if head.method == "HEAD":
             # llhttp would wait for the Content-Length it announces: the response ends
             # here, and the next one needs a parser that has not seen this one.
+            if len(buf) > end:
+                self._app_broken = "the app answered HEAD with a body"
+                raise _Stop
             self._response_parser = self._new_response_parser()
+            self._resp_done = True
             self._exchange_over(r)
-
-    def _r_body(self, data: bytes) -> None:
-        resp = self._resp
-        r = self.queue[0] if self.queue else None
-        if resp is None or r is None:
-            self._app_broken = "the app sent bytes after its response"
-            raise _Stop
-        r.body_out += len(data)
-        if resp.framing is Framing.CHUNKED:
-            self._out_peer += (b"%x\r\n" % len(data), data, _CRLF)
-        else:
-            self._out_peer.append(data)
 
     def _r_complete(self) -> None:
         if self._interim:
             self._interim = False
             return
-        if self._tunnel:
+        if self._tunnel or self._resp_done:
             return
-        resp = self._resp
-        if resp is None:
-            return  # a HEAD response, already over
-        if resp.framing is Framing.CHUNKED:
-            self._out_peer.append(_CHUNK_END)
+        self._resp_done = True
         self._exchange_over(self.queue[0])
 
     def _app_ended(self, *, reset: bool) -> None:
         """The app closed (or reset) its connection."""
         r = self.queue[0] if self.queue else None
         resp = self._resp
-        if r is not None and r.forwarding and resp is not None and \
-                resp.framing is Framing.CLOSE and not reset:
+        if r is not None and r.forwarding and resp is not None and not self._resp_done \
+                and resp.framing is Framing.CLOSE and not reset:
+            self._resp_done = True
             self._exchange_over(r)  # its body ran until the close
             self._drop_app()
             return
@@ -782,6 +783,7 @@ class Session:
         self._out_app.clear()
         self._response_parser = None
         self._resp = None
+        self._resp_buf = None
         app.close()
 
     def _broken(self, why: str) -> None:
@@ -898,12 +900,6 @@ class Session:
         if self._done or self._pend_peer is not None or self._out_peer:
             return
         if self._tunnel:
-            if self._up_app:
-                self._out_peer.append(self._up_app)
-                self._up_app = b""
-                self._write_peer()
-                if self._done or self._pend_peer is not None:
-                    return
             if self.app is not None and self._pend_app is None and not self._out_app:
                 self._hand_over()
             return
