@@ -38,6 +38,8 @@ _NORMAL = re.compile(
 # Every byte a path may hold before decoding: RFC 3986 pchar, `/`, and `%` escapes.
 _PATH_BYTES = re.compile(rb"[A-Za-z0-9._~!$&'()*+,;=:@/%-]*")
 _HEX = frozenset(b"0123456789abcdefABCDEF")
+# The path characters but `%`: what a normal path is made of.
+_PLAIN = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~!$&'()*+,;=:@/"
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 # Escapes that are refused rather than kept: each decodes to a byte some apps take for
 # a separator or an end.
@@ -48,6 +50,12 @@ _REFUSED_ESCAPES = {0x2F: "an encoded slash (%2F)", 0x5C: "an encoded backslash 
 def normalize(path: bytes) -> bytes | str:
     """The normalized form of an origin-form path (no query, starting with `/`), or why
     it is refused (a str). Never raises."""
+    # Most paths are normal already: no escape, no empty or dot segment (nor one that
+    # starts with a dot: `/.well-known` takes the long way and comes out as it went in),
+    # only path characters. Four C-level checks, cheaper than the regular expression.
+    if b"%" not in path and b"/." not in path and b"//" not in path and \
+            not path.translate(None, _PLAIN):
+        return path
     if _NORMAL.fullmatch(path) is not None:
         return path
     if _PATH_BYTES.fullmatch(path) is None:

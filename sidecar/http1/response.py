@@ -31,9 +31,7 @@ _CRLF = b"\r\n"
 _END = b"\r\n\r\n"
 _CLOSE = b"Connection: close\r\n"
 # In the lowercased head, each field line after a "\n".
-_HOP = re.compile(rb"\n(?:connection|keep-alive|proxy-connection):")
 _CODING = re.compile(rb"\ntransfer-encoding:[ \t]*([^\r]*?)[ \t]*\r")
-_CLOSE_TOKEN = re.compile(rb"\nconnection:[^\r]*\bclose\b")
 
 
 @dataclass(slots=True)  # not frozen: one is made per response, and frozen fields cost
@@ -52,24 +50,24 @@ def examine(status: int, head: bytes, *, head_request: bool, close: bool,
     `close`: the caller's connection closes after it whatever the app says; `keep_alive`:
     llhttp's view of the app's connection. Never raises."""
     low = head.lower()
-    codings = low.count(b"\ntransfer-encoding:")
     if head_request or status in (204, 304):
         framing = Framing.NONE
-    elif codings:
-        found = _CODING.search(low)
-        if codings > 1 or found is None or found.group(1) != b"chunked":
+    elif b"\ntransfer-encoding:" in low:
+        found = _CODING.findall(low)
+        if found != [b"chunked"]:
             return "the app's response has a Transfer-Encoding other than chunked"
         framing = Framing.CHUNKED
     elif b"\ncontent-length:" in low:
         framing = Framing.LENGTH
     else:
         framing = Framing.CLOSE
-    app_closes = not keep_alive or _CLOSE_TOKEN.search(low) is not None
+    app_closes = not keep_alive  # llhttp's: HTTP/1.0, or a Connection: close
     # The caller's connection ends with the app's: the caller reads that from the app's
     # own head (its Connection: close, or HTTP/1.0).
     closes = close or framing is Framing.CLOSE or app_closes
     forwarded = None
-    if _HOP.search(low) is not None or (closes and not app_closes):
+    if (closes and not app_closes) or b"\nconnection:" in low or b"\nkeep-alive:" in low \
+            or b"\nproxy-connection:" in low:
         forwarded = _rebuilt(head, low, closes)
     return ResponseHead(status, forwarded, framing, app_closes, closes)
 

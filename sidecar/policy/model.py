@@ -175,7 +175,11 @@ class RequestRules:
                 break  # in file order: no later rule can change the outcome
             if target.index > allow and not target.deny:
                 continue  # an allow after the first one found
-            if target.matches(method, path):
+            methods = target.methods
+            if (methods is None or method in methods) and (
+                    target.any_path or path in target.exact
+                    or (target.prefixes and path.startswith(target.prefixes))):
+                # (_Target.matches, inline: this runs for every request)
                 if target.deny:
                     deny = target.index
                     break  # any later rule's index is higher

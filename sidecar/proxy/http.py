@@ -51,7 +51,7 @@ from sidecar.http1.answers import Answer
 from sidecar.http1.request import Framing, RequestHead
 from sidecar.http1.response import ResponseHead
 from sidecar.observe import logs, metrics
-from sidecar.outcomes import NO_DECISION, Close, Direction
+from sidecar.outcomes import NO_DECISION, Close, DecisionKind, Direction
 from sidecar.policy import Decision, Policy, RequestRules
 from sidecar.proxy.connection import Record
 from sidecar.proxy.listener import dial
@@ -230,7 +230,7 @@ class Session:
         self._upgrade: tuple[str, str] | None = None  # the upgrade request's method, path
         self._app_broken: str | None = None
         self._resp: ResponseHead | None = None
-        self._resp_buf: bytearray | None = None  # the response's head while incomplete
+        self._resp_buf: bytes | None = None  # the response's head, while incomplete
         self._resp_start = 0  # where in it the final response's head begins (after 1xx)
         self._resp_done = False  # the response to the exchange in progress has ended
         self._interim = False
@@ -328,12 +328,13 @@ class Session:
                                           f"{self._max_head} bytes")
                 elif time.monotonic() - pending.started > self._head_timeout:
                     self._refuse_incoming("", timeout=True)
-            self._flush()
             if n < _FULL_READ:
                 # The engine read until OpenSSL wanted the socket: nothing is left behind,
                 # and a further read would only raise SSLWantReadError (~10k instructions).
+                # (The caller flushes what this read produced.)
                 self._peer_rwait = WANT_READ
                 return
+            self._flush()  # before reading more: at most one read's worth is ever held
             rounds += 1
             if rounds == ROUNDS_PER_TURN:
                 self._peer_paused = True
@@ -486,7 +487,7 @@ class Session:
             self._labels = {}
         assert self._rules is not None
         decision = r.decision = self._rules.decide(head.method, head.path)
-        if not decision.allowed:
+        if decision.kind is DecisionKind.DENY:
             close = head.has_body or not head.keep_alive or self._winding_down
             r.status = 403
             r.answered = True
@@ -550,7 +551,7 @@ class Session:
             out.append(_CHUNK_END)
         if self._response_parser is None:
             self._response_parser = self._new_response_parser()
-        self._resp_buf = bytearray()
+        self._resp_buf = b""
         self._resp_start = 0
         self._resp_done = False
 
@@ -623,9 +624,9 @@ class Session:
             if self._app_broken is not None:
                 self._broken(self._app_broken)
                 return
-            self._flush()
             if self.app is None or self._done or n < CHUNK:
                 return  # a short read drained the socket; readiness says when more comes
+            self._flush()
             rounds += 1
             if rounds == ROUNDS_PER_TURN:
                 self._loop.call_soon(self._resume_app)
@@ -648,12 +649,14 @@ class Session:
         r = self.queue[0]
         sent_before = r.status
         data = bytes(_buffer[:n])
-        if self._resp_buf is None:
+        buf = self._resp_buf
+        if buf is None:
             out.append(data)  # a body: as it came
             r.body_out += n
         else:
-            self._resp_buf += data
-            if len(self._resp_buf) > self._max_head + CHUNK:
+            # A head spanning reads is rare: joined as it comes, the first read kept as is.
+            self._resp_buf = buf = data if not buf else buf + data
+            if len(buf) > self._max_head + CHUNK:
                 self._app_broken = "the app's response head is over limits.max_request_head_bytes"
                 return
         try:
@@ -695,16 +698,16 @@ class Session:
                     self._app_broken = "the app switched protocols unasked"
                     raise _Stop
                 r.status = 101
-                self._out_peer.append(bytes(buf[start:]))  # the 101 and the tunnel's start
+                self._out_peer.append(buf[start:])  # the 101 and the tunnel's start
                 self._resp_buf = None
                 self._tunnel = True
                 self._exchange_upgraded(r)
                 return
-            self._out_peer.append(bytes(buf[start:end]))  # 100 Continue and the like
+            self._out_peer.append(buf[start:end])  # 100 Continue and the like
             self._resp_start = end
             self._interim = True
             return
-        resp = response.examine(status, bytes(buf[start:end]), head_request=head.method == "HEAD",
+        resp = response.examine(status, buf[start:end], head_request=head.method == "HEAD",
                                 close=self._winding_down, keep_alive=parser.should_keep_alive())
         if isinstance(resp, str):
             self._app_broken = resp
@@ -713,9 +716,9 @@ class Session:
         self._resp = resp
         self._resp_buf = None
         if resp.forwarded is None:
-            self._out_peer.append(bytes(buf[start:]))
+            self._out_peer.append(buf if not start else buf[start:])
         else:
-            self._out_peer += (resp.forwarded, bytes(buf[end:]))
+            self._out_peer += (resp.forwarded, buf[end:])
         r.body_out += len(buf) - end
         if head.method == "HEAD":
             # llhttp would wait for the Content-Length it announces: the response ends
