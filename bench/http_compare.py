@@ -16,7 +16,8 @@ sets them up the same way):
   read whole before the next request;
 - the sidecar: `sidecar run` with one inbound `protocol: http` listener, a policy that
   allows the client (a connection-level rule and a path rule: both kinds are asked),
-  JSON access log to a file (one line per request);
+  JSON access log to a file (one line per request), identity files not watched (the
+  bench changes none);
 - HAProxy: `nbthread 1`, `mode http`, `option httplog` to a file (one line per request),
   `verify required` with the same bundle, `alpn http/1.1`, `http-request del-header` of any
   x-forwarded-client-cert the caller sent, then `http-request set-header` of one built
@@ -119,6 +120,9 @@ def sidecar_proc(p: Pki, work: Path, backend: int, *, callgrind: bool, loop: str
     (work / "sidecar.yaml").write_text(
         f"identity:\n  cert: {p.server_dir}/svid.pem\n  key: {p.server_dir}/svid_key.pem\n"
         f"  bundle: {p.server_dir}/bundle.pem\n"
+        # No file watching: the bench changes no file, and the watcher's thread and
+        # wake-ups are time-driven work that callgrind's slowdown would pin on requests.
+        "  watch: false\n  reload_interval: 0\n"
         f"inbound:\n  - name: api\n    listen: 127.0.0.1:{port}\n"
         f"    forward_to: 127.0.0.1:{backend}\n    protocol: http\n"
         f"policy: policy.yaml\ntls:\n  ktls: off\n"
