@@ -124,7 +124,7 @@ def classify(
     if isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError):
         return Failure(Reason.PEER_CLOSED, "the peer closed the connection mid-handshake")
     if isinstance(exc, ssl.SSLError):
-        name = exc.reason or ""
+        name = exc.reason or _name_in(str(exc))
         reason = _LIBRARY_REASONS.get(name, Reason.OTHER)
         by_peer = name in _PEER_SAYS
         words = _WORDS.get(name) or (name.lower().replace("_", " ") if name else str(exc))
@@ -135,6 +135,14 @@ def classify(
     if isinstance(exc, OSError):
         return Failure(Reason.PEER_CLOSED, f"socket error during the handshake: {exc}")
     return Failure(Reason.OTHER, f"{type(exc).__name__}: {exc}")
+
+
+def _name_in(message: str) -> str:
+    """The library reason of an SSLError whose code Python's table lacks (it then leaves
+    `reason` None): "[SSL] tlsv1 alert no application protocol (_ssl.c:1020)" ->
+    "TLSV1_ALERT_NO_APPLICATION_PROTOCOL"."""
+    words = message.partition("] ")[2].rpartition(" (")[0]
+    return words.upper().replace(" ", "_") if words else ""
 
 
 def _verification(
