@@ -124,7 +124,7 @@ def classify(
     if isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError):
         return Failure(Reason.PEER_CLOSED, "the peer closed the connection mid-handshake")
     if isinstance(exc, ssl.SSLError):
-        name = exc.reason or _name_in(str(exc))
+        name = getattr(exc, "reason", None) or _name_in(str(exc))
         reason = _LIBRARY_REASONS.get(name, Reason.OTHER)
         by_peer = name in _PEER_SAYS
         words = _WORDS.get(name) or (name.lower().replace("_", " ") if name else str(exc))
