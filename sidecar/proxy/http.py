@@ -382,8 +382,8 @@ class Session:
                 self._broken("the caller's request body is malformed: " + why)
                 return
             r.refusal = why
+            self._drop_app(reset=True)  # the app must not take half a request for a whole
             self._answer_now(r, Answer.INVALID, why)
-            self._drop_app()
             return
         r.refusal = why or "timeout"
         if timeout:
@@ -578,9 +578,10 @@ class Session:
             self._drop_app()
         if not r.complete:
             # The app answered before the request was in: the rest of it cannot be told
-            # from a next request, so the connection ends here (the app's too).
+            # from a next request, so the connection ends here (the app's too, reset: it
+            # must not take the part it got for a whole request).
             self._no_more = True
-            self._drop_app()
+            self._drop_app(reset=True)
         if (resp is not None and resp.closes) or not r.complete:
             self._no_more = True
             self._close_gracefully()
@@ -773,7 +774,7 @@ class Session:
         self._answer_now(r, Answer.UPSTREAM_UNAVAILABLE,
                          "the app closed the connection before its response")
 
-    def _drop_app(self) -> None:
+    def _drop_app(self, *, reset: bool = False) -> None:
         app = self.app
         if app is None:
             return
@@ -787,13 +788,16 @@ class Session:
         self._response_parser = None
         self._resp = None
         self._resp_buf = None
-        app.close()
+        if reset:
+            app.reset()
+        else:
+            app.close()
 
     def _broken(self, why: str) -> None:
         """Something went wrong past the point where an answer could still be given."""
         r = self.queue[0] if self.queue else None
         if r is not None and not r.status:
-            self._drop_app()
+            self._drop_app(reset=True)
             self._answer_now(r, Answer.UPSTREAM_UNAVAILABLE, "the app's response is invalid")
             self.rec.detail = why
             return
