@@ -110,7 +110,8 @@ while True:
 # --- the proxies ------------------------------------------------------------------------
 
 
-def sidecar_proc(p: Pki, work: Path, backend: int, *, callgrind: bool, loop: str) -> tuple[Proc, int]:
+def sidecar_proc(p: Pki, work: Path, backend: int, *, callgrind: bool,
+                 loop: str) -> tuple[Proc, int]:
     port = free_port()
     (work / "policy.yaml").write_text(
         "mode: enforce\ndefault: deny\nrules:\n"

@@ -975,11 +975,17 @@ def test_not_supported_yet_is_refused(entry: Unsupported, tmp_path: Path) -> Non
 
 
 def test_not_supported_message_reads_as_documented(tmp_path: Path) -> None:
-    problem = only_problem(unsupported_text("inbound[].protocol"), tmp_path)
+    problem = only_problem(unsupported_text("inbound[].proxy_protocol"), tmp_path)
     assert str(problem) == (
-        "inbound[0].protocol: 'http' is not supported yet "
-        "(per-request HTTP policy is planned); use tcp"
+        "inbound[0].proxy_protocol: true is not supported yet "
+        "(PROXY v2 headers are planned); set false"
     )
+
+
+def test_protocol_http_is_supported(tmp_path: Path) -> None:
+    config = parse(VALID.replace("    forward_to:", "    protocol: http\n    forward_to:"),
+                   tmp_path)
+    assert config.inbound[0].protocol is ListenerProtocol.HTTP
 
 
 def test_workers_auto_and_numbers_parse(tmp_path: Path) -> None:

@@ -261,6 +261,7 @@ class Session:
         if not self.queue and self._in is None and not self._done:
             self._no_more = True
             self._close_gracefully()
+            self._flush()
             self._update()
 
     def abort(self, how: Close, exc: BaseException | None = None) -> None:

@@ -120,7 +120,7 @@ class Client:
                 raise ConnectionError(f"closed before a whole response head: {self.buf!r}")
         raw_head, self.buf = self.buf.split(b"\r\n\r\n", 1)
         lines = raw_head.decode("latin-1").split("\r\n")
-        version, status, reason = (lines[0].split(" ", 2) + [""])[:3]
+        version, status, reason = [*lines[0].split(" ", 2), ""][:3]
         assert version == "HTTP/1.1", lines[0]
         fields = [(k, v.strip()) for k, _, v in (line.partition(":") for line in lines[1:])]
         code = int(status)

@@ -16,8 +16,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from http_app import HttpApp, big_body
 
 from sidecar.http1 import xfcc
+
 from .conftest import (
     BATCH,
     FRONTEND,
@@ -38,7 +40,6 @@ from .http_support import (
     start_sidecar,
     wait_count,
 )
-from http_app import HttpApp, big_body
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 

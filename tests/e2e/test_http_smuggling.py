@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from http_app import HttpApp
 
 from .conftest import FRONTEND, Pki, Sidecar, TlsClient
