@@ -11,6 +11,8 @@ import hashlib
 import json
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,9 +27,11 @@ from .conftest import (
     FRONTEND,
     IO_TIMEOUT,
     PAYMENTS,
+    REPO,
     Pki,
     Sidecar,
     TlsClient,
+    write_svid_dir,
 )
 from .http_support import (
     Client,
@@ -438,3 +442,25 @@ def test_a_reloaded_policy_applies_to_the_next_request(tmp_path: Path, ca: Pki, 
         c.close()
     finally:
         assert sc.stop() == 0
+
+
+# --- sidecar diagnose --http ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("path", "status", "decision"), [
+    ("/admin/diagnosed", 403, "deny"), ("/diagnosed", 200, "allow")])
+def test_diagnose_sends_one_request_and_shows_the_status_and_decision(
+        sc: Sidecar, ca: Pki, tmp_path: Path, path: str, status: int, decision: str) -> None:
+    files = write_svid_dir(tmp_path / "frontend", ca.svid(FRONTEND), ca.bundle)
+    run = subprocess.run(
+        [sys.executable, "-m", "sidecar", "diagnose", f"127.0.0.1:{sc.port('api')}",
+         "--cert", files["cert"], "--key", files["key"], "--bundle", files["bundle"],
+         "--expect-id", PAYMENTS, "--http", path, "--json"],
+        capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert run.returncode == 0, run.stdout + run.stderr
+    out = json.loads(run.stdout)
+    assert (out["http_status"], out["http_decision"]) == (status, decision)
+    step = next(s for s in out["steps"] if s["step"] == "http request")
+    assert f"GET {path}: {status}" in step["detail"]
+    line = request_line(sc, path=path)
+    assert line["decision"] == decision and line["peer_id"] == FRONTEND
