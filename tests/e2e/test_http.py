@@ -14,6 +14,7 @@ import ssl
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -464,3 +465,38 @@ def test_diagnose_sends_one_request_and_shows_the_status_and_decision(
     assert f"GET {path}: {status}" in step["detail"]
     line = request_line(sc, path=path)
     assert line["decision"] == decision and line["peer_id"] == FRONTEND
+
+
+# --- drain ----------------------------------------------------------------------------------
+
+
+def test_a_drain_closes_an_idle_kept_alive_connection_at_once(
+        tmp_path: Path, ca: Pki, app: HttpApp, tls: TlsClient) -> None:
+    sc = start_sidecar(tmp_path, ca, app.address, POLICY)
+    c = Client.to(sc, tls)
+    assert c.get("/before-drain").status == 200
+    started = time.monotonic()
+    assert sc.stop() == 0  # drain_timeout is 5 s: an idle http connection must not hold it
+    assert c.closed()
+    assert time.monotonic() - started < 4
+    assert sc.connection(peer_addr=c.local)["close"] == "closed"
+
+
+def test_a_reload_that_denies_a_websockets_request_closes_it(
+        tmp_path: Path, ca: Pki, app: HttpApp, tls: TlsClient) -> None:
+    sc = start_sidecar(tmp_path, ca, app.address, POLICY)
+    try:
+        kept, cut = Client.to(sc, tls), Client.to(sc, tls)
+        assert kept.get("/ws/kept", headers=WS).status == 101
+        assert cut.get("/ws/cut", headers=WS).status == 101
+        policy = {**POLICY, "rules": [{"name": "no-cut", "action": "deny",
+                                       "from": [FRONTEND], "to": {"paths": ["/ws/cut"]}},
+                                      *POLICY["rules"]]}  # type: ignore[list-item]
+        (sc.config_path.parent / "policy.yaml").write_text(json.dumps(policy))
+        line = sc.connection(peer_addr=cut.local)
+        assert (line["close"], line["rule"]) == ("policy_recheck", "no-cut")
+        kept.send(b"still here")
+        assert kept.sock.recv(64) == b"still here"
+        kept.close()
+    finally:
+        assert sc.stop() == 0
