@@ -19,16 +19,16 @@ Fields = list[tuple[bytes, bytes]]
 
 def ok(method: str = "GET", target: bytes = b"/", version: str = "1.1",
        fields: Fields | None = None, upgrade: bool = False) -> RequestHead:
-    head = request.examine(method, target, version, [HOST] if fields is None else fields,
-                           upgrade, XFCC)
+    head = request.examine(method, target, version,
+                           request.lines([HOST] if fields is None else fields), upgrade, XFCC)
     assert isinstance(head, RequestHead), head
     return head
 
 
 def refused(method: str = "GET", target: bytes = b"/", version: str = "1.1",
             fields: Fields | None = None, upgrade: bool = False) -> str:
-    head = request.examine(method, target, version, [HOST] if fields is None else fields,
-                           upgrade, XFCC)
+    head = request.examine(method, target, version,
+                           request.lines([HOST] if fields is None else fields), upgrade, XFCC)
     assert isinstance(head, str), head
     return head
 
@@ -133,12 +133,12 @@ def test_refused_heads_say_why(kwargs: dict[str, object], why: str) -> None:
 
 
 def test_the_head_limits() -> None:
-    fields = [HOST] + [(b"X-%d" % i, b"v") for i in range(100)]
+    fields = request.lines([HOST] + [(b"X-%d" % i, b"v") for i in range(100)])
     assert "more than 100 header fields" in str(
         request.examine("GET", b"/", "1.1", fields, False, XFCC, max_fields=100))
-    assert isinstance(request.examine("GET", b"/", "1.1", fields[:100], False, XFCC,
+    assert isinstance(request.examine("GET", b"/", "1.1", fields[:400], False, XFCC,
                                       max_fields=100), RequestHead)
-    big = [HOST, (b"X-Big", b"a" * 2048)]
+    big = request.lines([HOST, (b"X-Big", b"a" * 2048)])
     assert "larger than 2048 bytes" in str(
         request.examine("GET", b"/", "1.1", big, False, XFCC, max_bytes=2048))
     assert isinstance(request.examine("GET", b"/", "1.1", big, False, XFCC, max_bytes=4096),

@@ -71,6 +71,7 @@ _SPECIAL = {
 _FRAMING_FIELDS = frozenset({b"host", b"content-length", b"transfer-encoding"})
 _VERSIONS = {"1.1": b" HTTP/1.1\r\n", "1.0": b" HTTP/1.0\r\n"}
 _CRLF = b"\r\n"
+_COLON = b": "
 _OWS = b" \t"
 # The special fields' names in the lowercased field block (each line after a "\n").
 _SPECIAL_NAMES = re.compile(
@@ -79,14 +80,20 @@ _SPECIAL_NAMES = re.compile(
 _LENGTH_VALUE = re.compile(rb"\ncontent-length:[ \t]*([0-9]+)")
 
 
-def examine(method: str, target: bytes, version: str, fields: list[tuple[bytes, bytes]],
-            upgrade: bool, xfcc: bytes, max_bytes: int = 64 * 1024,
+def lines(fields: list[tuple[bytes, bytes]]) -> list[bytes]:
+    """Fields as `examine` takes them: name, `: `, value, CRLF, one after the other."""
+    return [part for name, value in fields for part in (name, _COLON, value, _CRLF)]
+
+
+def examine(method: str, target: bytes, version: str, parts: list[bytes], upgrade: bool,
+            xfcc: bytes, max_bytes: int = 64 * 1024,
             max_fields: int = 100) -> RequestHead | str:
-    """The request to forward, or why it is refused (a str, answered 400). `upgrade` is
-    llhttp's view (Connection: upgrade with an Upgrade field); `xfcc` our whole field line;
-    `max_bytes` and `max_fields` bound the head (the request line and the fields, each as
-    `name: value` CRLF). Never raises."""
-    if len(fields) > max_fields:
+    """The request to forward, or why it is refused (a str, answered 400). `parts`: the
+    fields as `lines` lays them out (the parser's callback appends them so, and one join
+    makes the block of field lines); `upgrade` is llhttp's view (Connection: upgrade with
+    an Upgrade field); `xfcc` our whole field line; `max_bytes` and `max_fields` bound the
+    head (the request line and the fields, each as `name: value` CRLF). Never raises."""
+    if len(parts) > 4 * max_fields:
         return f"the request has more than {max_fields} header fields"
     line_end = _VERSIONS.get(version)
     if line_end is None:
@@ -98,15 +105,15 @@ def examine(method: str, target: bytes, version: str, fields: list[tuple[bytes, 
             return "the asterisk-form target (*) is not forwarded"
         return "only origin-form request targets (/path?query) are forwarded"
     raw_path, question, query = target.partition(b"?")
-    if b"#" in query:
+    if query.find(b"#") >= 0:  # (not `in`: see path.py)
         return "the request target holds a fragment (#)"
     path = normalize(raw_path)
     if isinstance(path, str):
         return path
-    # The fields as lines, joined in C: most requests are decided by searching this
-    # block once, and forwarded with it as it is.
-    block = b"\r\n".join(map(b": ".join, fields))
-    if len(target) + len(method) + len(block) + 13 > max_bytes:
+    # The field lines, joined in C: most requests are decided by searching this block
+    # once, and forwarded with it as it is.
+    block = b"".join(parts)
+    if len(target) + len(method) + len(block) + 11 > max_bytes:
         return f"the request head is larger than {max_bytes} bytes"
     low = b"\n" + block.lower()
     special = _SPECIAL_NAMES.findall(low)
@@ -114,7 +121,9 @@ def examine(method: str, target: bytes, version: str, fields: list[tuple[bytes, 
     first = [method.encode("ascii"), b" ", path, b"?", query, line_end] if question else \
         [method.encode("ascii"), b" ", path, line_end]
     if upgrade or (special and special != [b"content-length"]):
-        return _examine_fields(method, path, first, fields, upgrade, xfcc, http10)
+        return _examine_fields(method, path, first, list(zip(parts[::4], parts[2::4],
+                                                             strict=True)),
+                               upgrade, xfcc, http10)
     hosts = low.count(b"\nhost:")
     if hosts != 1 and (hosts or not http10):
         return "no Host field" if not hosts else "more than one Host field"
@@ -125,7 +134,7 @@ def examine(method: str, target: bytes, version: str, fields: list[tuple[bytes, 
             return "an invalid Content-Length"
         length = int(found.group(1))
     if block:
-        first += (block, _CRLF)
+        first.append(block)
     if http10:
         first.append(b"Connection: close\r\n")
     first += (xfcc, _CRLF)

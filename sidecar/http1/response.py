@@ -52,12 +52,12 @@ def examine(status: int, head: bytes, *, head_request: bool, close: bool,
     low = head.lower()
     if head_request or status in (204, 304):
         framing = Framing.NONE
-    elif b"\ntransfer-encoding:" in low:
+    elif low.find(b"\ntransfer-encoding:") >= 0:  # find, not `in`: see path.py
         found = _CODING.findall(low)
         if found != [b"chunked"]:
             return "the app's response has a Transfer-Encoding other than chunked"
         framing = Framing.CHUNKED
-    elif b"\ncontent-length:" in low:
+    elif low.find(b"\ncontent-length:") >= 0:
         framing = Framing.LENGTH
     else:
         framing = Framing.CLOSE
@@ -66,8 +66,8 @@ def examine(status: int, head: bytes, *, head_request: bool, close: bool,
     # own head (its Connection: close, or HTTP/1.0).
     closes = close or framing is Framing.CLOSE or app_closes
     forwarded = None
-    if (closes and not app_closes) or b"\nconnection:" in low or b"\nkeep-alive:" in low \
-            or b"\nproxy-connection:" in low:
+    if (closes and not app_closes) or low.find(b"\nconnection:") >= 0 or \
+            low.find(b"\nkeep-alive:") >= 0 or low.find(b"\nproxy-connection:") >= 0:
         forwarded = _rebuilt(head, low, closes)
     return ResponseHead(status, forwarded, framing, app_closes, closes)
 

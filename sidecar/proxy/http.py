@@ -93,7 +93,7 @@ class Exchange:
     def __init__(self, started: float) -> None:
         self.started = started
         self.url = b""
-        self.fields: list[tuple[bytes, bytes]] = []
+        self.fields: list[bytes] = []  # name, ": ", value, CRLF, ...
         self.size = 0  # bytes of the request line and fields, as reported
         self.raw = 0  # bytes read while the head was incomplete (a backstop, see _read_peer)
         self.head: RequestHead | None = None
@@ -419,7 +419,7 @@ class Session:
         r = self._in
         assert r is not None
         if r.head is None:
-            r.fields.append((name, value))
+            r.fields += (name, b": ", value, _CRLF)  # as request.examine takes them
         # else: a trailer field, not forwarded (the chunked body ends without them)
 
     def on_headers_complete(self) -> None:
