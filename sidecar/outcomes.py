@@ -50,6 +50,11 @@ class DecisionKind(StrEnum):
     AUDIT_DENY = "audit_deny"
 
 
+# The `decision` of a request on an http listener that was refused as malformed before
+# the policy was asked (the log field and the sidecar_http_requests_total label).
+NO_DECISION = "none"
+
+
 class KtlsState(StrEnum):
     """The `state` label of `sidecar_ktls_connections_total`, per connection and path."""
 

@@ -24,6 +24,7 @@ class Reason(StrEnum):
     SPIFFE_ID_MISMATCH = "spiffe_id_mismatch"
     PROTOCOL_VERSION = "protocol_version"
     NO_SHARED_CIPHER = "no_shared_cipher"
+    NO_APPLICATION_PROTOCOL = "no_application_protocol"
     HANDSHAKE_TIMEOUT = "handshake_timeout"
     PEER_CLOSED = "peer_closed"
     NOT_TLS = "not_tls"
@@ -101,6 +102,12 @@ _EXPLANATIONS: dict[Reason, tuple[str, str]] = {
     Reason.NO_SHARED_CIPHER: (
         "the two sides share no cipher suite, signature algorithm or key-exchange group",
         "allow an AEAD/ECDHE suite on the peer",
+    ),
+    Reason.NO_APPLICATION_PROTOCOL: (
+        "the client offered only application protocols (ALPN) the listener does not speak: "
+        "an http listener speaks HTTP/1.1, and the client offered h2 alone, or others",
+        "let the client offer http/1.1 too (most do; gRPC and h2-only clients cannot use "
+        "an http listener yet: give them a tcp listener), or offer no ALPN at all",
     ),
     Reason.HANDSHAKE_TIMEOUT: (
         "the handshake did not finish within limits.handshake_timeout",

@@ -19,7 +19,8 @@ SIDECAR = Path(__file__).resolve().parent.parent / "sidecar"
 
 # Pure values, rules and vocabularies: functions of plain values, testable without I/O.
 PURE = ("spiffe", "svid", "reasons", "outcomes", "modes", "problems", "times",
-        "policy.model", "tls.classify", "proxy.proxy_header")
+        "policy.model", "tls.classify", "proxy.proxy_header", "http1", "http1.path",
+        "http1.request", "http1.response", "http1.answers", "http1.xfcc")
 IO_MODULES = {"socket", "ssl", "asyncio", "subprocess", "os", "selectors", "threading",
               "ctypes", "uvloop", "watchfiles", "prometheus_client", "http", "urllib"}
 # The commands around the proxy: the proxy and its life cycle never import them.

@@ -584,3 +584,142 @@ def test_compiled_decide_agrees_with_looping_over_every_rule(
     for peer in peer_ids:
         decision = compiled.decide(sid(peer), listener)
         assert (decision.kind.value, decision.rule) == reference_decide(doc, peer, listener)
+
+
+# --- per request, on http listeners (Policy.for_peer) -------------------------------------
+
+HTTP_POLICY = """
+    default: deny
+    rules:
+      - name: no-admin
+        action: deny
+        from: ["spiffe://example.org/*"]
+        to: {paths: ["/admin", "/admin/*"]}
+      - name: reads
+        action: allow
+        from: ["spiffe://example.org/ns/web/*"]
+        to: {methods: [GET, HEAD]}
+      - name: orders
+        action: allow
+        from: ["spiffe://example.org/ns/web/sa/frontend"]
+        to: {listeners: [api], methods: [POST], paths: ["/orders", "/orders/*"]}
+      - name: batch
+        action: allow
+        from: ["spiffe://example.org/ns/batch/*"]
+      - name: batch-no-delete
+        action: deny
+        from: ["spiffe://example.org/ns/batch/*"]
+        to: {methods: [DELETE]}
+"""
+
+
+@pytest.mark.parametrize(("peer", "listener", "method", "path", "expected"), [
+    (FRONTEND, "api", "GET", "/x", allow("reads")),
+    (FRONTEND, "api", "HEAD", "/x", allow("reads")),
+    (FRONTEND, "api", "POST", "/orders", allow("orders")),
+    (FRONTEND, "api", "POST", "/orders/7", allow("orders")),
+    (FRONTEND, "api", "POST", "/ordersx", deny("default")),  # /orders/* is on a segment
+    (FRONTEND, "api", "POST", "/x", deny("default")),
+    (FRONTEND, "other", "POST", "/orders", deny("default")),  # orders is for api only
+    (FRONTEND, "api", "GET", "/admin", deny("no-admin")),  # deny wins over an allow
+    (FRONTEND, "api", "GET", "/admin/users", deny("no-admin")),
+    (FRONTEND, "api", "GET", "/administrator", allow("reads")),
+    ("spiffe://example.org/ns/web/sa/other", "api", "POST", "/orders", deny("default")),
+    ("spiffe://example.org/ns/batch/sa/j", "api", "POST", "/x", allow("batch")),
+    ("spiffe://example.org/ns/batch/sa/j", "api", "DELETE", "/x", deny("batch-no-delete")),
+    ("spiffe://example.org/ns/batch/sa/j", "api", "GET", "/admin/x", deny("no-admin")),
+    ("spiffe://other.org/ns/web/sa/frontend", "api", "GET", "/x", deny("default")),
+])
+def test_requests_are_decided_on_method_and_path(peer: str, listener: str, method: str,
+                                                 path: str, expected: Decision) -> None:
+    p = policy(HTTP_POLICY)
+    assert p.for_peer(sid(peer), listener).decide(method, path) == expected
+
+
+def test_the_first_matching_deny_is_reported_whatever_came_before() -> None:
+    p = policy("""
+        default: allow
+        rules:
+          - {name: a, action: allow, from: ["spiffe://example.org/*"], to: {paths: ["/x"]}}
+          - {name: d1, action: deny, from: ["spiffe://example.org/*"], to: {methods: [GET]}}
+          - {name: d2, action: deny, from: ["spiffe://example.org/*"]}
+    """)
+    rules = p.for_peer(sid(FRONTEND), "api")
+    assert rules.decide("GET", "/x") == deny("d1")
+    assert rules.decide("POST", "/x") == deny("d2")
+
+
+def test_audit_mode_reports_what_a_request_rule_would_deny() -> None:
+    p = policy(HTTP_POLICY.replace("default: deny", "mode: audit\n    default: deny"))
+    rules = p.for_peer(sid(FRONTEND), "api")
+    assert rules.decide("GET", "/admin/x") == Decision(DecisionKind.AUDIT_DENY, "no-admin")
+    assert rules.decide("GET", "/admin/x").allowed
+    assert rules.decide("PUT", "/x") == Decision(DecisionKind.AUDIT_DENY, "default")
+
+
+def test_a_peer_no_http_rule_names_is_decided_once_per_connection() -> None:
+    p = policy("""
+        default: deny
+        rules:
+          - {name: web, action: allow, from: ["spiffe://example.org/ns/web/*"]}
+          - {name: admin, action: deny, from: ["spiffe://example.org/ns/ops/*"],
+             to: {paths: ["/admin/*"]}}
+    """)
+    rules = p.for_peer(sid(FRONTEND), "api")
+    assert rules.fixed == allow("web")
+    assert rules.decide("DELETE", "/admin/x") == allow("web")
+    assert p.for_peer(sid("spiffe://example.org/ns/ops/sa/x"), "api").fixed is None
+
+
+def test_a_peer_without_a_path_is_denied_per_request_too() -> None:
+    p = policy(HTTP_POLICY.replace("default: deny", "mode: audit\n    default: allow"))
+    rules = p.for_peer(sid("spiffe://example.org"), "api")
+    assert rules.decide("GET", "/") == deny("invalid_peer_id")
+
+
+def test_until_a_policy_loads_every_request_is_denied() -> None:
+    assert DENY_ALL.for_peer(sid(FRONTEND), "api").decide("GET", "/") == deny("no_policy")
+
+
+def test_the_connection_decision_ignores_request_rules_as_before() -> None:
+    p = policy(HTTP_POLICY)
+    assert p.decide(sid(FRONTEND), "api") == deny("default")
+    assert p.decide(sid("spiffe://example.org/ns/batch/sa/j"), "api") == allow("batch")
+
+
+@pytest.mark.parametrize(("path", "message"), [
+    ("/api/../admin", "so write '/admin'"),
+    ("/a/%7e", "so write '/a/~'"),
+    ("//admin/*", "so write '/admin/*'"),
+    ("/a%2Fb", "never matches: the path holds an encoded slash (%2F)"),
+])
+def test_rule_paths_must_be_written_normalized(path: str, message: str) -> None:
+    found = problems(f"""
+        rules:
+          - {{name: a, action: allow, from: ["spiffe://example.org/*"], to: {{paths: ["{path}"]}}}}
+    """)
+    assert len(found) == 1 and message in found[0], found
+
+
+METHODS = st.sampled_from(["GET", "POST", "DELETE", "HEAD"])
+REQUEST_PATHS = st.sampled_from(["/", "/admin", "/admin/x", "/orders", "/orders/1", "/x"])
+
+
+@given(METHODS, REQUEST_PATHS, st.sampled_from([FRONTEND, "spiffe://example.org/ns/web/sa/b",
+                                                 "spiffe://example.org/ns/batch/sa/j"]))
+def test_per_request_decisions_agree_with_reading_the_rules_in_order(
+        method: str, path: str, peer: str) -> None:
+    """The compiled walk gives what a plain reading of the rules gives."""
+    p = policy(HTTP_POLICY)
+    peer_id = sid(peer)
+    matching = [r for r in p.rules
+                if any(pattern.matches(peer_id) for pattern in r.peers)
+                and (r.listeners is None or "api" in r.listeners)
+                and (not r.methods or method in r.methods)
+                and (not r.paths or any(path == q or (q.endswith("/*") and path.startswith(q[:-1]))
+                                        for q in r.paths))]
+    denies = [r for r in matching if r.action is Action.DENY]
+    allows = [r for r in matching if r.action is Action.ALLOW]
+    expected = deny(denies[0].name) if denies else allow(allows[0].name) if allows else \
+        deny("default")
+    assert p.for_peer(peer_id, "api").decide(method, path) == expected

@@ -117,6 +117,12 @@ class Limits:
     max_connections: int = 10_000
     max_pending_handshakes: int = 1024
     max_connection_lifetime: float = 0.0  # 0 = unlimited
+    # http listeners: a request head (request line and header fields) larger than this,
+    # with more fields than this, or not complete this long after its first byte, is
+    # answered 400 (408 for the time) and its connection closed.
+    max_request_head_bytes: int = 64 * 1024
+    max_request_headers: int = 100
+    request_head_timeout: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,5 +168,4 @@ def _is(expected: object) -> Callable[[object], bool]:
 # A setting the proxy cannot honour yet is refused, never silently ignored. Delete a line
 # when its feature lands.
 NOT_SUPPORTED_YET: Final[tuple[Unsupported, ...]] = (
-    Unsupported("inbound[].protocol", _is("http"), "per-request HTTP policy is planned", "use tcp"),
 )

@@ -33,6 +33,7 @@ from sidecar.config.values import (
     _expected_id,
     _forward_to,
     _group,
+    _head_bytes,
     _kind,
     _ktls,
     _listen,
@@ -210,7 +211,7 @@ def _inbound(r: _Reader, raw: object, where: str) -> InboundListener | None:
         )
         return None
     m = r.mapping(raw, where, InboundListener)
-    return InboundListener(
+    listener = InboundListener(
         name=r.value(m, "name", where, _name, "", missing="give the listener a name"),
         listen=r.value(
             m,
@@ -231,6 +232,10 @@ def _inbound(r: _Reader, raw: object, where: str) -> InboundListener | None:
         protocol=r.value(m, "protocol", where, _choice(ListenerProtocol), ListenerProtocol.TCP),
         proxy_protocol=r.value(m, "proxy_protocol", where, _bool, False),
     )
+    if listener.proxy_protocol and listener.protocol is ListenerProtocol.HTTP:
+        r.report(f"{where}.proxy_protocol", "a PROXY v2 header is for tcp listeners; an http "
+                 "listener tells the app who called with x-forwarded-client-cert: set false")
+    return listener
 
 
 def _outbound(r: _Reader, raw: object, where: str) -> OutboundListener | None:
@@ -347,6 +352,15 @@ def _limits(r: _Reader, raw: object) -> Limits:
         ),
         max_connection_lifetime=r.value(
             m, "max_connection_lifetime", "limits", parse_duration, d.max_connection_lifetime
+        ),
+        max_request_head_bytes=r.value(
+            m, "max_request_head_bytes", "limits", _head_bytes, d.max_request_head_bytes
+        ),
+        max_request_headers=r.value(
+            m, "max_request_headers", "limits", _count, d.max_request_headers
+        ),
+        request_head_timeout=r.value(
+            m, "request_head_timeout", "limits", _positive_duration, d.request_head_timeout
         ),
     )
     pending, most = limits.max_pending_handshakes, limits.max_connections

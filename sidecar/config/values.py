@@ -171,6 +171,20 @@ def _count(raw: object) -> int:
     return raw
 
 
+# A request head must hold at least a request line and a Host field; past 1 MiB a
+# connection's head buffer would dwarf everything else it costs (~25 KiB).
+HEAD_BYTES_MIN = 1024
+HEAD_BYTES_MAX = 1024 * 1024
+
+
+def _head_bytes(raw: object) -> int:
+    if isinstance(raw, bool) or not isinstance(raw, int) or not (
+            HEAD_BYTES_MIN <= raw <= HEAD_BYTES_MAX):
+        raise ValueError(f"expected a number of bytes from {HEAD_BYTES_MIN} to "
+                         f"{HEAD_BYTES_MAX} (1 MiB), found {_show(raw)}")
+    return raw
+
+
 def _workers(raw: object) -> int | None:
     if raw == "auto":
         return None

@@ -80,8 +80,9 @@ _direct: Any = None  # the stream of the JSON handler setup() installed, for acc
 static: dict[str, Any] = {}  # fields on every line, e.g. {"worker": 1} in a worker process
 
 
-def access(fields: dict[str, Any], *, failed: bool) -> None:
-    """One access-log line. In the usual JSON setup the line is built and written here:
+def access(fields: dict[str, Any], *, failed: bool, msg: str = "connection") -> None:
+    """One access-log line: `msg` "connection" for a connection, "request" for a request
+    on an http listener. In the usual JSON setup the line is built and written here:
     a LogRecord, a Formatter and datetime.isoformat per connection were a tenth of the
     Python time of a resumed connection. Anything else (text format, an extra handler
     such as the demo's) goes through logging."""
@@ -94,10 +95,71 @@ def access(fields: dict[str, Any], *, failed: bool) -> None:
         head = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
         line = {"ts": f"{head}.{int(now * 1000) % 1000:03d}Z",
                 "level": "warning" if failed else "info", "logger": ACCESS.name,
-                "msg": "connection", **static, **fields}
+                "msg": msg, **static, **fields}
         _direct.write(json.dumps(line, default=str, separators=(",", ":")) + "\n")
         return
-    ACCESS.log(level, "connection", extra={"fields": fields})
+    ACCESS.log(level, msg, extra={"fields": fields})
+
+
+class RequestLog:
+    """The access-log lines (msg "request") of one http connection's requests.
+
+    A request line is written for every request, so in the usual JSON setup it is
+    formatted here from parts: the connection's fields are encoded once, the timestamp
+    once a second, and the per-request values need no escaping: a method is one of
+    llhttp's names, a path is normalized to RFC 3986 path characters (http1/path.py), a
+    rule name is a plain token (policy/reader.py), and the rest are numbers. A line with
+    free text (`detail`) goes through `access`, as does every line in any other setup.
+    json.dumps of the whole line was a tenth of a request's instructions."""
+
+    __slots__ = ("_enabled", "_encoded", "_fields")
+
+    def __init__(self, fields: dict[str, Any]) -> None:
+        self._fields = fields
+        self._encoded = ""  # '"id":...,' made at the first line (after `static` is set)
+        self._enabled = ACCESS.isEnabledFor(logging.INFO)  # levels are set once, at start
+
+    def write(self, method: str | None, path: str | None, status: int | None,
+              decision: str, rule: str | None, bytes_in: int, bytes_out: int,
+              seconds: float, extra: dict[str, Any] | None = None) -> None:
+        if _direct is None or extra or len(log.handlers) != 1 or method is None:
+            fields = {**self._fields, "method": method, "path": path, "status": status,
+                      "decision": decision, "rule": rule, "bytes_in": bytes_in,
+                      "bytes_out": bytes_out, "duration_ms": round(seconds * 1000, 3)}
+            if extra:
+                fields.update(extra)
+            access(fields, failed=False, msg="request")
+            return
+        if not self._enabled:
+            return
+        encoded = self._encoded
+        if not encoded:
+            both = {**static, **bounded(self._fields)}
+            encoded = self._encoded = json.dumps(both, separators=(",", ":"))[1:-1] + ","
+        rule_text = "null" if rule is None else f'"{rule}"'
+        status_text = "null" if status is None else status
+        us = int(seconds * 1_000_000)  # milliseconds with three decimals, without a float
+        _direct.write(
+            f'{{"ts":"{_now()}","level":"info","logger":"sidecar.access","msg":"request",'
+            f'{encoded}"method":"{method}","path":"{path}","status":{status_text},'
+            f'"decision":"{decision}","rule":{rule_text},"bytes_in":{bytes_in},'
+            f'"bytes_out":{bytes_out},"duration_ms":{us // 1000}.{_DIGITS3[us % 1000]}}}\n')
+
+
+_second = -1
+_second_text = ""
+_DIGITS3 = [f"{i:03d}" for i in range(1000)]  # a format spec per line costs ~2k instructions
+
+
+def _now() -> str:
+    """The access log's timestamp, its seconds formatted once a second."""
+    global _second, _second_text
+    ms = int(time.time() * 1000)
+    second = ms // 1000
+    if second != _second:
+        _second = second
+        _second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+    return _second_text + "." + _DIGITS3[ms % 1000] + "Z"
 
 
 def event(level: int, msg: str, **fields: Any) -> None:

@@ -11,8 +11,9 @@ Semantics (SPEC.md, "Policy file"):
   there is no implicit allow: a missing `default` means deny;
 - in audit mode a deny is reported as `audit_deny` and let through;
 - a rule naming `methods` or `paths` is for http listeners and never matches at the
-  connection level, which is what `decide` answers (HTTP mode is not built yet:
-  `policy_warnings` points such rules out);
+  connection level, which is what `decide` answers (`policy_warnings` points out such
+  rules scoped to tcp listeners); an http listener asks `for_peer(peer,
+  listener).decide(method, path)` per request, which weighs both kinds of rules;
 - the reported rule is deterministic: the first matching deny rule in file order, else the
   first matching allow rule in file order.
 
@@ -29,6 +30,9 @@ decision. A decision is one lookup for the exact ID plus one per proper path pre
 the peer, so it grows with the peer's path depth, never with the number of rules. Each
 key holds the first deny and first allow rule for every listener plus, only if some rules
 are listener-scoped, the same per listener: one table, whatever the number of listeners.
+Per request, `for_peer` does that walk once per connection and keeps the http rules that
+name the peer and listener; a request then costs a walk over those few rules (none at
+all when no http rule names the peer), `decide` for tcp listeners is unchanged.
 """
 
 
@@ -44,6 +48,7 @@ from sidecar.policy.model import (
     Decision,
     Mode,
     Policy,
+    RequestRules,
     Rule,
 )
 from sidecar.policy.reader import load_policy, parse_policy, policy_warnings
@@ -60,6 +65,7 @@ __all__ = [
     "Mode",
     "PatternKind",
     "Policy",
+    "RequestRules",
     "Rule",
     "SpiffePattern",
     "load_policy",

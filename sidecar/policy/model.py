@@ -103,6 +103,94 @@ def _compile(rules: tuple[Rule, ...]) -> _Index:
     return _Index(freeze(tables[PatternKind.EXACT]), freeze(tables[PatternKind.PREFIX]))
 
 
+# The http-only rules under each peer key, in file order: (exact, under), as _Index is.
+type _HttpIndex = tuple[Mapping[str, tuple[int, ...]], Mapping[str, tuple[int, ...]]]
+
+
+def _compile_http(rules: tuple[Rule, ...]) -> _HttpIndex:
+    exact: dict[str, list[int]] = {}
+    under: dict[str, list[int]] = {}
+    for index, rule in enumerate(rules):
+        if not rule.http_only:
+            continue
+        for pattern in rule.peers:
+            table = exact if pattern.kind is PatternKind.EXACT else under
+            found = table.setdefault(pattern.key, [])
+            if not found or found[-1] != index:  # two patterns of one rule: listed once
+                found.append(index)
+    return ({k: tuple(v) for k, v in exact.items()}, {k: tuple(v) for k, v in under.items()})
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    """One http-only rule as a request is matched against it."""
+
+    index: int  # the rule's place in the file: the lower wins among its kind
+    deny: bool
+    methods: frozenset[str] | None  # None: every method
+    exact: frozenset[str]  # paths that must equal the request path
+    prefixes: tuple[str, ...]  # `/api/*` as "/api/": paths that must start so
+    any_path: bool  # the rule names no paths
+
+    @classmethod
+    def of(cls, index: int, rule: Rule) -> _Target:
+        exact = frozenset(p for p in rule.paths if not p.endswith("/*"))
+        prefixes = tuple(p[:-1] for p in rule.paths if p.endswith("/*"))
+        return cls(index, rule.action is Action.DENY,
+                   frozenset(rule.methods) if rule.methods else None, exact, prefixes,
+                   not rule.paths)
+
+    def matches(self, method: str, path: str) -> bool:
+        if self.methods is not None and method not in self.methods:
+            return False
+        return self.any_path or path in self.exact or (
+            bool(self.prefixes) and path.startswith(self.prefixes))
+
+
+class RequestRules:
+    """What a policy says of one peer on one http listener, request by request: made once
+    per connection (`Policy.for_peer`), so a request costs a walk over only the http rules
+    that name this peer and listener, not a policy lookup."""
+
+    __slots__ = ("_allow", "_decisions", "_deny", "_fallback", "_targets", "fixed")
+
+    def __init__(self, deny: int, allow: int, targets: tuple[_Target, ...],
+                 decisions: tuple[Decision, ...], fallback: Decision,
+                 fixed: Decision | None = None) -> None:
+        self._deny, self._allow = deny, allow  # from the rules without methods or paths
+        self._targets = targets
+        self._decisions = decisions
+        self._fallback = fallback
+        # The decision of every request, when no http rule can change it (no http rule
+        # names this peer, or a connection-level deny precedes them all).
+        self.fixed = fixed
+
+    def decide(self, method: str, path: str) -> Decision:
+        """May this request (its method, and its normalized path) pass? Never raises."""
+        if self.fixed is not None:
+            return self.fixed
+        deny, allow = self._deny, self._allow
+        for target in self._targets:  # in file order
+            if target.index > deny:
+                break  # in file order: no later rule can change the outcome
+            if target.index > allow and not target.deny:
+                continue  # an allow after the first one found
+            methods = target.methods
+            if (methods is None or method in methods) and (
+                    target.any_path or path in target.exact
+                    or (target.prefixes and path.startswith(target.prefixes))):
+                # (_Target.matches, inline: this runs for every request)
+                if target.deny:
+                    deny = target.index
+                    break  # any later rule's index is higher
+                allow = target.index
+        if deny != _NEVER:
+            return self._decisions[deny]
+        if allow != _NEVER:
+            return self._decisions[allow]
+        return self._fallback
+
+
 _INVALID_PEER = Decision(DecisionKind.DENY, INVALID_PEER_RULE)
 
 
@@ -114,6 +202,10 @@ def _merge(slot: _Slot, listener: str, deny: int, allow: int) -> tuple[int, int]
         if scoped is not None:
             deny, allow = min(deny, scoped[0]), min(allow, scoped[1])
     return deny, allow
+
+
+def _names(listeners: tuple[str, ...] | None, listener: str) -> bool:
+    return listeners is None or listener in listeners
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -129,6 +221,7 @@ class Policy:
     _index: _Index = field(init=False, repr=False)
     _decisions: tuple[Decision, ...] = field(init=False, repr=False)  # one per rule
     _fallback: Decision = field(init=False, repr=False)
+    _http_index: _HttpIndex = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         names = [rule.name for rule in self.rules]
@@ -139,6 +232,7 @@ class Policy:
             self, "_decisions", tuple(self._outcome(r.action, r.name) for r in self.rules)
         )
         object.__setattr__(self, "_fallback", self._outcome(self.default, self.default_rule))
+        object.__setattr__(self, "_http_index", _compile_http(self.rules))
 
     def _outcome(self, action: Action, rule: str) -> Decision:
         if action is Action.ALLOW:
@@ -177,6 +271,39 @@ class Policy:
         if allow != _NEVER:
             return self._decisions[allow]
         return self._fallback
+
+    def for_peer(self, peer: SpiffeId, listener: str) -> RequestRules:
+        """The per-request decisions for `peer` on http `listener`. A request matches the
+        rules `decide` weighs (no methods, no paths: every request) and the http rules
+        whose methods and paths it fits; deny wins, then the first allow, then `default`,
+        as for a connection. `decide` itself is left as it is: tcp listeners pay nothing
+        for http rules."""
+        if not peer.path:
+            return RequestRules(_NEVER, _NEVER, (), self._decisions, self._fallback,
+                                fixed=_INVALID_PEER)
+        key = peer.trust_domain.name + peer.path
+        deny = allow = _NEVER
+        exact_http, under_http = self._http_index
+        found: list[int] = list(exact_http.get(key, ()))
+        slot = self._index.exact.get(key)
+        if slot is not None:
+            deny, allow = _merge(slot, listener, deny, allow)
+        cut = key.find("/")
+        while cut != -1:
+            prefix = key[:cut]
+            slot = self._index.under.get(prefix)
+            if slot is not None:
+                deny, allow = _merge(slot, listener, deny, allow)
+            found.extend(under_http.get(prefix, ()))
+            cut = key.find("/", cut + 1)
+        targets = tuple(
+            _Target.of(i, self.rules[i]) for i in sorted(set(found))
+            if i < deny and _names(self.rules[i].listeners, listener))
+        fixed = None
+        if not targets:
+            fixed = (self._decisions[deny] if deny != _NEVER else self._decisions[allow]
+                     if allow != _NEVER else self._fallback)
+        return RequestRules(deny, allow, targets, self._decisions, self._fallback, fixed)
 
 
 DENY_ALL = Policy(rules=(), source="", version="none", default_rule=NO_POLICY_RULE)

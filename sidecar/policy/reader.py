@@ -11,6 +11,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from sidecar import files, strict_yaml
+from sidecar.http1.path import normalize
 from sidecar.policy.model import (
     DEFAULT_RULE,
     INVALID_PEER_RULE,
@@ -191,6 +192,15 @@ class _PolicyReader:
                     self.problem(
                         at, f"{_show(path)}: a path starts with '/' and may end with '/*'"
                     )
+                    continue
+                base = path.removesuffix("*")
+                normal = normalize(base.encode("utf-8", "surrogateescape"))
+                if isinstance(normal, str):
+                    self.problem(at, f"{_show(path)}: never matches: {normal}")
+                elif normal.decode("ascii") != base:
+                    self.problem(
+                        at, f"{_show(path)}: requests are matched on their normalized path, "
+                        f"so write {_show(normal.decode('ascii') + path[len(base):])}")
                 else:
                     paths.append(path)
         return listeners, methods, paths

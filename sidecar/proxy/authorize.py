@@ -23,12 +23,17 @@ def admit(policy: Policy, peer_id: SpiffeId, rec: Record) -> Decision:
     return decision
 
 
-def recheck(policy: Policy, peer_id: SpiffeId | None, listener: str) -> Decision | None:
-    """What a new policy says of a live connection: its denial, or None when the connection
-    may stay (or never got as far as a peer). Pure."""
+def recheck(policy: Policy, peer_id: SpiffeId | None, listener: str,
+            request: tuple[str, str] | None = None) -> Decision | None:
+    """What a new policy says of a live connection (of an http listener's WebSocket: of
+    its upgrade `request`, method and path): its denial, or None when the connection may
+    stay (or never got as far as a peer). Pure."""
     if peer_id is None:
         return None
-    decision = policy.decide(peer_id, listener)
+    if request is not None:
+        decision = policy.for_peer(peer_id, listener).decide(*request)
+    else:
+        decision = policy.decide(peer_id, listener)
     return None if decision.allowed else decision
 
 

@@ -16,16 +16,49 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from sidecar.observe import logs, metrics
 from sidecar.outcomes import Close, DecisionKind, Direction
-from sidecar.proxy.pump import Duplex
 from sidecar.reasons import Reason
 from sidecar.spiffe import SpiffeId
 
 _ids = itertools.count(1)
 _PID = os.getpid()
+
+
+class Moved(Protocol):
+    @property
+    def moved(self) -> int:
+        """Plaintext bytes moved so far in one direction."""
+        ...
+
+
+class Live(Protocol):
+    """What the tracker asks of a live connection: the byte pump's Duplex (pump.py), or an
+    http listener's session (http.py), which hands over to a Duplex on a WebSocket."""
+
+    idle_since: float  # kept by the sweeper
+    last_moved: int
+    last_queued: int
+
+    @property
+    def to_app(self) -> Moved: ...
+
+    @property
+    def from_app(self) -> Moved: ...
+
+    @property
+    def started(self) -> float: ...
+
+    @property
+    def moved(self) -> int: ...
+
+    def queued(self) -> int: ...
+
+    def abort(self, how: Close, exc: BaseException | None = None) -> None: ...
+
+    def finish(self, client_is_peer: bool) -> None: ...
 
 
 @dataclass(slots=True, eq=False)  # identity semantics: records key the pending table
@@ -50,13 +83,16 @@ class Record:
     finished: bool = False
     ktls_tx: bool | None = None
     ktls_rx: bool | None = None
+    # An http listener's WebSocket: the (method, path) of its upgrade request, which a
+    # policy recheck judges again.
+    request: tuple[str, str] | None = None
     # Bytes already added to sidecar_bytes_total: the sweeper adds what moved since, so a
     # long stream shows as it flows (a metric call per moving connection a second, never
     # one per chunk).
     counted_to_app: int = 0
     counted_from_app: int = 0
 
-    def fields(self, duplex: Duplex | None) -> dict[str, Any]:
+    def fields(self, duplex: Live | None) -> dict[str, Any]:
         out: dict[str, Any] = {
             "id": self.id, "direction": self.direction, "listener": self.listener,
             "peer_addr": self.peer_addr,
@@ -93,7 +129,7 @@ class Tracker:
         self.active = 0
         self.pending: OrderedDict[Record, tuple[asyncio.Task[None], Callable[[], bool]]] = (
             OrderedDict())
-        self.live: dict[Duplex, Record] = {}
+        self.live: dict[Live, Record] = {}
         self.on_full: Callable[[], None] = lambda: None  # pause listeners
         self.on_capacity: Callable[[], None] = lambda: None  # resume paused listeners
         self.on_empty: Callable[[], None] = lambda: None  # a drain waits for this
@@ -150,10 +186,10 @@ class Tracker:
     def end_handshake(self, rec: Record) -> None:
         self.pending.pop(rec, None)
 
-    def attach(self, rec: Record, duplex: Duplex) -> None:
+    def attach(self, rec: Record, duplex: Live) -> None:
         self.live[duplex] = rec
 
-    def closed(self, duplex: Duplex, how: Close, exc: BaseException | None) -> None:
+    def closed(self, duplex: Live, how: Close, exc: BaseException | None) -> None:
         """The pump's close callback."""
         rec = self.live.pop(duplex)
         rec.close = rec.close or how
@@ -164,7 +200,7 @@ class Tracker:
         _flush(tally)
         self.finish(rec, duplex)
 
-    def finish(self, rec: Record, duplex: Duplex | None = None) -> None:
+    def finish(self, rec: Record, duplex: Live | None = None) -> None:
         """Every connection ends here exactly once: access log, gauges, capacity."""
         if rec.finished:
             return
@@ -231,7 +267,7 @@ class Tracker:
 Tally = dict[tuple[Direction, str], list[int]]
 
 
-def _tally(rec: Record, duplex: Duplex, tally: Tally) -> None:
+def _tally(rec: Record, duplex: Live, tally: Tally) -> None:
     to_app, from_app = duplex.to_app.moved, duplex.from_app.moved
     sums = tally.get((rec.direction, rec.listener))
     if sums is None:

@@ -19,11 +19,11 @@ from sidecar.authn import Peer
 from sidecar.config import InboundListener
 from sidecar.endpoint import TcpEndpoint, close_with_reset
 from sidecar.identity import Identity
-from sidecar.modes import SessionStore
+from sidecar.modes import ListenerProtocol, SessionStore
 from sidecar.observe import metrics
 from sidecar.outcomes import Close, Direction
 from sidecar.policy import Policy
-from sidecar.proxy import authorize, proxy_header
+from sidecar.proxy import authorize, http, proxy_header
 from sidecar.proxy.connection import Record
 from sidecar.proxy.handshake import secure
 from sidecar.proxy.listener import AcceptCallback, dial
@@ -46,7 +46,8 @@ def acceptor(rt: Runtime, cfg: InboundListener) -> AcceptCallback:
 async def serve(rt: Runtime, cfg: InboundListener, rec: Record, sock: socket.socket) -> None:
     contexts = rt.contexts
     try:
-        ep = TlsEndpoint.server(contexts.server, sock)
+        ep = TlsEndpoint.server(contexts.server, sock,
+                                http1=cfg.protocol is ListenerProtocol.HTTP)
     except OSError as exc:  # the peer reset between accept and wrap
         sock.close()
         rec.close, rec.detail = Close.ERROR, str(exc)
@@ -56,6 +57,9 @@ async def serve(rt: Runtime, cfg: InboundListener, rec: Record, sock: socket.soc
     if peer is None:
         return
     ep.keep_session = contexts.session_store is SessionStore.MEMORY
+    if cfg.protocol is ListenerProtocol.HTTP:
+        http.serve(rt, cfg, rec, ep, peer.spiffe_id)  # decided request by request
+        return
     policy = rt.policy
     if not authorize.admit(policy, peer.spiffe_id, rec).allowed:
         ep.shutdown_write()  # a close_notify: the caller reads an end, not a reset
@@ -176,9 +180,9 @@ def recheck_live(rt: Runtime, policy: Policy) -> int:
     many it closed."""
     closed = 0
     for duplex, rec in list(rt.tracker.live.items()):
-        if rec.direction != DIRECTION:
-            continue
-        denial = authorize.recheck(policy, rec.peer_id, rec.listener)
+        if rec.direction != DIRECTION or isinstance(duplex, http.Session):
+            continue  # an http session asks the policy in force at each request
+        denial = authorize.recheck(policy, rec.peer_id, rec.listener, rec.request)
         if denial is None:
             continue
         authorize.revoke(policy, rec, denial)

@@ -18,12 +18,12 @@ import secrets
 from collections.abc import Callable
 from typing import Any
 
-from sidecar.config import Config, KtlsMode, SessionStore
+from sidecar.config import Config, KtlsMode, ListenerProtocol, SessionStore
 from sidecar.identity import Identity
 from sidecar.observe import admin, logs, metrics
 from sidecar.outcomes import KtlsState
 from sidecar.policy import Policy
-from sidecar.proxy import inbound, outbound
+from sidecar.proxy import http, inbound, outbound
 from sidecar.proxy.connection import Tracker
 from sidecar.proxy.listener import Listener
 from sidecar.proxy.runtime import Runtime
@@ -80,7 +80,9 @@ class Server:
                                   ktls=self.ktls.available,
                                   ticket_keys=self.resumption.ticket_keys(identity),
                                   session_cache_size=self.resumption.memory_cache(),
-                                  groups=tls.groups)
+                                  groups=tls.groups,
+                                  http1=any(ib.protocol is ListenerProtocol.HTTP
+                                            for ib in self.config.inbound))
 
     def _on_policy(self, policy: Policy) -> None:
         if self.config.policy_recheck and self.rt is not None:
@@ -124,6 +126,7 @@ class Server:
         sweeper = lifecycle.Tick(rt.loop, SWEEP_EVERY, self._sweep)
         lag = lifecycle.LagProbe(rt.loop)
         await self._drain.stopped.wait()
+        http.wind_down(rt)  # http connections close at their next request boundary
         sweeper.cancel()
         lag.cancel()
         for task in background:
@@ -347,6 +350,7 @@ class Server:
     def _sweep(self) -> None:
         assert self.rt is not None
         self.rt.tracker.sweep()
+        metrics.requests.flush()  # workers' request counts; one process flushes at scrapes
         if self.worker is not None:
             self.worker.report(self.serving())
 

@@ -57,6 +57,10 @@ _LIBRARY_REASONS: dict[str, Reason] = {
     "NO_SUITABLE_KEY_SHARE": Reason.NO_SHARED_CIPHER,
     "SSLV3_ALERT_HANDSHAKE_FAILURE": Reason.NO_SHARED_CIPHER,
     "TLSV1_ALERT_INSUFFICIENT_SECURITY": Reason.NO_SHARED_CIPHER,
+    # Our http listener refused the client's ALPN list (openssl.offer_http1), or, from
+    # the client's seat, the server refused ours with the alert.
+    "NO_APPLICATION_PROTOCOL": Reason.NO_APPLICATION_PROTOCOL,
+    "TLSV1_ALERT_NO_APPLICATION_PROTOCOL": Reason.NO_APPLICATION_PROTOCOL,
     "TLSV1_ALERT_UNKNOWN_CA": Reason.UNKNOWN_CA,
     "SSLV3_ALERT_CERTIFICATE_EXPIRED": Reason.CERT_EXPIRED,
     "SSLV3_ALERT_CERTIFICATE_REVOKED": Reason.REVOKED,
@@ -81,6 +85,12 @@ _LIBRARY_REASONS: dict[str, Reason] = {
     "UNEXPECTED_MESSAGE": Reason.OTHER,
     "RENEGOTIATION_ATTEMPT": Reason.OTHER,
     "NO_RENEGOTIATION": Reason.OTHER,
+}
+
+# Where a reason's own name says too little.
+_WORDS = {
+    "NO_APPLICATION_PROTOCOL": "the client's ALPN offer lacks http/1.1 (h2 alone?), and "
+                               "this http listener speaks HTTP/1.1 only",
 }
 
 # Which of those reasons the peer reported about us (an alert it sent), as opposed to a
@@ -114,10 +124,10 @@ def classify(
     if isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError):
         return Failure(Reason.PEER_CLOSED, "the peer closed the connection mid-handshake")
     if isinstance(exc, ssl.SSLError):
-        name = exc.reason or ""
+        name = getattr(exc, "reason", None) or _name_in(str(exc))
         reason = _LIBRARY_REASONS.get(name, Reason.OTHER)
         by_peer = name in _PEER_SAYS
-        words = name.lower().replace("_", " ") if name else str(exc)
+        words = _WORDS.get(name) or (name.lower().replace("_", " ") if name else str(exc))
         detail = f"the peer sent the alert '{words}'" if by_peer else words
         return Failure(reason, detail, by_peer=by_peer)
     if isinstance(exc, ConnectionError | EOFError):
@@ -125,6 +135,14 @@ def classify(
     if isinstance(exc, OSError):
         return Failure(Reason.PEER_CLOSED, f"socket error during the handshake: {exc}")
     return Failure(Reason.OTHER, f"{type(exc).__name__}: {exc}")
+
+
+def _name_in(message: str) -> str:
+    """The library reason of an SSLError whose code Python's table lacks (it then leaves
+    `reason` None): "[SSL] tlsv1 alert no application protocol (_ssl.c:1020)" ->
+    "TLSV1_ALERT_NO_APPLICATION_PROTOCOL"."""
+    words = message.partition("] ")[2].rpartition(" (")[0]
+    return words.upper().replace(" ", "_") if words else ""
 
 
 def _verification(

@@ -109,9 +109,12 @@ def build(
     ticket_keys: bytes | None = None,
     session_cache_size: int | None = None,
     groups: tuple[str, ...] = GROUPS,
+    http1: bool = False,
 ) -> Contexts:
     """`session_cache_size` set: keep sessions in memory (falls back to tickets when the
-    cache cannot be set up); else stateless tickets under `ticket_keys`.
+    cache cannot be set up); else stateless tickets under `ticket_keys`. `http1`: some
+    inbound listener speaks HTTP/1.1, and its connections agree on ALPN http/1.1
+    (openssl.offer_http1; the other listeners' see no ALPN).
 
     Raises PinError when the handshake parameters cannot be pinned (see `unpinnable`)."""
     server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -119,6 +122,8 @@ def build(
     _with_identity(server, identity, ktls)
     if not openssl.available():
         server.sni_callback = engine.remember_server_name  # the PROXY header's SNI
+    if http1:
+        openssl.offer_http1(server)
     store = None
     if session_resumption:
         server.num_tickets = TICKETS_PER_HANDSHAKE

@@ -433,8 +433,23 @@ def _declare_has_ticket() -> None:
     fn.restype = ctypes.c_int
 
 
+def _declare_has_pending() -> None:
+    if _lib is None:
+        return
+    fn = _lib.SSL_has_pending
+    fn.argtypes = [ctypes.c_void_p]
+    fn.restype = ctypes.c_int
+
+
+def has_pending(ptr: int) -> bool:
+    """Does OpenSSL hold bytes of this connection not yet read, decrypted or not?"""
+    assert _lib is not None
+    return bool(_lib.SSL_has_pending(ptr))
+
+
 try:
     _declare_has_ticket()
+    _declare_has_pending()
 except AttributeError:  # an OpenSSL without it is older than any Python 3.13 accepts
     _lib = None
 
@@ -501,3 +516,88 @@ def incoming_held(sock: socket.socket) -> Iterator[None]:
 _SO_ATTACH_FILTER, _SO_DETACH_FILTER = 26, 27
 _DROP_ALL = ctypes.create_string_buffer(struct.pack("HBBI", 0x06, 0, 0, 0))  # BPF_RET|BPF_K
 _DROP_ALL_PROG = struct.pack("HP", 1, ctypes.addressof(_DROP_ALL))  # struct sock_fprog
+
+
+# --- ALPN on http listeners: http/1.1, and a clear refusal of an h2-only client ----------
+# Python's set_alpn_protocols works per context and, when nothing matches, lets the
+# handshake go on without a protocol; an http listener must instead refuse a client that
+# offers only protocols it does not speak (h2: RFC 7301 3.2's no_application_protocol
+# alert), and tcp listeners, which share the context, must see no ALPN at all (as today).
+# So the context gets OpenSSL's selection callback, and each connection of an http
+# listener a mark in its ex_data: unmarked connections get SSL_TLSEXT_ERR_NOACK, which
+# OpenSSL treats exactly as if there were no callback.
+SSL_TLSEXT_ERR_OK = 0
+SSL_TLSEXT_ERR_ALERT_FATAL = 2
+SSL_TLSEXT_ERR_NOACK = 3
+CRYPTO_EX_INDEX_SSL = 0
+HTTP11 = b"http/1.1"
+_ALPN_SELECT = ctypes.CFUNCTYPE(
+    ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p),
+    ctypes.POINTER(ctypes.c_ubyte), ctypes.c_void_p, ctypes.c_uint, ctypes.c_void_p)
+_http1_index: int | None = None
+
+
+def _declare_alpn() -> int | None:
+    if _lib is None:
+        return None
+    for name, args, res in (
+        ("SSL_CTX_set_alpn_select_cb", [ctypes.c_void_p, _ALPN_SELECT, ctypes.c_void_p], None),
+        ("SSL_set_ex_data", [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p], ctypes.c_int),
+        ("SSL_get_ex_data", [ctypes.c_void_p, ctypes.c_int], ctypes.c_void_p),
+        ("CRYPTO_get_ex_new_index", [ctypes.c_int, ctypes.c_long, ctypes.c_void_p,
+                                     ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p],
+         ctypes.c_int),
+    ):
+        fn = getattr(_lib, name)
+        fn.argtypes = args
+        fn.restype = res
+    index: int = _lib.CRYPTO_get_ex_new_index(CRYPTO_EX_INDEX_SSL, 0, None, None, None, None)
+    return index if index >= 0 else None
+
+
+def _select_http1(ssl_ptr: int | None, out: Any, outlen: Any, offered: int | None,
+                  length: int, _arg: int | None) -> int:
+    """OpenSSL's ALPN selection callback (runs inside the handshake, GIL taken by ctypes).
+    Never raises: an exception here would print and return 0, which accepts nothing."""
+    try:
+        assert _lib is not None
+        if not _lib.SSL_get_ex_data(ssl_ptr, _http1_index):
+            return SSL_TLSEXT_ERR_NOACK  # a tcp listener's connection: no ALPN, as before
+        wire = ctypes.string_at(offered, length) if offered else b""
+        at = 0
+        while at < len(wire):
+            size = wire[at]
+            if wire[at + 1:at + 1 + size] == HTTP11:
+                assert offered is not None
+                out[0] = offered + at + 1  # points into the client's list, as OpenSSL's own
+                outlen[0] = size
+                return SSL_TLSEXT_ERR_OK
+            at += 1 + size
+        return SSL_TLSEXT_ERR_ALERT_FATAL  # offered ALPN, but not http/1.1: refused
+    except Exception:
+        return SSL_TLSEXT_ERR_NOACK
+
+
+_select_http1_cb = _ALPN_SELECT(_select_http1)  # kept alive for the process's life
+
+
+def offer_http1(ctx: ssl.SSLContext) -> bool:
+    """Install the selection callback on a server context; its http connections then
+    agree on http/1.1 (`mark_http1`), refuse a client without it, and the others see no
+    ALPN. False where the reach is unavailable (nothing is installed)."""
+    global _http1_index
+    ptr = context_pointer(ctx)
+    if _lib is None or ptr is None or not _self_test_passed():
+        return False
+    if _http1_index is None:
+        _http1_index = _declare_alpn()
+        if _http1_index is None:
+            return False
+    _lib.SSL_CTX_set_alpn_select_cb(ptr, _select_http1_cb, None)
+    return True
+
+
+def mark_http1(ptr: int) -> None:
+    """This connection belongs to an http listener (see offer_http1)."""
+    if _lib is not None and _http1_index is not None:
+        _lib.SSL_set_ex_data(ptr, _http1_index, 1)

@@ -96,6 +96,9 @@ class Outcome:
     our_spiffe_id: str | None = None  # what we presented, when we did
     identity_source: str | None = None  # where it came from: files, an agent, a config
     we_refused: bool = False  # our check of the server's chain failed (not its of ours)
+    # --http PATH: the status of the one request sent, and what decided it
+    http_status: int | None = None
+    http_decision: str | None = None
     steps: list[Step] = field(default_factory=list)
 
     def step(self, name: str, ok: bool, detail: str, started: float | None = None) -> None:
@@ -132,6 +135,8 @@ def client_context(args: argparse.Namespace, seat: Seat | None = None) -> ssl.SS
 
     openssl.set_message_callback(ctx, hook)
     ctx.__dict__["seen_messages"] = seen
+    if args.http:
+        ctx.set_alpn_protocols(["http/1.1"])  # as an HTTP/1.1 client would
     return ctx
 
 
@@ -293,7 +298,10 @@ def _attempt(
         out.server_asked_for_cert = _CERTIFICATE_REQUEST in seen
         if not _check_server(sock, args, seat, out):
             return None
-        return _verdict(sock, seat, out)
+        session = _verdict(sock, seat, out)
+        if out.ok and args.http:
+            _http(sock, args, host, out)
+        return session
 
 
 def _expected_id(text: str) -> spiffe.SpiffePattern:
@@ -389,6 +397,64 @@ def _verdict(sock: ssl.SSLSocket, seat: Seat, out: Outcome) -> ssl.SSLSession | 
     return sock.session if ticket else None
 
 
+# What the sidecar's own answers say in `x-sidecar-answer` (http1/answers.py), in words.
+_ANSWERS = {
+    "denied": "denied by the sidecar's policy (its access log names the rule)",
+    "invalid": "refused by the sidecar as a malformed request",
+    "timeout": "refused by the sidecar: the request head was too slow",
+    "upstream_unavailable": "allowed by the policy, but the sidecar could not reach its app",
+}
+HTTP_LIMIT = 64 * 1024  # bytes of the response read, head first
+
+
+def _http(sock: ssl.SSLSocket, args: argparse.Namespace, host: str, out: Outcome) -> None:
+    """--http PATH: one GET through an http listener; its status and what decided it."""
+    started = time.perf_counter()
+    path = args.http if args.http.startswith("/") else "/" + args.http
+    head = (f"GET {path} HTTP/1.1\r\nHost: {args.server_name or host}\r\n"
+            "User-Agent: sidecar-diagnose\r\nAccept: */*\r\nConnection: close\r\n\r\n")
+    sock.settimeout(HANDSHAKE_TIMEOUT)
+    data = b""
+    try:
+        sock.sendall(head.encode("latin-1"))
+        while b"\r\n\r\n" not in data and len(data) < HTTP_LIMIT:
+            part = sock.recv(HTTP_LIMIT)
+            if not part:
+                break
+            data += part
+    except (OSError, ssl.SSLError) as exc:
+        out.step("http request", False, f"GET {path}: {exc}", started)
+        out.ok = False
+        out.reason = "http"
+        out.explanation = f"the HTTP request failed: {exc}"
+        out.fix = "is this an http listener? (`inbound[].protocol: http`)"
+        return
+    status_line, _, rest = data.partition(b"\r\n")
+    parts = status_line.split(b" ", 2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
+        shown = status_line[:80].decode("latin-1") or "nothing"
+        out.step("http request", False, f"GET {path}: no HTTP response ({shown!r})", started)
+        out.ok = False
+        out.reason = "http"
+        out.explanation = "the server did not answer with HTTP"
+        out.fix = "is this an http listener? (`inbound[].protocol: http`)"
+        return
+    out.http_status = int(parts[1])
+    fields = rest.partition(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")
+    answer = next((v.strip() for k, _, v in (f.partition(":") for f in fields)
+                   if k.strip().lower() == "x-sidecar-answer"), None)
+    if answer is not None:
+        out.http_decision = "deny" if answer == "denied" else \
+            "allow" if answer == "upstream_unavailable" else "none"
+        said = _ANSWERS.get(answer, f"answered by the sidecar ({answer})")
+    else:
+        out.http_decision = "allow"
+        said = ("allowed by the sidecar's policy (or let through by its audit mode); "
+                "the app answered")
+    out.step("http request", answer is None, f"GET {path}: {out.http_status}, {said}",
+             started)
+
+
 def _closed_after_handshake(out: Outcome, ended: str, *, ticket: bool) -> None:
     """The server hung up after the handshake, without an alert: say what that shows."""
     if ticket:
@@ -450,6 +516,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--clock-skew-hint", type=parse_duration, default=300.0,
                    help="blame the clocks too when a certificate is outside its validity "
                    "by less than this (default 5m)")
+    p.add_argument("--http", metavar="PATH",
+                   help="then send one GET for PATH through an http listener and show the "
+                   "status and the decision (offers ALPN http/1.1)")
     p.add_argument("--json", action="store_true",
                    help="print the outcome and every step as one JSON object")
     return p
@@ -459,8 +528,12 @@ def verdict_line(out: Outcome) -> str:
     """The last line a person reads: what worked, and what was not checked."""
     if not out.ok:
         return f"{out.reason}: {out.explanation}.\nLikely fix: {out.fix}."
+    http = ""
+    if out.http_status is not None:
+        http = f" HTTP {out.http_status}, decision: {out.http_decision}."
     if not out.server_verified:
         return (f"UNVERIFIED: the mutual TLS round trip works, but the server was not "
                 f"verified (no --bundle): anyone could have answered as "
-                f"{out.peer_spiffe_id} ({out.tls_version}). Pass --bundle to verify it.")
-    return f"OK: mutual TLS works with {out.peer_spiffe_id} ({out.tls_version})."
+                f"{out.peer_spiffe_id} ({out.tls_version}). Pass --bundle to verify it."
+                + http)
+    return f"OK: mutual TLS works with {out.peer_spiffe_id} ({out.tls_version})." + http

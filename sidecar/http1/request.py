@@ -1,0 +1,230 @@
+"""A request head, as llhttp reported it: how its body is framed, whether its connection
+stays open, what the app receives, and why a head is refused.
+
+llhttp has already refused most malformed heads (invalid field names, bare CR, obs-fold,
+a field name with whitespace before its colon, Content-Length with Transfer-Encoding,
+a repeated or invalid Content-Length, an invalid chunk size, an unknown method). The
+checks here cover what it tolerates and a proxy must not pass on:
+
+- any Transfer-Encoding other than exactly `chunked` (`gzip, chunked` included: the app
+  might decode it differently), Transfer-Encoding in HTTP/1.0, Transfer-Encoding twice;
+- HTTP versions other than 1.0 and 1.1 (llhttp reads `HTTP/2.0` and HTTP/0.9 lines);
+- request targets other than origin-form (`/path?query`): absolute-form, `*`, CONNECT's
+  authority-form, a fragment;
+- an HTTP/1.1 request without exactly one Host, an HTTP/1.0 one with several;
+- a Connection field naming Host, Content-Length or Transfer-Encoding (a proxy would drop
+  them as hop-by-hop and desynchronize the app);
+- an Upgrade other than `websocket` (an `h2c` upgrade would carry requests the policy
+  never sees), or an upgrade request with a body.
+
+What the app receives: the request line with the normalized path (path.py), the
+caller's fields minus the hop-by-hop ones (Connection, Keep-Alive, Proxy-Connection,
+TE, Upgrade, and any field the caller's Connection names) and minus every
+`x-forwarded-client-cert` the caller sent, then ours. The body keeps its framing.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import IntEnum
+
+from sidecar.http1.path import normalize
+
+
+class Framing(IntEnum):
+    """How a message's body ends."""
+
+    NONE = 0  # no body
+    LENGTH = 1  # Content-Length bytes
+    CHUNKED = 2  # chunked transfer coding
+    CLOSE = 3  # responses only: the body runs until the app closes
+
+
+@dataclass(slots=True)  # not frozen: one is made per message, and frozen fields cost
+class RequestHead:
+    method: str
+    path: str  # normalized: what the policy judges and the app receives
+    forwarded: bytes  # the head as the app receives it, XFCC included, CRLF-terminated
+    framing: Framing
+    length: int  # with LENGTH
+    keep_alive: bool  # the caller lets the connection carry another request
+    upgrade: bool  # a WebSocket upgrade: after a 101 the connection is a tunnel
+    http10: bool
+
+    @property
+    def has_body(self) -> bool:
+        return self.framing is Framing.CHUNKED or self.length > 0
+
+
+# What each special field is, by its lowercase name; every other field is forwarded.
+_HOST, _LENGTH, _CODING, _CONNECTION, _UPGRADE, _DROP = range(6)
+_SPECIAL = {
+    b"host": _HOST, b"content-length": _LENGTH, b"transfer-encoding": _CODING,
+    b"connection": _CONNECTION, b"upgrade": _UPGRADE,
+    # Hop-by-hop (RFC 9110 7.6.1), or ours alone to set:
+    b"keep-alive": _DROP, b"proxy-connection": _DROP, b"te": _DROP,
+    b"x-forwarded-client-cert": _DROP,
+}
+# Fields a Connection token must not name: dropping them would change the framing or
+# the target the app reads.
+_FRAMING_FIELDS = frozenset({b"host", b"content-length", b"transfer-encoding"})
+_VERSIONS = {"1.1": b" HTTP/1.1\r\n", "1.0": b" HTTP/1.0\r\n"}
+_CRLF = b"\r\n"
+_COLON = b": "
+_OWS = b" \t"
+# The special fields' names in the lowercased field block (each line after a "\n").
+_SPECIAL_NAMES = re.compile(
+    rb"\n(content-length|transfer-encoding|connection|upgrade|keep-alive|proxy-connection|"
+    rb"te|x-forwarded-client-cert):")
+_LENGTH_VALUE = re.compile(rb"\ncontent-length:[ \t]*([0-9]+)")
+
+
+def lines(fields: list[tuple[bytes, bytes]]) -> list[bytes]:
+    """Fields as `examine` takes them: name, `: `, value, CRLF, one after the other."""
+    return [part for name, value in fields for part in (name, _COLON, value, _CRLF)]
+
+
+def examine(method: str, target: bytes, version: str, parts: list[bytes], upgrade: bool,
+            xfcc: bytes, max_bytes: int = 64 * 1024,
+            max_fields: int = 100) -> RequestHead | str:
+    """The request to forward, or why it is refused (a str, answered 400). `parts`: the
+    fields as `lines` lays them out (the parser's callback appends them so, and one join
+    makes the block of field lines); `upgrade` is llhttp's view (Connection: upgrade with
+    an Upgrade field); `xfcc` our whole field line; `max_bytes` and `max_fields` bound the
+    head (the request line and the fields, each as `name: value` CRLF). Never raises."""
+    if len(parts) > 4 * max_fields:
+        return f"the request has more than {max_fields} header fields"
+    line_end = _VERSIONS.get(version)
+    if line_end is None:
+        return f"HTTP/{version} is not spoken here: only HTTP/1.1 and HTTP/1.0"
+    if not target.startswith(b"/"):
+        if method == "CONNECT":
+            return "CONNECT is not forwarded: this is not a forward proxy"
+        if target == b"*":
+            return "the asterisk-form target (*) is not forwarded"
+        return "only origin-form request targets (/path?query) are forwarded"
+    raw_path, question, query = target.partition(b"?")
+    if query.find(b"#") >= 0:  # (not `in`: see path.py)
+        return "the request target holds a fragment (#)"
+    path = normalize(raw_path)
+    if isinstance(path, str):
+        return path
+    # The field lines, joined in C: most requests are decided by searching this block
+    # once, and forwarded with it as it is.
+    block = b"".join(parts)
+    if len(target) + len(method) + len(block) + 11 > max_bytes:
+        return f"the request head is larger than {max_bytes} bytes"
+    low = b"\n" + block.lower()
+    special = _SPECIAL_NAMES.findall(low)
+    http10 = version == "1.0"
+    first = [method.encode("ascii"), b" ", path, b"?", query, line_end] if question else \
+        [method.encode("ascii"), b" ", path, line_end]
+    if upgrade or (special and special != [b"content-length"]):
+        return _examine_fields(method, path, first, list(zip(parts[::4], parts[2::4],
+                                                             strict=True)),
+                               upgrade, xfcc, http10)
+    hosts = low.count(b"\nhost:")
+    if hosts != 1 and (hosts or not http10):
+        return "no Host field" if not hosts else "more than one Host field"
+    length = 0
+    if special:
+        found = _LENGTH_VALUE.search(low)
+        if found is None:  # not reached: llhttp let only digits through
+            return "an invalid Content-Length"
+        length = int(found.group(1))
+    if block:
+        first.append(block)
+    if http10:
+        first.append(b"Connection: close\r\n")
+    first += (xfcc, _CRLF)
+    return RequestHead(method, path.decode("ascii"), b"".join(first),
+                       Framing.LENGTH if length else Framing.NONE, length, not http10, False,
+                       http10)
+
+
+def _examine_fields(method: str, path: bytes, parts: list[bytes],
+                    fields: list[tuple[bytes, bytes]], upgrade: bool, xfcc: bytes,
+                    http10: bool) -> RequestHead | str:
+    """examine, field by field: for heads with framing or hop-by-hop fields besides a
+    Content-Length (chunked bodies, Connection, Upgrade, a forged XFCC, ...)."""
+    first_field = len(parts)
+    hosts = lengths = codings = 0
+    length = 0
+    coding = b""
+    tokens: list[bytes] = []
+    upgrade_to = b""
+    named = False  # the Connection field names fields besides close/keep-alive/upgrade
+    for name, value in fields:
+        kind = _SPECIAL.get(name.lower())
+        if kind is None:
+            parts += (name, b": ", value, _CRLF)
+            continue
+        if kind == _HOST:
+            hosts += 1
+            parts += (name, b": ", value, _CRLF)
+        elif kind == _LENGTH:
+            lengths += 1
+            length = int(value.strip(_OWS))  # llhttp let only digits through
+            parts += (name, b": ", value, _CRLF)
+        elif kind == _CODING:
+            codings += 1
+            coding = value.strip(_OWS).lower()
+            parts += (name, b": ", value, _CRLF)
+        elif kind == _CONNECTION:
+            for token in value.lower().split(b","):
+                token = token.strip(_OWS)
+                if token and token not in (b"close", b"keep-alive", b"upgrade"):
+                    named = True
+                tokens.append(token)
+        elif kind == _UPGRADE:
+            upgrade_to = value.strip(_OWS)
+    refusal = _framing_refusal(http10, hosts, lengths, codings, coding, length)
+    if refusal is not None:
+        return refusal
+    framing = Framing.CHUNKED if codings else Framing.LENGTH if length else Framing.NONE
+    if named:
+        dropped = {t for t in tokens if t not in (b"close", b"keep-alive", b"upgrade")}
+        if dropped & _FRAMING_FIELDS:
+            return "the Connection field names Host, Content-Length or Transfer-Encoding"
+        parts = _without(parts, first_field, dropped)
+    if upgrade:
+        if upgrade_to.lower() != b"websocket":
+            return "only WebSocket upgrades are passed through"
+        if framing is not Framing.NONE:
+            return "an upgrade request must not have a body"
+        if method != "GET":
+            return "a WebSocket upgrade is a GET"
+        parts += (b"Connection: Upgrade\r\nUpgrade: ", upgrade_to, _CRLF)
+    keep_alive = not http10 and b"close" not in tokens
+    if not keep_alive and not upgrade:
+        parts.append(b"Connection: close\r\n")
+    parts += (xfcc, _CRLF)
+    return RequestHead(method, path.decode("ascii"), b"".join(parts), framing, length,
+                       keep_alive, upgrade, http10)
+
+
+def _framing_refusal(http10: bool, hosts: int, lengths: int, codings: int, coding: bytes,
+                     length: int) -> str | None:
+    if hosts != 1 and (hosts or not http10):
+        return "no Host field" if not hosts else "more than one Host field"
+    if codings:
+        if http10:
+            return "Transfer-Encoding in an HTTP/1.0 request"
+        if codings > 1 or coding != b"chunked":
+            return "a Transfer-Encoding other than chunked"
+        if lengths:
+            return "both Content-Length and Transfer-Encoding"
+    if lengths > 1:
+        return "more than one Content-Length"
+    return None
+
+
+def _without(parts: list[bytes], first_field: int, dropped: set[bytes]) -> list[bytes]:
+    """The forwarded parts minus the fields `dropped` names (a field is four parts:
+    name, ": ", value, CRLF; the request line before `first_field` stays)."""
+    out = parts[:first_field]
+    for i in range(first_field, len(parts), 4):
+        if parts[i].lower() not in dropped:
+            out += parts[i:i + 4]
+    return out
