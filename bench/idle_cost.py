@@ -262,8 +262,11 @@ def measure_window(pid: int, seconds: float, use_perf: bool) -> Window:
         _, err = perf.communicate(timeout=seconds + 30)
         for line in err.splitlines():
             parts = line.split(",")
-            if len(parts) > 2 and parts[2] == "context-switches" and parts[0].isdigit():
-                w.perf_switches = int(parts[0])
+            # "<not counted>": no thread was scheduled in the whole window, so none
+            # switched (perf counts a task's switches while it is on a CPU).
+            if len(parts) > 2 and parts[2] == "context-switches" and (
+                    parts[0].isdigit() or parts[0] == "<not counted>"):
+                w.perf_switches = int(parts[0]) if parts[0].isdigit() else 0
     return w
 
 

@@ -21,7 +21,7 @@ SIDECAR = Path(__file__).resolve().parent.parent / "sidecar"
 PURE = ("spiffe", "svid", "reasons", "outcomes", "modes", "problems", "times",
         "policy.model", "tls.classify", "proxy.proxy_header")
 IO_MODULES = {"socket", "ssl", "asyncio", "subprocess", "os", "selectors", "threading",
-              "ctypes", "uvloop", "watchfiles", "prometheus_client", "http", "urllib"}
+              "ctypes", "uvloop", "inotify_simple", "prometheus_client", "http", "urllib"}
 # The commands around the proxy: the proxy and its life cycle never import them.
 TOOLS = ("tools", "cli")
 PROXY_AND_RUN = ("proxy", "tls", "run.server", "run.workers", "run.snapshots", "run.drain",
