@@ -275,7 +275,10 @@ def measure_window(pid: int, seconds: float, use_perf: bool) -> Window:
 
 def sidecar_config(p: ch.Pki, work: Path, app_port: int) -> tuple[Path, int]:
     tls_port, plain_port, admin_port = ch.free_port(), ch.free_port(), ch.free_port()
-    (work / "policy.yaml").write_text(
+    # In a directory of its own, as in a pod: the sidecar watches the policy's directory,
+    # and the log and callgrind's dumps are written into `work`.
+    (work / "policy").mkdir()
+    (work / "policy" / "policy.yaml").write_text(
         "mode: enforce\ndefault: deny\nrules:\n"
         f"  - name: frontend\n    action: allow\n    from: [\"{CLIENT_ID}\"]\n")
     cfg = work / "sidecar.yaml"
@@ -286,7 +289,7 @@ def sidecar_config(p: ch.Pki, work: Path, app_port: int) -> tuple[Path, int]:
         f"    forward_to: 127.0.0.1:{app_port}\n"
         f"outbound:\n  - name: payments\n    listen: 127.0.0.1:{plain_port}\n"
         f"    connect_to: 127.0.0.1:{tls_port}\n    expect_ids: [\"{SERVER_ID}\"]\n"
-        f"policy: policy.yaml\n"
+        f"policy: policy/policy.yaml\n"
         f"admin:\n  listen: 127.0.0.1:{admin_port}\n")
     return cfg, tls_port
 

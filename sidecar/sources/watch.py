@@ -255,10 +255,13 @@ WATCH_MASK = (inotify_simple.flags.CREATE | inotify_simple.flags.DELETE
 class Bursts:
     """inotify events of some directories, read on the loop (a reader on the inotify
     descriptor: no thread, no timer while nothing changes), grouped into bursts. A burst
-    ends WATCH_STEP_MS after its last event, or WATCH_DEBOUNCE_MS after its first."""
+    ends WATCH_STEP_MS after its last event, or WATCH_DEBOUNCE_MS after its first. Only
+    `wanted` paths count: a log or a dump written next to the policy arms no timer."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, dirs: Iterable[Path]) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, dirs: Iterable[Path],
+                 wanted: Callable[[Path], bool]) -> None:
         self._loop = loop
+        self._wanted = wanted  # other files in these directories start no burst
         self._notify = inotify_simple.INotify(nonblocking=True)
         self._dirs: dict[int, Path] = {}
         try:
@@ -273,6 +276,11 @@ class Bursts:
         self._timer: asyncio.TimerHandle | None = None
         self.ended = asyncio.Event()
         loop.add_reader(self._notify.fileno(), self._read)
+
+    @property
+    def armed(self) -> bool:
+        """A burst has begun and its end is timed."""
+        return self._timer is not None
 
     def _read(self) -> None:
         now = self._loop.time()
@@ -289,7 +297,9 @@ class Bursts:
                            "unmounted; SIGHUP and identity.reload_interval still reload",
                            directory=str(d))
                 continue
-            self._paths.add(d / event.name if event.name else d)
+            path = d / event.name if event.name else d
+            if self._wanted(path):
+                self._paths.add(path)
         if not self._paths and not self._overflow:
             return
         if self._timer is None:
@@ -326,7 +336,8 @@ async def watch(reloadables: list[Reloadable], stop: asyncio.Event) -> None:
     if not existing:
         return
     try:
-        bursts = Bursts(asyncio.get_running_loop(), existing)
+        bursts = Bursts(asyncio.get_running_loop(), existing,
+                        lambda path: any(r.watches(path) for r in reloadables))
     except OSError as exc:  # the inotify limits (fs.inotify.max_user_watches, ...)
         logs.event(logging.ERROR, f"cannot watch {', '.join(map(str, existing))}: {exc}; "
                    "SIGHUP and identity.reload_interval still reload", error=str(exc))
