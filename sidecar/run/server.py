@@ -78,6 +78,7 @@ class Server:
         self.ktls = ktls.Support(False, "not detected yet")
         self._sweeper: lifecycle.Tick | None = None
         self._lag: lifecycle.LagProbe | None = None
+        self._lag_linger = 0  # LAG_LINGER in the probe's ticks
         self._reported: dict[str, Any] | None = None  # a worker's last report
 
     # -- snapshots ------------------------------------------------------------------------
@@ -134,6 +135,7 @@ class Server:
             self._report()
         # Both run only while there is work (lifecycle.py): an idle process sleeps.
         self._lag = lag = lifecycle.LagProbe(rt.loop)
+        self._lag_linger = lag.ticks_for(LAG_LINGER)
         self._sweeper = sweeper = lifecycle.Tick(rt.loop, SWEEP_EVERY, self._sweep,
                                                  busy=lambda: rt.tracker.active > 0)
         rt.tracker.on_open = self._on_open
@@ -363,7 +365,7 @@ class Server:
         """A connection was accepted: sweep while it lives, measure the lag meanwhile."""
         assert self._sweeper is not None and self._lag is not None
         self._sweeper.wake()
-        self._lag.wake(self._lag.ticks_for(LAG_LINGER))
+        self._lag.wake(self._lag_linger)
 
     def _on_admin_request(self) -> None:
         if self._lag is not None:
@@ -377,7 +379,7 @@ class Server:
     def _sweep(self) -> None:
         assert self.rt is not None and self._lag is not None
         if self.rt.tracker.sweep():  # bytes moved or handshakes pending: keep measuring
-            self._lag.wake(self._lag.ticks_for(LAG_LINGER))
+            self._lag.wake(self._lag_linger)
         if self.worker is not None:
             self._report()
 
