@@ -41,20 +41,44 @@ def _broken_kinds() -> list[Any]:
     return list(Broken)
 
 
-def build_parser() -> argparse.ArgumentParser:
+# The commands whose parsers are built here (the others parse their own arguments).
+_OWN = ("run", "check", "pki", "demo")
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """Every command's parser; with `only`, that command's alone, the same: `sidecar run`
+    must not import what the tools' options need (the dev CA, for pki's --broken)."""
     p = argparse.ArgumentParser(
         prog="sidecar", description="An mTLS sidecar proxy for SPIFFE workloads.")
     p.add_argument("--version", action="version", version=f"sidecar {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run the proxy")
-    run.add_argument("-c", "--config", help="config file (default: $SIDECAR_CONFIG)")
-    run.add_argument("--loop", choices=["uvloop", "asyncio"], default=None,
-                     help="event loop (default: uvloop; env SIDECAR_LOOP)")
+    if only in (None, "run"):
+        run = sub.add_parser("run", help="run the proxy")
+        run.add_argument("-c", "--config", help="config file (default: $SIDECAR_CONFIG)")
+        run.add_argument("--loop", choices=["uvloop", "asyncio"], default=None,
+                         help="event loop (default: uvloop; env SIDECAR_LOOP)")
+    if only in (None, "check"):
+        check = sub.add_parser("check", help="validate config, policy and SVID files")
+        check.add_argument("-c", "--config", help="config file (default: $SIDECAR_CONFIG)")
+    if only in (None, "pki"):
+        _add_pki(sub)
+    if only in (None, "demo"):
+        sub.add_parser("demo", help="a local zero-trust demo on loopback: each sidecar takes "
+                       "its SVID from its own dev Workload API agent (needs .[spire])")
+    if only is None:
+        # These parse their own arguments (each module's main), so their --help is theirs.
+        for name, text in (("inspect", "explain certificates"),
+                           ("diagnose", "connect as a client and explain the outcome"),
+                           ("bench", "handshake and resumption load generator")):
+            sp = sub.add_parser(name, help=text, add_help=False)
+            sp.add_argument("rest", nargs=argparse.REMAINDER,
+                            help=f"the arguments of `sidecar {name}` (see sidecar {name} "
+                            "--help)")
+    return p
 
-    check = sub.add_parser("check", help="validate config, policy and SVID files")
-    check.add_argument("-c", "--config", help="config file (default: $SIDECAR_CONFIG)")
 
+def _add_pki(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     pki = sub.add_parser("pki", help="a development CA: init, issue, rotate, agent")
     pki_sub = pki.add_subparsers(dest="pki_command", required=True, metavar="PKI_COMMAND")
     init = pki_sub.add_parser("init", help="make a dev root + intermediate CA in DIR")
@@ -96,18 +120,6 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a unix socket taking commands: rotate, refuse, stall, serve, "
                        "drop end|unavailable, federate TD DIR, unfederate TD, stop, start")
 
-    sub.add_parser("demo", help="a local zero-trust demo on loopback: each sidecar takes its "
-                   "SVID from its own dev Workload API agent (needs .[spire])")
-
-    # These parse their own arguments (each module's main), so their --help is their own.
-    for name, text in (("inspect", "explain certificates"),
-                       ("diagnose", "connect as a client and explain the outcome"),
-                       ("bench", "handshake and resumption load generator")):
-        sp = sub.add_parser(name, help=text, add_help=False)
-        sp.add_argument("rest", nargs=argparse.REMAINDER,
-                        help=f"the arguments of `sidecar {name}` (see sidecar {name} --help)")
-    return p
-
 
 # Commands that parse their own arguments (their module's main), so that `sidecar
 # diagnose --help` is theirs and their options may come before their positionals.
@@ -118,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in _DELEGATED:
         return _delegate(argv[0], argv[1:])
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv[0] if argv and argv[0] in _OWN else None).parse_args(argv)
     match args.command:
         case "run":
             return _run(args)

@@ -22,7 +22,7 @@ PURE = ("spiffe", "svid", "reasons", "outcomes", "modes", "problems", "times",
         "policy.model", "tls.classify", "proxy.proxy_header", "http1", "http1.path",
         "http1.request", "http1.response", "http1.answers", "http1.xfcc")
 IO_MODULES = {"socket", "ssl", "asyncio", "subprocess", "os", "selectors", "threading",
-              "ctypes", "uvloop", "watchfiles", "prometheus_client", "http", "urllib"}
+              "ctypes", "uvloop", "inotify_simple", "prometheus_client", "http", "urllib"}
 # The commands around the proxy: the proxy and its life cycle never import them.
 TOOLS = ("tools", "cli")
 PROXY_AND_RUN = ("proxy", "tls", "run.server", "run.workers", "run.snapshots", "run.drain",

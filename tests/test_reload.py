@@ -18,7 +18,7 @@ from sidecar.identity import Identity, load_identity
 from sidecar.observe import metrics
 from sidecar.policy import load_policy
 from sidecar.problems import ProblemsError
-from sidecar.sources.watch import Reloadable, watch
+from sidecar.sources.watch import Bursts, Reloadable, watch
 from sidecar.tools import pki
 
 pytestmark = pytest.mark.timeout(20)
@@ -128,6 +128,28 @@ async def test_each_layout_is_seen_by_the_directory_watch(
     finally:
         stop.set()
         await asyncio.wait_for(task, 5)
+
+
+async def test_a_file_next_to_ours_starts_no_burst_and_ours_end_one(tmp_path: Path) -> None:
+    """A log or a dump written beside the policy must not wake the loop every write; a
+    burst of our files ends once, with every path in it. inotify queues an event before
+    write() returns, so the reader is called here instead of waiting for the loop's."""
+    loop = asyncio.get_running_loop()
+    bursts = Bursts(loop, [tmp_path], lambda p: p.name in ("svid.pem", "svid_key.pem"))
+    try:
+        (tmp_path / "app.log").write_text("a line")
+        bursts._read()
+        assert not bursts.armed and bursts.take() == (set(), False)
+        (tmp_path / "svid.pem").write_text("new")
+        (tmp_path / "svid_key.pem").write_text("new")
+        bursts._read()
+        assert bursts.armed
+        async with asyncio.timeout(5):
+            await bursts.ended.wait()
+        assert bursts.take() == ({tmp_path / "svid.pem", tmp_path / "svid_key.pem"}, False)
+        assert not bursts.armed and not bursts.ended.is_set()
+    finally:
+        bursts.close()
 
 
 # --- files that block (issue 15, item 6) --------------------------------------------------

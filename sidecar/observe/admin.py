@@ -30,10 +30,12 @@ class Probe:
     ready: Callable[[], str | None]  # None when ready, else why not
     status: Callable[[], dict[str, Any]]
     registry: Collector = metrics.REGISTRY  # workers: the supervisor's, summing them
+    on_request: Callable[[], None] = lambda: None  # the loop-lag probe measures a moment
 
 
 async def start(host: str, port: int, probe: Probe) -> asyncio.Server:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        probe.on_request()
         try:
             async with asyncio.timeout(REQUEST_TIMEOUT):
                 head = await reader.readuntil(b"\r\n\r\n")

@@ -3,8 +3,8 @@
 The record collects the access-log fields as the connection goes through its steps; the
 tracker counts connections against the limits, holds the pending handshakes (oldest
 first, so a storm of stalled peers evicts itself rather than good clients), and closes
-idle, too-old and drained connections from one sweep a second instead of one timer per
-connection.
+idle, too-old and drained connections from one sweep a second (while there are any)
+instead of one timer per connection.
 """
 
 from __future__ import annotations
@@ -133,6 +133,7 @@ class Tracker:
         self.on_full: Callable[[], None] = lambda: None  # pause listeners
         self.on_capacity: Callable[[], None] = lambda: None  # resume paused listeners
         self.on_empty: Callable[[], None] = lambda: None  # a drain waits for this
+        self.on_open: Callable[[], None] = lambda: None  # wake the sweeper and lag probe
 
     @property
     def full(self) -> bool:
@@ -140,6 +141,7 @@ class Tracker:
 
     def open(self, direction: Direction, listener: str, peer_addr: str) -> Record:
         self.active += 1
+        self.on_open()
         series = metrics.series(direction, listener)
         series.connections.inc()
         series.active.inc()
@@ -213,9 +215,10 @@ class Tracker:
         if self.active == 0:
             self.on_empty()
 
-    def sweep(self) -> None:
+    def sweep(self) -> bool:
         """Count the bytes moved since the last sweep; close idle and over-age
-        connections. Runs once a second."""
+        connections. Runs once a second while there are connections. True when bytes
+        moved since the last sweep or handshakes are pending: the loop has work."""
         tally: Tally = {}
         try:
             self._sweep(tally)
@@ -226,6 +229,7 @@ class Tracker:
             # stalled: one that has stayed silent since makes room, and the accept that
             # follows sheds the next (open) while peers wait in the backlog.
             self._evict("max_connections", silent_for=SILENT_AFTER)
+        return bool(tally) or bool(self.pending)
 
     def _sweep(self, tally: Tally) -> None:
         now = self._loop.time()

@@ -36,7 +36,13 @@ from sidecar.tls import contexts as tls_contexts
 from sidecar.tls import ktls
 from sidecar.tls.resumption import Resumption
 
-SWEEP_EVERY = 1.0  # seconds between idle / lifetime sweeps
+SWEEP_EVERY = 1.0  # seconds between idle / lifetime sweeps, while there are connections
+# How long the lag probe keeps measuring after an accept, or after a sweep that saw bytes
+# move or handshakes pending: past the next sweep, which renews it while work goes on.
+LAG_LINGER = 1.5 * SWEEP_EVERY
+# Ticks the probe takes for an admin request: a scrape of an idle process still finds the
+# loop's lag measured just now, and a stall under way is seen once these timers run.
+LAG_TICKS_PER_ADMIN_REQUEST = 2
 
 
 def session_store(configured: SessionStore, *, workers: bool) -> SessionStore:
@@ -70,6 +76,10 @@ class Server:
         self.source: WorkloadApiSource | None = None  # identity.workload_api
         self._admin_announced = False
         self.ktls = ktls.Support(False, "not detected yet")
+        self._sweeper: lifecycle.Tick | None = None
+        self._lag: lifecycle.LagProbe | None = None
+        self._lag_linger = 0  # LAG_LINGER in the probe's ticks
+        self._reported: dict[str, Any] | None = None  # a worker's last report
 
     # -- snapshots ------------------------------------------------------------------------
 
@@ -114,6 +124,8 @@ class Server:
         self._announce_listening()
         self._swaps = snapshots.Swaps(self.config, rt, self.build_contexts, self._on_policy)
         self._reloadables = self._swaps.reloadables()
+        for r in self._reloadables:
+            r.on_done = self._reloaded
         background = self._background()
         await self._catch_up()
         logs.event(logging.INFO, "ready", spiffe_id=str(rt.contexts.identity.spiffe_id),
@@ -122,9 +134,13 @@ class Server:
             on_ready(self)
         if self.worker is not None:
             self.worker.notify("ready")
-            self.worker.report(self.serving())
-        sweeper = lifecycle.Tick(rt.loop, SWEEP_EVERY, self._sweep)
-        lag = lifecycle.LagProbe(rt.loop)
+            self._report()
+        # Both run only while there is work (lifecycle.py): an idle process sleeps.
+        self._lag = lag = lifecycle.LagProbe(rt.loop)
+        self._lag_linger = lag.ticks_for(LAG_LINGER)
+        self._sweeper = sweeper = lifecycle.Tick(rt.loop, SWEEP_EVERY, self._sweep,
+                                                 busy=lambda: rt.tracker.active > 0)
+        rt.tracker.on_open = self._on_open
         await self._drain.stopped.wait()
         http.wind_down(rt)  # http connections close at their next request boundary
         sweeper.cancel()
@@ -246,7 +262,8 @@ class Server:
         listen = self.config.admin.listen
         try:
             self._admin = await admin.start(listen.host, listen.port,
-                                            admin.Probe(self.not_ready, self.status))
+                                            admin.Probe(self.not_ready, self.status,
+                                                        on_request=self._on_admin_request))
         except OSError as exc:
             logs.event(logging.ERROR, f"cannot listen on admin {listen}: {exc.strerror}",
                        error=str(exc))
@@ -347,12 +364,37 @@ class Server:
             for lst in self.listeners:
                 lst.resume()
 
+    def _on_open(self) -> None:
+        """A connection was accepted: sweep while it lives, measure the lag meanwhile."""
+        assert self._sweeper is not None and self._lag is not None
+        self._sweeper.wake()
+        self._lag.wake(self._lag_linger)
+
+    def _on_admin_request(self) -> None:
+        if self._lag is not None:
+            self._lag.wake(LAG_TICKS_PER_ADMIN_REQUEST)
+
+    def _reloaded(self) -> None:
+        """A reload ended (in force or not): a worker's next tick reports it, even idle."""
+        if self.worker is not None and self._sweeper is not None:
+            self._sweeper.wake()
+
     def _sweep(self) -> None:
-        assert self.rt is not None
-        self.rt.tracker.sweep()
+        assert self.rt is not None and self._lag is not None
         metrics.requests.flush()  # workers' request counts; one process flushes at scrapes
+        if self.rt.tracker.sweep():  # bytes moved or handshakes pending: keep measuring
+            self._lag.wake(self._lag_linger)
         if self.worker is not None:
-            self.worker.report(self.serving())
+            self._report()
+
+    def _report(self) -> None:
+        """A worker tells its supervisor what changed (nothing sent when nothing did: an
+        idle worker must not wake its supervisor every second)."""
+        assert self.worker is not None
+        report = self.serving()
+        if report != self._reported:
+            self._reported = report
+            self.worker.report(report)
 
     def _on_signal(self, name: str) -> None:
         logs.event(logging.INFO, f"{name} received")

@@ -132,7 +132,9 @@ class Worker:
     started_at: float = 0.0
     fails_in_a_row: int = 0
     pid_history: list[int] = field(default_factory=list)
-    report: dict[str, Any] | None = None  # its last Server.serving(), about once a second
+    # Its last Server.serving(): sent when it changed, looked at once a second while the
+    # worker has connections and after each reload (an idle worker sends nothing).
+    report: dict[str, Any] | None = None
 
 
 class Supervisor:

@@ -221,6 +221,11 @@ class Sidecar:
     def alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    @property
+    def pid(self) -> int:
+        assert self._proc is not None, "not started"
+        return self._proc.pid
+
     # -- log lines ------------------------------------------------------------------------
 
     def tail(self, n: int = 40) -> str:

@@ -26,6 +26,7 @@ from .conftest import (
     wait_for,
     write_svid_dir,
 )
+from .test_idle import wait_quiet
 from .test_live_changes import admin_get, metric
 
 pytestmark = pytest.mark.timeout(90)
@@ -134,3 +135,21 @@ def test_auto_counts_the_cpus_this_process_may_use() -> None:
     from sidecar.run.workers import usable_cpus
 
     assert 1 <= usable_cpus() <= len(os.sched_getaffinity(0))
+
+
+def test_an_idle_worker_reports_a_reload_to_the_supervisor(pair: Sidecar, tmp_path: Path) -> None:
+    """Issue 21: a worker with no connection sleeps (no sweep, no report every second), so
+    a reload must wake it to tell the supervisor: /status shows the new policy with no
+    traffic at all."""
+    before = {w["policy"]["version"] for w in _status(pair)["workers"]}
+    for w in _status(pair)["workers"]:
+        wait_quiet(w["pid"], per_second=0)  # asleep: their one tick after start is past
+    (tmp_path / "policy.yaml").write_text(json.dumps({"default": "deny", "rules": []}))
+    wait_for(lambda: sum(1 for ln in pair.lines if ln.get("msg") == "policy reloaded") >= 2,
+             15, "both workers to reload the policy")
+    new = {ln["version"] for ln in pair.lines if ln.get("msg") == "policy reloaded"}
+    assert len(new) == 1 and new != before, (new, before)
+    wait_for(lambda: [w["policy"]["version"] for w in _status(pair)["workers"]]
+             == [*new] * 2, 10, "both workers' reports of the new policy")
+    reloads = [w["reloads"]["policy"] for w in _status(pair)["workers"]]
+    assert [r["trigger"] for r in reloads] == ["file change"] * 2, reloads
