@@ -17,9 +17,10 @@ turns readable while nobody waits on it has its interest dropped then, so a leve
 triggered event never spins. Interest in writing is dropped at once: a socket is writable
 almost always.
 
-A socket is known by the object, not only by its number: a closed socket's number comes
-back with the next accept, and must then be added to the set anew (a socket must be
-waited on through the same object until it is closed, which every caller here does).
+A socket is known by its number and its owner (the endpoint or socket object that
+waits on it): a closed socket's number comes back with the next accept, under a new
+owner, and must then be added to the set anew. An owner waits on its socket until it
+closes it, and says so (`forget`) where it can.
 Callbacks run inside the loop's callback for the set; one that raises is reported to the
 loop's exception handler, as the loop does for its own callbacks.
 """
@@ -29,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import select
-import socket
 import weakref
 from collections.abc import Callable
 
@@ -45,10 +45,10 @@ Callback = Callable[[], None]
 class _Watch:
     """One socket in the set: what the kernel watches for, and who waits."""
 
-    __slots__ = ("mask", "reader", "sock", "writer")
+    __slots__ = ("mask", "owner", "reader", "writer")
 
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
+    def __init__(self, owner: object) -> None:
+        self.owner = owner
         self.mask: int | None = None  # the events the kernel watches for; None: not in the set
         self.reader: Callback | None = None
         self.writer: Callback | None = None
@@ -65,37 +65,45 @@ class Poller:
 
     # -- interest ------------------------------------------------------------------------
 
-    def add_reader(self, sock: socket.socket, callback: Callback) -> None:
-        w = self._watch(sock)
+    def add_reader(self, fd: int, owner: object, callback: Callback) -> None:
+        w = self._watch(fd, owner)
         w.reader = callback
         if w.mask is None or not w.mask & _IN:
-            self._set(w, (w.mask or 0) | _IN)
+            self._set(w, fd, (w.mask or 0) | _IN)
 
-    def remove_reader(self, sock: socket.socket) -> None:
-        w = self._watches.get(sock.fileno())
-        if w is not None and w.sock is sock:
+    def remove_reader(self, fd: int, owner: object) -> None:
+        w = self._watches.get(fd)
+        if w is not None and w.owner is owner:
             w.reader = None  # the kernel's interest goes at the next event, if one comes
 
-    def add_writer(self, sock: socket.socket, callback: Callback) -> None:
-        w = self._watch(sock)
+    def add_writer(self, fd: int, owner: object, callback: Callback) -> None:
+        w = self._watch(fd, owner)
         w.writer = callback
         if w.mask is None or not w.mask & _OUT:
-            self._set(w, (w.mask or 0) | _OUT)
+            self._set(w, fd, (w.mask or 0) | _OUT)
 
-    def remove_writer(self, sock: socket.socket) -> None:
-        w = self._watches.get(sock.fileno())
-        if w is not None and w.sock is sock:
+    def remove_writer(self, fd: int, owner: object) -> None:
+        w = self._watches.get(fd)
+        if w is not None and w.owner is owner:
             w.writer = None
             if w.mask is not None and w.mask & _OUT:
-                self._set(w, w.mask & ~_OUT)
+                self._set(w, fd, w.mask & ~_OUT)
 
-    def forget(self, sock: socket.socket) -> None:
-        """The socket is about to be closed: stop waiting on it. Its place in the
+    def forget(self, fd: int, owner: object) -> None:
+        """The owner is about to close the socket: stop waiting on it. Its place in the
         kernel's set goes with the close; the entry goes now."""
-        fd = sock.fileno()
         w = self._watches.get(fd)
-        if w is not None and w.sock is sock:
+        if w is not None and w.owner is owner:
             del self._watches[fd]
+
+    def discard(self, fd: int, owner: object) -> None:
+        """The owner hands the open socket on (a dialed socket to its endpoint): take it
+        out of the kernel's set too, so that the next owner starts afresh."""
+        w = self._watches.get(fd)
+        if w is not None and w.owner is owner:
+            del self._watches[fd]
+            if w.mask is not None:
+                self._drop(w, fd)
 
     def close(self) -> None:
         loop = self._loop()
@@ -106,19 +114,17 @@ class Poller:
 
     # -- the kernel's side ---------------------------------------------------------------
 
-    def _watch(self, sock: socket.socket) -> _Watch:
-        fd = sock.fileno()
+    def _watch(self, fd: int, owner: object) -> _Watch:
         if fd < 0:
             raise ValueError("cannot wait on a closed socket")
         w = self._watches.get(fd)
-        if w is None or w.sock is not sock:
+        if w is None or w.owner is not owner:
             # New, or a new socket under the number of a closed one: the kernel dropped
             # the closed one's place, so this one starts outside the set.
-            w = self._watches[fd] = _Watch(sock)
+            w = self._watches[fd] = _Watch(owner)
         return w
 
-    def _set(self, w: _Watch, mask: int) -> None:
-        fd = w.sock.fileno()
+    def _set(self, w: _Watch, fd: int, mask: int) -> None:
         try:
             if w.mask is None:
                 self._ep.register(fd, mask)
@@ -158,16 +164,18 @@ class Poller:
                 self._run(w.writer)
             if self._watches.get(fd) is not w or w.mask is None:
                 continue  # forgotten by a callback, or out of the set already
-            if w.sock.fileno() != fd:  # closed by a callback: the kernel dropped it
-                del self._watches[fd]
-                continue
             # What nobody waits for any more leaves the kernel's interest now: the event
             # is level-triggered, and would come again on every turn.
             wanted = (_IN if w.reader is not None else 0) | (_OUT if w.writer is not None else 0)
-            if not wanted:
-                self._drop(w, fd)
-            elif w.mask & ~wanted and ev & ~wanted:
-                self._set(w, wanted)
+            try:
+                if not wanted:
+                    self._drop(w, fd)
+                elif w.mask & ~wanted and ev & ~wanted:
+                    self._set(w, fd, wanted)
+            except OSError as exc:  # closed by a callback without forget(): nothing left
+                if exc.errno != errno.EBADF:
+                    raise
+                del self._watches[fd]
 
     def _run(self, callback: Callback) -> None:
         try:
@@ -194,23 +202,29 @@ def of(loop: asyncio.AbstractEventLoop) -> Poller:
     return p
 
 
-def ready(loop: asyncio.AbstractEventLoop, sock: socket.socket, *,
+def forget(fd: int, owner: object) -> None:
+    """`owner` is about to close `fd`: every loop's poller stops waiting on it."""
+    for p in _pollers.values():
+        p.forget(fd, owner)
+
+
+def ready(loop: asyncio.AbstractEventLoop, fd: int, owner: object, *,
           write: bool = False) -> asyncio.Future[None]:
-    """A future that completes once `sock` is readable (or writable); cancelling it stops
-    the wait."""
+    """A future that completes once fd is readable (or writable); cancelling it stops the
+    wait."""
     p = of(loop)
     fut: asyncio.Future[None] = loop.create_future()
     remove = p.remove_writer if write else p.remove_reader
 
     def fire() -> None:
-        remove(sock)
+        remove(fd, owner)
         if not fut.done():
             fut.set_result(None)
 
-    def done(_f: asyncio.Future[None]) -> None:
-        if _f.cancelled():
-            remove(sock)
+    def done(f: asyncio.Future[None]) -> None:
+        if f.cancelled():
+            remove(fd, owner)
 
-    (p.add_writer if write else p.add_reader)(sock, fire)
+    (p.add_writer if write else p.add_reader)(fd, owner, fire)
     fut.add_done_callback(done)
     return fut

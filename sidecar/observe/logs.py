@@ -90,14 +90,22 @@ def access(fields: dict[str, Any], *, failed: bool) -> None:
         return
     fields = bounded(fields)
     if _direct is not None and len(log.handlers) == 1:
+        global _second
         now = time.time()
-        head = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
-        line = {"ts": f"{head}.{int(now * 1000) % 1000:03d}Z",
+        whole = int(now)
+        if _second[0] != whole:
+            _second = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)))
+        line = {"ts": f"{_second[1]}.{int(now * 1000) % 1000:03d}Z",
                 "level": "warning" if failed else "info", "logger": ACCESS.name,
                 "msg": "connection", **static, **fields}
-        _direct.write(json.dumps(line, default=str, separators=(",", ":")) + "\n")
+        _direct.write(_ENCODER.encode(line) + "\n")
         return
     ACCESS.log(level, "connection", extra={"fields": fields})
+
+
+# json.dumps with options builds an encoder per call; one, kept, does the same work.
+_ENCODER = json.JSONEncoder(default=str, separators=(",", ":"))
+_second: tuple[int, str] = (-1, "")  # the access log's timestamp to the second, kept
 
 
 def event(level: int, msg: str, **fields: Any) -> None:

@@ -28,6 +28,7 @@ import ssl
 import time
 from collections.abc import Callable, Collection
 
+from sidecar import poller
 from sidecar.authn import AuthnError, Peer
 from sidecar.identity import Identity
 from sidecar.observe import metrics
@@ -222,10 +223,8 @@ async def _fail(
 
 
 def _count_failure(rec: Record, ep: TlsEndpoint, reason: Reason, *, resumed: bool) -> None:
-    r = "true" if resumed else "false"
-    metrics.handshakes.labels(rec.direction, rec.listener, "error", r).inc()
-    metrics.handshake_errors.labels(rec.direction, rec.listener, str(reason)).inc()
-    metrics.handshake_cpu.labels(rec.direction, rec.listener, r).inc(ep.cpu_seconds)
+    metrics.count_failure(rec.direction, rec.listener, reason, resumed=resumed,
+                          cpu_seconds=ep.cpu_seconds)
 
 
 async def _linger(ep: TlsEndpoint) -> None:
@@ -241,22 +240,10 @@ async def _linger(ep: TlsEndpoint) -> None:
                 try:
                     data = os.read(ep.fd, min(left, _DRAIN_CHUNK))
                 except (BlockingIOError, InterruptedError):
-                    await _readable(loop, ep.fd)
+                    await poller.ready(loop, ep.fd, ep)
                     continue
                 if not data:
                     return
                 left -= len(data)
     except (TimeoutError, OSError):
         pass  # a peer that keeps sending or stays open, or one already gone
-
-
-def _readable(loop: asyncio.AbstractEventLoop, fd: int) -> asyncio.Future[None]:
-    fut: asyncio.Future[None] = loop.create_future()
-
-    def fire() -> None:
-        if not fut.done():
-            fut.set_result(None)
-
-    loop.add_reader(fd, fire)
-    fut.add_done_callback(lambda _f: loop.remove_reader(fd))  # also on timeout or cancel
-    return fut

@@ -54,6 +54,7 @@ import termios
 import time
 from typing import Any
 
+from sidecar import poller
 from sidecar.endpoint import DONE, RESET, TRUNCATED, WANT_READ, WANT_WRITE, close_with_reset
 from sidecar.tls import openssl, peerchain
 
@@ -122,10 +123,10 @@ class TlsEndpoint:
                     self._ack_at_once()
                     tickets_settled = True
                 self.cpu_seconds += time.thread_time() - started
-                await _ready(loop, self.fd, write=False)
+                await poller.ready(loop, self.fd, self)
             except ssl.SSLWantWriteError:
                 self.cpu_seconds += time.thread_time() - started
-                await _ready(loop, self.fd, write=True)
+                await poller.ready(loop, self.fd, self, write=True)
             else:
                 self.cpu_seconds += time.thread_time() - started
                 self.after_handshake()
@@ -322,12 +323,14 @@ class TlsEndpoint:
 
     def close(self) -> None:
         self._keep_session()
+        poller.forget(self.fd, self)
         self.sock.close()
 
     def reset(self) -> None:
         """End with a TCP reset and no close_notify: the peer must not read a cut stream
         as a whole one."""
         self._keep_session()
+        poller.forget(self.fd, self)
         close_with_reset(self.sock)
 
     def _keep_session(self) -> None:
@@ -360,19 +363,3 @@ def _require_non_blocking(sock: socket.socket) -> None:
     # A blocking socket here would stall the whole loop inside OpenSSL, silently.
     if sock.gettimeout() != 0.0:
         raise ValueError("the engine needs a non-blocking socket (setblocking(False))")
-
-
-def _ready(loop: asyncio.AbstractEventLoop, fd: int, *, write: bool) -> asyncio.Future[None]:
-    """A future that completes once fd is readable (or writable)."""
-    fut: asyncio.Future[None] = loop.create_future()
-    add, remove = (loop.add_writer, loop.remove_writer) if write else (
-        loop.add_reader, loop.remove_reader)
-
-    def fire() -> None:
-        remove(fd)
-        if not fut.done():
-            fut.set_result(None)
-
-    add(fd, fire)
-    fut.add_done_callback(lambda _f: remove(fd))  # also on cancel (handshake timeout)
-    return fut

@@ -281,16 +281,21 @@ def forget_session(ptr: int) -> None:
 
 
 def cap_session_lifetime(sock: ssl.SSLSocket, seconds: int) -> bool:
-    """Let the session being made on `sock` resume for `seconds` at most (a server, while
-    the handshake reads the peer's certificates). False when it cannot be reached.
+    """cap_session_life of `sock`'s connection; False when it cannot be reached."""
+    ptr = ssl_pointer(sock)
+    return ptr is not None and cap_session_life(ptr, seconds)
+
+
+def cap_session_life(ptr: int, seconds: int) -> bool:
+    """Let the session being made on the connection `ptr` (ssl_pointer) resume for
+    `seconds` at most (a server, while the handshake reads the peer's certificates).
+    False when it cannot be reached.
 
     OpenSSL declines a timed-out session, from its cache or a ticket, and makes a full
     handshake instead; a TLS 1.3 ticket also tells the client its lifetime (the session's
     timeout), and OpenSSL's client stops offering it after that."""
-    ptr = ssl_pointer(sock)
-    if ptr is None or not _self_test_passed():
+    if _lib is None or not _self_test_passed():
         return False
-    assert _lib is not None
     session = _lib.SSL_get_session(ptr)
     if not session:
         return False
