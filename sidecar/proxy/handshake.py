@@ -88,7 +88,7 @@ async def secure(
         rt.tracker.end_handshake(rec)
     if refused is not None:
         # A timed-out peer was sent nothing and is silent: nothing to linger for.
-        linger = ep.sock.server_side and refused[0] is not Reason.HANDSHAKE_TIMEOUT
+        linger = ep.server_side and refused[0] is not Reason.HANDSHAKE_TIMEOUT
         await _fail(rt, rec, ep, *refused, linger=linger)
         return None
     resumed = ep.resumed()
@@ -113,7 +113,7 @@ async def secure(
             ep.close()
             raise ResumptionRefused(exc.detail) from exc
         await _fail(rt, rec, ep, exc.reason, exc.detail, resumed=resumed,
-                    linger=ep.sock.server_side)
+                    linger=ep.server_side)
         return None
     rec.peer_id = peer.spiffe_id
     if not resumed:  # a resumption verified nothing, and its session carries no chain
@@ -122,7 +122,7 @@ async def secure(
     elapsed = time.monotonic() - rec.started
     rec.handshake_ms = round(elapsed * 1000, 3)
     rec.handshake_cpu_ms = round(ep.cpu_seconds * 1000, 3)
-    if not ep.sock.server_side and rec.tls_version == "TLSv1.3":
+    if not ep.server_side and rec.tls_version == "TLSv1.3":
         _await_verdict(ep, lambda: _count_ok(rec, ep, resumed, elapsed))
     else:
         _count_ok(rec, ep, resumed, elapsed)
@@ -138,8 +138,6 @@ def _count_ok(rec: Record, ep: TlsEndpoint, resumed: bool, elapsed: float) -> No
 
 # --- the server's verdict on an outbound TLS 1.3 handshake ---------------------------------
 
-_VERDICT = "sidecar_verdict"  # where the endpoint's socket keeps the ok count to make
-
 
 class _AwaitingVerdict(TlsEndpoint):
     """A TLS 1.3 client endpoint whose server has not judged our certificate yet.
@@ -147,14 +145,15 @@ class _AwaitingVerdict(TlsEndpoint):
     The endpoint is of this class only until the server's first record: then it is a
     plain TlsEndpoint again, and the pump's hot path pays nothing for the wait. (The
     layout is the base class's, so the class can change in place; the pending count
-    lives in the socket's __dict__, as peerchain's chain does.)"""
+    lives in the endpoint's sidecar_verdict.)"""
 
     __slots__ = ()
 
     def read_into(self, buf: memoryview) -> int:
         n = TlsEndpoint.read_into(self, buf)  # the server's alert raises: see judged()
         if n >= 0 or _has_ticket(self):
-            count: Callable[[], None] | None = self.sock.__dict__.pop(_VERDICT, None)
+            count: Callable[[], None] | None = self.sidecar_verdict
+            self.sidecar_verdict = None
             object.__setattr__(self, "__class__", TlsEndpoint)
             if count is not None:
                 count()
@@ -167,7 +166,7 @@ def _has_ticket(ep: TlsEndpoint) -> bool:
 
 
 def _await_verdict(ep: TlsEndpoint, count_ok: Callable[[], None]) -> None:
-    ep.sock.__dict__[_VERDICT] = count_ok
+    ep.sidecar_verdict = count_ok
     object.__setattr__(ep, "__class__", _AwaitingVerdict)
 
 
@@ -175,7 +174,8 @@ def judged(rec: Record, ep: TlsEndpoint, exc: BaseException | None) -> None:
     """At the end of an outbound connection: if the server never judged our handshake
     before, this end is its verdict. An alert (an SSLError naming the peer's alert)
     means it refused our certificate: a handshake failure with the alert's reason."""
-    count_ok: Callable[[], None] | None = ep.sock.__dict__.pop(_VERDICT, None)
+    count_ok: Callable[[], None] | None = ep.sidecar_verdict
+    ep.sidecar_verdict = None
     if count_ok is None:
         return  # counted already
     if isinstance(exc, ssl.SSLError):

@@ -55,9 +55,10 @@ def _on_message(
         setattr(conn, ATTRIBUTE, certs)
     except AttributeError:
         pass  # an owner without a __dict__: classification falls back
-    if not isinstance(conn, ssl.SSLSocket):
-        return
-    ptr = openssl.ssl_pointer(conn)
+    # The connection's owner: the engine's endpoint (it says its pointer), or an
+    # ssl.SSLSocket of code that wraps the usual way.
+    ptr = (openssl.ssl_pointer(conn) if isinstance(conn, ssl.SSLSocket)
+           else getattr(conn, "ssl_pointer", None))
     if ptr is None:
         return
     if conn.server_side:
@@ -126,7 +127,7 @@ def parse_certificate_message(data: bytes, *, tls13: bool) -> list[bytes]:
     return certs
 
 
-def presented(sock: ssl.SSLSocket) -> list[bytes] | None:
-    """The chain the peer sent on this connection, if the hook saw it."""
-    certs: list[bytes] | None = sock.__dict__.get(ATTRIBUTE)
+def presented(conn: object) -> list[bytes] | None:
+    """The chain the peer sent on this connection (its owner), if the hook saw it."""
+    certs: list[bytes] | None = getattr(conn, ATTRIBUTE, None)
     return certs
