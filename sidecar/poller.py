@@ -158,19 +158,24 @@ class Poller:
                     if exc.errno not in (errno.ENOENT, errno.EBADF):
                         raise
                 continue
-            if w.reader is not None and ev & (_IN | _FAIL):
-                self._run(w.reader)
-            if w.writer is not None and ev & (_OUT | _FAIL) and self._watches.get(fd) is w:
-                self._run(w.writer)
+            reader, writer = w.reader, w.writer
+            if reader is not None and ev & (_IN | _FAIL):
+                self._run(reader)
+            if writer is not None and ev & (_OUT | _FAIL) and self._watches.get(fd) is w:
+                self._run(writer)
+            # An event nobody waited for leaves the kernel's interest now: it is
+            # level-triggered, and would come again on every turn. (One that was handed
+            # over keeps it, though its taker may wait again only a turn later.)
+            if ((reader is not None or not ev & (_IN | _FAIL))
+                    and (writer is not None or not ev & _OUT)):
+                continue
             if self._watches.get(fd) is not w or w.mask is None:
                 continue  # forgotten by a callback, or out of the set already
-            # What nobody waits for any more leaves the kernel's interest now: the event
-            # is level-triggered, and would come again on every turn.
             wanted = (_IN if w.reader is not None else 0) | (_OUT if w.writer is not None else 0)
             try:
                 if not wanted:
                     self._drop(w, fd)
-                elif w.mask & ~wanted and ev & ~wanted:
+                elif w.mask != wanted:
                     self._set(w, fd, wanted)
             except OSError as exc:  # closed by a callback without forget(): nothing left
                 if exc.errno != errno.EBADF:
