@@ -191,7 +191,11 @@ class Proc:
         self.name = name
         self.callgrind = callgrind
         self.work = work
-        self.log_path = work / f"{name}.log"
+        # Not in `work`: the sidecar watches the directory of its policy file, and every
+        # access-log line written there would wake its file watcher (3 syscalls and a
+        # thread switch a connection that no deployment pays).
+        (work / "logs").mkdir(exist_ok=True)
+        self.log_path = work / "logs" / f"{name}.log"
         self.cg_prefix = work / f"cg-{name}"
         self.dumps = 0
         if callgrind:
