@@ -81,6 +81,7 @@ STORES = ("memory", "tickets")
 TARGETS = ("sidecar", "haproxy")
 PHASES = ("full", "resumed", "refused")
 WARM = 10
+IDLE_SECONDS = 10.0
 TITLES = {"full": "per full mTLS connection", "resumed": "per resumed connection",
           "refused": "per refused handshake"}
 
@@ -229,8 +230,16 @@ def measure_instructions(target: str, store: str, p: Pki, c: Clients, work: Path
             d.run(phase, WARM)
             log(f"{target} ({store}), instructions: {n} {phase}")
             proc.dump()
+            started = time.monotonic()
             seen = check(phase, d.run(phase, n))
-            out[phase] = {"per_connection": instructions(proc.dump()) / n, **seen}
+            seconds = time.monotonic() - started
+            out[phase] = {"per_connection": instructions(proc.dump()) / n, "seconds": seconds,
+                          **seen}
+        # What the process does with no connection at all (timers, watchers), per second:
+        # under callgrind a connection takes ~50x longer, and this runs meanwhile.
+        proc.dump()
+        time.sleep(IDLE_SECONDS)
+        out["idle_per_second"] = instructions(proc.dump()) / IDLE_SECONDS
         proc.check_alive()
     finally:
         pair.stop()
@@ -369,6 +378,8 @@ def table(r: dict[str, Any], meta: dict[str, Any]) -> str:
     for phase in PHASES:
         lines.append(row(TITLES[phase], lambda st, t, ph=phase: _scaled(
             get("instructions", st, t, ph, "per_connection"), 1e-6), "9.2f"))
+    lines.append(row("idle, per second (background)", lambda st, t: _scaled(
+        get("instructions", st, t, "idle_per_second"), 1e-6), "9.2f"))
     lines.append(f"CPU milliseconds (process CPU clock, median of {meta['repeats']}"
                  f" alternated runs of {meta['cpu_connections']} connections)")
     for phase in PHASES:
