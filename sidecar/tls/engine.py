@@ -132,6 +132,9 @@ class TlsEndpoint:
                 if not tickets_settled and obj.session_reused:
                     assert self._ptr is not None
                     openssl.no_new_tickets(self._ptr)
+                    # No certificate comes in a resumption: the hook (peerchain.py) has
+                    # nothing to see in what is left of the handshake.
+                    openssl.stop_message_callback(self._ptr)
                     self._ack_at_once()
                     tickets_settled = True
                 self.cpu_seconds += time.thread_time() - started
