@@ -365,11 +365,12 @@ def table(r: dict[str, Any], meta: dict[str, Any]) -> str:
         " tickets store: sidecar tickets, haproxy default (stateless tickets)",
         "", head, sub]
 
-    def row(title: str, values: Callable[[str, str], float | None], fmt: str) -> str:
+    def row(title: str, values: Callable[[str, str], float | None], fmt: str,
+            ratio_too: bool = True) -> str:
         cells = ""
         for store in STORES:
             s, h = values(store, "sidecar"), values(store, "haproxy")
-            ratio = s / h if s is not None and h else None
+            ratio = s / h if s is not None and h and ratio_too else None
             cells += _cell(s, fmt, 9) + _cell(h, fmt, 9) + _cell(ratio, ".2f", 7) + "   "
         return f"  {title:32}{cells}"
 
@@ -379,7 +380,10 @@ def table(r: dict[str, Any], meta: dict[str, Any]) -> str:
         lines.append(row(TITLES[phase], lambda st, t, ph=phase: _scaled(
             get("instructions", st, t, ph, "per_connection"), 1e-6), "9.2f"))
     lines.append(row("idle, per second (background)", lambda st, t: _scaled(
-        get("instructions", st, t, "idle_per_second"), 1e-6), "9.2f"))
+        get("instructions", st, t, "idle_per_second"), 1e-6), "9.3f", ratio_too=False))
+    for phase in PHASES:
+        lines.append(row(f"  background in {phase}", lambda st, t, ph=phase: _background(
+            r, st, t, ph), "9.3f", ratio_too=False))
     lines.append(f"CPU milliseconds (process CPU clock, median of {meta['repeats']}"
                  f" alternated runs of {meta['cpu_connections']} connections)")
     for phase in PHASES:
@@ -398,6 +402,16 @@ def table(r: dict[str, Any], meta: dict[str, Any]) -> str:
         lines.append(row(f"{phase}: ms to the echo (median)", lambda st, t, ph=phase: get(
             "nagle", st, t, ph, "echo_ms_median"), "9.2f"))
     return "\n".join(lines)
+
+
+def _background(r: dict[str, Any], store: str, target: str, phase: str) -> float | None:
+    """Millions of the idle rate's instructions inside one connection of `phase` under
+    callgrind (where a connection takes ~50x its native time): part of the row above."""
+    m = r.get("instructions", {}).get(store, {}).get(target, {})
+    idle, ph = m.get("idle_per_second"), m.get(phase, {})
+    if idle is None or "seconds" not in ph:
+        return None
+    return float(idle * ph["seconds"] / ph["connections"] / 1e6)
 
 
 def _scaled(v: float | None, k: float) -> float | None:
