@@ -197,6 +197,9 @@ class Poller:
 
 _pollers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Poller] = (
     weakref.WeakKeyDictionary())
+# The same pollers, for forget(), which runs on every close: iterating the weak mapping
+# is a Python-level generator; this list is pruned as its pollers go.
+_every: list[weakref.ref[Poller]] = []
 
 
 def of(loop: asyncio.AbstractEventLoop) -> Poller:
@@ -204,13 +207,17 @@ def of(loop: asyncio.AbstractEventLoop) -> Poller:
     p = _pollers.get(loop)
     if p is None:
         p = _pollers[loop] = Poller(loop)
+        _every[:] = [r for r in _every if r() is not None]
+        _every.append(weakref.ref(p))
     return p
 
 
 def forget(fd: int, owner: object) -> None:
     """`owner` is about to close `fd`: every loop's poller stops waiting on it."""
-    for p in _pollers.values():
-        p.forget(fd, owner)
+    for r in _every:
+        p = r()
+        if p is not None:
+            p.forget(fd, owner)
 
 
 def ready(loop: asyncio.AbstractEventLoop, fd: int, owner: object, *,
