@@ -191,7 +191,11 @@ class Proc:
         self.name = name
         self.callgrind = callgrind
         self.work = work
-        self.log_path = work / f"{name}.log"
+        # Not in `work`: the sidecar watches the directory of its policy file, and every
+        # access-log line written there would wake its file watcher (3 syscalls and a
+        # thread switch a connection that no deployment pays).
+        (work / "logs").mkdir(exist_ok=True)
+        self.log_path = work / "logs" / f"{name}.log"
         self.cg_prefix = work / f"cg-{name}"
         self.dumps = 0
         if callgrind:
@@ -282,17 +286,25 @@ class Pair:
     """An inbound proxy (mTLS -> echo) and an outbound one (plaintext -> mTLS -> inbound)."""
 
     inbound: Proc
-    outbound: Proc
+    outbound_proc: Proc | None  # None: started with outbound=False
     tls_port: int  # the inbound proxy's mTLS listener
     plain_port: int  # the outbound proxy's plaintext listener
 
+    @property
+    def outbound(self) -> Proc:
+        assert self.outbound_proc is not None, "started without its outbound proxy"
+        return self.outbound_proc
+
     def stop(self) -> None:
-        self.outbound.stop()
+        if self.outbound_proc is not None:
+            self.outbound_proc.stop()
         self.inbound.stop()
 
 
 def sidecar_pair(p: Pki, work: Path, echo_port: int, *, callgrind: bool, loop: str,
-                 ktls: str, session_store: str, proxy_protocol: bool = False) -> Pair:
+                 ktls: str, session_store: str, proxy_protocol: bool = False,
+                 outbound: bool = True, root: Path = ROOT) -> Pair:
+    """`root`: the checkout whose sidecar runs (another one compares before and after)."""
     tls_port, plain_port = free_port(), free_port()
     (work / "policy.yaml").write_text(
         f"mode: enforce\ndefault: deny\nrules:\n"
@@ -315,16 +327,16 @@ def sidecar_pair(p: Pki, work: Path, echo_port: int, *, callgrind: bool, loop: s
         f"    connect_to: 127.0.0.1:{tls_port}\n    expect_ids: [\"{SERVER_ID}\"]\n"
         f"{common.format(admin_port=free_port())}")
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"]
+    env["PYTHONPATH"] = str(root) + (os.pathsep + env["PYTHONPATH"]
                                      if env.get("PYTHONPATH") else "")
     procs: list[Proc] = []
-    for role in ("inbound", "outbound"):
+    for role in ("inbound", "outbound")[:2 if outbound else 1]:
         argv = [sys.executable, "-m", "sidecar", "run", "-c", str(work / f"{role}.yaml"),
                 "--loop", loop]
         procs.append(Proc(f"sidecar-{role}", argv, work, callgrind=callgrind, env=env))
     for proc in procs:
         wait_until(f"{proc.name} ready", partial(_says_ready, proc), procs)
-    return Pair(procs[0], procs[1], tls_port, plain_port)
+    return Pair(procs[0], procs[1] if outbound else None, tls_port, plain_port)
 
 
 HAPROXY_GLOBAL = """\
@@ -349,7 +361,7 @@ def _says_ready(proc: Proc) -> bool:
 
 
 def haproxy_pair(p: Pki, work: Path, echo_port: int, *, callgrind: bool,
-                 tickets: bool) -> Pair:
+                 tickets: bool, outbound: bool = True) -> Pair:
     tls_port, plain_port = free_port(), free_port()
     # no-tls-tickets: HAProxy keeps sessions in its own (shared-memory) cache instead.
     no_tickets = "" if tickets else " no-tls-tickets"
@@ -366,10 +378,10 @@ def haproxy_pair(p: Pki, work: Path, echo_port: int, *, callgrind: bool,
     haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
     procs = [Proc(f"haproxy-{role}", [haproxy, "-db", "-f", str(work / f"haproxy-{role}.cfg")],
                   work, callgrind=callgrind)
-             for role in ("inbound", "outbound")]
+             for role in ("inbound", "outbound")[:2 if outbound else 1]]
     wait_until("haproxy listening",
-               lambda: port_open(tls_port) and port_open(plain_port), procs)
-    return Pair(procs[0], procs[1], tls_port, plain_port)
+               lambda: port_open(tls_port) and (not outbound or port_open(plain_port)), procs)
+    return Pair(procs[0], procs[1] if outbound else None, tls_port, plain_port)
 
 
 # --- the client ------------------------------------------------------------------------

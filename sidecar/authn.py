@@ -61,6 +61,9 @@ class Peer:
 
 # A validity window, Unix time: (latest notBefore, earliest notAfter) of some certificates.
 Window = tuple[float, float]
+# What accepting a chain taught: per intermediate, its trust domain, itself, its subject and
+# the window of the chain above it.
+_Learnt = tuple[tuple[str, x509.Certificate, x509.Name, Window], ...]
 EVER: Window = (0.0, float("inf"))
 
 
@@ -69,6 +72,13 @@ class Authenticator:
 
     def __init__(self) -> None:
         self._resumed: OrderedDict[bytes, Peer] = OrderedDict()
+        # Verified chains this process accepted, with what accepting them taught it: a
+        # peer that keeps making full handshakes with one SVID is parsed once, not on
+        # every connection (three certificates through `cryptography` each time).
+        # An answer holds for the bundles it was given under (the very mapping: a new
+        # identity snapshot asks again).
+        self._chains: OrderedDict[tuple[bytes, ...], tuple[Peer, _Learnt, object]] = \
+            OrderedDict()
         self._intermediates: OrderedDict[x509.Name, None] = OrderedDict()
         # Issuers proven to belong to a trust domain, by (trust domain, subject), with the
         # validity window of the chain from them up to the anchor.
@@ -85,6 +95,7 @@ class Authenticator:
         them across a reload of our own SVID."""
         if identity.trust_version != self._trust:
             self._resumed.clear()
+            self._chains.clear()
             self._issuers.clear()
             self._trust = identity.trust_version
         top = identity.intermediates[-1] if identity.intermediates else identity.leaf
@@ -97,6 +108,17 @@ class Authenticator:
     def full(self, chain: list[bytes], identity: Identity) -> Peer:
         if not chain:
             raise AuthnError(Reason.NO_CLIENT_CERT, "the peer presented no certificate")
+        key = tuple(chain)
+        seen = self._chains.get(key)
+        if seen is not None and seen[2] is identity.bundles:
+            self._chains.move_to_end(key)
+            for td, issuer, subject, above in seen[1]:  # still known, however many came since
+                if subject not in self._intermediates:
+                    self._remember_intermediate(subject)
+                if (td, subject) not in self._issuers:
+                    self._remember_issuer(td, issuer, above)
+            self._cache(chain[0], seen[0])
+            return seen[0]
         try:
             leaf = x509.load_der_x509_certificate(chain[0])
         except ValueError as exc:
@@ -116,16 +138,22 @@ class Authenticator:
                 f"not in the bundle of '{sid.trust_domain.name}'",
             )
         above = _window([x509.load_der_x509_certificate(chain[-1])] if len(chain) > 1 else [])
+        learnt: list[tuple[str, x509.Certificate, x509.Name, Window]] = []
         for der in reversed(chain[1:-1]):  # from the anchor down: each one's window above it
             issuer = x509.load_der_x509_certificate(der)
             above = _narrow(above, issuer)
-            self._remember_intermediate(issuer.subject)
+            subject = issuer.subject
+            self._remember_intermediate(subject)
             self._remember_issuer(sid.trust_domain.name, issuer, above)
+            learnt.append((sid.trust_domain.name, issuer, subject, above))
         peer = _peer(sid, _narrow(above, leaf))
         known = self._resumed.get(chain[0])
         if known == peer:
             peer = known  # one Peer (and SpiffeId) for all of a leaf's connections
         self._cache(chain[0], peer)
+        self._chains[key] = (peer, tuple(learnt), identity.bundles)
+        if len(self._chains) > RESUMED_CACHE:
+            self._chains.popitem(last=False)
         return peer
 
     def resumed(self, leaf_der: bytes | None, identity: Identity) -> Peer:

@@ -112,7 +112,7 @@ def test_over_max_pending_the_oldest_peer_without_a_hello_goes_first(
         hello = accept(rt, far, name)
         stalled = tls_peer(held, near, client_ctx(caller))
         with pytest.raises(ssl.SSLWantReadError):
-            stalled.sock.do_handshake()  # the hello goes out; the rest never follows
+            stalled.step()  # the hello goes out; the rest never follows
         await until(hello.ep.hello_seen, "the first peer's hello to be read")
         _, far = tcp(held)
         silent = accept(rt, far, name)

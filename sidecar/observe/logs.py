@@ -91,12 +91,10 @@ def access(fields: dict[str, Any], *, failed: bool, msg: str = "connection") -> 
         return
     fields = bounded(fields)
     if _direct is not None and len(log.handlers) == 1:
-        now = time.time()
-        head = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
-        line = {"ts": f"{head}.{int(now * 1000) % 1000:03d}Z",
+        line = {"ts": _now(),
                 "level": "warning" if failed else "info", "logger": ACCESS.name,
                 "msg": msg, **static, **fields}
-        _direct.write(json.dumps(line, default=str, separators=(",", ":")) + "\n")
+        _direct.write(_ENCODER.encode(line) + "\n")
         return
     ACCESS.log(level, msg, extra={"fields": fields})
 
@@ -160,6 +158,10 @@ def _now() -> str:
         _second = second
         _second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
     return _second_text + "." + _DIGITS3[ms % 1000] + "Z"
+
+
+# json.dumps with options builds an encoder per call; one, kept, does the same work.
+_ENCODER = json.JSONEncoder(default=str, separators=(",", ":"))
 
 
 def event(level: int, msg: str, **fields: Any) -> None:

@@ -28,6 +28,7 @@ import ssl
 import time
 from collections.abc import Callable, Collection
 
+from sidecar import poller
 from sidecar.authn import AuthnError, Peer
 from sidecar.identity import Identity
 from sidecar.observe import metrics
@@ -87,7 +88,7 @@ async def secure(
         rt.tracker.end_handshake(rec)
     if refused is not None:
         # A timed-out peer was sent nothing and is silent: nothing to linger for.
-        linger = ep.sock.server_side and refused[0] is not Reason.HANDSHAKE_TIMEOUT
+        linger = ep.server_side and refused[0] is not Reason.HANDSHAKE_TIMEOUT
         await _fail(rt, rec, ep, *refused, linger=linger)
         return None
     resumed = ep.resumed()
@@ -112,7 +113,7 @@ async def secure(
             ep.close()
             raise ResumptionRefused(exc.detail) from exc
         await _fail(rt, rec, ep, exc.reason, exc.detail, resumed=resumed,
-                    linger=ep.sock.server_side)
+                    linger=ep.server_side)
         return None
     rec.peer_id = peer.spiffe_id
     if not resumed:  # a resumption verified nothing, and its session carries no chain
@@ -121,7 +122,7 @@ async def secure(
     elapsed = time.monotonic() - rec.started
     rec.handshake_ms = round(elapsed * 1000, 3)
     rec.handshake_cpu_ms = round(ep.cpu_seconds * 1000, 3)
-    if not ep.sock.server_side and rec.tls_version == "TLSv1.3":
+    if not ep.server_side and rec.tls_version == "TLSv1.3":
         _await_verdict(ep, lambda: _count_ok(rec, ep, resumed, elapsed))
     else:
         _count_ok(rec, ep, resumed, elapsed)
@@ -137,8 +138,6 @@ def _count_ok(rec: Record, ep: TlsEndpoint, resumed: bool, elapsed: float) -> No
 
 # --- the server's verdict on an outbound TLS 1.3 handshake ---------------------------------
 
-_VERDICT = "sidecar_verdict"  # where the endpoint's socket keeps the ok count to make
-
 
 class _AwaitingVerdict(TlsEndpoint):
     """A TLS 1.3 client endpoint whose server has not judged our certificate yet.
@@ -146,14 +145,15 @@ class _AwaitingVerdict(TlsEndpoint):
     The endpoint is of this class only until the server's first record: then it is a
     plain TlsEndpoint again, and the pump's hot path pays nothing for the wait. (The
     layout is the base class's, so the class can change in place; the pending count
-    lives in the socket's __dict__, as peerchain's chain does.)"""
+    lives in the endpoint's sidecar_verdict.)"""
 
     __slots__ = ()
 
     def read_into(self, buf: memoryview) -> int:
         n = TlsEndpoint.read_into(self, buf)  # the server's alert raises: see judged()
         if n >= 0 or _has_ticket(self):
-            count: Callable[[], None] | None = self.sock.__dict__.pop(_VERDICT, None)
+            count: Callable[[], None] | None = self.sidecar_verdict
+            self.sidecar_verdict = None
             object.__setattr__(self, "__class__", TlsEndpoint)
             if count is not None:
                 count()
@@ -166,7 +166,7 @@ def _has_ticket(ep: TlsEndpoint) -> bool:
 
 
 def _await_verdict(ep: TlsEndpoint, count_ok: Callable[[], None]) -> None:
-    ep.sock.__dict__[_VERDICT] = count_ok
+    ep.sidecar_verdict = count_ok
     object.__setattr__(ep, "__class__", _AwaitingVerdict)
 
 
@@ -174,7 +174,8 @@ def judged(rec: Record, ep: TlsEndpoint, exc: BaseException | None) -> None:
     """At the end of an outbound connection: if the server never judged our handshake
     before, this end is its verdict. An alert (an SSLError naming the peer's alert)
     means it refused our certificate: a handshake failure with the alert's reason."""
-    count_ok: Callable[[], None] | None = ep.sock.__dict__.pop(_VERDICT, None)
+    count_ok: Callable[[], None] | None = ep.sidecar_verdict
+    ep.sidecar_verdict = None
     if count_ok is None:
         return  # counted already
     if isinstance(exc, ssl.SSLError):
@@ -222,10 +223,8 @@ async def _fail(
 
 
 def _count_failure(rec: Record, ep: TlsEndpoint, reason: Reason, *, resumed: bool) -> None:
-    r = "true" if resumed else "false"
-    metrics.handshakes.labels(rec.direction, rec.listener, "error", r).inc()
-    metrics.handshake_errors.labels(rec.direction, rec.listener, str(reason)).inc()
-    metrics.handshake_cpu.labels(rec.direction, rec.listener, r).inc(ep.cpu_seconds)
+    metrics.count_failure(rec.direction, rec.listener, reason, resumed=resumed,
+                          cpu_seconds=ep.cpu_seconds)
 
 
 async def _linger(ep: TlsEndpoint) -> None:
@@ -241,22 +240,10 @@ async def _linger(ep: TlsEndpoint) -> None:
                 try:
                     data = os.read(ep.fd, min(left, _DRAIN_CHUNK))
                 except (BlockingIOError, InterruptedError):
-                    await _readable(loop, ep.fd)
+                    await poller.ready(loop, ep.fd, ep)
                     continue
                 if not data:
                     return
                 left -= len(data)
     except (TimeoutError, OSError):
         pass  # a peer that keeps sending or stays open, or one already gone
-
-
-def _readable(loop: asyncio.AbstractEventLoop, fd: int) -> asyncio.Future[None]:
-    fut: asyncio.Future[None] = loop.create_future()
-
-    def fire() -> None:
-        if not fut.done():
-            fut.set_result(None)
-
-    loop.add_reader(fd, fire)
-    fut.add_done_callback(lambda _f: loop.remove_reader(fd))  # also on timeout or cancel
-    return fut

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import socket
 
+from sidecar import poller
 from sidecar.authn import Peer
 from sidecar.config import InboundListener
 from sidecar.endpoint import TcpEndpoint, close_with_reset
@@ -156,17 +157,10 @@ async def send_all(loop: asyncio.AbstractEventLoop, sock: socket.socket, data: b
     view = memoryview(data)[sent:]
     async with asyncio.timeout(timeout):
         while True:
-            writable: asyncio.Future[None] = loop.create_future()
-
-            def fire(fut: asyncio.Future[None] = writable) -> None:
-                if not fut.done():
-                    fut.set_result(None)
-
-            loop.add_writer(sock.fileno(), fire)
             try:
-                await writable
+                await poller.ready(loop, sock.fileno(), sock, write=True)
             finally:
-                loop.remove_writer(sock.fileno())
+                poller.of(loop).discard(sock.fileno(), sock)
             try:
                 view = view[sock.send(view):]
             except (BlockingIOError, InterruptedError):

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from sidecar import poller
 from sidecar.config import Address
 from sidecar.observe import metrics
 from sidecar.outcomes import Direction
@@ -204,24 +205,44 @@ async def dial(address: Address, timeout: float, timed: Observer | None = None) 
 
 async def _dial(address: Address, timeout: float) -> socket.socket:
     loop = asyncio.get_running_loop()
+    literal = _literal(address) if address.unix is None else None
+    if literal is not None:
+        # An IP literal (the usual app address): connect at once, and arm the timer only
+        # if the connect must be waited for; a local app is connected within the call.
+        family, type_, proto, _, sockaddr = literal[0]
+        sock = _open(family, type_, proto)
+        try:
+            err = _connect_now(sock, sockaddr)
+            if err in _IN_PROGRESS:
+                async with asyncio.timeout(timeout):
+                    err = await _connected(loop, sock)
+            if err:
+                raise OSError(err, f"connect to {_peer(sockaddr)} failed: {os.strerror(err)}")
+        except BaseException:
+            sock.close()
+            raise
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
     async with asyncio.timeout(timeout):
         if address.unix is not None:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.setblocking(False)
+            sock = _open(socket.AF_UNIX, socket.SOCK_STREAM, 0)
             try:
                 await loop.sock_connect(sock, address.unix)
             except BaseException:
                 sock.close()
                 raise
             return sock
-        infos = _literal(address) or await loop.getaddrinfo(
-            address.host, address.port, type=socket.SOCK_STREAM)
+        infos = await loop.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
         last: OSError = OSError(f"{address} resolved to nothing")
         for family, type_, proto, _, sockaddr in infos:
-            sock = socket.socket(family, type_, proto)
-            sock.setblocking(False)
+            sock = _open(family, type_, proto)
             try:
-                await _connect(loop, sock, sockaddr)
+                err = _connect_now(sock, sockaddr)
+                if err in _IN_PROGRESS:
+                    err = await _connected(loop, sock)
+                if err:
+                    raise OSError(err, f"connect to {_peer(sockaddr)} failed: "
+                                       f"{os.strerror(err)}")
             except OSError as exc:
                 sock.close()
                 last = exc
@@ -234,24 +255,39 @@ async def _dial(address: Address, timeout: float) -> socket.socket:
         raise last
 
 
-async def _connect(loop: asyncio.AbstractEventLoop, sock: socket.socket, sockaddr: Any) -> None:
-    """A non-blocking TCP connect to an address already resolved. Not loop.sock_connect:
-    uvloop's resolves the address again through its thread pool, even an IP literal, a
-    thread hop on every connection to the app."""
+_NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)
+_IN_PROGRESS = (errno.EINPROGRESS, errno.EALREADY)
+
+
+def _open(family: int, type_: int, proto: int) -> socket.socket:
+    """A non-blocking socket, made so by the call that makes it where the OS can (Linux):
+    no FIONBIO after."""
+    sock = socket.socket(family, type_ | _NONBLOCK, proto)
+    if not _NONBLOCK:
+        sock.setblocking(False)
+    return sock
+
+
+def _connect_now(sock: socket.socket, sockaddr: Any) -> int:
+    """Start a non-blocking TCP connect to an address already resolved (not
+    loop.sock_connect: uvloop's resolves the address again through its thread pool, even an
+    IP literal, a thread hop on every connection to the app): 0 when connected, an errno
+    otherwise (EINPROGRESS / EALREADY: wait for writability).
+
+    A connect to a local app is usually complete when the call returns (the kernel runs
+    loopback's TCP handshake within it), though the call still says "in progress": asking
+    again says "connected" (0) or why not, for one system call instead of a wait."""
     err = sock.connect_ex(sockaddr)
     if err == errno.EINPROGRESS:
-        fd = sock.fileno()
-        writable: asyncio.Future[None] = loop.create_future()
+        err = sock.connect_ex(sockaddr)
+    return 0 if err == errno.EISCONN else err
 
-        def fire() -> None:
-            if not writable.done():
-                writable.set_result(None)
 
-        loop.add_writer(fd, fire)
-        try:
-            await writable
-        finally:
-            loop.remove_writer(fd)
-        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-    if err:
-        raise OSError(err, f"connect to {_peer(sockaddr)} failed: {os.strerror(err)}")
+async def _connected(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> int:
+    """Wait for a connect in progress to end: 0, or its errno."""
+    fd = sock.fileno()
+    try:
+        await poller.ready(loop, fd, sock, write=True)
+    finally:
+        poller.of(loop).discard(fd, sock)  # the endpoint that takes the socket waits afresh
+    return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)

@@ -30,6 +30,7 @@ import struct
 import termios
 from collections.abc import Callable
 
+from sidecar import poller
 from sidecar.endpoint import RESET, WANT_WRITE, Endpoint
 from sidecar.outcomes import Close
 
@@ -239,8 +240,8 @@ class Duplex:
     """Both flows of one connection between the local app and the remote peer."""
 
     __slots__ = (
-        "_loop", "_on_close", "_reg", "app", "closed", "from_app", "idle_since", "last_moved",
-        "last_queued", "peer", "started", "to_app",
+        "_loop", "_on_close", "_poller", "_reg", "app", "closed", "from_app", "idle_since",
+        "last_moved", "last_queued", "peer", "started", "to_app",
     )
 
     def __init__(
@@ -251,6 +252,7 @@ class Duplex:
         on_close: CloseCallback,
     ) -> None:
         self._loop = loop
+        self._poller = poller.of(loop)  # waits on both sockets (poller.py says why)
         self.app = app
         self.peer = peer
         # With kTLS the kernel holds the record keys, and a direction can bypass Python.
@@ -295,6 +297,8 @@ class Duplex:
         for i, on in enumerate(self._reg):
             if on:
                 self._unregister(i)
+        self._poller.forget(self.app.fd, self.app)
+        self._poller.forget(self.peer.fd, self.peer)
         if how is Close.CLOSED:
             self.app.close()
             self.peer.close()
@@ -369,15 +373,15 @@ class Duplex:
         callbacks = (self._app_readable, self._app_writable,
                      self._peer_readable, self._peer_writable)
         if i % 2:
-            self._loop.add_writer(ep.fd, callbacks[i])
+            self._poller.add_writer(ep.fd, ep, callbacks[i])
         else:
-            self._loop.add_reader(ep.fd, callbacks[i])
+            self._poller.add_reader(ep.fd, ep, callbacks[i])
         self._reg[i] = True
 
     def _unregister(self, i: int) -> None:
         ep = self.app if i < 2 else self.peer
         if i % 2:
-            self._loop.remove_writer(ep.fd)
+            self._poller.remove_writer(ep.fd, ep)
         else:
-            self._loop.remove_reader(ep.fd)
+            self._poller.remove_reader(ep.fd, ep)
         self._reg[i] = False

@@ -54,9 +54,11 @@ import termios
 import time
 from typing import Any
 
+from sidecar import poller
 from sidecar.endpoint import DONE, RESET, TRUNCATED, WANT_READ, WANT_WRITE, close_with_reset
-from sidecar.tls import openssl, peerchain
+from sidecar.tls import openssl
 
+_TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", 12)  # Linux's value where Python lacks the name
 _NAMES: dict[str, str] = {}  # TLS versions and cipher suites: a handful per process
 _READ_ROOM = 16 * 1024  # one TLS record's plaintext: read more only if a record fits
 
@@ -64,17 +66,28 @@ _READ_ROOM = 16 * 1024  # one TLS record's plaintext: read more only if a record
 class TlsEndpoint:
     """A TLS connection over a socket it owns."""
 
-    __slots__ = ("_deferred", "_obj", "_ptr", "_server", "_shut", "cpu_seconds", "fd",
-                 "keep_session", "ktls_rx", "ktls_tx", "sock")
+    # peer_certificates and the sidecar_* are the handshake hooks' notes (the hooks get
+    # the endpoint as their connection: openssl.wrap), in slots, not a dict per connection.
+    __slots__ = ("__weakref__", "_deferred", "_obj", "_ptr", "_shut", "cpu_seconds", "fd",
+                 "keep_session", "ktls_rx", "ktls_tx", "peer_certificates", "server_side",
+                 "sidecar_server_name", "sidecar_verdict", "sock")
 
-    def __init__(self, sock: ssl.SSLSocket) -> None:
-        self.sock = sock
+    def __init__(self, ctx: ssl.SSLContext, sock: socket.socket, *, server_side: bool,
+                 server_name: str | None = None,
+                 session: ssl.SSLSession | None = None) -> None:
+        """`sock`: connected and non-blocking already (each FIONBIO is a syscall)."""
+        _require_non_blocking(sock)
+        self.server_side = server_side
+        self.peer_certificates: list[bytes] | None = None  # peerchain.ATTRIBUTE
+        self.sidecar_server_name: str | None = None  # _SERVER_NAME
+        self.sidecar_verdict: Any = None  # proxy/handshake.py's pending count
+        self._obj, self.sock = openssl.wrap(ctx, sock, server_side=server_side,
+                                            server_name=server_name, session=session,
+                                            owner=self)
         self.fd = sock.fileno()
-        self._obj: Any = openssl.inner(sock)
-        self._ptr: int | None = openssl.ssl_pointer(sock)
+        self._ptr: int | None = openssl.connection_pointer(self._obj, self.sock, ctx)
         self._shut = False
         self._deferred = 0  # see _shutdown_public
-        self._server = sock.server_side
         self.cpu_seconds = 0.0
         self.ktls_tx = self.ktls_rx = False  # set by ktls() once the handshake is done
         # Set once the peer is authenticated, when the server keeps sessions in memory: its
@@ -86,8 +99,7 @@ class TlsEndpoint:
                http1: bool = False) -> TlsEndpoint:
         """`raw` must be non-blocking already (each FIONBIO is a syscall). `http1`: the
         connection agrees on ALPN http/1.1 only (openssl.offer_http1)."""
-        _require_non_blocking(raw)
-        ep = cls(ctx.wrap_socket(raw, server_side=True, do_handshake_on_connect=False))
+        ep = cls(ctx, raw, server_side=True)
         if http1 and ep._ptr is not None:
             openssl.mark_http1(ep._ptr)
         return ep
@@ -100,21 +112,23 @@ class TlsEndpoint:
         server_name: str | None,
         session: ssl.SSLSession | None = None,
     ) -> TlsEndpoint:
-        _require_non_blocking(raw)
-        sock = ctx.wrap_socket(
-            raw,
-            server_side=False,
-            server_hostname=server_name,
-            do_handshake_on_connect=False,
-            session=session,
-        )
-        return cls(sock)
+        return cls(ctx, raw, server_side=False, server_name=server_name, session=session)
+
+    @property
+    def ssl_pointer(self) -> int | None:
+        """The connection's `SSL *` (openssl.py), or None without the reach."""
+        return self._ptr
+
+    def step(self) -> None:
+        """One handshake step, as `ssl.SSLSocket.do_handshake` takes it: raises
+        SSLWantReadError / SSLWantWriteError until the handshake is done."""
+        self._obj.do_handshake()
 
     async def handshake(self) -> None:
         """Run the handshake to completion; raises ssl.SSLError / OSError on failure."""
         loop = asyncio.get_running_loop()
         obj = self._obj
-        tickets_settled = not self._server or self._ptr is None
+        tickets_settled = not self.server_side or self._ptr is None
         while True:
             started = time.thread_time()
             try:
@@ -123,16 +137,33 @@ class TlsEndpoint:
                 if not tickets_settled and obj.session_reused:
                     assert self._ptr is not None
                     openssl.no_new_tickets(self._ptr)
+                    # No certificate comes in a resumption: the hook (peerchain.py) has
+                    # nothing to see in what is left of the handshake.
+                    openssl.stop_message_callback(self._ptr)
+                    self._ack_at_once()
                     tickets_settled = True
                 self.cpu_seconds += time.thread_time() - started
-                await _ready(loop, self.fd, write=False)
+                await poller.ready(loop, self.fd, self)
             except ssl.SSLWantWriteError:
                 self.cpu_seconds += time.thread_time() - started
-                await _ready(loop, self.fd, write=True)
+                await poller.ready(loop, self.fd, self, write=True)
             else:
                 self.cpu_seconds += time.thread_time() - started
                 self.after_handshake()
                 return
+
+    def _ack_at_once(self) -> None:
+        """Without a ticket, nothing of ours follows the client's Finished, and the kernel
+        would hold back its ACK (delayed ACK: up to 40 ms on Linux). A client that leaves
+        Nagle on (Python's and Java's default) sends its first request only once the
+        Finished is acknowledged, so every resumed connection would wait that long. Quick-ACK
+        mode, set now that our flight is out, acknowledges the Finished when it comes: one
+        system call, against a ticket's encryption and a write (measured in
+        bench/handshake_table.py)."""
+        try:
+            self.sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
+        except OSError:
+            pass  # not TCP (a test's socket pair), or gone: nothing to hold back
 
     def drop_peer_chains(self) -> None:
         """Once the peer is authenticated, its chain is dead weight (openssl.py says how
@@ -147,7 +178,7 @@ class TlsEndpoint:
 
     def after_handshake(self) -> None:
         """Drop per-handshake state that would otherwise stay for the connection's life."""
-        self.sock.__dict__.pop(peerchain.ATTRIBUTE, None)
+        self.peer_certificates = None
         if self._ptr is not None:
             openssl.stop_message_callback(self._ptr)
 
@@ -288,8 +319,7 @@ class TlsEndpoint:
         private reach, what remember_server_name kept during the handshake."""
         if self._ptr is not None:
             return openssl.server_name(self._ptr)
-        name: str | None = self.sock.__dict__.get(_SERVER_NAME)
-        return name
+        return self.sidecar_server_name
 
     def alpn(self) -> str | None:
         """The application protocol the handshake negotiated, if any."""
@@ -305,7 +335,7 @@ class TlsEndpoint:
         server's fresh ticket is left: the session offered keeps resuming until it expires
         or is refused, and a refusal is a full handshake, whose ticket is taken. Without the
         private reach every full handshake asks (the leak is then bounded by those)."""
-        if self._server or self._obj.session_reused:
+        if self.server_side or self._obj.session_reused:
             return None
         if self._ptr is not None and not self.ticket_arrived():
             return None
@@ -333,22 +363,24 @@ class TlsEndpoint:
         return self.ktls_tx, self.ktls_rx
 
     def presented_chain(self) -> list[bytes] | None:
-        return peerchain.presented(self.sock)
+        return self.peer_certificates
 
     def forget_session(self) -> None:
         """A server-side session cache must not keep this connection's session."""
         self.keep_session = False
-        if self._server and self._ptr is not None:
+        if self.server_side and self._ptr is not None:
             openssl.forget_session(self._ptr)
 
     def close(self) -> None:
         self._keep_session()
+        poller.forget(self.fd, self)
         self.sock.close()
 
     def reset(self) -> None:
         """End with a TCP reset and no close_notify: the peer must not read a cut stream
         as a whole one."""
         self._keep_session()
+        poller.forget(self.fd, self)
         close_with_reset(self.sock)
 
     def _keep_session(self) -> None:
@@ -359,11 +391,12 @@ class TlsEndpoint:
 _SERVER_NAME = "sidecar_server_name"  # where remember_server_name keeps it on the socket
 
 
-def remember_server_name(sock: Any, name: str | None, _ctx: ssl.SSLContext) -> None:
+def remember_server_name(conn: Any, name: str | None, _ctx: ssl.SSLContext) -> None:
     """A server context's sni_callback where OpenSSL cannot be asked afterwards (contexts.py
-    installs it only then: it is a Python call in every handshake that sends SNI)."""
+    installs it only then: it is a Python call in every handshake that sends SNI). `conn`
+    is the connection's owner: an endpoint, or an ssl.SSLSocket elsewhere."""
     if name is not None:
-        sock.__dict__[_SERVER_NAME] = name
+        setattr(conn, _SERVER_NAME, name)
 
 
 def _inq(fd: int) -> int:
@@ -381,19 +414,3 @@ def _require_non_blocking(sock: socket.socket) -> None:
     # A blocking socket here would stall the whole loop inside OpenSSL, silently.
     if sock.gettimeout() != 0.0:
         raise ValueError("the engine needs a non-blocking socket (setblocking(False))")
-
-
-def _ready(loop: asyncio.AbstractEventLoop, fd: int, *, write: bool) -> asyncio.Future[None]:
-    """A future that completes once fd is readable (or writable)."""
-    fut: asyncio.Future[None] = loop.create_future()
-    add, remove = (loop.add_writer, loop.remove_writer) if write else (
-        loop.add_reader, loop.remove_reader)
-
-    def fire() -> None:
-        remove(fd)
-        if not fut.done():
-            fut.set_result(None)
-
-    add(fd, fire)
-    fut.add_done_callback(lambda _f: remove(fd))  # also on cancel (handshake timeout)
-    return fut

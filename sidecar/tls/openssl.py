@@ -127,19 +127,49 @@ def context_pointer(ctx: ssl.SSLContext) -> int | None:
 
 def ssl_pointer(sock: ssl.SSLSocket) -> int | None:
     """The `SSL *` of a live SSLSocket, or None when it cannot be read safely."""
-    obj = getattr(sock, "_sslobj", None)
+    return connection_pointer(getattr(sock, "_sslobj", None), sock, sock.context)
+
+
+def connection_pointer(obj: Any, sock: socket.socket, ctx: ssl.SSLContext) -> int | None:
+    """The `SSL *` of the C-level connection `obj` over `sock`, made by `ctx` (wrap), or
+    None when it cannot be read safely."""
     if _lib is None or obj is None:
         return None
     if _word(id(obj) + _HEADER) != id(weakref.ref(sock)):
         return None
     ptr = _word(id(obj) + _HEADER + _PTR)
-    if not ptr or _lib.SSL_get_SSL_CTX(ptr) != context_pointer(sock.context):
+    if not ptr or _lib.SSL_get_SSL_CTX(ptr) != context_pointer(ctx):
         return None
     return ptr
 
 
 # -- Python-level reach: private attributes of CPython's ssl objects ----------------------
 # No ctypes here, but the same rule: the one module that knows the private names.
+
+def wrap(ctx: ssl.SSLContext, sock: socket.socket, *, server_side: bool,
+         server_name: str | None, session: ssl.SSLSession | None, owner: object,
+         ) -> tuple[Any, socket.socket]:
+    """A TLS connection over a connected socket: (the C-level `_ssl._SSLSocket`, the socket
+    to keep). The C-level object is made as `SSLContext.wrap_socket` makes it, without
+    the `ssl.SSLSocket` around it: that wrapper asks the kernel four things it knows
+    already (the socket's type, its address, its peer, and sets non-blocking again) and
+    costs ~15 us of Python a connection. `owner` (weak-referenceable) is what the handshake
+    hooks are handed as the connection (peerchain.py, engine.remember_server_name).
+    Where the C-level constructor is gone, the public wrapper makes it."""
+    make = getattr(ctx, "_wrap_socket", None)
+    encode = ctx._encode_hostname  # type: ignore[attr-defined]
+    hostname = encode(server_name) if server_name is not None else None
+    if make is not None:
+        try:
+            return make(sock, server_side, hostname, owner=owner, session=session), sock
+        except TypeError:
+            pass  # another signature: the public way below
+    wrapped = ctx.wrap_socket(sock, server_side=server_side, server_hostname=server_name,
+                              do_handshake_on_connect=False, session=session)
+    obj = inner(wrapped)
+    obj.owner = owner
+    return obj, wrapped
+
 
 def inner(sock: ssl.SSLSocket) -> Any:
     """The C-level `_ssl._SSLSocket` behind an SSLSocket: the object its public methods
@@ -281,16 +311,21 @@ def forget_session(ptr: int) -> None:
 
 
 def cap_session_lifetime(sock: ssl.SSLSocket, seconds: int) -> bool:
-    """Let the session being made on `sock` resume for `seconds` at most (a server, while
-    the handshake reads the peer's certificates). False when it cannot be reached.
+    """cap_session_life of `sock`'s connection; False when it cannot be reached."""
+    ptr = ssl_pointer(sock)
+    return ptr is not None and cap_session_life(ptr, seconds)
+
+
+def cap_session_life(ptr: int, seconds: int) -> bool:
+    """Let the session being made on the connection `ptr` (ssl_pointer) resume for
+    `seconds` at most (a server, while the handshake reads the peer's certificates).
+    False when it cannot be reached.
 
     OpenSSL declines a timed-out session, from its cache or a ticket, and makes a full
     handshake instead; a TLS 1.3 ticket also tells the client its lifetime (the session's
     timeout), and OpenSSL's client stops offering it after that."""
-    ptr = ssl_pointer(sock)
-    if ptr is None or not _self_test_passed():
+    if _lib is None or not _self_test_passed():
         return False
-    assert _lib is not None
     session = _lib.SSL_get_session(ptr)
     if not session:
         return False

@@ -55,21 +55,45 @@ def _on_message(
         setattr(conn, ATTRIBUTE, certs)
     except AttributeError:
         pass  # an owner without a __dict__: classification falls back
-    if getattr(conn, "server_side", False) and isinstance(conn, ssl.SSLSocket):
+    # The connection's owner: the engine's endpoint (it says its pointer), or an
+    # ssl.SSLSocket of code that wraps the usual way.
+    ptr = (openssl.ssl_pointer(conn) if isinstance(conn, ssl.SSLSocket)
+           else getattr(conn, "ssl_pointer", None))
+    if ptr is None:
+        return
+    if conn.server_side:
         left = remaining_life(certs, time.time())
         if left is not None:
-            openssl.cap_session_lifetime(conn, left)
+            openssl.cap_session_life(ptr, left)
+    # The peer's chain was all this hook is for: the rest of the handshake (a dozen
+    # messages and record headers, each a call into Python) goes without it.
+    openssl.stop_message_callback(ptr)
 
 
 def remaining_life(certs: list[bytes], now: float) -> int | None:
     """Whole seconds from `now` to the first notAfter of `certs` (0 if passed), or None
     when there is none or one cannot be read (verification will say why)."""
     try:
-        first = min(x509.load_der_x509_certificate(c).not_valid_after_utc.timestamp()
-                    for c in certs)
+        first = min(_not_after(c) for c in certs)
     except ValueError:
         return None
     return max(int(first - now), 0)
+
+
+# notAfter by certificate: a peer presents the same chain on every handshake, and parsing
+# it is most of this hook's cost. Bounded, as peers choose what they present.
+_NOT_AFTER: dict[bytes, float] = {}
+_NOT_AFTER_KEPT = 1024
+
+
+def _not_after(der: bytes) -> float:
+    t = _NOT_AFTER.get(der)
+    if t is None:
+        t = x509.load_der_x509_certificate(der).not_valid_after_utc.timestamp()
+        if len(_NOT_AFTER) >= _NOT_AFTER_KEPT:
+            _NOT_AFTER.clear()
+        _NOT_AFTER[der] = t
+    return t
 
 
 def parse_certificate_message(data: bytes, *, tls13: bool) -> list[bytes]:
@@ -103,7 +127,7 @@ def parse_certificate_message(data: bytes, *, tls13: bool) -> list[bytes]:
     return certs
 
 
-def presented(sock: ssl.SSLSocket) -> list[bytes] | None:
-    """The chain the peer sent on this connection, if the hook saw it."""
-    certs: list[bytes] | None = sock.__dict__.get(ATTRIBUTE)
+def presented(conn: object) -> list[bytes] | None:
+    """The chain the peer sent on this connection (its owner), if the hook saw it."""
+    certs: list[bytes] | None = getattr(conn, ATTRIBUTE, None)
     return certs
