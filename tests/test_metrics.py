@@ -6,6 +6,7 @@ upstream-connect histogram, OpenMetrics on request, and a `rule` label that stay
 from __future__ import annotations
 
 import asyncio
+import bisect
 import json
 import os
 import platform
@@ -193,3 +194,35 @@ def test_each_decision_is_labelled_by_the_policy_that_made_it() -> None:
                   if name == "sidecar_authz_decisions_total"
                   and ("listener", "two-in-one") in labels}
     assert rules_seen == {"frontend-to-payments", "other"}
+
+
+def test_batched_request_durations_expose_what_one_observe_each_would() -> None:
+    """metrics._observe_many writes prometheus_client's histogram layout directly (a count
+    per bucket and a sum): a library change there must fail here, not skew the buckets."""
+    values = [0.0001, 0.0005, 0.0007, 0.003, 0.003, 0.2, 7.0, 100.0]
+    one_by_one = CollectorRegistry()
+    batched = CollectorRegistry()
+    buckets = metrics._REQUEST_BUCKETS
+    for registry in (one_by_one, batched):
+        Histogram("h_seconds", "h", ["listener"], buckets=buckets, registry=registry)
+    h1 = one_by_one._names_to_collectors["h_seconds"]
+    h2 = batched._names_to_collectors["h_seconds"]
+    for v in values:
+        h1.labels("api").observe(v)
+    sums = [0.0] * (len(buckets) + 2)
+    for v in values:
+        sums[bisect.bisect_left(buckets, v)] += 1
+        sums[-1] += v
+    metrics._observe_many(h2.labels("api"), sums)
+    assert generate_latest(batched) == generate_latest(one_by_one)
+
+
+def test_pending_request_counts_are_added_before_a_scrape() -> None:
+    def requests() -> float:
+        return _samples(generate_latest(metrics.REGISTRY).decode()).get(
+            ("sidecar_http_requests_total", frozenset(
+                {("listener", "t-scrape"), ("decision", "none"), ("code", "400")})), 0.0)
+
+    before = requests()
+    metrics.requests.add("t-scrape", "none", None, 400, 0.01)
+    assert requests() == before + 1

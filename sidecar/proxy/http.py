@@ -87,18 +87,17 @@ class Exchange:
     """One request and, once forwarded, its response."""
 
     __slots__ = ("answered", "body", "body_in", "body_out", "complete", "decision",
-                 "fields", "forwarding", "head", "raw", "refusal", "size", "started",
-                 "status", "url")
+                 "fields", "forwarding", "head", "raw", "refusal", "started", "status",
+                 "url")
 
     def __init__(self, started: float) -> None:
         self.started = started
         self.url = b""
         self.fields: list[bytes] = []  # name, ": ", value, CRLF, ...
-        self.size = 0  # bytes of the request line and fields, as reported
         self.raw = 0  # bytes read while the head was incomplete (a backstop, see _read_peer)
         self.head: RequestHead | None = None
         self.refusal: str | None = None  # why the sidecar answers 400
-        self.body: list[bytes] | None = []  # body pieces parsed before it is forwarded
+        self.body: list[bytes] | None = None  # body pieces parsed before it is forwarded
         self.complete = False  # the whole request has been parsed
         self.forwarding = False  # its head went to the app; its body follows as it comes
         self.answered = False  # the exchange is over: nothing more of it goes anywhere
@@ -454,7 +453,9 @@ class Session:
                 self._out_app += (b"%x\r\n" % len(data), data, _CRLF)
             else:
                 self._out_app.append(data)
-        elif r.body is not None:
+        elif r.body is None:
+            r.body = [data]
+        else:
             r.body.append(data)
 
     def on_message_complete(self) -> None:
@@ -767,7 +768,6 @@ class Session:
             # The app closed a kept-alive connection as the request went out on it: send
             # it again on a new one, as nginx does for requests that may be repeated.
             r.forwarding = False
-            r.body = []
             self._dialing = True
             self._rt.spawn(self._dial(r), self.rec)
             return

@@ -1,0 +1,227 @@
+"""An http listener's session (sidecar/proxy/http.py) against apps that misbehave in ways
+a well-behaved HTTP app (tests/http_app.py) never does: real sockets on 127.0.0.1, the
+caller on a plain socket pair (the session takes any endpoint; TLS is the e2e tests'),
+the app a raw server sending the bytes each test gives it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import pytest
+
+from sidecar.config import Address, InboundListener, Limits
+from sidecar.endpoint import TcpEndpoint
+from sidecar.outcomes import Close, Direction
+from sidecar.policy import parse_policy
+from sidecar.proxy.connection import Tracker
+from sidecar.proxy.http import Session
+from sidecar.proxy.runtime import Runtime
+from sidecar.spiffe import SpiffeId
+
+pytestmark = pytest.mark.timeout(30)
+
+POLICY = parse_policy("""
+default: deny
+rules:
+  - {name: all, action: allow, from: ["spiffe://example.org/*"]}
+""", "policy.yaml")
+XFCC = b"x-forwarded-client-cert: By=spiffe://example.org/b;Hash=00;URI=spiffe://example.org/a\r\n"
+GET = b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n"
+
+App = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@dataclass
+class Rig:
+    caller: socket.socket
+    session: Session
+    tracker: Tracker
+    closed: asyncio.Event
+
+    async def send(self, data: bytes) -> None:
+        await asyncio.get_running_loop().sock_sendall(self.caller, data)
+
+    async def read_until_closed(self) -> bytes:
+        loop = asyncio.get_running_loop()
+        out = b""
+        while data := await loop.sock_recv(self.caller, 65536):
+            out += data
+        return out
+
+    async def read_response(self) -> bytes:
+        loop = asyncio.get_running_loop()
+        out = b""
+        while b"\r\n\r\n" not in out:
+            data = await loop.sock_recv(self.caller, 65536)
+            assert data, out
+            out += data
+        head = out.split(b"\r\n\r\n")[0].lower()
+        length = int(head.split(b"content-length: ")[1].split(b"\r\n")[0])
+        while len(out) < len(head) + 4 + length:
+            out += await loop.sock_recv(self.caller, 65536)
+        return out
+
+
+@asynccontextmanager
+async def rig(app: App, limits: Limits | None = None) -> AsyncIterator[Rig]:
+    loop = asyncio.get_running_loop()
+    server = await asyncio.start_server(app, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    tracker = Tracker(loop, max_connections=10, max_pending_handshakes=10, idle_timeout=300,
+                      max_lifetime=0)
+    closed = asyncio.Event()
+    tracker.on_empty = closed.set
+    rt = Runtime(loop, None, POLICY, limits or Limits(), tracker)  # type: ignore[arg-type]
+    cfg = InboundListener("api", Address("127.0.0.1", 0), Address("127.0.0.1", port))
+    ours, caller = socket.socketpair()
+    ours.setblocking(False)
+    caller.setblocking(False)
+    rec = tracker.open(Direction.INBOUND, "api", "caller")
+    session = Session(rt, cfg, rec, TcpEndpoint(ours), SpiffeId.parse(
+        "spiffe://example.org/a"), XFCC, tracker.closed)
+    tracker.attach(rec, session)
+    session.start()
+    try:
+        yield Rig(caller, session, tracker, closed)
+    finally:
+        if not session.closed:
+            session.abort(Close.SHUTDOWN)
+        caller.close()
+        server.close()
+        server.close_clients()
+
+
+def answering(*responses: bytes, then_close: bool = False) -> App:
+    """An app that reads each request head and answers with the next of `responses`."""
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for data in responses:
+            try:
+                await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:
+                break
+            writer.write(data)
+            await writer.drain()
+        if then_close:
+            writer.close()
+            return
+        await reader.read()  # until the sidecar closes
+        writer.close()
+    return app
+
+
+async def test_a_malformed_response_is_a_502_and_nothing_of_it_reaches_the_caller() -> None:
+    bad = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    async with rig(answering(bad)) as r:
+        await r.send(GET)
+        got = await r.read_until_closed()
+        assert got.startswith(b"HTTP/1.1 502 ") and b"x-sidecar-answer: upstream_unavailable" in got
+        assert b"Transfer-Encoding" not in got
+
+
+async def test_a_body_for_head_is_a_502() -> None:
+    async with rig(answering(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")) as r:
+        await r.send(b"HEAD /x HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert (await r.read_until_closed()).startswith(b"HTTP/1.1 502 ")
+
+
+async def test_an_app_response_head_over_the_limit_is_a_502() -> None:
+    big = b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 200_000 + b"\r\nContent-Length: 0\r\n\r\n"
+    async with rig(answering(big), Limits(max_request_head_bytes=4096)) as r:
+        await r.send(GET)
+        assert (await r.read_until_closed()).startswith(b"HTTP/1.1 502 ")
+
+
+async def test_a_close_delimited_response_ends_with_the_apps_close() -> None:
+    async with rig(answering(b"HTTP/1.1 200 OK\r\n\r\nuntil the end", then_close=True)) as r:
+        await r.send(GET)
+        assert await r.read_until_closed() == b"HTTP/1.1 200 OK\r\n\r\nuntil the end"
+
+
+async def test_an_early_answer_to_an_unfinished_request_ends_the_connection() -> None:
+    async with rig(answering(b"HTTP/1.1 413 Too Large\r\nContent-Length: 0\r\n\r\n")) as r:
+        await r.send(b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 1000000\r\n\r\nfirst bytes")
+        got = await r.read_until_closed()
+        assert got.startswith(b"HTTP/1.1 413 Too Large\r\n")
+
+
+async def test_bytes_from_an_idle_app_drop_its_connection_not_the_callers() -> None:
+    connections = 0
+    answered = asyncio.Event()
+
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        if connections == 1:
+            await answered.wait()
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nextra")  # unasked
+            await writer.drain()
+        with contextlib.suppress(ConnectionError):
+            await reader.read()
+        writer.close()
+
+    async with rig(app) as r:
+        await r.send(GET)
+        first = await r.read_response()
+        assert first.endswith(b"ok")
+        answered.set()
+        await asyncio.wait_for(_until(lambda: r.session.app is None), 5)
+        await r.send(GET)
+        second = await r.read_response()
+        assert second.endswith(b"ok") and b"extra" not in first + second
+        assert connections == 2
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    """Wait, a loop turn at a time, until `condition` holds (state of the session's own,
+    with no event to wait on)."""
+    while not condition():
+        await asyncio.sleep(0.001)
+
+
+async def test_a_second_response_in_one_read_breaks_the_connection() -> None:
+    """An app that writes past its response in the same read: where its response ended
+    cannot be told, so nothing of that read is relayed and the connection is cut."""
+    two = (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+           b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nextra")
+    async with rig(answering(two)) as r:
+        await r.send(GET)
+        assert b"extra" not in await r.read_until_closed()
+        await asyncio.wait_for(r.closed.wait(), 5)
+
+
+async def test_a_lifetime_end_closes_an_idle_connection_now() -> None:
+    async with rig(answering(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")) as r:
+        await r.send(GET)
+        assert (await r.read_response()).endswith(b"ok")
+        r.session.finish(client_is_peer=True)
+        assert await r.read_until_closed() == b""
+        await asyncio.wait_for(r.closed.wait(), 5)
+
+
+async def test_a_lifetime_end_in_a_request_says_connection_close_on_its_response() -> None:
+    release, arrived = asyncio.Event(), asyncio.Event()
+
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        arrived.set()
+        await release.wait()
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await reader.read()
+        writer.close()
+
+    async with rig(app) as r:
+        await r.send(GET)
+        await asyncio.wait_for(arrived.wait(), 5)  # the request is at the app
+        r.session.finish(client_is_peer=True)
+        release.set()
+        got = await r.read_until_closed()
+        assert got == b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
