@@ -52,6 +52,7 @@ import ssl
 import sys
 import termios
 import time
+from collections.abc import Callable
 from typing import Any
 
 from sidecar.endpoint import DONE, RESET, TRUNCATED, WANT_READ, WANT_WRITE, close_with_reset
@@ -59,13 +60,17 @@ from sidecar.tls import openssl, peerchain
 
 _NAMES: dict[str, str] = {}  # TLS versions and cipher suites: a handful per process
 _READ_ROOM = 16 * 1024  # one TLS record's plaintext: read more only if a record fits
+_RECORD = 16 * 1024  # a full record's plaintext: a sender with more to say fills them
+# SSL_has_pending, called straight (the hot path); asked only with a pointer, so only with
+# the reach. Without it, "it may hold more": read on.
+_has_pending: Callable[[int], int] = openssl.has_pending or (lambda _ptr: 1)
 
 
 class TlsEndpoint:
     """A TLS connection over a socket it owns."""
 
-    __slots__ = ("_deferred", "_obj", "_ptr", "_server", "_shut", "cpu_seconds", "fd",
-                 "keep_session", "ktls_rx", "ktls_tx", "sock")
+    __slots__ = ("_deferred", "_obj", "_ptr", "_server", "_shut", "cpu_seconds", "drained",
+                 "fd", "keep_session", "ktls_rx", "ktls_tx", "sock")
 
     def __init__(self, sock: ssl.SSLSocket) -> None:
         self.sock = sock
@@ -77,6 +82,7 @@ class TlsEndpoint:
         self._server = sock.server_side
         self.cpu_seconds = 0.0
         self.ktls_tx = self.ktls_rx = False  # set by ktls() once the handshake is done
+        self.drained = False  # see Endpoint.drained
         # Set once the peer is authenticated, when the server keeps sessions in memory: its
         # session stays resumable however the connection ends (openssl.keep_session).
         self.keep_session = False
@@ -148,25 +154,45 @@ class TlsEndpoint:
 
     def read_into(self, buf: memoryview) -> int:
         obj = self._obj
-        got = 0
         room = len(buf)
-        # Keep reading records while a whole one still fits; always try at least once.
-        while got == 0 or room - got >= _READ_ROOM:
+        try:
+            n: int = obj.read(room, buf)
+        except ssl.SSLWantReadError:
+            return WANT_READ
+        except ssl.SSLWantWriteError:
+            return WANT_WRITE
+        except ssl.SSLZeroReturnError:
+            return self._end()
+        except ssl.SSLEOFError:
+            return TRUNCATED  # a bare FIN: a killed peer, or a cut
+        except ConnectionResetError:
+            return RESET
+        if n == 0:
+            return self._end()
+        got = n
+        # Keep reading records while a whole one still fits: bulk moves four to a call.
+        while room - got >= _READ_ROOM:
+            if n < _RECORD and self._ptr is not None and not _has_pending(self._ptr):
+                # A short record, and OpenSSL holds nothing more (read-ahead may have
+                # taken the next records off the socket already: then it says so): the
+                # sender paused. Reading on would raise "want read" (costlier than this
+                # question) to find that out.
+                self.drained = True
+                return got
             try:
-                n: int = obj.read(room - got, buf[got:])
+                n = obj.read(room - got, buf[got:])
             except ssl.SSLWantReadError:
-                return got or WANT_READ
-            except ssl.SSLWantWriteError:
-                return got or WANT_WRITE
-            except ssl.SSLZeroReturnError:
-                return got or self._end()
-            except ssl.SSLEOFError:
-                return got or TRUNCATED  # a bare FIN: a killed peer, or a cut
-            except ConnectionResetError:
-                return got or RESET
+                self.drained = True  # OpenSSL wants the socket: it holds nothing
+                return got
+            except (ssl.SSLWantWriteError, ssl.SSLZeroReturnError, ssl.SSLEOFError,
+                    ConnectionResetError):
+                self.drained = False  # the next call meets it again and says so
+                return got
             if n == 0:
-                return got or self._end()
+                self.drained = False
+                return got
             got += n
+        self.drained = False
         return got
 
     def _end(self) -> int:

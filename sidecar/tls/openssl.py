@@ -446,6 +446,30 @@ def has_ticket(ptr: int) -> bool:
     return bool(session) and bool(_lib.SSL_SESSION_has_ticket(session))
 
 
+# --- Anything left inside OpenSSL to read? (engine.read_into, once per short record) ------
+# With read-ahead OpenSSL may have taken several records off the socket in one read(): the
+# kernel then shows nothing readable, and only SSL_has_pending knows (SSL_pending counts
+# decrypted bytes of the current record only). The ctypes function itself is exported,
+# with no Python wrapper, since the pump asks it once per request; it is None without the
+# reach, and must be given only a pointer from ssl_pointer.
+
+
+def _declare_has_pending() -> Callable[[int], int] | None:
+    if _lib is None:
+        return None
+    fn = _lib.SSL_has_pending
+    fn.argtypes = [ctypes.c_void_p]
+    fn.restype = ctypes.c_int
+    fn_: Callable[[int], int] = fn
+    return fn_
+
+
+try:
+    has_pending = _declare_has_pending()
+except AttributeError:  # older than any OpenSSL Python 3.13 accepts
+    has_pending = None
+
+
 # --- The SNI a client sent (a server's view) ----------------------------------------------
 # Python shows it only to an sni_callback, a Python call in every handshake of every
 # listener; the PROXY header (proxy/inbound.py) asks for it only where it is sent.
