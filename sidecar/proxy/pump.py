@@ -95,32 +95,63 @@ class Flow:
     def run(self) -> bool:
         """Move bytes until blocked; False when the turn ran out and must be resumed."""
         rounds = 0
+        src = self.src
         while True:
-            if self.pending is not None:
-                n = self.dst.write(self.pending)
-                if n < 0:
-                    self.waiting = DST_WRITE if n == WANT_WRITE else DST_READ
-                    return True
-                self.moved += n
-                if n < len(self.pending):
-                    self.pending = self.pending[n:]
-                    self.waiting = DST_WRITE
-                    return True
-                self.pending = None
-            if self.eof:
-                rc = self.dst.shutdown_write()
-                if rc < 0:
-                    self.waiting = DST_WRITE if rc == WANT_WRITE else DST_READ
-                    return True
-                self.done = True
-                self.waiting = NOTHING
+            if (self.pending is not None or self.eof) and self._flush():
                 return True
             if rounds == ROUNDS_PER_TURN:
                 self.waiting = NOTHING
                 return False
             rounds += 1
-            if not self.read_once():
+            # read_once and forward, written out: this loop is the cost of a request, and
+            # a Python call is a few hundred instructions.
+            n = src.read_into(_buffer)
+            if n <= 0:
+                if n == 0:
+                    self.eof = True
+                    continue
+                if n < WANT_WRITE:
+                    raise Cut(n)
+                self.waiting = SRC_READ if n == WANT_READ else SRC_WRITE
                 return True
+            if self.own_copy:
+                if not self.forward(n):
+                    return True
+            else:
+                w = self.dst.write(_buffer[:n])
+                if w != n:
+                    self._held(_buffer[:n], w)
+                    return True
+                self.moved += n
+            if src.drained:
+                # Reading again would most likely raise and catch "nothing yet": let the
+                # loop say when there is more.
+                self.waiting = SRC_READ
+                return True
+
+    def _flush(self) -> bool:
+        """Write what is held, then pass the end on if it came; True when the flow must
+        now wait (or is done)."""
+        if self.pending is not None:
+            n = self.dst.write(self.pending)
+            if n < 0:
+                self.waiting = DST_WRITE if n == WANT_WRITE else DST_READ
+                return True
+            self.moved += n
+            if n < len(self.pending):
+                self.pending = self.pending[n:]
+                self.waiting = DST_WRITE
+                return True
+            self.pending = None
+        if self.eof:
+            rc = self.dst.shutdown_write()
+            if rc < 0:
+                self.waiting = DST_WRITE if rc == WANT_WRITE else DST_READ
+                return True
+            self.done = True
+            self.waiting = NOTHING
+            return True
+        return False
 
     def read_once(self) -> bool:
         """Read one chunk through the source endpoint and pass it on; False when the flow
@@ -152,6 +183,12 @@ class Flow:
         if w == n:
             self.moved += n
             return True
+        self._held(data, w)
+        return False
+
+    def _held(self, data: memoryview, w: int) -> None:
+        """The destination took w of data (w < len(data); a wish if negative): keep the
+        rest, in a copy unless it is one already, and wait."""
         if w >= 0:
             self.moved += w
             self.pending = memoryview(bytes(data[w:]))  # nothing of it is OpenSSL's now
@@ -159,7 +196,6 @@ class Flow:
         else:
             self.pending = data if self.own_copy else memoryview(bytes(data))
             self.waiting = DST_WRITE if w == WANT_WRITE else DST_READ
-        return False
 
 
 class SpliceFlow(Flow):
@@ -341,18 +377,6 @@ class Duplex:
 
     # -- loop callbacks -----------------------------------------------------------------
 
-    def _app_readable(self) -> None:
-        self._ready(APP_READ)
-
-    def _app_writable(self) -> None:
-        self._ready(APP_WRITE)
-
-    def _peer_readable(self) -> None:
-        self._ready(PEER_READ)
-
-    def _peer_writable(self) -> None:
-        self._ready(PEER_WRITE)
-
     def _resume(self, flow: Flow) -> None:
         if not self.closed:
             self._step(flow)
@@ -360,14 +384,12 @@ class Duplex:
     # -- the one place that runs flows and keeps registrations in step ------------------
 
     def _ready(self, bit: int) -> None:
-        """Run the flows that wait for `bit` (none: a stale wake-up, which only brings the
-        registrations in step)."""
+        """The loop's callback for every registration (`bit` says which): run the flows
+        that wait for it (none: a stale wake-up, which only brings the registrations in
+        step)."""
         to_app, from_app = self.to_app, self.from_app
         if _TO_APP_BITS[to_app.waiting] == bit:
-            if _FROM_APP_BITS[from_app.waiting] == bit:
-                self._step(to_app, from_app)
-            else:
-                self._step(to_app)
+            self._step(to_app, from_app if _FROM_APP_BITS[from_app.waiting] == bit else None)
         elif _FROM_APP_BITS[from_app.waiting] == bit:
             self._step(from_app)
         else:
@@ -410,24 +432,12 @@ class Duplex:
     def _update(self, want: int) -> None:
         """Register and unregister with the loop until it holds `want`."""
         loop, changed = self._loop, want ^ self._reg
-        if changed & APP_READ:
-            if want & APP_READ:
-                loop.add_reader(self.app.fd, self._app_readable)
-            else:
-                loop.remove_reader(self.app.fd)
-        if changed & APP_WRITE:
-            if want & APP_WRITE:
-                loop.add_writer(self.app.fd, self._app_writable)
-            else:
-                loop.remove_writer(self.app.fd)
-        if changed & PEER_READ:
-            if want & PEER_READ:
-                loop.add_reader(self.peer.fd, self._peer_readable)
-            else:
-                loop.remove_reader(self.peer.fd)
-        if changed & PEER_WRITE:
-            if want & PEER_WRITE:
-                loop.add_writer(self.peer.fd, self._peer_writable)
-            else:
-                loop.remove_writer(self.peer.fd)
+        for bit, fd, write in ((APP_READ, self.app.fd, False), (APP_WRITE, self.app.fd, True),
+                               (PEER_READ, self.peer.fd, False),
+                               (PEER_WRITE, self.peer.fd, True)):
+            if changed & bit:
+                if want & bit:
+                    (loop.add_writer if write else loop.add_reader)(fd, self._ready, bit)
+                else:
+                    (loop.remove_writer if write else loop.remove_reader)(fd)
         self._reg = want
