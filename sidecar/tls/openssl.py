@@ -457,7 +457,8 @@ def has_ticket(ptr: int) -> bool:
 def _declare_has_pending() -> Callable[[int], int] | None:
     if _lib is None:
         return None
-    fn = _lib.SSL_has_pending
+    # Through PyDLL: the GIL stays held (a few field reads need no release and re-take).
+    fn = ctypes.PyDLL(_ssl.__file__).SSL_has_pending
     fn.argtypes = [ctypes.c_void_p]
     fn.restype = ctypes.c_int
     fn_: Callable[[int], int] = fn
@@ -466,7 +467,7 @@ def _declare_has_pending() -> Callable[[int], int] | None:
 
 try:
     has_pending = _declare_has_pending()
-except AttributeError:  # older than any OpenSSL Python 3.13 accepts
+except (OSError, AttributeError):  # older than any OpenSSL Python 3.13 accepts
     has_pending = None
 
 
