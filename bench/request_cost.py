@@ -22,6 +22,9 @@ sends 64 bytes, waits for the 64 to come back, sends the next.
   shared machine's load falls on all three alike; the added latency of a pair is its p50
   (p99) minus the direct p50 (p99) of the same repetition. The table gives the median
   over the repetitions.
+  Meanwhile the CPU time of both processes of each pair (user + system, from
+  /proc/PID/task/*/schedstat) is summed over that pair's blocks: CPU per round trip
+  natively, kernel included (noisy, like every wall-clock figure here).
 - syscalls: the pairs run natively; `strace -c -f -p PID` is attached to each proxy
   process for N round trips (strace slows them; the counts are exact). Per round trip,
   both processes added. A second's sweep timer and its epoll wake-up fall in the window
@@ -85,6 +88,18 @@ class Client:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def cpu_ns(pid: int) -> int:
+    """CPU time of every thread of pid so far, user + system, in nanoseconds (the
+    scheduler's own count: /proc/PID/task/TID/schedstat, not 10 ms ticks)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (OSError, IndexError, ValueError):
+            pass  # a thread that ended meanwhile
+    return total
 
 
 def percentile(sorted_ns: list[int], q: float) -> float:
@@ -173,9 +188,14 @@ def measure_latency(targets: list[str], args: argparse.Namespace, p: ch.Pki, wor
             # Blocks in turn, who goes first rotating: a change in the machine's load
             # (it is shared) falls on all of them alike.
             samples: dict[str, list[int]] = {who: [] for who in order}
+            cpu = dict.fromkeys(targets, 0)
             for b in range(blocks):
                 for who in order[b % len(order):] + order[:b % len(order)]:
+                    procs = [pairs[who].outbound, pairs[who].inbound] if who in pairs else []
+                    before = sum(cpu_ns(proc.pid) for proc in procs)
                     samples[who] += clients[who].round_trips(n // blocks)
+                    if procs:
+                        cpu[who] += sum(cpu_ns(proc.pid) for proc in procs) - before
             row: dict[str, dict[str, float]] = {}
             for who, times in samples.items():
                 times.sort()
@@ -183,6 +203,7 @@ def measure_latency(targets: list[str], args: argparse.Namespace, p: ch.Pki, wor
             for target in targets:
                 for q in ("p50", "p99"):
                     row[target][f"added_{q}"] = row[target][q] - row["direct"][q]
+                row[target]["cpu"] = cpu[target] / len(samples[target]) / 1000
             reps.append(row)
         for pair in pairs.values():
             pair.inbound.check_alive()
@@ -194,7 +215,7 @@ def measure_latency(targets: list[str], args: argparse.Namespace, p: ch.Pki, wor
             pair.stop()
     out: dict[str, Any] = {"round_trips": n, "repetitions": reps}
     for who in ["direct", *targets]:
-        keys = ("p50", "p99") + (("added_p50", "added_p99") if who != "direct" else ())
+        keys = ("p50", "p99") + (("added_p50", "added_p99", "cpu") if who != "direct" else ())
         out[who] = {k: statistics.median(r[who][k] for r in reps) for k in keys}
     return out
 
@@ -313,6 +334,10 @@ def table(results: dict[str, Any], meta: dict[str, Any]) -> str:
             s = lat.get("sidecar", {}).get(q)
             h = lat.get("haproxy", {}).get(q)
             lines.append(f"  {'through the pair ' + q:34}{_fmt(s, '10.1f')}{_fmt(h, '10.1f')}")
+        s = lat.get("sidecar", {}).get("cpu")
+        h = lat.get("haproxy", {}).get("cpu")
+        lines.append(f"  {'CPU per round trip, both processes':34}{_fmt(s, '10.1f')}"
+                     f"{_fmt(h, '10.1f')}{_fmt(ratio(s, h), '8.2f')}   (schedstat, user+sys)")
         d = lat["direct"]
         lines.append(f"  {'direct to the echo app p50 / p99':34}"
                      f"{d['p50']:10.1f}{d['p99']:10.1f}")
