@@ -389,11 +389,35 @@ class Duplex:
         step)."""
         to_app, from_app = self.to_app, self.from_app
         if _TO_APP_BITS[to_app.waiting] == bit:
-            self._step(to_app, from_app if _FROM_APP_BITS[from_app.waiting] == bit else None)
+            if _FROM_APP_BITS[from_app.waiting] == bit:
+                self._step(to_app, from_app)
+                return
+            flow = to_app
         elif _FROM_APP_BITS[from_app.waiting] == bit:
-            self._step(from_app)
+            flow = from_app
         else:
             self._step(None)
+            return
+        if self.closed or flow.done:
+            self._step(flow)
+            return
+        # One flow, one event: the usual case, and _step written out for it (a Python
+        # call fewer per request).
+        try:
+            if not flow.run():
+                self._loop.call_soon(self._resume, flow)
+        except Cut as cut:
+            self._cut(flow, cut.code)
+            return
+        except (OSError, ssl.SSLError) as exc:
+            self.abort(self._failed(flow, exc), exc)
+            return
+        if to_app.done and from_app.done:
+            self.abort(Close.CLOSED)
+            return
+        want = _TO_APP_BITS[to_app.waiting] | _FROM_APP_BITS[from_app.waiting]
+        if want != self._reg:
+            self._update(want)
 
     def _step(self, first: Flow | None, second: Flow | None = None) -> None:
         if self.closed:
@@ -407,9 +431,7 @@ class Duplex:
                 if not second.done and not second.run():
                     self._loop.call_soon(self._resume, second)
         except Cut as cut:
-            from_peer = flow is self.to_app
-            self.abort(Close.APP_RESET if not from_peer else
-                       Close.PEER_RESET if cut.code == RESET else Close.TRUNCATED)
+            self._cut(flow, cut.code)
             return
         except (OSError, ssl.SSLError) as exc:
             self.abort(self._failed(flow, exc), exc)
@@ -421,6 +443,13 @@ class Duplex:
         want = _TO_APP_BITS[to_app.waiting] | _FROM_APP_BITS[from_app.waiting]
         if want != self._reg:
             self._update(want)
+
+    def _cut(self, flow: Flow | None, code: int) -> None:
+        """A flow's source ended without a clean end: reset both sides, saying whose."""
+        if flow is not self.to_app:
+            self.abort(Close.APP_RESET)
+        else:
+            self.abort(Close.PEER_RESET if code == RESET else Close.TRUNCATED)
 
     def _failed(self, flow: Flow | None, exc: BaseException) -> Close:
         """A write that met a reset (reads report theirs as codes) names the flow's
