@@ -156,7 +156,7 @@ _TIMERS = "uv__run_timers"
 
 def inclusive(dump: Path, function: str) -> int:
     """The inclusive Ir of a function in a callgrind dump (0 if it never ran)."""
-    out = subprocess.run(["callgrind_annotate", "--inclusive=yes", str(dump)],
+    out = subprocess.run(["callgrind_annotate", "--inclusive=yes", "--threshold=100", str(dump)],
                          capture_output=True, text=True, check=True).stdout
     for line in out.splitlines():
         if line.rstrip().endswith(function) or f":{function} " in line:
