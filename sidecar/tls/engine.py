@@ -167,18 +167,20 @@ class TlsEndpoint:
             return TRUNCATED  # a bare FIN: a killed peer, or a cut
         except ConnectionResetError:
             return RESET
-        if n == 0:
-            return self._end()
+        ptr = self._ptr
+        if n < _RECORD:
+            if n == 0:
+                return self._end()
+            # A short record: the sender paused, most likely. If OpenSSL holds nothing
+            # more (read-ahead may have taken the next records off the socket already:
+            # then it says so), the socket is the one to wait for: reading on would raise
+            # "want read" to find that out, which costs more than this question.
+            if ptr is not None and not _has_pending(ptr):
+                self.drained = True
+                return n
         got = n
         # Keep reading records while a whole one still fits: bulk moves four to a call.
         while room - got >= _READ_ROOM:
-            if n < _RECORD and self._ptr is not None and not _has_pending(self._ptr):
-                # A short record, and OpenSSL holds nothing more (read-ahead may have
-                # taken the next records off the socket already: then it says so): the
-                # sender paused. Reading on would raise "want read" (costlier than this
-                # question) to find that out.
-                self.drained = True
-                return got
             try:
                 n = obj.read(room - got, buf[got:])
             except ssl.SSLWantReadError:
@@ -192,6 +194,9 @@ class TlsEndpoint:
                 self.drained = False
                 return got
             got += n
+            if n < _RECORD and ptr is not None and not _has_pending(ptr):
+                self.drained = True
+                return got
         self.drained = False
         return got
 
