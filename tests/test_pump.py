@@ -129,8 +129,11 @@ class CountingTls(TlsEndpoint):
 
     __slots__ = ("reads",)
 
-    def __init__(self, sock: ssl.SSLSocket) -> None:
-        super().__init__(sock)
+    def __init__(self, ctx: ssl.SSLContext, sock: socket.socket, *, server_side: bool,
+                 server_name: str | None = None,
+                 session: ssl.SSLSession | None = None) -> None:
+        super().__init__(ctx, sock, server_side=server_side, server_name=server_name,
+                         session=session)
         self.reads: list[int] = []
 
     def read_into(self, buf: memoryview) -> int:
