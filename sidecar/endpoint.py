@@ -25,6 +25,12 @@ class Endpoint(Protocol):
     fd: int
     ktls_tx: bool  # the kernel encrypts what is written to fd (kTLS): splice may write
     ktls_rx: bool  # the kernel decrypts what is read from fd: splice may read
+    # After a read_into that returned bytes: True when nothing is left in user space and
+    # the read found the kernel's queue emptied, so the caller should wait for fd to be
+    # readable rather than read again at once (that read would find nothing, and finding
+    # nothing costs an exception). False when another read may return more now. Waiting
+    # is always safe when it is True: if more came meanwhile, fd is readable.
+    drained: bool
 
     def read_into(self, buf: memoryview) -> int:
         """Bytes read (> 0), 0 at a clean end of stream, WANT_READ / WANT_WRITE, or
@@ -50,7 +56,7 @@ class Endpoint(Protocol):
 class TcpEndpoint:
     """A plain, connected, non-blocking stream socket (TCP or Unix)."""
 
-    __slots__ = ("fd", "sock")
+    __slots__ = ("drained", "fd", "sock")
     ktls_tx = False
     ktls_rx = False
 
@@ -58,14 +64,19 @@ class TcpEndpoint:
         """`sock` must be non-blocking already (each FIONBIO is a syscall)."""
         self.sock = sock
         self.fd = sock.fileno()
+        self.drained = False
 
     def read_into(self, buf: memoryview) -> int:
         try:
-            return self.sock.recv_into(buf)
+            n = self.sock.recv_into(buf)
         except (BlockingIOError, InterruptedError):
             return WANT_READ
         except ConnectionResetError:
             return RESET
+        # A stream socket hands over all it holds, up to the buffer: less than a full
+        # buffer means it held no more (what arrives later makes fd readable again).
+        self.drained = n < len(buf)
+        return n
 
     def write(self, data: memoryview | bytes) -> int:
         try:

@@ -472,6 +472,41 @@ def test_read_into_a_small_buffer_is_not_end_of_stream(
     run(body())
 
 
+def test_read_into_says_drained_after_a_short_record(
+    run: Run, pairs: Callable[..., Pair], server: Contexts, client: Contexts
+) -> None:
+    """A short record with nothing behind it: the caller is told to wait for the socket
+    rather than read again (which would only find nothing, at the price of an exception)."""
+    async def body() -> None:
+        p = await connected(pairs(server.server, client.client))
+        buf = memoryview(bytearray(CHUNK))
+        await write_all(p.client, b"ping")
+        await ready(p.server.fd)
+        assert p.server.read_into(buf) == 4
+        assert p.server.drained
+        assert p.server.read_into(buf) == WANT_READ  # it was right: nothing more
+
+    run(body())
+
+
+def test_read_into_takes_every_record_read_ahead_brought(
+    run: Run, pairs: Callable[..., Pair], server: Contexts, client: Contexts
+) -> None:
+    """Two short records already in the socket: OpenSSL's read-ahead takes both off it in
+    one read(), so the socket no longer shows them. read_into must hand over both before
+    it calls the source drained: waiting for the socket then would strand the second."""
+    async def body() -> None:
+        p = await connected(pairs(server.server, client.client))
+        buf = memoryview(bytearray(CHUNK))
+        await write_all(p.client, b"first ")
+        await write_all(p.client, b"second")  # a socketpair: both are queued on return
+        got = await read_some(p.server, buf)
+        assert bytes(buf[:got]) == b"first second"
+        assert p.server.drained
+
+    run(body())
+
+
 def test_write_one_mebibyte_through_want_write(run: Run, pairs: Callable[..., Pair],
                                               server: Contexts, client: Contexts) -> None:
     data = os.urandom(1024 * 1024)

@@ -52,6 +52,7 @@ import ssl
 import sys
 import termios
 import time
+from collections.abc import Callable
 from typing import Any
 
 from sidecar import poller
@@ -61,6 +62,10 @@ from sidecar.tls import openssl
 _TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", 12)  # Linux's value where Python lacks the name
 _NAMES: dict[str, str] = {}  # TLS versions and cipher suites: a handful per process
 _READ_ROOM = 16 * 1024  # one TLS record's plaintext: read more only if a record fits
+_RECORD = 16 * 1024  # a full record's plaintext: a sender with more to say fills them
+# SSL_has_pending, called straight (the hot path); asked only with a pointer, so only with
+# the reach. Without it, "it may hold more": read on.
+_has_pending: Callable[[int], int] = openssl.has_pending or (lambda _ptr: 1)
 
 
 class TlsEndpoint:
@@ -68,9 +73,9 @@ class TlsEndpoint:
 
     # peer_certificates and the sidecar_* are the handshake hooks' notes (the hooks get
     # the endpoint as their connection: openssl.wrap), in slots, not a dict per connection.
-    __slots__ = ("__weakref__", "_deferred", "_obj", "_ptr", "_shut", "cpu_seconds", "fd",
-                 "keep_session", "ktls_rx", "ktls_tx", "peer_certificates", "server_side",
-                 "sidecar_server_name", "sidecar_verdict", "sock")
+    __slots__ = ("__weakref__", "_deferred", "_obj", "_ptr", "_shut", "cpu_seconds",
+                 "drained", "fd", "keep_session", "ktls_rx", "ktls_tx", "peer_certificates",
+                 "server_side", "sidecar_server_name", "sidecar_verdict", "sock")
 
     def __init__(self, ctx: ssl.SSLContext, sock: socket.socket, *, server_side: bool,
                  server_name: str | None = None,
@@ -90,6 +95,7 @@ class TlsEndpoint:
         self._deferred = 0  # see _shutdown_public
         self.cpu_seconds = 0.0
         self.ktls_tx = self.ktls_rx = False  # set by ktls() once the handshake is done
+        self.drained = False  # see Endpoint.drained
         # Set once the peer is authenticated, when the server keeps sessions in memory: its
         # session stays resumable however the connection ends (openssl.keep_session).
         self.keep_session = False
@@ -184,25 +190,50 @@ class TlsEndpoint:
 
     def read_into(self, buf: memoryview) -> int:
         obj = self._obj
-        got = 0
         room = len(buf)
-        # Keep reading records while a whole one still fits; always try at least once.
-        while got == 0 or room - got >= _READ_ROOM:
-            try:
-                n: int = obj.read(room - got, buf[got:])
-            except ssl.SSLWantReadError:
-                return got or WANT_READ
-            except ssl.SSLWantWriteError:
-                return got or WANT_WRITE
-            except ssl.SSLZeroReturnError:
-                return got or self._end()
-            except ssl.SSLEOFError:
-                return got or TRUNCATED  # a bare FIN: a killed peer, or a cut
-            except ConnectionResetError:
-                return got or RESET
+        try:
+            n: int = obj.read(room, buf)
+        except ssl.SSLWantReadError:
+            return WANT_READ
+        except ssl.SSLWantWriteError:
+            return WANT_WRITE
+        except ssl.SSLZeroReturnError:
+            return self._end()
+        except ssl.SSLEOFError:
+            return TRUNCATED  # a bare FIN: a killed peer, or a cut
+        except ConnectionResetError:
+            return RESET
+        ptr = self._ptr
+        if n < _RECORD:
             if n == 0:
-                return got or self._end()
+                return self._end()
+            # A short record: the sender paused, most likely. If OpenSSL holds nothing
+            # more (read-ahead may have taken the next records off the socket already:
+            # then it says so), the socket is the one to wait for: reading on would raise
+            # "want read" to find that out, which costs more than this question.
+            if ptr is not None and not _has_pending(ptr):
+                self.drained = True
+                return n
+        got = n
+        # Keep reading records while a whole one still fits: bulk moves four to a call.
+        while room - got >= _READ_ROOM:
+            try:
+                n = obj.read(room - got, buf[got:])
+            except ssl.SSLWantReadError:
+                self.drained = True  # OpenSSL wants the socket: it holds nothing
+                return got
+            except (ssl.SSLWantWriteError, ssl.SSLZeroReturnError, ssl.SSLEOFError,
+                    ConnectionResetError):
+                self.drained = False  # the next call meets it again and says so
+                return got
+            if n == 0:
+                self.drained = False
+                return got
             got += n
+            if n < _RECORD and ptr is not None and not _has_pending(ptr):
+                self.drained = True
+                return got
+        self.drained = False
         return got
 
     def read_some(self, buf: memoryview) -> int:
@@ -233,7 +264,7 @@ class TlsEndpoint:
             if n == 0:
                 return got or self._end()
             got += n
-            if room - got < _READ_ROOM or not openssl.has_pending(ptr):
+            if room - got < _READ_ROOM or not _has_pending(ptr):
                 return got
 
     def _end(self) -> int:

@@ -468,23 +468,8 @@ def _declare_has_ticket() -> None:
     fn.restype = ctypes.c_int
 
 
-def _declare_has_pending() -> None:
-    if _lib is None:
-        return
-    fn = _lib.SSL_has_pending
-    fn.argtypes = [ctypes.c_void_p]
-    fn.restype = ctypes.c_int
-
-
-def has_pending(ptr: int) -> bool:
-    """Does OpenSSL hold bytes of this connection not yet read, decrypted or not?"""
-    assert _lib is not None
-    return bool(_lib.SSL_has_pending(ptr))
-
-
 try:
     _declare_has_ticket()
-    _declare_has_pending()
 except AttributeError:  # an OpenSSL without it is older than any Python 3.13 accepts
     _lib = None
 
@@ -494,6 +479,31 @@ def has_ticket(ptr: int) -> bool:
     assert _lib is not None
     session = _lib.SSL_get_session(ptr)
     return bool(session) and bool(_lib.SSL_SESSION_has_ticket(session))
+
+
+# --- Anything left inside OpenSSL to read? (engine.read_into / read_some, per short record) -
+# With read-ahead OpenSSL may have taken several records off the socket in one read(): the
+# kernel then shows nothing readable, and only SSL_has_pending knows (SSL_pending counts
+# decrypted bytes of the current record only). The ctypes function itself is exported,
+# with no Python wrapper, since the pump asks it once per request; it is None without the
+# reach, and must be given only a pointer from ssl_pointer.
+
+
+def _declare_has_pending() -> Callable[[int], int] | None:
+    if _lib is None:
+        return None
+    # Through PyDLL: the GIL stays held (a few field reads need no release and re-take).
+    fn = ctypes.PyDLL(_ssl.__file__).SSL_has_pending
+    fn.argtypes = [ctypes.c_void_p]
+    fn.restype = ctypes.c_int
+    fn_: Callable[[int], int] = fn
+    return fn_
+
+
+try:
+    has_pending = _declare_has_pending()
+except (OSError, AttributeError):  # older than any OpenSSL Python 3.13 accepts
+    has_pending = None
 
 
 # --- The SNI a client sent (a server's view) ----------------------------------------------
