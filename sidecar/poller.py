@@ -105,6 +105,14 @@ class Poller:
             if w.mask is not None:
                 self._drop(w, fd)
 
+    def release(self, fd: int) -> None:
+        """The socket open under fd leaves the poller for good (a connection's pump
+        watches it through the loop now), whoever waited on it: out of the kernel's set
+        too, or its events would still wake the set."""
+        w = self._watches.pop(fd, None)
+        if w is not None and w.mask is not None:
+            self._drop(w, fd)
+
     def close(self) -> None:
         loop = self._loop()
         if loop is not None and not loop.is_closed():
