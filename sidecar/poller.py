@@ -1,4 +1,6 @@
-"""Waiting on connection sockets: one epoll set for all of them, watched by the loop as one fd.
+"""Waiting on connection sockets while they connect and shake hands: one epoll set for all
+of them, watched by the loop as one fd. (An established connection's pump watches its
+sockets through the loop itself: sidecar/proxy/pump.py says why.)
 
 Why not `loop.add_reader` per socket: uvloop gives every fd it watches a libuv poll handle
 of its own, and its life costs system calls: creating one checks the fd with an epoll ADD

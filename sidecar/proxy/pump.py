@@ -10,22 +10,31 @@ is passed on so: a source cut short (a TLS stream without close_notify, a reset)
 both sides (Close says how it ended).
 
 Why callbacks and not a coroutine per direction: a held, idle connection then costs no
-task, no coroutine frame and no buffer: only this object, its two flows, and the
-poller's registration of the fds it waits on (sidecar/poller.py: one epoll set for all
-connection sockets). That is what keeps memory per connection near
+task, no coroutine frame and no buffer: only this object, its two flows, and the loop's
+registrations of the fds it waits on. That is what keeps memory per connection near
 OpenSSL's own.
 
-Both flows may wait on the same fd (a TLS write can want a read), and the poller keeps
+Why the loop's own registrations (add_reader / add_writer) and not the poller the
+handshake waits through (sidecar/poller.py): the poller's set wakes the loop as one fd,
+and each wake-up then costs an epoll_wait more and a Python dispatch, ~12 k
+instructions per process per round trip (bench/request_cost.py: 111 k counted both
+processes, 87 k with the loop's registrations). The price is paid once per connection
+instead: uvloop's poll handle for each socket costs ~11 epoll_ctl over its life
+(bench/handshake_table.py: 13 per connection against 2). Duplex.start takes the
+sockets out of the poller's set (Poller.release).
+
+Both flows may wait on the same fd (a TLS write can want a read), and the loop keeps
 one callback per fd and event, so the Duplex owns the registrations and asks each flow what
 it waits for after every step. A registration stays while a flow keeps waiting for the
 same thing: a connection that carries requests back and forth makes no epoll_ctl call.
+A read no longer wanted stays too, until it fires with nobody waiting (_update).
 
 The cost per request (bench/request_cost.py) is the cost of a loop callback that reads,
 writes and goes back to waiting, so the steady state avoids what Python makes dear:
 a read that finds nothing raises an exception (~7,000 instructions for a socket, ~11,000
 for TLS, against ~2,000 for a read that gets 64 bytes). The source says after each read
-whether it is drained (`Endpoint.drained`): then the flow waits for the poller to call it
-back instead of trying again, and the poller's level-triggered epoll calls it as soon as
+whether it is drained (`Endpoint.drained`): then the flow waits for the loop to call it
+back instead of trying again, and the loop's level-triggered epoll calls it as soon as
 more has come, even if that happened in between.
 """
 
@@ -301,7 +310,7 @@ def can_splice() -> bool:
 
 CloseCallback = Callable[["Duplex", Close, BaseException | None], None]
 
-# The poller registrations of a Duplex, one bit each: app readable, app writable, peer
+# The loop registrations of a Duplex, one bit each: app readable, app writable, peer
 # readable, peer writable.
 APP_READ, APP_WRITE, PEER_READ, PEER_WRITE = 1, 2, 4, 8
 # Flow.waiting -> registration bit, for each flow (indexed by NOTHING .. DST_WRITE).
