@@ -1,4 +1,6 @@
-"""Waiting on connection sockets: one epoll set for all of them, watched by the loop as one fd.
+"""Waiting on connection sockets while they connect and shake hands: one epoll set for all
+of them, watched by the loop as one fd. (An established connection's pump watches its
+sockets through the loop itself: sidecar/proxy/pump.py says why.)
 
 Why not `loop.add_reader` per socket: uvloop gives every fd it watches a libuv poll handle
 of its own, and its life costs system calls: creating one checks the fd with an epoll ADD
@@ -104,6 +106,14 @@ class Poller:
             del self._watches[fd]
             if w.mask is not None:
                 self._drop(w, fd)
+
+    def release(self, fd: int) -> None:
+        """The socket open under fd leaves the poller for good (a connection's pump
+        watches it through the loop now), whoever waited on it: out of the kernel's set
+        too, or its events would still wake the set."""
+        w = self._watches.pop(fd, None)
+        if w is not None and w.mask is not None:
+            self._drop(w, fd)
 
     def close(self) -> None:
         loop = self._loop()

@@ -139,6 +139,36 @@ def test_a_writer_that_went_away_leaves_the_kernel_at_once(
     loop.run_until_complete(body())
 
 
+def test_a_released_socket_no_longer_wakes_the_poller(
+    loop: asyncio.AbstractEventLoop, pairs: list[socket.socket]
+) -> None:
+    """release() (a pump takes the socket over onto the loop's own registrations) takes
+    it out of the kernel's set too, whoever waited on it: its traffic must not cost the
+    poller a wake-up, and the loop can watch the open socket itself."""
+    async def body() -> None:
+        p = Counting(loop)
+        try:
+            a, b = pair(pairs)
+            called: list[int] = []
+            p.add_reader(a.fileno(), a, lambda: called.append(1))
+            p.release(a.fileno())
+            b.send(b"r")
+            await turns(50)
+            assert p.wakeups == 0
+            assert called == []
+            got = loop.create_future()
+            loop.add_reader(a.fileno(), lambda: got.done() or got.set_result(None))
+            try:
+                await asyncio.wait_for(got, WAIT)
+            finally:
+                loop.remove_reader(a.fileno())
+            assert p.wakeups == 0
+        finally:
+            p.close()
+
+    loop.run_until_complete(body())
+
+
 def test_a_new_socket_under_a_closed_ones_number_is_watched_anew(
     loop: asyncio.AbstractEventLoop, pairs: list[socket.socket]
 ) -> None:

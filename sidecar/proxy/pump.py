@@ -10,22 +10,31 @@ is passed on so: a source cut short (a TLS stream without close_notify, a reset)
 both sides (Close says how it ended).
 
 Why callbacks and not a coroutine per direction: a held, idle connection then costs no
-task, no coroutine frame and no buffer: only this object, its two flows, and the
-poller's registration of the fds it waits on (sidecar/poller.py: one epoll set for all
-connection sockets). That is what keeps memory per connection near
+task, no coroutine frame and no buffer: only this object, its two flows, and the loop's
+registrations of the fds it waits on. That is what keeps memory per connection near
 OpenSSL's own.
 
-Both flows may wait on the same fd (a TLS write can want a read), and the poller keeps
+Why the loop's own registrations (add_reader / add_writer) and not the poller the
+handshake waits through (sidecar/poller.py): the poller's set wakes the loop as one fd,
+and each wake-up then costs an epoll_wait more and a Python dispatch, ~12 k
+instructions per process per round trip (bench/request_cost.py: 111 k counted both
+processes, 87 k with the loop's registrations). The price is paid once per connection
+instead: uvloop's poll handle for each socket costs ~11 epoll_ctl over its life
+(bench/handshake_table.py: 13 per connection against 2). Duplex.start takes the
+sockets out of the poller's set (Poller.release).
+
+Both flows may wait on the same fd (a TLS write can want a read), and the loop keeps
 one callback per fd and event, so the Duplex owns the registrations and asks each flow what
 it waits for after every step. A registration stays while a flow keeps waiting for the
 same thing: a connection that carries requests back and forth makes no epoll_ctl call.
+A read no longer wanted stays too, until it fires with nobody waiting (_update).
 
 The cost per request (bench/request_cost.py) is the cost of a loop callback that reads,
 writes and goes back to waiting, so the steady state avoids what Python makes dear:
 a read that finds nothing raises an exception (~7,000 instructions for a socket, ~11,000
 for TLS, against ~2,000 for a read that gets 64 bytes). The source says after each read
-whether it is drained (`Endpoint.drained`): then the flow waits for the poller to call it
-back instead of trying again, and the poller's level-triggered epoll calls it as soon as
+whether it is drained (`Endpoint.drained`): then the flow waits for the loop to call it
+back instead of trying again, and the loop's level-triggered epoll calls it as soon as
 more has come, even if that happened in between.
 """
 
@@ -39,7 +48,6 @@ import ssl
 import struct
 import termios
 from collections.abc import Callable
-from functools import partial
 
 from sidecar import poller
 from sidecar.endpoint import RESET, WANT_READ, WANT_WRITE, Endpoint
@@ -302,19 +310,20 @@ def can_splice() -> bool:
 
 CloseCallback = Callable[["Duplex", Close, BaseException | None], None]
 
-# The poller registrations of a Duplex, one bit each: app readable, app writable, peer
+# The loop registrations of a Duplex, one bit each: app readable, app writable, peer
 # readable, peer writable.
 APP_READ, APP_WRITE, PEER_READ, PEER_WRITE = 1, 2, 4, 8
 # Flow.waiting -> registration bit, for each flow (indexed by NOTHING .. DST_WRITE).
 _TO_APP_BITS = (0, PEER_READ, PEER_WRITE, APP_READ, APP_WRITE)
 _FROM_APP_BITS = (0, APP_READ, APP_WRITE, PEER_READ, PEER_WRITE)
+_WRITES = APP_WRITE | PEER_WRITE
 
 
 class Duplex:
     """Both flows of one connection between the local app and the remote peer."""
 
     __slots__ = (
-        "_callbacks", "_loop", "_on_close", "_poller", "_reg", "app", "closed", "from_app",
+        "_loop", "_on_close", "_reg", "app", "closed", "from_app",
         "idle_since", "last_moved", "last_queued", "peer", "started", "to_app",
     )
 
@@ -326,7 +335,6 @@ class Duplex:
         on_close: CloseCallback,
     ) -> None:
         self._loop = loop
-        self._poller = poller.of(loop)  # waits on both sockets (poller.py says why)
         self.app = app
         self.peer = peer
         # With kTLS the kernel holds the record keys, and a direction can bypass Python.
@@ -334,11 +342,7 @@ class Duplex:
         self.to_app = (SpliceFlow if splice and peer.ktls_rx else Flow)(peer, app)
         self.from_app = (SpliceFlow if splice and peer.ktls_tx else Flow)(app, peer)
         self._on_close = on_close
-        self._reg = 0  # the registration bits the poller holds
-        # The poller calls back with no arguments: one bound _ready per bit, made once
-        # (functools.partial is called in C, no Python frame of its own).
-        self._callbacks = (partial(self._ready, APP_READ), partial(self._ready, APP_WRITE),
-                           partial(self._ready, PEER_READ), partial(self._ready, PEER_WRITE))
+        self._reg = 0  # the registration bits the loop holds
         self.closed = False
         self.started = loop.time()
         self.idle_since = self.started  # kept by the sweeper, not by the hot path
@@ -346,6 +350,12 @@ class Duplex:
         self.last_queued = 0  # queued() when the sweeper last looked
 
     def start(self) -> None:
+        # The handshake waited on these sockets through the poller (no epoll_ctl per wait
+        # there); from here on the loop watches them itself (the module docstring says
+        # why), so the poller lets them go.
+        p = poller.of(self._loop)
+        p.release(self.app.fd)
+        p.release(self.peer.fd)
         self._step(self.to_app, self.from_app)
 
     @property
@@ -371,11 +381,10 @@ class Duplex:
         if self.closed:
             return
         self.closed = True
-        # The poller drops the sockets' entries now; their places in the kernel's set go
-        # with the closes below (no epoll_ctl to unregister first).
-        self._reg = 0
-        self._poller.forget(self.app.fd, self.app)
-        self._poller.forget(self.peer.fd, self.peer)
+        # The loop must stop watching an fd before it is closed (its number comes back
+        # with the next accept).
+        if self._reg:
+            self._unregister(self._reg)
         if how is Close.CLOSED:
             self.app.close()
             self.peer.close()
@@ -408,7 +417,11 @@ class Duplex:
         elif _FROM_APP_BITS[from_app.waiting] == bit:
             flow = from_app
         else:
-            self._step(None)
+            # Nobody waits for it: a read kept registered after its flow stopped wanting
+            # it (_update says why). It is level-triggered, so it goes now.
+            if not self.closed:
+                self._unregister(bit)
+                self._step(None)
             return
         if self.closed or flow.done:
             self._step(flow)
@@ -471,29 +484,36 @@ class Duplex:
         return Close.ERROR
 
     def _update(self, want: int) -> None:
-        """Register and unregister with the poller until it holds `want`. Taking away a
-        read costs nothing (the poller drops the kernel's interest lazily); a write wait,
-        rare, costs an epoll_ctl each way."""
-        p, changed, ready = self._poller, want ^ self._reg, self._callbacks
-        app, peer = self.app, self.peer
-        if changed & APP_READ:
-            if want & APP_READ:
-                p.add_reader(app.fd, app, ready[0])
-            else:
-                p.remove_reader(app.fd, app)
-        if changed & APP_WRITE:
-            if want & APP_WRITE:
-                p.add_writer(app.fd, app, ready[1])
-            else:
-                p.remove_writer(app.fd, app)
-        if changed & PEER_READ:
-            if want & PEER_READ:
-                p.add_reader(peer.fd, peer, ready[2])
-            else:
-                p.remove_reader(peer.fd, peer)
-        if changed & PEER_WRITE:
-            if want & PEER_WRITE:
-                p.add_writer(peer.fd, peer, ready[3])
-            else:
-                p.remove_writer(peer.fd, peer)
-        self._reg = want
+        """Register and unregister with the loop until it holds `want`, but for reads no
+        longer wanted: each change is an epoll_ctl or more with uvloop, and a flow that
+        stops reading for a moment (its turn ran out, or its destination is full) mostly
+        reads again soon. Such a read stays until it fires unwanted (_ready drops it then).
+        """
+        reg = self._reg
+        add = want & ~reg
+        drop = reg & ~want & _WRITES
+        if drop:
+            self._unregister(drop)
+        if add:
+            loop, ready, app_fd, peer_fd = self._loop, self._ready, self.app.fd, self.peer.fd
+            if add & APP_READ:
+                loop.add_reader(app_fd, ready, APP_READ)
+            if add & APP_WRITE:
+                loop.add_writer(app_fd, ready, APP_WRITE)
+            if add & PEER_READ:
+                loop.add_reader(peer_fd, ready, PEER_READ)
+            if add & PEER_WRITE:
+                loop.add_writer(peer_fd, ready, PEER_WRITE)
+            self._reg |= add
+
+    def _unregister(self, bits: int) -> None:
+        loop = self._loop
+        if bits & APP_READ:
+            loop.remove_reader(self.app.fd)
+        if bits & APP_WRITE:
+            loop.remove_writer(self.app.fd)
+        if bits & PEER_READ:
+            loop.remove_reader(self.peer.fd)
+        if bits & PEER_WRITE:
+            loop.remove_writer(self.peer.fd)
+        self._reg &= ~bits
