@@ -28,6 +28,8 @@ import ssl
 import time
 from collections.abc import Callable, Collection
 
+from cryptography import x509
+
 from sidecar import poller
 from sidecar.authn import AuthnError, Peer
 from sidecar.identity import Identity
@@ -78,8 +80,7 @@ async def secure(
     except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
         presented = ep.presented_chain()
         f = classify(exc, presented=presented, known_intermediates=rt.authn.known_intermediates,
-                     trusted_names=[ca.subject for b in rt.contexts.identity.bundles.values()
-                                    for ca in b.cas])
+                     trusted_names=_trusted_names(rt.contexts.identity))
         detail = f.detail
         if f.reason in (Reason.CERT_EXPIRED, Reason.CERT_NOT_YET_VALID) and not f.by_peer:
             detail += skew_note(presented, rt.clock_skew_hint)
@@ -127,6 +128,18 @@ async def secure(
     else:
         _count_ok(rec, ep, resumed, elapsed)
     return peer
+
+
+# The subjects of every bundle CA, for classify(): they change only with the identity.
+_trusted: tuple[Identity, frozenset[x509.Name]] | None = None
+
+
+def _trusted_names(identity: Identity) -> frozenset[x509.Name]:
+    global _trusted
+    if _trusted is None or _trusted[0] is not identity:
+        _trusted = (identity, frozenset(
+            ca.subject for b in identity.bundles.values() for ca in b.cas))
+    return _trusted[1]
 
 
 def _count_ok(rec: Record, ep: TlsEndpoint, resumed: bool, elapsed: float) -> None:

@@ -159,6 +159,23 @@ def _verification(
     return Failure(reason, detail)
 
 
+# A refused peer usually comes back with the same chain: its last certificate's issuer, as
+# a name and as words, is read once. Bounded: a peer chooses what it presents.
+_ISSUERS: dict[bytes, tuple[x509.Name, str]] = {}
+_ISSUERS_KEPT = 256
+
+
+def _issuer_of(der: bytes) -> tuple[x509.Name, str]:
+    """The issuer of a DER certificate, and its RFC 4514 string; ValueError if unparsable."""
+    found = _ISSUERS.get(der)
+    if found is None:
+        name = x509.load_der_x509_certificate(der).issuer
+        if len(_ISSUERS) >= _ISSUERS_KEPT:
+            _ISSUERS.clear()
+        found = _ISSUERS[der] = (name, name.rfc4514_string())
+    return found
+
+
 def skew_note(presented: list[bytes] | None, hint: float, now: float | None = None) -> str:
     """When the peer's leaf is outside its validity by less than `hint` seconds, the
     likeliest cause is two clocks that differ: say so, and by how much."""
@@ -192,17 +209,16 @@ def _missing_issuer(
 ) -> tuple[Reason, str]:
     """A chain that ends before a trust anchor: is a known intermediate left out?"""
     try:
-        last = x509.load_der_x509_certificate(presented[-1])
+        issuer_name, issuer = _issuer_of(presented[-1])
     except ValueError:
         return Reason.UNKNOWN_CA, "the peer's certificate could not be parsed"
-    issuer = last.issuer.rfc4514_string()
-    if last.issuer in known_intermediates:
+    if issuer_name in known_intermediates:
         return (
             Reason.MISSING_INTERMEDIATE,
             f"the peer sent {len(presented)} certificate(s) ending at one issued by "
             f"{quoted(issuer)}, a known intermediate it did not send",
         )
-    if last.issuer in trusted_names:
+    if issuer_name in trusted_names:
         # OpenSSL looked the issuer up by name and key identifier and found none: a CA of
         # that name is trusted, but not the one that signed this (a rogue copy of its name).
         return (
