@@ -14,7 +14,7 @@ connection costs one epoll_ctl per socket. The price is one epoll_wait per wake-
 the set (the loop's own returns only "the set is ready").
 
 Interest in reading is dropped lazily: a reader that got its event and wants the next one
-(a handshake step after another, a pump waiting again) pays nothing, and a socket that
+(a handshake step after another) pays nothing, and a socket that
 turns readable while nobody waits on it has its interest dropped then, so a level-
 triggered event never spins. Interest in writing is dropped at once: a socket is writable
 almost always.

@@ -99,12 +99,20 @@ def app_listening(held: Held) -> socket.socket:
     return app
 
 
+@asynccontextmanager
+async def serving_app(held: Held, ours: Identity, **kw: Any
+                      ) -> AsyncIterator[tuple[Inbound, socket.socket]]:
+    """`serving` in front of a listening app socket (which `held` closes)."""
+    app = app_listening(held)
+    async with serving(ours, app.getsockname()[1], **kw) as side:
+        yield side, app
+
+
 def test_a_denied_caller_is_closed_before_the_app_is_dialed(
     run: Callable[..., Any], ours: Identity, caller: Identity,
 ) -> None:
     async def body(held: Held) -> None:
-        app = app_listening(held)
-        async with serving(ours, app.getsockname()[1], allow=False) as side:
+        async with serving_app(held, ours, allow=False) as (side, app):
             said = await peer_says(await side.call(held, client_ctx(caller)))
             assert said == b""  # a close_notify: an end, not a reset
             await until(lambda: side.records and side.records[0].finished, "the end")
@@ -205,12 +213,17 @@ async def one_call(side: Inbound, held: Held, app: socket.socket, cli: TlsEndpoi
     return got
 
 
+async def proxied_call(side: Inbound, held: Held, app: socket.socket, cli: TlsEndpoint,
+                       payload: bytes) -> tuple[ProxyResult, bytes]:
+    """`one_call`, its stream read by the PyPI parser (`proxied`)."""
+    return await proxied(await one_call(side, held, app, cli, payload))
+
+
 def test_the_app_reads_a_proxy_header_first_and_then_only_the_peers_bytes(
     run: Callable[..., Any], ours: Identity, caller: Identity,
 ) -> None:
     async def body(held: Held) -> None:
-        app = app_listening(held)
-        async with serving(ours, app.getsockname()[1], allow=True, proxy_protocol=True) as side:
+        async with serving_app(held, ours, allow=True, proxy_protocol=True) as (side, app):
             cli = await side.call(held, client_ctx(caller))
             caller_addr = cli.sock.getsockname()
             raw = await one_call(side, held, app, cli, b"hello app")
@@ -240,12 +253,11 @@ def test_an_ipv6_caller_is_told_as_ipv6(
     run: Callable[..., Any], ours: Identity, caller: Identity,
 ) -> None:
     async def body(held: Held) -> None:
-        app = app_listening(held)
-        async with serving(ours, app.getsockname()[1], allow=True, host="::1",
-                           proxy_protocol=True) as side:
+        async with serving_app(held, ours, allow=True, host="::1",
+                               proxy_protocol=True) as (side, app):
             cli = await side.call(held, client_ctx(caller))
             caller_port = cli.sock.getsockname()[1]
-            result, rest = await proxied(await one_call(side, held, app, cli, b"six"))
+            result, rest = await proxied_call(side, held, app, cli, b"six")
             assert rest == b"six"
             assert result.source == (ipaddress.IPv6Address("::1"), caller_port)
             assert result.dest == (ipaddress.IPv6Address("::1"), side.listener.port)
@@ -258,15 +270,14 @@ def test_the_sni_and_alpn_the_caller_negotiated_reach_the_app(
     run: Callable[..., Any], ours: Identity, caller: Identity,
 ) -> None:
     async def body(held: Held) -> None:
-        app = app_listening(held)
-        async with serving(ours, app.getsockname()[1], allow=True, proxy_protocol=True) as side:
+        async with serving_app(held, ours, allow=True, proxy_protocol=True) as (side, app):
             # Our server negotiates no ALPN of its own (a TCP proxy does not know the app's
             # protocols); a server context that does shows what the header then carries.
             side.rt.contexts.server.set_alpn_protocols(["h2"])
             ctx = client_ctx(caller)
             ctx.set_alpn_protocols(["h2", "http/1.1"])
             cli = await side.call(held, ctx, server_name="payments.default.svc")
-            result, rest = await proxied(await one_call(side, held, app, cli, b"x"))
+            result, rest = await proxied_call(side, held, app, cli, b"x")
             assert rest == b"x"
             assert result.tlv.authority == "payments.default.svc"
             assert result.tlv.alpn == b"h2"
@@ -278,13 +289,12 @@ def test_a_resumed_caller_sent_its_certificate_with_the_session_not_this_connect
     run: Callable[..., Any], ours: Identity, caller: Identity,
 ) -> None:
     async def body(held: Held) -> None:
-        app = app_listening(held)
-        async with serving(ours, app.getsockname()[1], allow=True, proxy_protocol=True) as side:
+        async with serving_app(held, ours, allow=True, proxy_protocol=True) as (side, app):
             ctx = client_ctx(caller)
             session = None
             for resumed in (False, True):
                 cli = await side.call(held, ctx, session=session)
-                result, _ = await proxied(await one_call(side, held, app, cli, b"r"))
+                result, _ = await proxied_call(side, held, app, cli, b"r")
                 while await tls_read(cli):  # to the end: the ticket comes on the way
                     pass
                 session = cli.new_session()
@@ -303,8 +313,7 @@ def test_a_denied_caller_causes_no_dial_so_no_header(
     run: Callable[..., Any], ours: Identity, caller: Identity,
 ) -> None:
     async def body(held: Held) -> None:
-        app = app_listening(held)
-        async with serving(ours, app.getsockname()[1], allow=False, proxy_protocol=True) as side:
+        async with serving_app(held, ours, allow=False, proxy_protocol=True) as (side, app):
             said = await peer_says(await side.call(held, client_ctx(caller)))
             assert said == b""
             await until(lambda: side.records and side.records[0].finished, "the end")
@@ -319,8 +328,7 @@ def test_without_proxy_protocol_the_app_reads_only_the_peers_bytes(
     run: Callable[..., Any], ours: Identity, caller: Identity,
 ) -> None:
     async def body(held: Held) -> None:
-        app = app_listening(held)
-        async with serving(ours, app.getsockname()[1], allow=True) as side:
+        async with serving_app(held, ours, allow=True) as (side, app):
             cli = await side.call(held, client_ctx(caller))
             assert await one_call(side, held, app, cli, b"just this") == b"just this"
 

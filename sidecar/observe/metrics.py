@@ -93,8 +93,8 @@ class _Flusher:
         return ()  # no family of its own (and no collect() at registration)
 
     def collect(self) -> Iterable[Metric]:
+        requests.flush()  # first: it counts into tallies (`_child`) that flush() hands on
         flush()
-        requests.flush()
         return ()
 
 
@@ -257,8 +257,15 @@ _children: dict[tuple[object, tuple[str, ...]], Any] = {}
 
 
 def _inc(metric: Counter, *labels: str, amount: float = 1.0) -> None:
-    """`metric.labels(*labels).inc(amount)`, with the child looked up once per label set
-    and counted through a Tally."""
+    """`metric.labels(*labels).inc(amount)`, through `_child`."""
+    _child(metric, labels).inc(amount)
+
+
+def _child(metric: Counter, labels: tuple[str, ...]) -> Any:
+    """`metric.labels(*labels)` behind a Tally, looked up once per label set. The one
+    table for every count by label set: the connection path (`_inc`) and the request
+    path (RequestTally.flush) may count the same series (an http listener's WebSocket
+    recheck and its requests both count authz decisions)."""
     child = _children.get((metric, labels))
     if child is None:
         if len(_children) > 10_000:  # rule names come from a reloadable file: bound it
@@ -267,7 +274,7 @@ def _inc(metric: Counter, *labels: str, amount: float = 1.0) -> None:
             _tallies[:] = [t for t in _tallies if id(t) not in gone]
             _children.clear()
         child = _children[(metric, labels)] = _tally(metric.labels(*labels))
-    child.inc(amount)
+    return child
 
 
 def count_failure(direction: Direction, listener: str, reason: Reason, *, resumed: bool,
@@ -361,14 +368,6 @@ def _observe_many(child: Histogram, sums: list[float]) -> None:
 _CODES = {code: str(code) for code in range(100, 600)}
 requests = RequestTally()
 
-
-def _child(metric: Counter, labels: tuple[str, ...]) -> Any:
-    child = _children.get((metric, labels))
-    if child is None:
-        if len(_children) > 10_000:
-            _children.clear()
-        child = _children[(metric, labels)] = metric.labels(*labels)
-    return child
 
 
 def count_ktls(direction: Direction, path: str, state: KtlsState) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import socket
 
-from sidecar import poller
 from sidecar.authn import Peer
 from sidecar.config import InboundListener
 from sidecar.endpoint import TcpEndpoint, close_with_reset
@@ -147,26 +146,15 @@ async def send_all(loop: asyncio.AbstractEventLoop, sock: socket.socket, data: b
                    timeout: float) -> None:
     """Write all of `data` to a non-blocking socket within `timeout` seconds. A fresh
     connection's send buffer is empty, so a header goes in the first send, with no timer
-    armed; the wait is for the case it does not."""
+    armed; the rest, when there is a rest, is the loop's sock_sendall (the socket goes to
+    the loop's own registrations next anyway: the pump's)."""
     try:
         sent = sock.send(data)
     except (BlockingIOError, InterruptedError):
         sent = 0
-    if sent == len(data):
-        return
-    view = memoryview(data)[sent:]
-    async with asyncio.timeout(timeout):
-        while True:
-            try:
-                await poller.ready(loop, sock.fileno(), sock, write=True)
-            finally:
-                poller.of(loop).discard(sock.fileno(), sock)
-            try:
-                view = view[sock.send(view):]
-            except (BlockingIOError, InterruptedError):
-                pass
-            if not view:
-                return
+    if sent < len(data):
+        async with asyncio.timeout(timeout):
+            await loop.sock_sendall(sock, memoryview(data)[sent:])
 
 
 def recheck_live(rt: Runtime, policy: Policy) -> int:

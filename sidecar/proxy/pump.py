@@ -21,7 +21,7 @@ instructions per process per round trip (bench/request_cost.py: 111 k counted bo
 processes, 87 k with the loop's registrations). The price is paid once per connection
 instead: uvloop's poll handle for each socket costs ~11 epoll_ctl over its life
 (bench/handshake_table.py: 13 per connection against 2). Duplex.start takes the
-sockets out of the poller's set (Poller.release).
+peer's socket out of the poller's set (Poller.release).
 
 Both flows may wait on the same fd (a TLS write can want a read), and the loop keeps
 one callback per fd and event, so the Duplex owns the registrations and asks each flow what
@@ -350,12 +350,11 @@ class Duplex:
         self.last_queued = 0  # queued() when the sweeper last looked
 
     def start(self) -> None:
-        # The handshake waited on these sockets through the poller (no epoll_ctl per wait
-        # there); from here on the loop watches them itself (the module docstring says
-        # why), so the poller lets them go.
-        p = poller.of(self._loop)
-        p.release(self.app.fd)
-        p.release(self.peer.fd)
+        # The handshake waited on the peer's socket through the poller (no epoll_ctl per
+        # wait there); from here on the loop watches it itself (the module docstring says
+        # why), so the poller lets it go. The app's socket is not in the poller's set: an
+        # accepted one never was, a dialed one left it when connected (listener._connected).
+        poller.of(self._loop).release(self.peer.fd)
         self._step(self.to_app, self.from_app)
 
     @property

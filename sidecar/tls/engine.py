@@ -18,8 +18,9 @@ same arguments, once the fd is readable / writable". Three rules follow:
    have sent part of the record. (Python sets SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER, so the
    bytes may move in memory; their content must not change.)
 3. OpenSSL can hold decrypted bytes the kernel no longer shows as readable. `read_into`
-   keeps reading records until OpenSSL wants more from the socket, so nothing is left
-   behind in OpenSSL when the pump goes back to waiting on the fd.
+   keeps reading records until OpenSSL holds no more (SSL_has_pending, with the reach)
+   or wants more from the socket, so nothing is left behind in OpenSSL when the pump
+   goes back to waiting on the fd.
 
 Half-close sends close_notify with a single SSL_shutdown (openssl.py says why unwrap()
 cannot be used); without the private reach, the public shutdown runs once nothing is left

@@ -125,9 +125,3 @@ def parse_certificate_message(data: bytes, *, tls13: bool) -> list[bytes]:
                 break
             pos += 2 + int.from_bytes(data[pos : pos + 2])
     return certs
-
-
-def presented(conn: object) -> list[bytes] | None:
-    """The chain the peer sent on this connection (its owner), if the hook saw it."""
-    certs: list[bytes] | None = getattr(conn, ATTRIBUTE, None)
-    return certs
