@@ -226,3 +226,16 @@ def test_pending_request_counts_are_added_before_a_scrape() -> None:
     before = requests()
     metrics.requests.add("t-scrape", "none", None, 400, 0.01)
     assert requests() == before + 1
+
+
+def test_a_scrape_sees_every_request_counted_on_both_paths() -> None:
+    # The connection path (`_inc`: a WebSocket recheck) and the request path
+    # (RequestTally) count the same authz series; the first scrape after both must show
+    # both, not one now and the other a scrape later.
+    labels = ("scrape-both-paths", "allow", "r1")
+    key = ("sidecar_authz_decisions_total",
+           frozenset(zip(("listener", "decision", "rule"), labels, strict=True)))
+    before = _samples(_scrape()[1]).get(key, 0.0)
+    metrics._inc(metrics.authz_decisions, *labels)
+    metrics.requests.add("scrape-both-paths", "allow", "r1", 200, 0.01)
+    assert _samples(_scrape()[1])[key] == before + 2
