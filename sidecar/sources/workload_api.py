@@ -196,15 +196,9 @@ class WorkloadApiSource:
             self._stop.wait(delay)
 
     def _failure_of(self, exc: Any) -> tuple[StreamFailure, str]:
-        code = exc.code()
-        details = exc.details() or ""
-        if code == self._grpc.StatusCode.CANCELLED and self._stalled:
+        if exc.code() == self._grpc.StatusCode.CANCELLED and self._stalled:
             return StreamFailure.STALLED, "no response in time; redialing"
-        missing = self.address.unix is not None and not self.address.unix.exists()
-        failure = classify(code.name, details, missing)
-        if failure is StreamFailure.SOCKET_MISSING:
-            details = f"{self.address.unix} does not exist"
-        return failure, details
+        return failure_of(self.address, exc)
 
     def _receive(self, response: Any) -> None:
         """Parse and check here, in the thread; the loop only swaps."""
@@ -325,14 +319,21 @@ def fetch_response(address: WorkloadAddress, timeout: float = 10.0) -> Any:
             raise ProblemsError([Problem(where, "the agent ended the stream without an "
                                                 "answer")]) from None
         except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                failure, detail = StreamFailure.STALLED, f"no answer in {timeout:g} s"
-            else:
-                missing = address.unix is not None and not address.unix.exists()
-                failure = classify(exc.code().name, exc.details() or "", missing)
-                detail = f"{address.unix} does not exist" \
-                    if failure is StreamFailure.SOCKET_MISSING else exc.details() or ""
+            failure, detail = (StreamFailure.STALLED, f"no answer in {timeout:g} s") \
+                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED else failure_of(address, exc)
             raise ProblemsError([Problem(where, f"{failure}: {detail} "
                                                 f"({ADVICE[failure]})")]) from None
         finally:
             call.cancel()
+
+
+def failure_of(address: WorkloadAddress, exc: Any) -> tuple[StreamFailure, str]:
+    """Why a call to the agent at `address` failed (a `grpc.RpcError`), and the detail to
+    say: one reading for the stream and for `fetch_response`. Only the socket file's
+    absence is looked up here; the rest is the status's (workload_response.classify)."""
+    details = exc.details() or ""
+    missing = address.unix is not None and not address.unix.exists()
+    failure = classify(exc.code().name, details, missing)
+    if failure is StreamFailure.SOCKET_MISSING:
+        details = f"{address.unix} does not exist"
+    return failure, details
