@@ -238,9 +238,15 @@ class WorkloadApiSource:
 
     def _post(self, fn: Callable[..., None], *args: object) -> None:
         try:
-            self._loop.call_soon_threadsafe(fn, *args)
+            self._loop.call_soon_threadsafe(self._unless_stopped, fn, *args)
         except RuntimeError:  # the loop is closed: the process is ending
             self._stop.set()
+
+    def _unless_stopped(self, fn: Callable[..., None], *args: object) -> None:
+        """On the loop: what the thread saw before `stop` is not acted on after it (no
+        identity applied, no state but STOPPED), whichever event it was."""
+        if not self._stop.is_set():
+            fn(*args)
 
     # -- on the loop -----------------------------------------------------------------------
 
@@ -251,12 +257,9 @@ class WorkloadApiSource:
 
     def _on_attempt(self) -> None:
         self.attempts += 1
-        if self.state is not StreamState.STOPPED:
-            self._set_state(StreamState.CONNECTING)
+        self._set_state(StreamState.CONNECTING)
 
     def _on_identity(self, identity: Identity) -> None:
-        if self._stop.is_set():
-            return
         self._set_state(StreamState.STREAMING)
         now = dt.datetime.now(dt.UTC)
         self.last_update, self.last_rejected = now, None
@@ -284,8 +287,6 @@ class WorkloadApiSource:
                    address=str(self.address), problems=[str(p) for p in exc.problems])
 
     def _on_failure(self, failure: StreamFailure, detail: str, delay: float) -> None:
-        if self._stop.is_set():
-            return
         self._set_state(StreamState.BACKOFF)
         self.last_failure = (failure, detail, dt.datetime.now(dt.UTC))
         metrics.workload_api_stream_failures.labels(failure).inc()
