@@ -17,7 +17,7 @@ from cryptography import x509
 from sidecar.identity import Identity
 from sidecar.observe import metrics
 from sidecar.outcomes import StreamFailure, StreamState, UpdateResult
-from sidecar.problems import ProblemsError
+from sidecar.problems import Problem, ProblemsError
 from sidecar.sources.workload_api import WorkloadApiSource, fetch_once
 from sidecar.sources.workload_response import Backoff, classify
 from sidecar.spiffe import SpiffeId
@@ -266,6 +266,20 @@ async def test_stop_ends_the_stream(agent: Agent, rec: Recorder) -> None:
     assert rec.source._thread is not None
     await asyncio.to_thread(rec.source._thread.join, WAIT)
     assert not rec.source._thread.is_alive()
+
+
+async def test_what_the_thread_saw_before_stop_is_not_acted_on(rec: Recorder) -> None:
+    rejected = _updates(UpdateResult.REJECTED)
+    rec.source.stop()
+    # As the thread does when a response it was checking turns out refused after stop:
+    rec.source._post(rec.source._on_rejected, ProblemsError([Problem("workload API", "x")]))
+    loop = asyncio.get_running_loop()
+    after = loop.create_future()
+    loop.call_soon_threadsafe(after.set_result, None)  # the loop runs them in order
+    await after
+    assert rec.source.state is StreamState.STOPPED
+    assert rec.source.last_rejected is None
+    assert _updates(UpdateResult.REJECTED) == rejected
 
 
 def test_fetch_once_says_why_without_an_agent(sock: Path) -> None:
