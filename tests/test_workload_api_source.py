@@ -12,6 +12,16 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
+from agent_fixtures import (  # noqa: F401  (fixtures, found by pytest)
+    ID_DB,
+    ID_WEB,
+    ca_fixture,
+    other_root_fixture,
+    root_fixture,
+    sock_fixture,
+    two_agent,
+    web_agent,
+)
 from cryptography import x509
 
 from sidecar.identity import Identity
@@ -21,35 +31,18 @@ from sidecar.problems import Problem, ProblemsError
 from sidecar.sources.workload_api import WorkloadApiSource, fetch_once
 from sidecar.sources.workload_response import Backoff, classify
 from sidecar.spiffe import SpiffeId
-from sidecar.tools.pki import CA, new_intermediate, new_root
-from sidecar.tools.pki.agent import Agent, Drop, Entry
+from sidecar.tools.pki import CA
+from sidecar.tools.pki.agent import Agent, Drop
 from sidecar.workload_endpoint import WorkloadAddress
 
 pytestmark = pytest.mark.timeout(60)
 
-ID_WEB = "spiffe://example.org/ns/default/sa/web"
-ID_DB = "spiffe://example.org/ns/default/sa/db"
 WAIT = 15.0
-
-
-@pytest.fixture(scope="module")
-def ca() -> CA:
-    return new_intermediate(new_root("example.org"))
-
-
-@pytest.fixture(scope="module")
-def other_root() -> x509.Certificate:
-    return new_root("other.org").cert
-
-
-@pytest.fixture
-def sock(tmp_path: Path) -> Path:
-    return tmp_path / "agent.sock"
 
 
 @pytest.fixture
 def agent(ca: CA, sock: Path) -> Iterator[Agent]:
-    a = Agent(ca, sock, [Entry(ID_WEB)])
+    a = web_agent(ca, sock)  # each test starts it when it wants it up
     yield a
     a.close()
 
@@ -63,9 +56,6 @@ class Recorder:
             WorkloadAddress(unix=sock), SpiffeId.parse(wanted) if wanted else None,
             asyncio.get_running_loop(), self.applied.append,
             first_response_timeout=first_timeout, backoff=Backoff(first=0.05, cap=0.2))
-
-    def failures(self) -> list[StreamFailure]:
-        return self._failures
 
     async def until(self, cond: Callable[[], bool], what: str) -> None:
         async with asyncio.timeout(WAIT):
@@ -203,7 +193,7 @@ async def test_agent_restart_keeps_the_identity_and_resumes(agent: Agent, rec: R
 
 
 async def test_spiffe_id_picks_among_several_svids(ca: CA, sock: Path) -> None:
-    with Agent(ca, sock, [Entry(ID_WEB, "web"), Entry(ID_DB, "db")]) as _:
+    with two_agent(ca, sock):
         rec = Recorder(sock, wanted=ID_DB)
         try:
             rec.source.start()
@@ -214,7 +204,7 @@ async def test_spiffe_id_picks_among_several_svids(ca: CA, sock: Path) -> None:
 
 
 async def test_first_svid_is_taken_by_default(ca: CA, sock: Path) -> None:
-    with Agent(ca, sock, [Entry(ID_WEB, "web"), Entry(ID_DB, "db")]) as _:
+    with two_agent(ca, sock):
         ident = fetch_once(WorkloadAddress(unix=sock), None)
         assert str(ident.spiffe_id) == ID_WEB
 
