@@ -21,10 +21,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from agent_fixtures import (  # noqa: F401  (fixtures, found by pytest)
+    ID_DB,
+    ID_WEB,
+    ca_fixture,
+    other_root_fixture,
+    root_fixture,
+)
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from sidecar.tools.pki import CA, init_ca_dir, new_intermediate, new_root
+from sidecar.identity import der_certs
+from sidecar.problems import Problem
+from sidecar.tools.pki import CA, init_ca_dir, new_root
 from sidecar.tools.pki.agent import (
     HEADER_MISSING,
     NO_IDENTITY,
@@ -41,26 +50,17 @@ with warnings.catch_warnings():
     from spiffe import WorkloadApiClient
     from spiffe._proto import workload_pb2, workload_pb2_grpc
 
-ID_WEB = "spiffe://example.org/ns/default/sa/web"
-ID_DB = "spiffe://example.org/ns/default/sa/db"
 HEADER = [("workload.spiffe.io", "true")]
 WAIT = 10.0  # any one response; generous for a loaded 2-core machine
 QUIET = 0.5  # how long "nothing arrives" is watched for
 
 
 def _split_der(blob: bytes) -> list[x509.Certificate]:
-    """Concatenated DER certificates, as the Workload API carries chains and bundles."""
-    certs = []
-    while blob:
-        assert blob[0] == 0x30, "not a DER SEQUENCE"
-        first = blob[1]
-        if first < 0x80:
-            size, header = first, 2
-        else:
-            n = first & 0x7F
-            size, header = int.from_bytes(blob[2 : 2 + n]), 2 + n
-        certs.append(x509.load_der_x509_certificate(blob[: header + size]))
-        blob = blob[header + size :]
+    """Concatenated DER certificates, as the Workload API carries chains and bundles: read
+    by the sidecar's own reader, which must find every one whole."""
+    problems: list[Problem] = []
+    certs = der_certs("the agent's answer", blob, problems)
+    assert not problems, problems
     return certs
 
 
@@ -127,16 +127,6 @@ class Client:
         for s in self.streams:
             s.close()
         self.channel.close()
-
-
-@pytest.fixture(scope="module")
-def ca() -> CA:
-    return new_intermediate(new_root("example.org"))
-
-
-@pytest.fixture(scope="module")
-def other_root() -> x509.Certificate:
-    return new_root("other.org").cert
 
 
 @pytest.fixture

@@ -12,6 +12,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from agent_fixtures import (  # noqa: F401  (fixtures, found by pytest)
+    ID_DB,
+    ID_WEB,
+    TD,
+    ca_fixture,
+    other_root_fixture,
+    root_fixture,
+    sock_fixture,
+    two_agent,
+    web_agent,
+)
 from cryptography import x509
 
 from sidecar.tools import diagnose
@@ -20,50 +31,23 @@ from sidecar.tools.pki import (
     CA,
     certs_pem,
     issue_svid,
-    new_intermediate,
-    new_root,
     write_svid,
 )
-from sidecar.tools.pki.agent import Agent, Entry
+from sidecar.tools.pki.agent import Agent
 from sidecar.workload_endpoint import ENDPOINT_ENV
 
 pytestmark = pytest.mark.timeout(60)
 
-TD = "example.org"
-ID_WEB = f"spiffe://{TD}/ns/default/sa/web"
-ID_DB = f"spiffe://{TD}/ns/default/sa/db"
-
-
-@pytest.fixture(scope="module")
-def root() -> CA:
-    return new_root(TD)
-
-
-@pytest.fixture(scope="module")
-def ca(root: CA) -> CA:
-    return new_intermediate(root)
-
-
-@pytest.fixture(scope="module")
-def other_root() -> x509.Certificate:
-    return new_root("other.org").cert
-
-
-@pytest.fixture
-def sock(tmp_path: Path) -> Path:
-    return tmp_path / "agent.sock"
-
 
 @pytest.fixture
 def agent(ca: CA, sock: Path) -> Iterator[Agent]:
-    with Agent(ca, sock, [Entry(ID_WEB)]) as a:
+    with web_agent(ca, sock) as a:
         yield a
 
 
 @pytest.fixture
 def two(ca: CA, sock: Path) -> Iterator[Agent]:
-    """An agent offering two SVIDs, each with SPIRE's hint."""
-    with Agent(ca, sock, [Entry(ID_WEB, "web"), Entry(ID_DB, "db")]) as a:
+    with two_agent(ca, sock) as a:
         yield a
 
 

@@ -12,44 +12,37 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
+from agent_fixtures import (  # noqa: F401  (fixtures, found by pytest)
+    ID_DB,
+    ID_WEB,
+    ca_fixture,
+    other_root_fixture,
+    root_fixture,
+    sock_fixture,
+    two_agent,
+    web_agent,
+)
 from cryptography import x509
 
 from sidecar.identity import Identity
 from sidecar.observe import metrics
 from sidecar.outcomes import StreamFailure, StreamState, UpdateResult
-from sidecar.problems import ProblemsError
+from sidecar.problems import Problem, ProblemsError
 from sidecar.sources.workload_api import WorkloadApiSource, fetch_once
 from sidecar.sources.workload_response import Backoff, classify
 from sidecar.spiffe import SpiffeId
-from sidecar.tools.pki import CA, new_intermediate, new_root
-from sidecar.tools.pki.agent import Agent, Drop, Entry
+from sidecar.tools.pki import CA
+from sidecar.tools.pki.agent import Agent, Drop
 from sidecar.workload_endpoint import WorkloadAddress
 
 pytestmark = pytest.mark.timeout(60)
 
-ID_WEB = "spiffe://example.org/ns/default/sa/web"
-ID_DB = "spiffe://example.org/ns/default/sa/db"
 WAIT = 15.0
-
-
-@pytest.fixture(scope="module")
-def ca() -> CA:
-    return new_intermediate(new_root("example.org"))
-
-
-@pytest.fixture(scope="module")
-def other_root() -> x509.Certificate:
-    return new_root("other.org").cert
-
-
-@pytest.fixture
-def sock(tmp_path: Path) -> Path:
-    return tmp_path / "agent.sock"
 
 
 @pytest.fixture
 def agent(ca: CA, sock: Path) -> Iterator[Agent]:
-    a = Agent(ca, sock, [Entry(ID_WEB)])
+    a = web_agent(ca, sock)  # each test starts it when it wants it up
     yield a
     a.close()
 
@@ -63,9 +56,6 @@ class Recorder:
             WorkloadAddress(unix=sock), SpiffeId.parse(wanted) if wanted else None,
             asyncio.get_running_loop(), self.applied.append,
             first_response_timeout=first_timeout, backoff=Backoff(first=0.05, cap=0.2))
-
-    def failures(self) -> list[StreamFailure]:
-        return self._failures
 
     async def until(self, cond: Callable[[], bool], what: str) -> None:
         async with asyncio.timeout(WAIT):
@@ -203,7 +193,7 @@ async def test_agent_restart_keeps_the_identity_and_resumes(agent: Agent, rec: R
 
 
 async def test_spiffe_id_picks_among_several_svids(ca: CA, sock: Path) -> None:
-    with Agent(ca, sock, [Entry(ID_WEB, "web"), Entry(ID_DB, "db")]) as _:
+    with two_agent(ca, sock):
         rec = Recorder(sock, wanted=ID_DB)
         try:
             rec.source.start()
@@ -214,7 +204,7 @@ async def test_spiffe_id_picks_among_several_svids(ca: CA, sock: Path) -> None:
 
 
 async def test_first_svid_is_taken_by_default(ca: CA, sock: Path) -> None:
-    with Agent(ca, sock, [Entry(ID_WEB, "web"), Entry(ID_DB, "db")]) as _:
+    with two_agent(ca, sock):
         ident = fetch_once(WorkloadAddress(unix=sock), None)
         assert str(ident.spiffe_id) == ID_WEB
 
@@ -266,6 +256,20 @@ async def test_stop_ends_the_stream(agent: Agent, rec: Recorder) -> None:
     assert rec.source._thread is not None
     await asyncio.to_thread(rec.source._thread.join, WAIT)
     assert not rec.source._thread.is_alive()
+
+
+async def test_what_the_thread_saw_before_stop_is_not_acted_on(rec: Recorder) -> None:
+    rejected = _updates(UpdateResult.REJECTED)
+    rec.source.stop()
+    # As the thread does when a response it was checking turns out refused after stop:
+    rec.source._post(rec.source._on_rejected, ProblemsError([Problem("workload API", "x")]))
+    loop = asyncio.get_running_loop()
+    after = loop.create_future()
+    loop.call_soon_threadsafe(after.set_result, None)  # the loop runs them in order
+    await after
+    assert rec.source.state is StreamState.STOPPED
+    assert rec.source.last_rejected is None
+    assert _updates(UpdateResult.REJECTED) == rejected
 
 
 def test_fetch_once_says_why_without_an_agent(sock: Path) -> None:

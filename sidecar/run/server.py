@@ -172,6 +172,9 @@ class Server:
         if self.worker is None:  # workers: the supervisor says these, once
             preflight.log_warnings(cfg, identity, workers=1)
         policy = await snapshots.first_policy(cfg)
+        if self.source is not None:  # the agent may have rotated it while the policy loaded
+            identity = self.source.identity
+            assert identity is not None
         loop, limits = asyncio.get_running_loop(), cfg.limits
         tracker = Tracker(loop, max_connections=limits.max_connections,
                           max_pending_handshakes=limits.max_pending_handshakes,
@@ -221,12 +224,9 @@ class Server:
 
     def _apply_streamed(self, identity: Identity) -> None:
         """A new identity from the Workload API, on the loop: swapped in as a reloaded one
-        is (before the runtime exists, the source keeps it for _start)."""
+        is. Before run's Swaps exist, the source keeps it and _start takes it from there
+        (self.rt and the Swaps are set with no await between them)."""
         if self._swaps is not None:
-            self._swaps.identity(identity)
-        elif self.rt is not None:  # between _start and run's Swaps: rare, but not lost
-            self._swaps = snapshots.Swaps(self.config, self.rt, self.build_contexts,
-                                          self._on_policy)
             self._swaps.identity(identity)
 
     def _stop_source(self) -> None:

@@ -196,15 +196,9 @@ class WorkloadApiSource:
             self._stop.wait(delay)
 
     def _failure_of(self, exc: Any) -> tuple[StreamFailure, str]:
-        code = exc.code()
-        details = exc.details() or ""
-        if code == self._grpc.StatusCode.CANCELLED and self._stalled:
+        if exc.code() == self._grpc.StatusCode.CANCELLED and self._stalled:
             return StreamFailure.STALLED, "no response in time; redialing"
-        missing = self.address.unix is not None and not self.address.unix.exists()
-        failure = classify(code.name, details, missing)
-        if failure is StreamFailure.SOCKET_MISSING:
-            details = f"{self.address.unix} does not exist"
-        return failure, details
+        return failure_of(self.address, exc)
 
     def _receive(self, response: Any) -> None:
         """Parse and check here, in the thread; the loop only swaps."""
@@ -244,9 +238,15 @@ class WorkloadApiSource:
 
     def _post(self, fn: Callable[..., None], *args: object) -> None:
         try:
-            self._loop.call_soon_threadsafe(fn, *args)
+            self._loop.call_soon_threadsafe(self._unless_stopped, fn, *args)
         except RuntimeError:  # the loop is closed: the process is ending
             self._stop.set()
+
+    def _unless_stopped(self, fn: Callable[..., None], *args: object) -> None:
+        """On the loop: what the thread saw before `stop` is not acted on after it (no
+        identity applied, no state but STOPPED), whichever event it was."""
+        if not self._stop.is_set():
+            fn(*args)
 
     # -- on the loop -----------------------------------------------------------------------
 
@@ -257,12 +257,9 @@ class WorkloadApiSource:
 
     def _on_attempt(self) -> None:
         self.attempts += 1
-        if self.state is not StreamState.STOPPED:
-            self._set_state(StreamState.CONNECTING)
+        self._set_state(StreamState.CONNECTING)
 
     def _on_identity(self, identity: Identity) -> None:
-        if self._stop.is_set():
-            return
         self._set_state(StreamState.STREAMING)
         now = dt.datetime.now(dt.UTC)
         self.last_update, self.last_rejected = now, None
@@ -290,8 +287,6 @@ class WorkloadApiSource:
                    address=str(self.address), problems=[str(p) for p in exc.problems])
 
     def _on_failure(self, failure: StreamFailure, detail: str, delay: float) -> None:
-        if self._stop.is_set():
-            return
         self._set_state(StreamState.BACKOFF)
         self.last_failure = (failure, detail, dt.datetime.now(dt.UTC))
         metrics.workload_api_stream_failures.labels(failure).inc()
@@ -325,14 +320,21 @@ def fetch_response(address: WorkloadAddress, timeout: float = 10.0) -> Any:
             raise ProblemsError([Problem(where, "the agent ended the stream without an "
                                                 "answer")]) from None
         except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                failure, detail = StreamFailure.STALLED, f"no answer in {timeout:g} s"
-            else:
-                missing = address.unix is not None and not address.unix.exists()
-                failure = classify(exc.code().name, exc.details() or "", missing)
-                detail = f"{address.unix} does not exist" \
-                    if failure is StreamFailure.SOCKET_MISSING else exc.details() or ""
+            failure, detail = (StreamFailure.STALLED, f"no answer in {timeout:g} s") \
+                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED else failure_of(address, exc)
             raise ProblemsError([Problem(where, f"{failure}: {detail} "
                                                 f"({ADVICE[failure]})")]) from None
         finally:
             call.cancel()
+
+
+def failure_of(address: WorkloadAddress, exc: Any) -> tuple[StreamFailure, str]:
+    """Why a call to the agent at `address` failed (a `grpc.RpcError`), and the detail to
+    say: one reading for the stream and for `fetch_response`. Only the socket file's
+    absence is looked up here; the rest is the status's (workload_response.classify)."""
+    details = exc.details() or ""
+    missing = address.unix is not None and not address.unix.exists()
+    failure = classify(exc.code().name, details, missing)
+    if failure is StreamFailure.SOCKET_MISSING:
+        details = f"{address.unix} does not exist"
+    return failure, details

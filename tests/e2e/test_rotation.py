@@ -123,6 +123,29 @@ def _probe(port: int, client: ssl.SSLContext, stop: threading.Event, counts: Cou
         stop.wait(0.2)
 
 
+def soak(out_port: int, in_port: int, client: ssl.SSLContext, seconds: float,
+         on_time_up: Callable[[], None] = lambda: None) -> Counts:
+    """Short connections and long streams through the outbound listener at `out_port`, and
+    the prober straight at the inbound one at `in_port`, for `seconds`; `on_time_up` runs
+    then, before the clients stop (also when the wait is cut short)."""
+    counts = Counts()
+    stop = threading.Event()
+    threads = [threading.Thread(target=_short_connections, args=(out_port, stop, counts)),
+               threading.Thread(target=_probe, args=(in_port, client, stop, counts)),
+               *(threading.Thread(target=_stream, args=(out_port, stop, counts))
+                 for _ in range(STREAMS))]
+    for t in threads:
+        t.start()
+    try:
+        stop.wait(seconds)
+    finally:
+        on_time_up()
+        stop.set()
+        for t in threads:
+            t.join(IO_TIMEOUT * 2)
+    return counts
+
+
 @pytest.fixture
 def started() -> Iterator[list[Sidecar]]:
     """Sidecars this test starts; each is stopped (and must exit 0) even if it fails."""
@@ -175,23 +198,14 @@ def test_soak_rotation_every_second(
          "--spiffe-id", PAYMENTS, "--out", str(b_dir), "--every", "1s",
          "--layout", str(layout)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
-    counts = Counts()
-    stop = threading.Event()
-    port = a.port("out")
-    threads = [threading.Thread(target=_short_connections, args=(port, stop, counts)),
-               threading.Thread(target=_probe, args=(b.port("in"), client, stop, counts)),
-               *(threading.Thread(target=_stream, args=(port, stop, counts))
-                 for _ in range(STREAMS))]
-    for t in threads:
-        t.start()
-    try:
-        stop.wait(SOAK_SECONDS)
-    finally:
+    outputs: list[str] = []
+
+    def end_rotation() -> None:
         rotator.terminate()
-        rotated_out, _ = rotator.communicate(timeout=IO_TIMEOUT)
-        stop.set()
-        for t in threads:
-            t.join(IO_TIMEOUT * 2)
+        outputs.append(rotator.communicate(timeout=IO_TIMEOUT)[0])
+
+    counts = soak(a.port("out"), b.port("in"), client, SOAK_SECONDS, on_time_up=end_rotation)
+    rotated_out = outputs[0]
     rotated = {int(line.split("serial ")[1].split()[0], 16)
                for line in rotated_out.splitlines() if "serial " in line}
     errors_b = [ln for ln in b.lines if ln.get("msg") == "connection" and ln.get("reason")]

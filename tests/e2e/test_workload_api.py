@@ -18,8 +18,6 @@ import ssl
 import subprocess
 import sys
 import threading
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -40,7 +38,8 @@ from .conftest import (
     Sidecar,
     wait_for,
 )
-from .test_rotation import STREAMS, Counts, _probe, _short_connections, _stream
+from .test_live_changes import admin_get
+from .test_rotation import STREAMS, soak
 
 pytest.importorskip("grpc", reason="the Workload API needs the `spire` extra")
 
@@ -115,15 +114,6 @@ def _policy(tmp: Path, *allowed: str) -> str:
     return str(path)
 
 
-def _admin(sc: Sidecar, path: str) -> tuple[int, str]:
-    url = f"http://127.0.0.1:{sc.port('admin')}{path}"
-    try:
-        with urllib.request.urlopen(url, timeout=IO_TIMEOUT) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-
-
 def test_soak_both_sides_on_agents_rotating_every_second(
     tmp_path: Path, echo_app: Callable[..., EchoApp], processes: list[Sidecar | AgentProcess],
 ) -> None:
@@ -154,21 +144,7 @@ def test_soak_both_sides_on_agents_rotating_every_second(
     client.load_verify_locations(cafile=str(probe_dir / "bundle.pem"))
     client.load_cert_chain(str(probe_dir / "svid.pem"), str(probe_dir / "svid_key.pem"))
 
-    counts = Counts()
-    stop = threading.Event()
-    port = a.port("out")
-    threads = [threading.Thread(target=_short_connections, args=(port, stop, counts)),
-               threading.Thread(target=_probe, args=(b.port("in"), client, stop, counts)),
-               *(threading.Thread(target=_stream, args=(port, stop, counts))
-                 for _ in range(STREAMS))]
-    for t in threads:
-        t.start()
-    try:
-        stop.wait(SOAK_SECONDS)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(IO_TIMEOUT * 2)
+    counts = soak(a.port("out"), b.port("in"), client, SOAK_SECONDS)
     rotated_b = agent_b.serials()
     swapped = {name: sum(1 for ln in sc.lines if ln.get("msg") == "identity reloaded")
                for name, sc in (("a", a), ("b", b))}
@@ -255,7 +231,7 @@ def test_federated_bundle_is_trusted_while_the_agent_lists_it(
     assert back == b"", "a full handshake with a dropped bundle succeeded"
     refused = [ln for ln in b.connections() if ln.get("reason")]
     assert refused and refused[-1]["reason"] == "unknown_ca", refused[-1:]
-    _, body = _admin(b, "/status")
+    _, body = admin_get(b, "/status")
     assert OTHER_TD not in json.loads(body)["bundles"]
 
 
@@ -272,20 +248,20 @@ def test_readyz_waits_for_the_first_svid_and_sigterm_ends_the_wait(
     sc.start(wait_ready=False)
     sc.wait_line(lambda ln: ln.get("msg") == "Workload API stream: socket_missing; is the "
                  "SPIRE agent running, and its socket mounted here?")
-    code, body = _admin(sc, "/readyz")
+    code, body = admin_get(sc, "/readyz")
     assert code == 503 and f"{sock} does not exist" in body, body
-    code, body = _admin(sc, "/status")
+    code, body = admin_get(sc, "/status")
     status = json.loads(body)
     assert status["spiffe_id"] is None and status["listeners"] == []
     assert status["identity_source"]["last_failure"]["reason"] == "socket_missing"
     agent = AgentProcess(tmp_path, "b", FRONTEND)
     processes.append(agent)
     sc.wait_line(lambda ln: ln.get("msg") == "ready")
-    code, body = _admin(sc, "/readyz")
+    code, body = admin_get(sc, "/readyz")
     assert code == 200, body
     agent.command("refuse")  # the entry deleted: the identity in force stays until expiry
     sc.wait_line(lambda ln: ln.get("reason") == "permission_denied")
-    assert _admin(sc, "/readyz")[0] == 200
+    assert admin_get(sc, "/readyz")[0] == 200
 
 
 def test_sigterm_while_waiting_for_the_agent_exits_0(tmp_path: Path) -> None:
@@ -311,5 +287,5 @@ def test_readyz_503_once_the_svid_expires(
                       "connect_to": "127.0.0.1:9", "expect_ids": [PAYMENTS]}]}), "uvloop")
     processes.append(sc)
     sc.start()
-    wait_for(lambda: _admin(sc, "/readyz")[0] == 503, 15.0, "readyz 503 after expiry")
-    assert "expired" in _admin(sc, "/readyz")[1]
+    wait_for(lambda: admin_get(sc, "/readyz")[0] == 503, 15.0, "readyz 503 after expiry")
+    assert "expired" in admin_get(sc, "/readyz")[1]
