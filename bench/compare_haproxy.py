@@ -184,7 +184,7 @@ def work_dir(keep: Path | None, name: str) -> Iterator[Path]:
 
 
 @contextmanager
-def backend(script: str = ECHO_SERVER) -> Iterator[int]:
+def serving(script: str = ECHO_SERVER) -> Iterator[int]:
     """A backend process, never under valgrind (`script PORT`, printing "ready" once it
     listens): its port, for the block."""
     port = free_port()
@@ -805,7 +805,7 @@ def main() -> int:
     results: dict[str, Any] = {}
     dumps: dict[str, Path] = {}
     started = time.monotonic()
-    with work_dir(args.keep, "bench") as work, backend() as echo_port:
+    with work_dir(args.keep, "bench") as work, serving() as echo_port:
         meta: dict[str, Any] = {
             "python": platform.python_version(), "loop": args.loop,
             "sidecar_ktls": args.sidecar_ktls, "openssl": ssl.OPENSSL_VERSION,

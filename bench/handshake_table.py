@@ -64,7 +64,6 @@ from compare_haproxy import (
     Pki,
     Strace,
     _num,
-    backend,
     client_context,
     echo_once,
     haproxy_pair,
@@ -72,6 +71,7 @@ from compare_haproxy import (
     instructions,
     log,
     make_pki,
+    serving,
     sidecar_pair,
     work_dir,
 )
@@ -411,7 +411,7 @@ def main() -> int:
     results: dict[str, Any] = {}
     started = time.monotonic()
     runs = 0
-    with work_dir(args.keep, "table") as work, backend() as echo_port:
+    with work_dir(args.keep, "table") as work, serving() as echo_port:
         meta = {"python": platform.python_version(), "loop": args.loop,
                 "openssl": ssl.OPENSSL_VERSION, "haproxy": haproxy_version(),
                 "sidecar_root": str(args.sidecar_root), "connections": args.connections,

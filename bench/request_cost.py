@@ -344,7 +344,7 @@ def main() -> int:
     results: dict[str, Any] = {}
     dumps: dict[str, Path] = {}
     started = time.monotonic()
-    with ch.work_dir(args.keep, "request") as work, ch.backend() as echo_port:
+    with ch.work_dir(args.keep, "request") as work, ch.serving() as echo_port:
         meta: dict[str, Any] = {
             "python": platform.python_version(), "loop": args.loop,
             "openssl": ssl.OPENSSL_VERSION, "haproxy": ch.haproxy_version(),
