@@ -701,7 +701,8 @@ def run_target(target: str, mode: str, args: argparse.Namespace, p: Pki, work: P
 
 
 def _num(v: float | None, fmt: str) -> str:
-    width = int(fmt.split(".")[0])
+    """`v` in `fmt` ("10.2f", "12,.0f": the width first), or "-" in that width."""
+    width = int(fmt.split(".")[0].rstrip(","))
     return "-".rjust(width) if v is None else format(v, fmt)
 
 
