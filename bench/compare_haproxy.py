@@ -145,6 +145,69 @@ def free_port() -> int:
         return port
 
 
+# --- a run's surroundings, shared by the bench scripts ----------------------------------
+
+
+def missing_tools(script: str, tools: list[str]) -> bool:
+    """Say which of `tools` are not installed (on PATH or in /usr/sbin); True if any."""
+    missing = [t for t in tools if shutil.which(t) is None and not Path(f"/usr/sbin/{t}").exists()]
+    if missing:
+        print(f"{script}: not installed: {', '.join(missing)}", file=sys.stderr)
+    return bool(missing)
+
+
+def haproxy_bin() -> str:
+    return shutil.which("haproxy") or "/usr/sbin/haproxy"
+
+
+def haproxy_version() -> str:
+    """The installed HAProxy's version ("2.6.12"), "?" when there is none."""
+    haproxy = haproxy_bin()
+    if not Path(haproxy).exists():
+        return "?"
+    hv = subprocess.run([haproxy, "-v"], capture_output=True, text=True).stdout.split()
+    return hv[2] if len(hv) > 2 else "?"
+
+
+@contextmanager
+def work_dir(keep: Path | None, name: str) -> Iterator[Path]:
+    """A fresh directory for one run: in `keep`, and kept; or a temporary one, removed."""
+    if keep is not None:
+        keep.mkdir(parents=True, exist_ok=True)
+        yield Path(tempfile.mkdtemp(prefix=f"{name}-", dir=keep))
+        return
+    work = Path(tempfile.mkdtemp(prefix=f"sidecar-{name}-"))
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@contextmanager
+def serving(script: str = ECHO_SERVER) -> Iterator[int]:
+    """A backend process, never under valgrind (`script PORT`, printing "ready" once it
+    listens): its port, for the block."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", script, str(port)],
+                            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != b"ready":
+            raise RuntimeError("the backend did not start")
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def sidecar_env(root: Path = ROOT) -> dict[str, str]:
+    """This environment with `root` first on PYTHONPATH: the checkout whose sidecar runs."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(root) + (os.pathsep + env["PYTHONPATH"]
+                                     if env.get("PYTHONPATH") else "")
+    return env
+
+
 # --- certificates ----------------------------------------------------------------------
 
 
@@ -260,6 +323,33 @@ def instructions(dump: Path) -> int:
     return int(m.group(1))
 
 
+class Strace:
+    """`strace -f -c` on every thread of a running process, until stop()."""
+
+    def __init__(self, pid: int, out: Path) -> None:
+        self.out = out
+        self.tracer = subprocess.Popen(["strace", "-f", "-c", "-o", str(out), "-p", str(pid)],
+                                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.PIPE, text=True)
+        assert self.tracer.stderr is not None
+        # "Process PID attached with N threads": every thread is traced from here on.
+        while "attached" not in (line := self.tracer.stderr.readline()):
+            if not line:
+                raise RuntimeError(f"strace did not attach to {pid}")
+
+    def stop(self) -> dict[str, int]:
+        """Calls by syscall name, the most frequent first."""
+        self.tracer.send_signal(signal.SIGINT)
+        self.tracer.wait(30)
+        counts: dict[str, int] = {}
+        for line in self.out.read_text().splitlines():
+            parts = line.split()
+            # % time, seconds, usecs/call, calls, [errors,] syscall
+            if len(parts) >= 5 and parts[0][0].isdigit() and parts[-1] != "total":
+                counts[parts[-1]] = int(parts[3])
+        return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
 def wait_until(what: str, ok: Callable[[], bool], procs: list[Proc]) -> None:
     deadline = time.monotonic() + START_TIMEOUT
     while not ok():
@@ -295,10 +385,25 @@ class Pair:
         assert self.outbound_proc is not None, "started without its outbound proxy"
         return self.outbound_proc
 
+    @property
+    def procs(self) -> list[Proc]:
+        """The processes started: inbound, then outbound."""
+        return [self.inbound] + ([self.outbound_proc] if self.outbound_proc else [])
+
+    def check_alive(self) -> None:
+        for proc in self.procs:
+            proc.check_alive()
+
     def stop(self) -> None:
         if self.outbound_proc is not None:
             self.outbound_proc.stop()
         self.inbound.stop()
+
+    def __enter__(self) -> Pair:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 def sidecar_pair(p: Pki, work: Path, echo_port: int, *, callgrind: bool, loop: str,
@@ -326,9 +431,7 @@ def sidecar_pair(p: Pki, work: Path, echo_port: int, *, callgrind: bool, loop: s
         f"outbound:\n  - name: payments\n    listen: 127.0.0.1:{plain_port}\n"
         f"    connect_to: 127.0.0.1:{tls_port}\n    expect_ids: [\"{SERVER_ID}\"]\n"
         f"{common.format(admin_port=free_port())}")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(root) + (os.pathsep + env["PYTHONPATH"]
-                                     if env.get("PYTHONPATH") else "")
+    env = sidecar_env(root)
     procs: list[Proc] = []
     for role in ("inbound", "outbound")[:2 if outbound else 1]:
         argv = [sys.executable, "-m", "sidecar", "run", "-c", str(work / f"{role}.yaml"),
@@ -375,7 +478,7 @@ def haproxy_pair(p: Pki, work: Path, echo_port: int, *, callgrind: bool,
         + f"frontend outbound\n  bind 127.0.0.1:{plain_port}\n  default_backend remote\n"
         f"backend remote\n  server payments 127.0.0.1:{tls_port} ssl crt {p.client_pem}"
         f" ca-file {p.bundle} verify required\n")
-    haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
+    haproxy = haproxy_bin()
     procs = [Proc(f"haproxy-{role}", [haproxy, "-db", "-f", str(work / f"haproxy-{role}.cfg")],
                   work, callgrind=callgrind)
              for role in ("inbound", "outbound")[:2 if outbound else 1]]
@@ -387,14 +490,27 @@ def haproxy_pair(p: Pki, work: Path, echo_port: int, *, callgrind: bool,
 # --- the client ------------------------------------------------------------------------
 
 
-def client_context(p: Pki) -> ssl.SSLContext:
+def client_context(p: Pki, chain: Path | None = None) -> ssl.SSLContext:
+    """The client's context; `chain`: the certificates it presents instead of its SVID's."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.check_hostname = False  # SVIDs carry a SPIFFE ID, not a DNS name
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.load_verify_locations(p.bundle)
-    ctx.load_cert_chain(p.client_dir / "svid.pem", p.client_dir / "svid_key.pem")
+    ctx.load_cert_chain(chain or p.client_dir / "svid.pem", p.client_dir / "svid_key.pem")
     return ctx
+
+
+def echo_once(sock: socket.socket) -> bytes:
+    """Send REQUEST and read as many bytes back, fewer if the peer closes first."""
+    sock.sendall(REQUEST)
+    got = b""
+    while len(got) < len(REQUEST):
+        part = sock.recv(len(REQUEST) - len(got))
+        if not part:
+            break
+        got += part
+    return got
 
 
 @dataclass
@@ -410,13 +526,9 @@ def one_connection(ctx: ssl.SSLContext, port: int,
     raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     tls = ctx.wrap_socket(raw, session=session)
     try:
-        tls.sendall(REQUEST)
-        got = b""
-        while len(got) < len(REQUEST):
-            part = tls.recv(len(REQUEST) - len(got))
-            if not part:
-                raise RuntimeError(f"connection closed after {len(got)} bytes of the echo")
-            got += part
+        got = echo_once(tls)
+        if len(got) < len(REQUEST):
+            raise RuntimeError(f"connection closed after {len(got)} bytes of the echo")
         if got != REQUEST:
             raise RuntimeError("the echo came back different")
         # In TLS 1.3 the ticket comes after the handshake: it has arrived by the response.
@@ -551,8 +663,8 @@ def run_target(target: str, mode: str, args: argparse.Namespace, p: Pki, work: P
     ctx = client_context(p)
     res: dict[str, Any] = results.setdefault(target, {}).setdefault(mode, {})
     res["unit"] = "instructions" if callgrind else "cpu_seconds"
-    try:
-        for proc in (pair.inbound, pair.outbound):
+    with pair:
+        for proc in pair.procs:
             proc.instrument()
         # Full handshakes on the inbound proxy.
         drive_connections(ctx, pair.tls_port, WARM_CONNECTIONS, resume=False, state={})
@@ -582,17 +694,15 @@ def run_target(target: str, mode: str, args: argparse.Namespace, p: Pki, work: P
         res["mib"] = {"per_mib": sum(cost.values()) / mib, "mib": mib,
                       "outbound_per_mib": cost[pair.outbound.name] / mib,
                       "inbound_per_mib": cost[pair.inbound.name] / mib}
-        for proc in (pair.inbound, pair.outbound):
-            proc.check_alive()
-    finally:
-        pair.stop()
+        pair.check_alive()
 
 
 # --- report ----------------------------------------------------------------------------
 
 
 def _num(v: float | None, fmt: str) -> str:
-    width = int(fmt.split(".")[0])
+    """`v` in `fmt` ("10.2f", "12,.0f": the width first), or "-" in that width."""
+    width = int(fmt.split(".")[0].rstrip(","))
     return "-".rjust(width) if v is None else format(v, fmt)
 
 
@@ -690,47 +800,27 @@ def main() -> int:
         ap.error("unknown target or mode")
     needed = ["haproxy"] * ("haproxy" in targets)
     needed += ["valgrind", "callgrind_control"] * ("instructions" in modes)
-    missing = [t for t in needed if shutil.which(t) is None and not Path(f"/usr/sbin/{t}").exists()]
-    if missing:
-        print(f"compare_haproxy: not installed: {', '.join(missing)}", file=sys.stderr)
+    if missing_tools("compare_haproxy", needed):
         return 1
 
-    if args.keep:
-        args.keep.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix="run-", dir=args.keep))
-    else:
-        work = Path(tempfile.mkdtemp(prefix="sidecar-bench-"))
-    haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
-    hv = subprocess.run([haproxy, "-v"], capture_output=True, text=True).stdout.split()
-    meta: dict[str, Any] = {
-        "python": platform.python_version(), "loop": args.loop,
-        "sidecar_ktls": args.sidecar_ktls, "openssl": ssl.OPENSSL_VERSION,
-        "sidecar_session_store": args.sidecar_session_store,
-        "sidecar_proxy_protocol": args.sidecar_proxy_protocol,
-        "haproxy_tickets": args.haproxy_tickets,
-        "haproxy": hv[2] if len(hv) > 2 else "?", "native_scale": args.native_scale,
-        "connections": args.connections, "mib": args.mib, "work_dir": str(work),
-        "pymalloc": os.environ.get("PYTHONMALLOC", "default"),
-    }
     results: dict[str, Any] = {}
     dumps: dict[str, Path] = {}
-    echo_port = free_port()
-    echo = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, str(echo_port)],
-                            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
     started = time.monotonic()
-    try:
-        assert echo.stdout is not None
-        if echo.stdout.readline().strip() != b"ready":
-            raise RuntimeError("the echo backend did not start")
+    with work_dir(args.keep, "bench") as work, serving() as echo_port:
+        meta: dict[str, Any] = {
+            "python": platform.python_version(), "loop": args.loop,
+            "sidecar_ktls": args.sidecar_ktls, "openssl": ssl.OPENSSL_VERSION,
+            "sidecar_session_store": args.sidecar_session_store,
+            "sidecar_proxy_protocol": args.sidecar_proxy_protocol,
+            "haproxy_tickets": args.haproxy_tickets,
+            "haproxy": haproxy_version(), "native_scale": args.native_scale,
+            "connections": args.connections, "mib": args.mib, "work_dir": str(work),
+            "pymalloc": os.environ.get("PYTHONMALLOC", "default"),
+        }
         p = make_pki(work / "pki")
         for mode in modes:
             for target in targets:
                 run_target(target, mode, args, p, work, echo_port, results, dumps)
-    finally:
-        echo.terminate()
-        echo.wait()
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
     ciphers = {c for t in results.values() for m in t.values() for k in ("full", "resumed")
                for c in m.get(k, {}).get("ciphers", [])}
     meta["cipher"] = ",".join(sorted(ciphers)) or "?"

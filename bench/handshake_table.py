@@ -45,14 +45,11 @@ import argparse
 import ctypes
 import json
 import platform
-import shutil
 import signal
 import socket
 import ssl
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -60,19 +57,23 @@ from pathlib import Path
 from typing import Any
 
 from compare_haproxy import (
-    ECHO_SERVER,
     IO_TIMEOUT,
     REQUEST,
     ROOT,
     Pair,
     Pki,
+    Strace,
+    _num,
     client_context,
-    free_port,
+    echo_once,
     haproxy_pair,
+    haproxy_version,
     instructions,
     log,
     make_pki,
+    serving,
     sidecar_pair,
+    work_dir,
 )
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -113,13 +114,7 @@ def connect(ctx: ssl.SSLContext, port: int, session: ssl.SSLSession | None, *,
     try:
         done = time.perf_counter()
         try:
-            tls.sendall(REQUEST)
-            got = b""
-            while len(got) < len(REQUEST):
-                part = tls.recv(len(REQUEST) - len(got))
-                if not part:
-                    break
-                got += part
+            got = echo_once(tls)
         except (ssl.SSLError, OSError):
             return Outcome(False, True, None, 0.0)
         if got != REQUEST:
@@ -145,13 +140,7 @@ def clients(p: Pki, work: Path) -> Clients:
     chain = x509.load_pem_x509_certificates((p.client_dir / "svid.pem").read_bytes())
     leaf = work / "client-leaf-only.pem"
     leaf.write_bytes(chain[0].public_bytes(Encoding.PEM))
-    bad = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    bad.minimum_version = ssl.TLSVersion.TLSv1_3
-    bad.check_hostname = False
-    bad.verify_mode = ssl.CERT_REQUIRED
-    bad.load_verify_locations(p.bundle)
-    bad.load_cert_chain(leaf, p.client_dir / "svid_key.pem")
-    return Clients(client_context(p), bad)
+    return Clients(client_context(p), client_context(p, leaf))
 
 
 class Driver:
@@ -219,10 +208,9 @@ def start(target: str, store: str, p: Pki, work: Path, echo_port: int, *, callgr
 
 def measure_instructions(target: str, store: str, p: Pki, c: Clients, work: Path,
                          echo_port: int, args: argparse.Namespace) -> dict[str, Any]:
-    pair = start(target, store, p, work, echo_port, callgrind=True, args=args)
-    proc = pair.inbound
     out: dict[str, Any] = {}
-    try:
+    with start(target, store, p, work, echo_port, callgrind=True, args=args) as pair:
+        proc = pair.inbound
         proc.instrument()
         d = Driver(c, pair.tls_port)
         for phase in PHASES:
@@ -241,18 +229,14 @@ def measure_instructions(target: str, store: str, p: Pki, c: Clients, work: Path
         time.sleep(IDLE_SECONDS)
         out["idle_per_second"] = instructions(proc.dump()) / IDLE_SECONDS
         proc.check_alive()
-    finally:
-        pair.stop()
     return out
 
 
 def measure_cpu(target: str, store: str, p: Pki, c: Clients, work: Path,
                 echo_port: int, args: argparse.Namespace) -> dict[str, Any]:
-    pair = start(target, store, p, work, echo_port, callgrind=False, args=args)
-    proc = pair.inbound
-    clock = cpu_clock(proc.pid)
     out: dict[str, Any] = {}
-    try:
+    with start(target, store, p, work, echo_port, callgrind=False, args=args) as pair:
+        clock = cpu_clock(pair.inbound.pid)
         d = Driver(c, pair.tls_port)
         for phase in PHASES:
             n = args.cpu_connections if phase != "refused" else args.refused * 5
@@ -260,68 +244,33 @@ def measure_cpu(target: str, store: str, p: Pki, c: Clients, work: Path,
             before = clock()
             seen = check(phase, d.run(phase, n))
             out[phase] = {"per_connection": (clock() - before) / n, **seen}
-        proc.check_alive()
-    finally:
-        pair.stop()
+        pair.check_alive()
     return out
-
-
-def strace_counts(pid: int, work: Path, label: str, run: Callable[[], None]) -> dict[str, int]:
-    """Syscalls of every thread of pid while run() runs, by name (strace -c)."""
-    out = work / f"strace-{label}.txt"
-    tracer = subprocess.Popen(["strace", "-f", "-c", "-o", str(out), "-p", str(pid)],
-                              stderr=subprocess.PIPE, text=True)
-    assert tracer.stderr is not None
-    # "Process PID attached with N threads": every thread is traced from here on.
-    while "attached" not in (line := tracer.stderr.readline()):
-        if not line:
-            raise RuntimeError(f"strace did not attach to {pid}")
-    try:
-        run()
-    finally:
-        tracer.send_signal(signal.SIGINT)
-        tracer.wait(30)
-    return parse_strace(out.read_text())
-
-
-def parse_strace(text: str) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for line in text.splitlines():
-        parts = line.split()
-        # % time, seconds, usecs/call, calls, [errors,] syscall
-        if len(parts) >= 5 and parts[0][0].isdigit() and parts[-1] != "total":
-            counts[parts[-1]] = int(parts[3])
-    return counts
 
 
 def measure_syscalls(target: str, store: str, p: Pki, c: Clients, work: Path,
                      echo_port: int, args: argparse.Namespace) -> dict[str, Any]:
-    pair = start(target, store, p, work, echo_port, callgrind=False, args=args)
     out: dict[str, Any] = {}
-    try:
+    with start(target, store, p, work, echo_port, callgrind=False, args=args) as pair:
         d = Driver(c, pair.tls_port)
+        n = args.connections
         for phase in PHASES:
-            n = args.connections
             d.run(phase, WARM)
-
-            def drive(phase: str = phase, n: int = n) -> None:
+            tracer = Strace(pair.inbound.pid, work / f"strace-{phase}.txt")
+            try:
                 check(phase, d.run(phase, n))
-
-            counts = strace_counts(pair.inbound.pid, work, phase, drive)
+            finally:
+                counts = tracer.stop()
             out[phase] = {"total": sum(counts.values()) / n,
-                          "by_name": {k: v / n for k, v in sorted(
-                              counts.items(), key=lambda kv: -kv[1])}}
-        pair.inbound.check_alive()
-    finally:
-        pair.stop()
+                          "by_name": {k: v / n for k, v in counts.items()}}
+        pair.check_alive()
     return out
 
 
 def measure_nagle(target: str, store: str, p: Pki, c: Clients, work: Path,
                   echo_port: int, args: argparse.Namespace) -> dict[str, Any]:
-    pair = start(target, store, p, work, echo_port, callgrind=False, args=args)
     out: dict[str, Any] = {}
-    try:
+    with start(target, store, p, work, echo_port, callgrind=False, args=args) as pair:
         d = Driver(c, pair.tls_port)
         d.prime()
         d.run("resumed", WARM, nodelay=False)
@@ -333,17 +282,11 @@ def measure_nagle(target: str, store: str, p: Pki, c: Clients, work: Path,
             out[phase] = {"per_second": len(outcomes) / elapsed,
                           "echo_ms_median": statistics.median(
                               o.echo_seconds for o in outcomes) * 1000, **seen}
-        pair.inbound.check_alive()
-    finally:
-        pair.stop()
+        pair.check_alive()
     return out
 
 
 # --- the table ---------------------------------------------------------------------------
-
-
-def _cell(v: float | None, fmt: str, width: int) -> str:
-    return "-".rjust(width) if v is None else format(v, fmt).rjust(width)
 
 
 def table(r: dict[str, Any], meta: dict[str, Any]) -> str:
@@ -371,7 +314,7 @@ def table(r: dict[str, Any], meta: dict[str, Any]) -> str:
         for store in STORES:
             s, h = values(store, "sidecar"), values(store, "haproxy")
             ratio = s / h if s is not None and h and ratio_too else None
-            cells += _cell(s, fmt, 9) + _cell(h, fmt, 9) + _cell(ratio, ".2f", 7) + "   "
+            cells += _num(s, fmt) + _num(h, fmt) + _num(ratio, "7.2f") + "   "
         return f"  {title:32}{cells}"
 
     lines.append(f"instructions, millions (callgrind, {meta['connections']} connections,"
@@ -390,7 +333,7 @@ def table(r: dict[str, Any], meta: dict[str, Any]) -> str:
         lines.append(row(TITLES[phase], lambda st, t, ph=phase: _scaled(
             _median(r, st, t, ph), 1e3), "9.3f"))
     lines.append(f"syscalls per connection (strace -f -c, {meta['connections']} connections)")
-    for phase in ("full", "resumed", "refused"):
+    for phase in PHASES:
         lines.append(row(f"{phase}: all", lambda st, t, ph=phase: get(
             "syscalls", st, t, ph, "total"), "9.1f"))
         lines.append(row(f"{phase}: epoll_ctl", lambda st, t, ph=phase: get(
@@ -465,27 +408,15 @@ def main() -> int:
     if (not set(kinds) <= {"instructions", "cpu", "syscalls", "nagle"}
             or not set(stores) <= set(STORES) or not set(targets) <= set(TARGETS)):
         ap.error("unknown kind, store or target")
-    if args.keep:
-        args.keep.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix="table-", dir=args.keep))
-    else:
-        work = Path(tempfile.mkdtemp(prefix="sidecar-table-"))
-    hv = subprocess.run(["haproxy", "-v"], capture_output=True, text=True).stdout.split()
-    meta = {"python": platform.python_version(), "loop": args.loop,
-            "openssl": ssl.OPENSSL_VERSION, "haproxy": hv[2] if len(hv) > 2 else "?",
-            "sidecar_root": str(args.sidecar_root), "connections": args.connections,
-            "cpu_connections": args.cpu_connections, "refused": args.refused,
-            "nagle": args.nagle, "repeats": args.repeats, "work_dir": str(work)}
     results: dict[str, Any] = {}
-    echo_port = free_port()
-    echo = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, str(echo_port)],
-                            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
     started = time.monotonic()
     runs = 0
-    try:
-        assert echo.stdout is not None
-        if echo.stdout.readline().strip() != b"ready":
-            raise RuntimeError("the echo backend did not start")
+    with work_dir(args.keep, "table") as work, serving() as echo_port:
+        meta = {"python": platform.python_version(), "loop": args.loop,
+                "openssl": ssl.OPENSSL_VERSION, "haproxy": haproxy_version(),
+                "sidecar_root": str(args.sidecar_root), "connections": args.connections,
+                "cpu_connections": args.cpu_connections, "refused": args.refused,
+                "nagle": args.nagle, "repeats": args.repeats, "work_dir": str(work)}
         p = make_pki(work / "pki")
         c = clients(p, work)
 
@@ -510,11 +441,6 @@ def main() -> int:
                     for target in (targets if i % 2 == 0 else targets[::-1]):
                         results.setdefault("cpu", {}).setdefault(store, {}).setdefault(
                             target, []).append(one("cpu", store, target, measure_cpu))
-    finally:
-        echo.terminate()
-        echo.wait()
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
     meta["seconds"] = round(time.monotonic() - started, 1)
     if args.json:
         print(json.dumps({"meta": meta, "results": results}, indent=2))

@@ -41,36 +41,38 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import shutil
 import socket
 import ssl
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from compare_haproxy import (  # a sibling script, not a package
+from compare_haproxy import (
     CLIENT_ID,
     IO_TIMEOUT,
     SERVER_ID,
     Pki,
     Proc,
+    _says_ready,
+    client_context,
     free_port,
+    haproxy_bin,
+    haproxy_version,
     instructions,
     log,
     make_pki,
+    measured,
+    missing_tools,
     port_open,
+    serving,
+    sidecar_env,
     wait_until,
+    work_dir,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 REQUEST = (b"GET /api/items/42 HTTP/1.1\r\nHost: payments.internal\r\n"
            b"User-Agent: bench/1\r\nAccept: */*\r\n\r\n")
 WARM_REQUESTS = 200
@@ -130,13 +132,10 @@ def sidecar_proc(p: Pki, work: Path, backend: int, *, callgrind: bool,
         f"admin:\n  listen: 127.0.0.1:{free_port()}\n"
         "limits:\n  handshake_timeout: 60s\n  idle_timeout: 1h\n"
         "log:\n  level: info\n  format: json\n")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"]
-                                     if env.get("PYTHONPATH") else "")
     proc = Proc("sidecar-http", [sys.executable, "-m", "sidecar", "run", "-c",
                                  str(work / "sidecar.yaml"), "--loop", loop],
-                work, callgrind=callgrind, env=env)
-    wait_until("the sidecar ready", lambda: '"msg":"ready"' in proc.log_text(), [proc])
+                work, callgrind=callgrind, env=sidecar_env())
+    wait_until("the sidecar ready", lambda: _says_ready(proc), [proc])
     return proc, port
 
 
@@ -155,8 +154,7 @@ def haproxy_proc(p: Pki, work: Path, backend: int, *, callgrind: bool) -> tuple[
         "Hash=%[ssl_c_der,sha2(256),hex,lower];URI=%[ssl_c_s_dn]\"\n"
         "  default_backend app\n"
         f"backend app\n  server app 127.0.0.1:{backend}\n")
-    haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
-    proc = Proc("haproxy-http", [haproxy, "-db", "-f", str(work / "haproxy.cfg")], work,
+    proc = Proc("haproxy-http", [haproxy_bin(), "-db", "-f", str(work / "haproxy.cfg")], work,
                 callgrind=callgrind)
     wait_until("haproxy listening", lambda: port_open(port), [proc])
     return proc, port
@@ -165,13 +163,8 @@ def haproxy_proc(p: Pki, work: Path, backend: int, *, callgrind: bool) -> tuple[
 # --- the client -------------------------------------------------------------------------
 
 
-def client_context(p: Pki) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.load_verify_locations(p.bundle)
-    ctx.load_cert_chain(p.client_dir / "svid.pem", p.client_dir / "svid_key.pem")
+def http_client_context(p: Pki) -> ssl.SSLContext:
+    ctx = client_context(p)
     ctx.set_alpn_protocols(["http/1.1"])
     return ctx
 
@@ -220,10 +213,6 @@ class Cost:
     per_request: float  # instructions per request, as measured
     idle_per_request: float  # what the same wall time costs the process with no request
 
-    @property
-    def net(self) -> float:
-        return self.per_request - self.idle_per_request
-
 
 def per_request_instructions(name: str, args: argparse.Namespace, p: Pki, work: Path,
                              backend: int, dumps: dict[str, Path]) -> Cost:
@@ -235,19 +224,16 @@ def per_request_instructions(name: str, args: argparse.Namespace, p: Pki, work: 
         proc, port = haproxy_proc(p, d, backend, callgrind=True)
     try:
         proc.instrument()
-        conn = KeptAlive(port, client_context(p))
+        conn = KeptAlive(port, http_client_context(p))
         for _ in range(WARM_REQUESTS):
             conn.one(b"xfcc")
-        proc.dump()
         log(f"{name}: {args.requests} requests under callgrind")
-        started = time.monotonic()
-        for _ in range(args.requests):
-            conn.one(b"xfcc")
-        elapsed = time.monotonic() - started
-        dump = proc.dump()
-        kept = d / f"{name}-requests.callgrind"
-        shutil.copyfile(dump, kept)
-        dumps[name] = kept
+        cost: dict[str, float] = {}
+        with measured([proc], cost, dumps, "requests"):
+            started = time.monotonic()
+            for _ in range(args.requests):
+                conn.one(b"xfcc")
+            elapsed = time.monotonic() - started
         # The same wall time with nothing to do: timers that run whatever the traffic (the
         # sidecar's 10 ms loop-lag probe, its 1 s sweeper) fire ~50x more often per
         # request under callgrind's slowdown than natively, so they are measured apart.
@@ -256,7 +242,7 @@ def per_request_instructions(name: str, args: argparse.Namespace, p: Pki, work: 
         idle = instructions(proc.dump())
         conn.close()
         proc.check_alive()
-        return Cost(instructions(dump) / args.requests, idle / args.requests)
+        return Cost(cost[proc.name] / args.requests, idle / args.requests)
     finally:
         proc.stop()
 
@@ -278,7 +264,7 @@ def latencies(args: argparse.Namespace, p: Pki, work: Path, backend: int) -> dic
     sidecar, sidecar_port = sidecar_proc(p, d, backend, callgrind=False, loop=args.loop)
     haproxy, haproxy_port = haproxy_proc(p, d, backend, callgrind=False)
     try:
-        ctx = client_context(p)
+        ctx = http_client_context(p)
         conns = {"direct": (KeptAlive(backend, None), b"none"),
                  "sidecar": (KeptAlive(sidecar_port, ctx), b"xfcc"),
                  "haproxy": (KeptAlive(haproxy_port, ctx), b"xfcc")}
@@ -317,25 +303,12 @@ def main() -> int:
     skip = set(filter(None, args.skip.split(",")))
     needed = ["haproxy"] + (["valgrind", "callgrind_control"] if "instructions" not in skip
                             else [])
-    missing = [t for t in needed if shutil.which(t) is None and not Path(f"/usr/sbin/{t}").exists()]
-    if missing:
-        print(f"http_compare: not installed: {', '.join(missing)}", file=sys.stderr)
+    if missing_tools("http_compare", needed):
         return 1
-    if args.keep:
-        args.keep.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix="http-", dir=args.keep))
-    else:
-        work = Path(tempfile.mkdtemp(prefix="sidecar-http-bench-"))
-    backend_port = free_port()
-    backend = subprocess.Popen([sys.executable, "-c", BACKEND, str(backend_port)],
-                               stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
     results: dict[str, Any] = {}
     dumps: dict[str, Path] = {}
     started = time.monotonic()
-    try:
-        assert backend.stdout is not None
-        if backend.stdout.readline().strip() != b"ready":
-            raise RuntimeError("the backend did not start")
+    with work_dir(args.keep, "http") as work, serving(BACKEND) as backend_port:
         p = make_pki(work / "pki")
         if "instructions" not in skip:
             for name in ("haproxy", "sidecar"):
@@ -344,15 +317,8 @@ def main() -> int:
         if "latency" not in skip:
             results["latency"] = {k: vars(v) for k, v in
                                   latencies(args, p, work, backend_port).items()}
-    finally:
-        backend.terminate()
-        backend.wait()
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
-    hv = subprocess.run([shutil.which("haproxy") or "/usr/sbin/haproxy", "-v"],
-                        capture_output=True, text=True).stdout.split()
     meta = {"python": platform.python_version(), "loop": args.loop, "openssl": ssl.OPENSSL_VERSION,
-            "haproxy": hv[2] if len(hv) > 2 else "?", "requests": args.requests,
+            "haproxy": haproxy_version(), "requests": args.requests,
             "latency_requests": args.latency_requests,
             "seconds": round(time.monotonic() - started, 1)}
     if args.json:

@@ -28,16 +28,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from memory_idle import rss_kib  # noqa: E402
+
 from sidecar.tools import pki  # noqa: E402
 
 SPIFFE_ID = "spiffe://example.org/ns/default/sa/payments"
-
-
-def _rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
 
 
 def _start(config: Path) -> tuple[float, int]:
@@ -52,7 +47,7 @@ def _start(config: Path) -> tuple[float, int]:
         for raw in proc.stderr:
             if b'"msg":"ready"' in raw.replace(b" ", b""):
                 elapsed = time.monotonic() - t0
-                return elapsed, _rss_kib(proc.pid)
+                return elapsed, rss_kib(proc.pid)
         raise RuntimeError(f"{config.name}: exited {proc.wait()} before ready")
     finally:
         proc.terminate()

@@ -55,14 +55,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import socket
 import ssl
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -70,11 +68,9 @@ from pathlib import Path
 from typing import Any
 
 import compare_haproxy as ch
+from compare_haproxy import CLIENT_ID, SERVER_ID, log
 
-ROOT = Path(__file__).resolve().parents[1]
 KIB = 1024
-SERVER_ID = ch.SERVER_ID
-CLIENT_ID = ch.CLIENT_ID
 
 # What `sidecar run` cannot do without, in the order the floor adds them.
 FLOOR_STEPS: list[tuple[str, str]] = [
@@ -105,10 +101,6 @@ for name, code in steps:
 """
 
 
-def log(msg: str) -> None:
-    ch.log(msg)
-
-
 # --- the PKI, with the CLI -------------------------------------------------------------
 
 
@@ -117,9 +109,7 @@ def sidecar_cmd(*args: str) -> list[str]:
 
 
 def env_with_repo() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"]
-                                     if env.get("PYTHONPATH") else "")
+    env = ch.sidecar_env()
     env.pop("SIDECAR_CONFIG", None)
     env.pop("SIDECAR_LOOP", None)
     return env
@@ -320,9 +310,8 @@ def start_haproxy(p: ch.Pki, work: Path, app_port: int, *,
         f"frontend outbound\n  bind 127.0.0.1:{plain_port}\n  default_backend remote\n"
         f"backend remote\n  server payments 127.0.0.1:{tls_port} ssl crt {p.client_pem}"
         f" ca-file {p.bundle} verify required\n")
-    haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
     name = "haproxy-callgrind" if callgrind else "haproxy"
-    proc = ch.Proc(name, [haproxy, "-db", "-f", str(cfg)], work, callgrind=callgrind)
+    proc = ch.Proc(name, [ch.haproxy_bin(), "-db", "-f", str(cfg)], work, callgrind=callgrind)
     try:
         ch.wait_until(f"{name} listening",
                       lambda: listening(tls_port) and listening(plain_port), [proc])
@@ -332,31 +321,14 @@ def start_haproxy(p: ch.Pki, work: Path, app_port: int, *,
     return proc, tls_port
 
 
-def start_echo(work: Path) -> tuple[subprocess.Popen[str], int]:
-    port = ch.free_port()
-    echo = subprocess.Popen([sys.executable, "-c", ch.ECHO_SERVER, str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            cwd=work)
-    assert echo.stdout is not None
-    if echo.stdout.readline().strip() != "ready":
-        echo.kill()
-        raise RuntimeError("the echo app did not start")
-    return echo, port
-
-
 def hold(ctx: ssl.SSLContext, port: int, n: int) -> list[ssl.SSLSocket]:
     """n connections: full handshake, one echo each, then left open and quiet."""
     held = []
     for _ in range(n):
         raw = socket.create_connection(("127.0.0.1", port), timeout=ch.IO_TIMEOUT)
         tls = ctx.wrap_socket(raw)
-        tls.sendall(ch.REQUEST)
-        got = b""
-        while len(got) < len(ch.REQUEST):
-            part = tls.recv(len(ch.REQUEST) - len(got))
-            if not part:
-                raise RuntimeError("a held connection was closed before its echo")
-            got += part
+        if ch.echo_once(tls) != ch.REQUEST:
+            raise RuntimeError("a held connection was closed before its echo")
         held.append(tls)
     return held
 
@@ -432,10 +404,6 @@ def floor(top_steps: list[tuple[str, str]]) -> list[tuple[str, int, int, int, in
 # --- report ----------------------------------------------------------------------------
 
 
-def _num(v: float | None, fmt: str) -> str:
-    return "-".rjust(12) if v is None else format(v, "12" + fmt)
-
-
 def report(results: dict[str, Result], floor_rows: list[tuple[str, int, int, int, int]],
            meta: dict[str, Any]) -> str:
     sc, hp = results.get("sidecar"), results.get("haproxy")
@@ -448,7 +416,7 @@ def report(results: dict[str, Result], floor_rows: list[tuple[str, int, int, int
     ]
 
     def row(title: str, s: float | None, h: float | None, fmt: str) -> None:
-        lines.append(f"  {title:38}{_num(s, fmt)}{_num(h, fmt)}")
+        lines.append(f"  {title:38}{ch._num(s, '12' + fmt)}{ch._num(h, '12' + fmt)}")
 
     for n in meta["hold"]:
         what = "no connection" if n == 0 else f"{n} idle connection(s) held"
@@ -525,36 +493,21 @@ def main() -> int:
     if args.instructions and not (shutil.which("valgrind") and shutil.which("callgrind_control")):
         print("idle_cost: valgrind is not installed: pass --no-instructions", file=sys.stderr)
         return 1
-    haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
-    if "haproxy" in targets and not Path(haproxy).exists():
-        print("idle_cost: haproxy is not installed", file=sys.stderr)
+    if "haproxy" in targets and ch.missing_tools("idle_cost", ["haproxy"]):
         return 1
-    hv = subprocess.run([haproxy, "-v"], capture_output=True, text=True).stdout.split() \
-        if Path(haproxy).exists() else []
     use_perf = perf_works()
     meta = {"python": sys.version.split()[0], "loop": args.loop,
-            "haproxy": hv[2] if len(hv) > 2 else "?", "seconds": args.seconds,
+            "haproxy": ch.haproxy_version(), "seconds": args.seconds,
             "settle": args.settle, "hold": args.hold, "perf": use_perf}
     results: dict[str, Result] = {}
     floor_rows: list[tuple[str, int, int, int, int]] = []
-    if args.keep:
-        args.keep.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="idle-", dir=args.keep)) if args.keep else \
-        Path(tempfile.mkdtemp(prefix="sidecar-idle-"))
-    try:
+    with ch.work_dir(args.keep, "idle") as work:
         p = make_pki(work / "pki")
-        echo, app_port = start_echo(work)
-        try:
+        with ch.serving() as app_port:
             for t in targets:
                 results[t] = run_target(t, args, p, work, app_port, use_perf)
-        finally:
-            echo.kill()
-            echo.wait()
         if args.floor:
             floor_rows = floor(FLOOR_STEPS)
-    finally:
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
     if args.json:
         print(json.dumps({"meta": meta, "floor": floor_rows, "results": {
             k: {"memory_at_start_kib": r.memory_at_start, "mappings": r.mappings,

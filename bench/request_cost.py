@@ -36,22 +36,18 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import re
-import shutil
-import signal
 import socket
 import ssl
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import compare_haproxy as ch
+from compare_haproxy import REQUEST, _num, _ratio
 
-REQUEST = bytes(range(64))
 WARM_ROUND_TRIPS = 200
 LATENCY_BLOCK = 500  # round trips in a row to one target, before the next has its turn
 GOAL_INSTRUCTIONS = 2.0  # max sidecar / haproxy instructions per round trip (issue 21)
@@ -121,10 +117,9 @@ def measure_instructions(target: str, args: argparse.Namespace, p: ch.Pki, work:
                          echo_port: int, dumps: dict[str, Path]) -> dict[str, Any]:
     n = args.round_trips
     ch.log(f"{target}, instructions: starting the pair under callgrind")
-    pair = start_pair(target, p, work / f"{target}-instructions", echo_port, callgrind=True,
-                      args=args)
-    try:
-        for proc in (pair.inbound, pair.outbound):
+    with start_pair(target, p, work / f"{target}-instructions", echo_port, callgrind=True,
+                    args=args) as pair:
+        for proc in pair.procs:
             proc.instrument()
         client = Client(pair.plain_port)
         client.round_trips(WARM_ROUND_TRIPS)
@@ -133,10 +128,7 @@ def measure_instructions(target: str, args: argparse.Namespace, p: ch.Pki, work:
         with ch.measured([pair.outbound, pair.inbound], cost, dumps, "request"):
             client.round_trips(n)
         client.close()
-        for proc in (pair.inbound, pair.outbound):
-            proc.check_alive()
-    finally:
-        pair.stop()
+        pair.check_alive()
     out = {"per_round_trip": sum(cost.values()) / n, "round_trips": n,
            "outbound": cost[pair.outbound.name] / n, "inbound": cost[pair.inbound.name] / n}
     if target == "sidecar":
@@ -206,8 +198,7 @@ def measure_latency(targets: list[str], args: argparse.Namespace, p: ch.Pki, wor
                 row[target]["cpu"] = cpu[target] / len(samples[target]) / 1000
             reps.append(row)
         for pair in pairs.values():
-            pair.inbound.check_alive()
-            pair.outbound.check_alive()
+            pair.check_alive()
     finally:
         for c in clients.values():
             c.close()
@@ -220,67 +211,29 @@ def measure_latency(targets: list[str], args: argparse.Namespace, p: ch.Pki, wor
     return out
 
 
-_STRACE_ROW = re.compile(r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:(\d+)\s+)?(\w+)\s*$")
-
-
-def strace_counts(path: Path) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for line in path.read_text().splitlines():
-        m = _STRACE_ROW.match(line)
-        if m and m.group(3) != "total":
-            counts[m.group(3)] = int(m.group(1))
-    return counts
-
-
 def measure_syscalls(targets: list[str], args: argparse.Namespace, p: ch.Pki, work: Path,
                      echo_port: int) -> dict[str, Any]:
     n = args.round_trips
     out: dict[str, Any] = {}
     for target in targets:
         ch.log(f"{target}, syscalls: starting the pair")
-        pair = start_pair(target, p, work / f"{target}-syscalls", echo_port, callgrind=False,
-                          args=args)
-        try:
+        with start_pair(target, p, work / f"{target}-syscalls", echo_port, callgrind=False,
+                        args=args) as pair:
             client = Client(pair.plain_port)
             client.round_trips(WARM_ROUND_TRIPS)
-            tracers = []
-            for proc in (pair.outbound, pair.inbound):
-                path = work / f"{proc.name}.strace"
-                tracer = subprocess.Popen(
-                    ["strace", "-c", "-f", "-o", str(path), "-p", str(proc.pid)],
-                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                    stderr=subprocess.PIPE, text=True)
-                assert tracer.stderr is not None
-                line = tracer.stderr.readline()  # "strace: Process N attached"
-                if "attached" not in line:
-                    raise RuntimeError(f"strace did not attach to {proc.name}: {line}")
-                tracers.append((proc, tracer, path))
+            tracers = {role: ch.Strace(proc.pid, work / f"{proc.name}.strace")
+                       for role, proc in (("outbound", pair.outbound), ("inbound", pair.inbound))}
             ch.log(f"{target}, syscalls: {n} round trips under strace")
             client.round_trips(n)
-            res: dict[str, Any] = {}
-            for proc, tracer, path in tracers:
-                tracer.send_signal(signal.SIGINT)
-                tracer.wait(timeout=30)
-                counts = strace_counts(path)
-                role = proc.name.split("-")[1]
-                res[role] = {k: v / n for k, v in sorted(counts.items(), key=lambda kv: -kv[1])}
+            res: dict[str, Any] = {role: {k: v / n for k, v in tracer.stop().items()}
+                                   for role, tracer in tracers.items()}
             res["per_round_trip"] = sum(sum(res[r].values()) for r in ("outbound", "inbound"))
             out[target] = res
             client.close()
-        finally:
-            pair.stop()
     return out
 
 
-def _fmt(v: float | None, spec: str) -> str:
-    width = int(spec.split(".")[0])
-    return "-".rjust(width) if v is None else format(v, spec)
-
-
 def table(results: dict[str, Any], meta: dict[str, Any]) -> str:
-    def ratio(a: float | None, b: float | None) -> float | None:
-        return a / b if a is not None and b else None
-
     def verdict(r: float | None, goal: float) -> str:
         return "" if r is None else ("ok" if r <= goal else "OVER")
 
@@ -303,21 +256,21 @@ def table(results: dict[str, Any], meta: dict[str, Any]) -> str:
             s = ins.get("sidecar", {}).get(key)
             h = ins.get("haproxy", {}).get(key)
             s, h = (None if s is None else s / 1e3), (None if h is None else h / 1e3)
-            r = ratio(s, h)
+            r = _ratio(s, h)
             goal = f"<={GOAL_INSTRUCTIONS:.1f}" if key == "per_round_trip" else ""
             v = verdict(r, GOAL_INSTRUCTIONS) if key == "per_round_trip" else ""
-            lines.append(f"  {title:34}{_fmt(s, '10.1f')}{_fmt(h, '10.1f')}{_fmt(r, '8.2f')}"
+            lines.append(f"  {title:34}{_num(s, '10.1f')}{_num(h, '10.1f')}{_num(r, '8.2f')}"
                          f"{goal:>7} {v}")
         timers = ins.get("sidecar", {}).get("timers")
         if timers is not None:
             s = ins["sidecar"]["per_round_trip"] / 1e3
             h = ins.get("haproxy", {}).get("per_round_trip")
             h = None if h is None else h / 1e3
-            r = ratio(s - timers / 1e3, h)
+            r = _ratio(s - timers / 1e3, h)
             lines.append(f"  {'  of which loop timers (per second,':34}{timers / 1e3:10.1f}")
             lines.append(f"  {'  not per request; inflated here)':34}")
-            lines.append(f"  {'without the timers':34}{s - timers / 1e3:10.1f}{_fmt(h, '10.1f')}"
-                         f"{_fmt(r, '8.2f')}")
+            lines.append(f"  {'without the timers':34}{s - timers / 1e3:10.1f}{_num(h, '10.1f')}"
+                         f"{_num(r, '8.2f')}")
     lat = results.get("latency", {})
     if lat:
         lines.append(f"latency per round trip, microseconds (no valgrind; median of"
@@ -326,18 +279,18 @@ def table(results: dict[str, Any], meta: dict[str, Any]) -> str:
         for q in ("p50", "p99"):
             s = lat.get("sidecar", {}).get(f"added_{q}")
             h = lat.get("haproxy", {}).get(f"added_{q}")
-            r = ratio(s, h)
-            lines.append(f"  {'added ' + q:34}{_fmt(s, '10.1f')}{_fmt(h, '10.1f')}"
-                         f"{_fmt(r, '8.2f')}{'<=' + format(GOAL_LATENCY, '.1f'):>7}"
+            r = _ratio(s, h)
+            lines.append(f"  {'added ' + q:34}{_num(s, '10.1f')}{_num(h, '10.1f')}"
+                         f"{_num(r, '8.2f')}{'<=' + format(GOAL_LATENCY, '.1f'):>7}"
                          f" {verdict(r, GOAL_LATENCY)}")
         for q in ("p50", "p99"):
             s = lat.get("sidecar", {}).get(q)
             h = lat.get("haproxy", {}).get(q)
-            lines.append(f"  {'through the pair ' + q:34}{_fmt(s, '10.1f')}{_fmt(h, '10.1f')}")
+            lines.append(f"  {'through the pair ' + q:34}{_num(s, '10.1f')}{_num(h, '10.1f')}")
         s = lat.get("sidecar", {}).get("cpu")
         h = lat.get("haproxy", {}).get("cpu")
-        lines.append(f"  {'CPU per round trip, both processes':34}{_fmt(s, '10.1f')}"
-                     f"{_fmt(h, '10.1f')}{_fmt(ratio(s, h), '8.2f')}   (schedstat, user+sys)")
+        lines.append(f"  {'CPU per round trip, both processes':34}{_num(s, '10.1f')}"
+                     f"{_num(h, '10.1f')}{_num(_ratio(s, h), '8.2f')}   (schedstat, user+sys)")
         d = lat["direct"]
         lines.append(f"  {'direct to the echo app p50 / p99':34}"
                      f"{d['p50']:10.1f}{d['p99']:10.1f}")
@@ -351,8 +304,8 @@ def table(results: dict[str, Any], meta: dict[str, Any]) -> str:
         lines.append("syscalls per round trip (strace -c, both processes)")
         s, h = sc.get("sidecar", {}), sc.get("haproxy", {})
         sp, hp = s.get("per_round_trip"), h.get("per_round_trip")
-        lines.append(f"  {'outbound + inbound':34}{_fmt(sp, '10.2f')}{_fmt(hp, '10.2f')}"
-                     f"{_fmt(ratio(sp, hp), '8.2f')}")
+        lines.append(f"  {'outbound + inbound':34}{_num(sp, '10.2f')}{_num(hp, '10.2f')}"
+                     f"{_num(_ratio(sp, hp), '8.2f')}")
         for role in ("outbound", "inbound"):
             for who, res in (("sidecar", s), ("haproxy", h)):
                 calls = res.get(role, {})
@@ -386,31 +339,17 @@ def main() -> int:
     needed = ["haproxy"] * ("haproxy" in targets)
     needed += ["valgrind", "callgrind_control"] * ("instructions" in modes)
     needed += ["strace"] * ("syscalls" in modes)
-    missing = [t for t in needed if shutil.which(t) is None and not Path(f"/usr/sbin/{t}").exists()]
-    if missing:
-        print(f"request_cost: not installed: {', '.join(missing)}", file=sys.stderr)
+    if ch.missing_tools("request_cost", needed):
         return 1
-    if args.keep:
-        args.keep.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix="request-", dir=args.keep))
-    else:
-        work = Path(tempfile.mkdtemp(prefix="sidecar-request-"))
-    haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
-    hv = subprocess.run([haproxy, "-v"], capture_output=True, text=True).stdout.split()
-    meta: dict[str, Any] = {
-        "python": platform.python_version(), "loop": args.loop, "openssl": ssl.OPENSSL_VERSION,
-        "haproxy": hv[2] if len(hv) > 2 else "?", "work_dir": str(work),
-    }
     results: dict[str, Any] = {}
     dumps: dict[str, Path] = {}
-    echo_port = ch.free_port()
-    echo = subprocess.Popen([sys.executable, "-c", ch.ECHO_SERVER, str(echo_port)],
-                            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
     started = time.monotonic()
-    try:
-        assert echo.stdout is not None
-        if echo.stdout.readline().strip() != b"ready":
-            raise RuntimeError("the echo backend did not start")
+    with ch.work_dir(args.keep, "request") as work, ch.serving() as echo_port:
+        meta: dict[str, Any] = {
+            "python": platform.python_version(), "loop": args.loop,
+            "openssl": ssl.OPENSSL_VERSION, "haproxy": ch.haproxy_version(),
+            "work_dir": str(work),
+        }
         p = ch.make_pki(work / "pki")
         if "instructions" in modes:
             results["instructions"] = {
@@ -419,11 +358,6 @@ def main() -> int:
             results["latency"] = measure_latency(targets, args, p, work, echo_port)
         if "syscalls" in modes:
             results["syscalls"] = measure_syscalls(targets, args, p, work, echo_port)
-    finally:
-        echo.terminate()
-        echo.wait()
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
     meta["seconds"] = round(time.monotonic() - started, 1)
     if args.json:
         out: dict[str, Any] = {"meta": meta, "results": results}
