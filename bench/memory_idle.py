@@ -76,7 +76,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -370,21 +369,14 @@ def start_sidecar(
 
 
 def in_workdir[T](name: str, keep: Path | None, body: Callable[[Path], T]) -> T:
-    """`body(work)` in a fresh work directory: under `keep` and kept, or a temporary one
+    """`body(work)` in compare_haproxy.work_dir: under `keep` and kept, or a temporary one
     removed afterwards. On a failure the sidecar logs' events are printed first."""
-    if keep:
-        keep.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=keep))
-    else:
-        work = Path(tempfile.mkdtemp(prefix=f"sidecar-{name}-"))
-    try:
-        return body(work)
-    except BaseException:
-        print_events(work)
-        raise
-    finally:
-        if not keep:
-            shutil.rmtree(work, ignore_errors=True)
+    with ch.work_dir(keep, name) as work:
+        try:
+            return body(work)
+        except BaseException:
+            print_events(work)
+            raise
 
 
 def print_events(work: Path, last: int = 40) -> None:

@@ -75,13 +75,8 @@ def worker_good(argv: list[str]) -> int:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             tls = ctx.wrap_socket(raw)
             try:
-                tls.sendall(ch.REQUEST)
-                got = b""
-                while len(got) < len(ch.REQUEST):
-                    part = tls.recv(len(ch.REQUEST) - len(got))
-                    if not part:
-                        raise ConnectionError("EOF before the echo")
-                    got += part
+                if ch.echo_once(tls) != ch.REQUEST:
+                    raise ConnectionError("EOF before the echo")
                 latency = time.monotonic() - t0
                 try:
                     tls.unwrap()
