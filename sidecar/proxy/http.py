@@ -524,7 +524,9 @@ class Session:
             self._update()
             return
         self._dialing = False
-        if self._done:
+        if self._done or r.answered:
+            # Answered while it was dialed (its body turned out malformed in the read that
+            # brought its head): the app must not get a request the caller saw refused.
             sock.close()
             return
         self.app = TcpEndpoint(sock)
