@@ -137,7 +137,7 @@ def tls(tmp_path: Path, ca: Pki) -> TlsClient:
 @pytest.mark.parametrize("shape", SHAPES, ids=list(SHAPES))
 def test_a_smuggling_shape_is_answered_400_and_closed(shape: str, sc: Sidecar, app: HttpApp,
                                                       tls: TlsClient) -> None:
-    before = len(app.requests())
+    before, received = len(app.requests()), app.received
     c = Client.to(sc, tls)
     c.send(SHAPES[shape] + SMUGGLED)
     r = c.response()
@@ -147,10 +147,13 @@ def test_a_smuggling_shape_is_answered_400_and_closed(shape: str, sc: Sidecar, a
     assert r.body.strip(), "the body names the problem"
     assert c.closed()
     assert len(app.requests()) == before, [s.target for s in app.requests()[before:]]
+    # The connection's line is written once the sidecar has ended it: whatever it was
+    # ever going to send the app is out by then, and the app read not a byte of it.
     line = sc.connection(peer_addr=c.local)
+    assert app.received == received, "the app read bytes of a refused request"
     requests = [ln for ln in sc.lines if ln.get("msg") == "request" and ln["id"] == line["id"]]
-    # A chunked body is found malformed only as it streams, after its head was allowed
-    # and sent on: the app's connection is then reset under the incomplete request.
+    # A chunked body is found malformed only as it streams: its head was decided (and
+    # allowed, and the app dialed) before the body's first bytes were parsed.
     decided = "allow" if shape.startswith("chunk-") else "none"
     assert [(ln["status"], ln["decision"]) for ln in requests] == [(400, decided)]
 
