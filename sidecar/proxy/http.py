@@ -327,7 +327,8 @@ class Session:
                     self._refuse_incoming(f"the request head is larger than "
                                           f"{self._max_head} bytes")
                 elif time.monotonic() - pending.started > self._head_timeout:
-                    self._refuse_incoming("", timeout=True)
+                    self._refuse_incoming(f"the request head took longer than "
+                                          f"{self._head_timeout:g}s", timeout=True)
             if n < _FULL_READ:
                 # The engine read until OpenSSL wanted the socket: nothing is left behind,
                 # and a further read would only raise SSLWantReadError (~10k instructions).
@@ -385,10 +386,9 @@ class Session:
             self._drop_app(reset=True)  # the app must not take half a request for a whole
             self._answer_now(r, Answer.INVALID, why)
             return
-        r.refusal = why or "timeout"
+        r.refusal = why
         if timeout:
-            r.refusal = f"the request head took longer than {self._head_timeout:g}s"
-            r.status = 408
+            r.status = 408  # (a head still incomplete: never the forwarding case above)
         self._in = None
         self._no_more = True
         if r not in self.queue:
@@ -399,7 +399,7 @@ class Session:
     def _parser_stopped(self) -> None:
         r = self._in
         if r is not None and r.refusal is not None:
-            self._refuse_incoming(r.refusal, timeout=r.status == 408)
+            self._refuse_incoming(r.refusal)
 
     # llhttp's callbacks for the request parser (httptools looks them up by name).
 
