@@ -65,6 +65,7 @@ class Seen:
 class HttpApp:
     seen: list[Seen] = field(default_factory=list)
     connections: int = 0
+    received: int = 0  # bytes read from every connection, requests or not
     port: int = 0
     errors: list[str] = field(default_factory=list)  # what h11 refused of the sidecar's
 
@@ -144,6 +145,8 @@ class HttpApp:
             event = conn.next_event()
             if event is h11.NEED_DATA:
                 data = await reader.read(65536)
+                with self._lock:
+                    self.received += len(data)
                 conn.receive_data(data)
                 continue
             if event is h11.PAUSED:  # an upgrade: the rest is the tunnel's

@@ -225,3 +225,28 @@ async def test_a_lifetime_end_in_a_request_says_connection_close_on_its_response
         release.set()
         got = await r.read_until_closed()
         assert got == b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+
+
+async def test_a_request_refused_while_the_app_is_dialed_never_reaches_it() -> None:
+    """A chunked POST whose body is malformed in the read that brought its head: the head
+    was allowed and the app is being dialed when the 400 goes out. The connection that
+    dial makes must carry nothing: the caller was told the request was refused."""
+    got: list[bytes] = []
+    ended = asyncio.Event()
+
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                got.append(data)
+        except ConnectionError:
+            pass
+        finally:
+            ended.set()
+            writer.close()
+
+    async with rig(app) as r:
+        await r.send(b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
+        assert (await r.read_until_closed()).startswith(b"HTTP/1.1 400 ")
+        r.caller.close()  # the session's lingering read ends: it closes the app's side too
+        await asyncio.wait_for(ended.wait(), 5)
+    assert got == []

@@ -140,12 +140,6 @@ class _Target:
                    frozenset(rule.methods) if rule.methods else None, exact, prefixes,
                    not rule.paths)
 
-    def matches(self, method: str, path: str) -> bool:
-        if self.methods is not None and method not in self.methods:
-            return False
-        return self.any_path or path in self.exact or (
-            bool(self.prefixes) and path.startswith(self.prefixes))
-
 
 class RequestRules:
     """What a policy says of one peer on one http listener, request by request: made once
@@ -170,16 +164,15 @@ class RequestRules:
         if self.fixed is not None:
             return self.fixed
         deny, allow = self._deny, self._allow
-        for target in self._targets:  # in file order
-            if target.index > deny:
-                break  # in file order: no later rule can change the outcome
+        # In file order; none comes after the connection-level deny (for_peer leaves
+        # them out), and the loop ends at the first http deny: no later rule can win.
+        for target in self._targets:
             if target.index > allow and not target.deny:
                 continue  # an allow after the first one found
             methods = target.methods
             if (methods is None or method in methods) and (
                     target.any_path or path in target.exact
                     or (target.prefixes and path.startswith(target.prefixes))):
-                # (_Target.matches, inline: this runs for every request)
                 if target.deny:
                     deny = target.index
                     break  # any later rule's index is higher

@@ -327,7 +327,8 @@ class Session:
                     self._refuse_incoming(f"the request head is larger than "
                                           f"{self._max_head} bytes")
                 elif time.monotonic() - pending.started > self._head_timeout:
-                    self._refuse_incoming("", timeout=True)
+                    self._refuse_incoming(f"the request head took longer than "
+                                          f"{self._head_timeout:g}s", timeout=True)
             if n < _FULL_READ:
                 # The engine read until OpenSSL wanted the socket: nothing is left behind,
                 # and a further read would only raise SSLWantReadError (~10k instructions).
@@ -385,10 +386,9 @@ class Session:
             self._drop_app(reset=True)  # the app must not take half a request for a whole
             self._answer_now(r, Answer.INVALID, why)
             return
-        r.refusal = why or "timeout"
+        r.refusal = why
         if timeout:
-            r.refusal = f"the request head took longer than {self._head_timeout:g}s"
-            r.status = 408
+            r.status = 408  # (a head still incomplete: never the forwarding case above)
         self._in = None
         self._no_more = True
         if r not in self.queue:
@@ -399,7 +399,7 @@ class Session:
     def _parser_stopped(self) -> None:
         r = self._in
         if r is not None and r.refusal is not None:
-            self._refuse_incoming(r.refusal, timeout=r.status == 408)
+            self._refuse_incoming(r.refusal)
 
     # llhttp's callbacks for the request parser (httptools looks them up by name).
 
@@ -524,7 +524,9 @@ class Session:
             self._update()
             return
         self._dialing = False
-        if self._done:
+        if self._done or r.answered:
+            # Answered while it was dialed (its body turned out malformed in the read that
+            # brought its head): the app must not get a request the caller saw refused.
             sock.close()
             return
         self.app = TcpEndpoint(sock)
@@ -915,26 +917,11 @@ class Session:
             self._shutdown_peer()
 
     def _write_app(self) -> None:
-        app = self.app
-        assert app is not None
-        while True:
-            data: memoryview | bytes | None = self._pend_app
-            if data is None:
-                out = self._out_app
-                if not out:
-                    return
-                data = out[0] if len(out) == 1 else b"".join(out)
-                out.clear()
-            try:
-                n = app.write(data)
-            except OSError as exc:
-                self._app_write_failed(exc)
-                return
-            if n == len(data):
-                self._pend_app = None
-                continue
-            self._pend_app = memoryview(data)[max(n, 0):]
-            return
+        assert self.app is not None
+        try:
+            self._pend_app, _ = _write(self.app, self._pend_app, self._out_app)
+        except OSError as exc:
+            self._app_write_failed(exc)
 
     def _app_write_failed(self, exc: BaseException) -> None:
         r = self.queue[0] if self.queue else None
@@ -948,31 +935,11 @@ class Session:
             self.abort(Close.APP_RESET)
 
     def _write_peer(self) -> None:
-        peer = self.peer
-        while True:
-            data: memoryview | bytes | None = self._pend_peer
-            if data is None:
-                out = self._out_peer
-                if not out:
-                    self._peer_wwait = 0
-                    return
-                data = out[0] if len(out) == 1 else b"".join(out)
-                out.clear()
-            try:
-                n = peer.write(data)
-            except OSError as exc:
-                self._peer_write_failed(exc)
-                return
-            if n == len(data):
-                self._pend_peer = None
-                continue
-            if n < 0:
-                self._pend_peer = data  # retried as these very bytes
-                self._peer_wwait = n
-            else:  # part of it (TCP): the rest is a new write
-                self._pend_peer = memoryview(bytes(data[n:]))
-                self._peer_wwait = WANT_WRITE
-            return
+        try:
+            self._pend_peer, self._peer_wwait = _write(self.peer, self._pend_peer,
+                                                       self._out_peer)
+        except OSError as exc:
+            self._peer_write_failed(exc)
 
     def _peer_write_failed(self, exc: BaseException) -> None:
         self.rec.detail = f"writing to the caller failed: {exc}"
@@ -1097,6 +1064,28 @@ class Session:
                 rule = self._labels[decision.rule] = metrics.rule_label(self._policy,
                                                                         decision.rule)
         metrics.requests.add(self.listener, label, rule, r.status, seconds)
+
+
+def _write(ep: Endpoint, pending: memoryview | bytes | None,
+           out: list[bytes]) -> tuple[memoryview | bytes | None, int]:
+    """Write `pending`, then what gathered in `out` (joined: one call); what is still
+    pending afterwards and what it waits for (0: nothing is, WANT_READ / WANT_WRITE).
+    A write that wanted a retry is kept as these very bytes (TLS must be given them
+    again); a part taken (TCP) leaves the rest. Raises OSError when the socket failed."""
+    while True:
+        data = pending
+        if data is None:
+            if not out:
+                return None, 0
+            data = out[0] if len(out) == 1 else b"".join(out)
+            out.clear()
+        n = ep.write(data)
+        if n == len(data):
+            pending = None
+        elif n < 0:
+            return data, n
+        else:
+            return memoryview(data)[n:], WANT_WRITE
 
 
 def serve(rt: Runtime, cfg: InboundListener, rec: Record, ep: TlsEndpoint,

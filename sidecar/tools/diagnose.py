@@ -413,6 +413,12 @@ def _http(sock: ssl.SSLSocket, args: argparse.Namespace, host: str, out: Outcome
     path = args.http if args.http.startswith("/") else "/" + args.http
     head = (f"GET {path} HTTP/1.1\r\nHost: {args.server_name or host}\r\n"
             "User-Agent: sidecar-diagnose\r\nAccept: */*\r\nConnection: close\r\n\r\n")
+
+    def failed(detail: str, explanation: str) -> None:
+        out.step("http request", False, f"GET {path}: {detail}", started)
+        out.ok, out.reason, out.explanation = False, "http", explanation
+        out.fix = "is this an http listener? (`inbound[].protocol: http`)"
+
     sock.settimeout(HANDSHAKE_TIMEOUT)
     data = b""
     try:
@@ -423,21 +429,13 @@ def _http(sock: ssl.SSLSocket, args: argparse.Namespace, host: str, out: Outcome
                 break
             data += part
     except (OSError, ssl.SSLError) as exc:
-        out.step("http request", False, f"GET {path}: {exc}", started)
-        out.ok = False
-        out.reason = "http"
-        out.explanation = f"the HTTP request failed: {exc}"
-        out.fix = "is this an http listener? (`inbound[].protocol: http`)"
+        failed(str(exc), f"the HTTP request failed: {exc}")
         return
     status_line, _, rest = data.partition(b"\r\n")
     parts = status_line.split(b" ", 2)
     if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
         shown = status_line[:80].decode("latin-1") or "nothing"
-        out.step("http request", False, f"GET {path}: no HTTP response ({shown!r})", started)
-        out.ok = False
-        out.reason = "http"
-        out.explanation = "the server did not answer with HTTP"
-        out.fix = "is this an http listener? (`inbound[].protocol: http`)"
+        failed(f"no HTTP response ({shown!r})", "the server did not answer with HTTP")
         return
     out.http_status = int(parts[1])
     fields = rest.partition(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")

@@ -10,12 +10,14 @@ import socket
 import ssl
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
+from http_app import HttpApp
 from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import (
@@ -30,7 +32,8 @@ from .conftest import (
     write_svid_dir,
 )
 
-__all__ = ["FRONTEND", "PAYMENTS", "Client", "Response", "start_sidecar"]
+__all__ = ["FRONTEND", "PAYMENTS", "Client", "Response", "module_app_and_sidecar",
+           "start_sidecar"]
 
 
 def start_sidecar(directory: Path, ca: Pki, forward_to: str, policy: dict[str, Any], *,
@@ -56,6 +59,29 @@ def start_sidecar(directory: Path, ca: Pki, forward_to: str, policy: dict[str, A
     sc = Sidecar(name, path, loop)
     sc.start()
     return sc
+
+
+def module_app_and_sidecar(policy: dict[str, Any], *,
+                           limits: dict[str, Any] | None = None) -> tuple[Any, Any]:
+    """The fixtures `app` (an HttpApp) and `sc` (a sidecar in front of it, with `policy`
+    and `limits`), each started once for the test module that assigns them:
+    `app, sc = module_app_and_sidecar(POLICY)`."""
+
+    @pytest.fixture(scope="module")
+    def app() -> Iterator[HttpApp]:
+        a = HttpApp().start()
+        yield a
+        a.close()
+
+    @pytest.fixture(scope="module")
+    def sc(tmp_path_factory: pytest.TempPathFactory, ca: Pki,
+           app: HttpApp) -> Iterator[Sidecar]:
+        s = start_sidecar(tmp_path_factory.mktemp("http"), ca, app.address, policy,
+                          limits=limits)
+        yield s
+        assert s.stop() == 0, s.tail()
+
+    return app, sc
 
 
 @dataclass

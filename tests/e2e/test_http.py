@@ -15,7 +15,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -39,6 +38,7 @@ from .http_support import (
     chunked,
     leaf_hash,
     metric,
+    module_app_and_sidecar,
     request,
     request_line,
     request_lines,
@@ -61,26 +61,8 @@ POLICY = {
     ],
 }
 
+app, sc = module_app_and_sidecar(POLICY)
 
-@pytest.fixture(scope="module")
-def app() -> Iterator[HttpApp]:
-    a = HttpApp().start()
-    yield a
-    a.close()
-
-
-@pytest.fixture(scope="module")
-def sc(tmp_path_factory: pytest.TempPathFactory, ca: Pki, app: HttpApp) -> Iterator[Sidecar]:
-    s = start_sidecar(tmp_path_factory.mktemp("http"), ca, app.address, POLICY)
-    yield s
-    assert s.stop() == 0, s.tail()
-
-
-@pytest.fixture
-def tls(tmp_path: Path, ca: Pki) -> TlsClient:
-    d = tmp_path / "clients"
-    d.mkdir()
-    return TlsClient(d, ca)
 
 
 def seen_target(app: HttpApp, marker: str) -> list[str]:
@@ -91,8 +73,8 @@ def seen_target(app: HttpApp, marker: str) -> list[str]:
 
 
 def test_an_allowed_request_reaches_the_app_with_our_xfcc(sc: Sidecar, app: HttpApp,
-                                                          tls: TlsClient, ca: Pki) -> None:
-    c = Client.to(sc, tls)
+                                                          tls_client: TlsClient, ca: Pki) -> None:
+    c = Client.to(sc, tls_client)
     r = c.get("/hello?x=1", headers={"X-Forwarded-Client-Cert": "By=spiffe://evil;URI=forged",
                                      "x-forwarded-client-cert": "URI=spiffe://example.org/admin"})
     assert r.status == 200
@@ -114,8 +96,8 @@ def test_an_allowed_request_reaches_the_app_with_our_xfcc(sc: Sidecar, app: Http
 
 
 def test_the_path_is_judged_normalized_and_the_app_receives_that_path(
-        sc: Sidecar, app: HttpApp, tls: TlsClient) -> None:
-    c = Client.to(sc, tls)
+        sc: Sidecar, app: HttpApp, tls_client: TlsClient) -> None:
+    c = Client.to(sc, tls_client)
     for target in ("/api/../admin", "/api/%2e%2e/admin/users", "//admin", "/x/./../admin"):
         r = c.get(target)
         assert r.status == 403, (target, r)
@@ -130,8 +112,8 @@ def test_the_path_is_judged_normalized_and_the_app_receives_that_path(
     c.close()
 
 
-def test_rules_on_methods_and_paths(sc: Sidecar, app: HttpApp, tls: TlsClient) -> None:
-    c = Client.to(sc, tls, BATCH)
+def test_rules_on_methods_and_paths(sc: Sidecar, app: HttpApp, tls_client: TlsClient) -> None:
+    c = Client.to(sc, tls_client, BATCH)
     assert c.get("/reports/q1").status == 200
     assert c.get("/reports/q1", method="HEAD").status == 200
     assert c.get("/reports/q1", method="POST", body=b"").status == 403
@@ -145,8 +127,8 @@ def test_rules_on_methods_and_paths(sc: Sidecar, app: HttpApp, tls: TlsClient) -
 
 
 def test_a_denied_request_without_a_body_keeps_the_connection(sc: Sidecar, app: HttpApp,
-                                                              tls: TlsClient) -> None:
-    c = Client.to(sc, tls)
+                                                              tls_client: TlsClient) -> None:
+    c = Client.to(sc, tls_client)
     r = c.get("/admin/x")
     assert r.status == 403 and not r.header("connection")
     assert c.get("/after-403").status == 200  # the same connection
@@ -154,8 +136,8 @@ def test_a_denied_request_without_a_body_keeps_the_connection(sc: Sidecar, app: 
 
 
 def test_a_denied_request_with_a_body_is_answered_and_closed(sc: Sidecar, app: HttpApp,
-                                                             tls: TlsClient) -> None:
-    c = Client.to(sc, tls)
+                                                             tls_client: TlsClient) -> None:
+    c = Client.to(sc, tls_client)
     c.send(request("POST", "/admin/upload", body=b"x" * 100_000))
     r = c.response()
     assert r.status == 403 and r.header("connection") == ["close"]
@@ -163,9 +145,9 @@ def test_a_denied_request_with_a_body_is_answered_and_closed(sc: Sidecar, app: H
     assert not seen_target(app, "/admin/upload")
 
 
-def test_a_denied_peer_is_never_dialed(sc: Sidecar, app: HttpApp, tls: TlsClient) -> None:
+def test_a_denied_peer_is_never_dialed(sc: Sidecar, app: HttpApp, tls_client: TlsClient) -> None:
     before = app.connections
-    c = Client.to(sc, tls, OPS)
+    c = Client.to(sc, tls_client, OPS)
     for _ in range(3):
         assert c.get("/anything").status == 403
     c.close()
@@ -177,10 +159,10 @@ def test_a_denied_peer_is_never_dialed(sc: Sidecar, app: HttpApp, tls: TlsClient
 
 
 @pytest.mark.parametrize("framing", ["length", "chunked"])
-def test_a_large_upload_arrives_whole(sc: Sidecar, app: HttpApp, tls: TlsClient,
+def test_a_large_upload_arrives_whole(sc: Sidecar, app: HttpApp, tls_client: TlsClient,
                                       framing: str) -> None:
     body = big_body(3 * 1024 * 1024 + 17)
-    c = Client.to(sc, tls)
+    c = Client.to(sc, tls_client)
     if framing == "length":
         data = request("PUT", f"/upload-{framing}", body=body)
     else:
@@ -198,9 +180,9 @@ def test_a_large_upload_arrives_whole(sc: Sidecar, app: HttpApp, tls: TlsClient,
 
 
 @pytest.mark.parametrize("framing", ["length", "chunked", "close"])
-def test_a_large_download_arrives_whole(sc: Sidecar, tls: TlsClient, framing: str) -> None:
+def test_a_large_download_arrives_whole(sc: Sidecar, tls_client: TlsClient, framing: str) -> None:
     n = 4 * 1024 * 1024 + 3
-    c = Client.to(sc, tls)
+    c = Client.to(sc, tls_client)
     r = c.get(f"/big?n={n}&framing={framing}")
     assert r.status == 200 and r.body == big_body(n)
     if framing == "close":  # the caller's connection ends with the body
@@ -210,8 +192,8 @@ def test_a_large_download_arrives_whole(sc: Sidecar, tls: TlsClient, framing: st
     c.close()
 
 
-def test_expect_100_continue(sc: Sidecar, tls: TlsClient) -> None:
-    c = Client.to(sc, tls)
+def test_expect_100_continue(sc: Sidecar, tls_client: TlsClient) -> None:
+    c = Client.to(sc, tls_client)
     body = b"y" * 5000
     c.send(request("POST", "/continue", headers={"Expect": "100-continue",
                                                  "Content-Length": str(len(body))}))
@@ -227,8 +209,8 @@ def test_expect_100_continue(sc: Sidecar, tls: TlsClient) -> None:
 
 
 def test_pipelined_requests_are_answered_in_order(sc: Sidecar, app: HttpApp,
-                                                  tls: TlsClient) -> None:
-    c = Client.to(sc, tls)
+                                                  tls_client: TlsClient) -> None:
+    c = Client.to(sc, tls_client)
     c.send(request("GET", "/pipe/1") + request("POST", "/pipe/2", body=b"abc")
            + request("GET", "/admin/pipe/3") + request("HEAD", "/pipe/4")
            + request("GET", "/chunked?pipe=5"))
@@ -244,8 +226,8 @@ def test_pipelined_requests_are_answered_in_order(sc: Sidecar, app: HttpApp,
     c.close()
 
 
-def test_bodiless_responses_keep_the_stream_in_step(sc: Sidecar, tls: TlsClient) -> None:
-    c = Client.to(sc, tls)
+def test_bodiless_responses_keep_the_stream_in_step(sc: Sidecar, tls_client: TlsClient) -> None:
+    c = Client.to(sc, tls_client)
     assert c.get("/status/204").status == 204
     assert c.get("/status/304").status == 304
     assert c.get("/bodiless", method="HEAD").status == 200
@@ -254,18 +236,19 @@ def test_bodiless_responses_keep_the_stream_in_step(sc: Sidecar, tls: TlsClient)
     c.close()
 
 
-def test_connection_close_from_the_caller_and_from_the_app(sc: Sidecar, tls: TlsClient) -> None:
-    c = Client.to(sc, tls)
+def test_connection_close_from_the_caller_and_from_the_app(sc: Sidecar,
+                                                           tls_client: TlsClient) -> None:
+    c = Client.to(sc, tls_client)
     r = c.get("/bye", headers={"Connection": "close"})
     assert r.status == 200 and c.closed()
-    c = Client.to(sc, tls)
+    c = Client.to(sc, tls_client)
     r = c.get("/close")
     assert r.status == 200 and r.header("connection") == ["close"] and c.closed()
 
 
 def test_a_kept_alive_app_connection_closed_under_a_get_is_retried(sc: Sidecar,
-                                                                    tls: TlsClient) -> None:
-    c = Client.to(sc, tls)
+                                                                    tls_client: TlsClient) -> None:
+    c = Client.to(sc, tls_client)
     assert c.get("/drop-second").status == 200
     r = c.get("/drop-second")  # the app closes this one unanswered; a new one answers
     assert r.status == 200
@@ -278,8 +261,8 @@ WS = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": 
       "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
 
 
-def test_an_allowed_websocket_is_passed_through(sc: Sidecar, tls: TlsClient) -> None:
-    c = Client.to(sc, tls)
+def test_an_allowed_websocket_is_passed_through(sc: Sidecar, tls_client: TlsClient) -> None:
+    c = Client.to(sc, tls_client)
     r = c.get("/ws", headers=WS)
     assert r.status == 101 and r.header("upgrade") == ["websocket"]
     payload = big_body(200_000)
@@ -297,16 +280,16 @@ def test_an_allowed_websocket_is_passed_through(sc: Sidecar, tls: TlsClient) -> 
 
 
 def test_a_denied_websocket_never_reaches_the_app(sc: Sidecar, app: HttpApp,
-                                                  tls: TlsClient) -> None:
-    c = Client.to(sc, tls)
+                                                  tls_client: TlsClient) -> None:
+    c = Client.to(sc, tls_client)
     r = c.get("/admin/ws", headers=WS)
     assert r.status == 403
     assert not seen_target(app, "/admin/ws")
     c.close()
 
 
-def test_an_h2c_upgrade_is_refused(sc: Sidecar, app: HttpApp, tls: TlsClient) -> None:
-    c = Client.to(sc, tls)
+def test_an_h2c_upgrade_is_refused(sc: Sidecar, app: HttpApp, tls_client: TlsClient) -> None:
+    c = Client.to(sc, tls_client)
     r = c.get("/h2c", headers={"Connection": "Upgrade, HTTP2-Settings", "Upgrade": "h2c",
                                "HTTP2-Settings": "AAMAAABkAARAAAAAAAIAAAAA"})
     assert r.status == 400 and b"WebSocket" in r.body
@@ -316,17 +299,17 @@ def test_an_h2c_upgrade_is_refused(sc: Sidecar, app: HttpApp, tls: TlsClient) ->
 # --- ALPN ------------------------------------------------------------------------------
 
 
-def test_alpn_agrees_on_http11(sc: Sidecar, tls: TlsClient) -> None:
-    c = Client.to(sc, tls, alpn=["h2", "http/1.1"])
+def test_alpn_agrees_on_http11(sc: Sidecar, tls_client: TlsClient) -> None:
+    c = Client.to(sc, tls_client, alpn=["h2", "http/1.1"])
     assert c.sock.selected_alpn_protocol() == "http/1.1"
     assert c.get("/alpn").status == 200
     c.close()
 
 
-def test_an_h2_only_client_is_refused_with_a_reason(sc: Sidecar, tls: TlsClient) -> None:
+def test_an_h2_only_client_is_refused_with_a_reason(sc: Sidecar, tls_client: TlsClient) -> None:
     before = metric(sc, "sidecar_handshake_errors_total", listener="api",
                     reason="no_application_protocol")
-    ctx = tls.context(tls.ca.svid(FRONTEND))
+    ctx = tls_client.context(tls_client.ca.svid(FRONTEND))
     ctx.set_alpn_protocols(["h2"])
     raw = socket.create_connection(("127.0.0.1", sc.port("api")), timeout=IO_TIMEOUT)
     local = f"{raw.getsockname()[0]}:{raw.getsockname()[1]}"
@@ -343,7 +326,7 @@ def test_an_h2_only_client_is_refused_with_a_reason(sc: Sidecar, tls: TlsClient)
 # --- what is counted ----------------------------------------------------------------------
 
 
-def test_requests_are_counted_by_decision_and_code(sc: Sidecar, tls: TlsClient) -> None:
+def test_requests_are_counted_by_decision_and_code(sc: Sidecar, tls_client: TlsClient) -> None:
     def count(decision: str, code: str) -> float:
         return metric(sc, "sidecar_http_requests_total", listener="api", decision=decision,
                       code=code)
@@ -352,7 +335,7 @@ def test_requests_are_counted_by_decision_and_code(sc: Sidecar, tls: TlsClient) 
     durations = metric(sc, "sidecar_http_request_duration_seconds_count", listener="api")
     decisions = metric(sc, "sidecar_authz_decisions_total", listener="api",
                        decision="deny", rule="no-admin")
-    c = Client.to(sc, tls)
+    c = Client.to(sc, tls_client)
     c.get("/counted")
     c.get("/admin/counted")
     c.close()
@@ -364,8 +347,8 @@ def test_requests_are_counted_by_decision_and_code(sc: Sidecar, tls: TlsClient) 
                   rule="no-admin") == decisions + 1
 
 
-def test_every_request_has_one_line(sc: Sidecar, tls: TlsClient) -> None:
-    c = Client.to(sc, tls)
+def test_every_request_has_one_line(sc: Sidecar, tls_client: TlsClient) -> None:
+    c = Client.to(sc, tls_client)
     for i in range(5):
         c.get(f"/lines/{i}")
     c.close()
@@ -379,13 +362,13 @@ def test_every_request_has_one_line(sc: Sidecar, tls: TlsClient) -> None:
 # --- the app is away --------------------------------------------------------------------
 
 
-def test_an_unreachable_app_is_a_502(tmp_path: Path, ca: Pki, tls: TlsClient) -> None:
+def test_an_unreachable_app_is_a_502(tmp_path: Path, ca: Pki, tls_client: TlsClient) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # nobody listens once it is closed
     sc = start_sidecar(tmp_path, ca, f"127.0.0.1:{port}", POLICY)
     try:
-        c = Client.to(sc, tls)
+        c = Client.to(sc, tls_client)
         r = c.get("/down")
         assert r.status == 502 and r.header("x-sidecar-answer") == ["upstream_unavailable"]
         assert c.closed()
@@ -393,7 +376,7 @@ def test_an_unreachable_app_is_a_502(tmp_path: Path, ca: Pki, tls: TlsClient) ->
         assert line["status"] == 502 and line["decision"] == "allow"
         assert sc.connection(peer_addr=c.local)["reason"] == "upstream_unavailable"
         # A denied request is answered without dialing.
-        c = Client.to(sc, tls)
+        c = Client.to(sc, tls_client)
         assert c.get("/admin").status == 403
         c.close()
     finally:
@@ -404,10 +387,10 @@ def test_an_unreachable_app_is_a_502(tmp_path: Path, ca: Pki, tls: TlsClient) ->
 
 
 def test_audit_mode_forwards_what_it_would_deny(tmp_path: Path, ca: Pki, app: HttpApp,
-                                                tls: TlsClient) -> None:
+                                                tls_client: TlsClient) -> None:
     sc = start_sidecar(tmp_path, ca, app.address, {**POLICY, "mode": "audit"})
     try:
-        c = Client.to(sc, tls)
+        c = Client.to(sc, tls_client)
         r = c.get("/admin/audited")
         assert r.status == 200 and r.json()["target"] == "/admin/audited"
         line = request_line(sc, path="/admin/audited")
@@ -418,10 +401,10 @@ def test_audit_mode_forwards_what_it_would_deny(tmp_path: Path, ca: Pki, app: Ht
 
 
 def test_default_allow_is_honoured(tmp_path: Path, ca: Pki, app: HttpApp,
-                                   tls: TlsClient) -> None:
+                                   tls_client: TlsClient) -> None:
     sc = start_sidecar(tmp_path, ca, app.address, {"default": "allow", "rules": []})
     try:
-        c = Client.to(sc, tls, OPS)
+        c = Client.to(sc, tls_client, OPS)
         assert c.get("/by-default").status == 200
         assert request_line(sc, path="/by-default")["rule"] == "default"
         c.close()
@@ -430,10 +413,10 @@ def test_default_allow_is_honoured(tmp_path: Path, ca: Pki, app: HttpApp,
 
 
 def test_a_reloaded_policy_applies_to_the_next_request(tmp_path: Path, ca: Pki, app: HttpApp,
-                                                       tls: TlsClient) -> None:
+                                                       tls_client: TlsClient) -> None:
     sc = start_sidecar(tmp_path, ca, app.address, POLICY)
     try:
-        c = Client.to(sc, tls)
+        c = Client.to(sc, tls_client)
         assert c.get("/reports/x").status == 200
         policy = {**POLICY, "rules": [*POLICY["rules"],  # type: ignore[list-item]
                                       {"name": "no-reports", "action": "deny",
@@ -472,9 +455,9 @@ def test_diagnose_sends_one_request_and_shows_the_status_and_decision(
 
 
 def test_a_drain_closes_an_idle_kept_alive_connection_at_once(
-        tmp_path: Path, ca: Pki, app: HttpApp, tls: TlsClient) -> None:
+        tmp_path: Path, ca: Pki, app: HttpApp, tls_client: TlsClient) -> None:
     sc = start_sidecar(tmp_path, ca, app.address, POLICY)
-    c = Client.to(sc, tls)
+    c = Client.to(sc, tls_client)
     assert c.get("/before-drain").status == 200
     started = time.monotonic()
     assert sc.stop() == 0  # drain_timeout is 5 s: an idle http connection must not hold it
@@ -484,10 +467,10 @@ def test_a_drain_closes_an_idle_kept_alive_connection_at_once(
 
 
 def test_a_reload_that_denies_a_websockets_request_closes_it(
-        tmp_path: Path, ca: Pki, app: HttpApp, tls: TlsClient) -> None:
+        tmp_path: Path, ca: Pki, app: HttpApp, tls_client: TlsClient) -> None:
     sc = start_sidecar(tmp_path, ca, app.address, POLICY)
     try:
-        kept, cut = Client.to(sc, tls), Client.to(sc, tls)
+        kept, cut = Client.to(sc, tls_client), Client.to(sc, tls_client)
         assert kept.get("/ws/kept", headers=WS).status == 101
         assert cut.get("/ws/cut", headers=WS).status == 101
         policy = {**POLICY, "rules": [{"name": "no-cut", "action": "deny",

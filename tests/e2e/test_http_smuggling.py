@@ -10,14 +10,12 @@ framed the first one differently from its app would pass that second one along.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from http_app import HttpApp
 
-from .conftest import FRONTEND, Pki, Sidecar, TlsClient
-from .http_support import Client, metric, request_line, start_sidecar
+from .conftest import FRONTEND, Sidecar, TlsClient
+from .http_support import Client, metric, module_app_and_sidecar, request_line
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -108,37 +106,18 @@ SHAPES: dict[str, bytes] = {
 }
 
 
-@pytest.fixture(scope="module")
-def app() -> Iterator[HttpApp]:
-    a = HttpApp().start()
-    yield a
-    a.close()
+app, sc = module_app_and_sidecar(
+    {"default": "deny", "rules": [{"name": "frontend", "action": "allow", "from": [FRONTEND]}]},
+    limits={"max_request_head_bytes": HEAD_LIMIT, "max_request_headers": FIELDS_LIMIT,
+            "request_head_timeout": "2s"})
 
-
-@pytest.fixture(scope="module")
-def sc(tmp_path_factory: pytest.TempPathFactory, ca: Pki, app: HttpApp) -> Iterator[Sidecar]:
-    s = start_sidecar(tmp_path_factory.mktemp("smuggling"), ca, app.address,
-                      {"default": "deny", "rules": [
-                          {"name": "frontend", "action": "allow", "from": [FRONTEND]}]},
-                      limits={"max_request_head_bytes": HEAD_LIMIT,
-                              "max_request_headers": FIELDS_LIMIT,
-                              "request_head_timeout": "2s"})
-    yield s
-    assert s.stop() == 0, s.tail()
-
-
-@pytest.fixture
-def tls(tmp_path: Path, ca: Pki) -> TlsClient:
-    d = tmp_path / "clients"
-    d.mkdir()
-    return TlsClient(d, ca)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=list(SHAPES))
 def test_a_smuggling_shape_is_answered_400_and_closed(shape: str, sc: Sidecar, app: HttpApp,
-                                                      tls: TlsClient) -> None:
-    before = len(app.requests())
-    c = Client.to(sc, tls)
+                                                      tls_client: TlsClient) -> None:
+    before, received = len(app.requests()), app.received
+    c = Client.to(sc, tls_client)
     c.send(SHAPES[shape] + SMUGGLED)
     r = c.response()
     assert r.status == 400, (shape, r)
@@ -147,17 +126,20 @@ def test_a_smuggling_shape_is_answered_400_and_closed(shape: str, sc: Sidecar, a
     assert r.body.strip(), "the body names the problem"
     assert c.closed()
     assert len(app.requests()) == before, [s.target for s in app.requests()[before:]]
+    # The connection's line is written once the sidecar has ended it: whatever it was
+    # ever going to send the app is out by then, and the app read not a byte of it.
     line = sc.connection(peer_addr=c.local)
+    assert app.received == received, "the app read bytes of a refused request"
     requests = [ln for ln in sc.lines if ln.get("msg") == "request" and ln["id"] == line["id"]]
-    # A chunked body is found malformed only as it streams, after its head was allowed
-    # and sent on: the app's connection is then reset under the incomplete request.
+    # A chunked body is found malformed only as it streams: its head was decided (and
+    # allowed, and the app dialed) before the body's first bytes were parsed.
     decided = "allow" if shape.startswith("chunk-") else "none"
     assert [(ln["status"], ln["decision"]) for ln in requests] == [(400, decided)]
 
 
 def test_a_valid_request_before_a_bad_one_is_answered_and_the_bad_one_is_not_forwarded(
-        sc: Sidecar, app: HttpApp, tls: TlsClient) -> None:
-    c = Client.to(sc, tls)
+        sc: Sidecar, app: HttpApp, tls_client: TlsClient) -> None:
+    c = Client.to(sc, tls_client)
     c.send(b"GET /first HTTP/1.1\r\n" + H + b"\r\n" + SHAPES["cl-then-te"] + SMUGGLED)
     assert c.response().json()["target"] == "/first"
     assert c.response().status == 400
@@ -165,10 +147,10 @@ def test_a_valid_request_before_a_bad_one_is_answered_and_the_bad_one_is_not_for
     assert not [s for s in app.requests() if s.target in ("/shape", "/smuggled")]
 
 
-def test_a_slow_head_is_answered_408(sc: Sidecar, app: HttpApp, tls: TlsClient) -> None:
+def test_a_slow_head_is_answered_408(sc: Sidecar, app: HttpApp, tls_client: TlsClient) -> None:
     """The head's deadline (limits.request_head_timeout, 2 s here) is checked as its bytes
     arrive: a trickle gets 408 at its first byte past it."""
-    c = Client.to(sc, tls)
+    c = Client.to(sc, tls_client)
     c.send(b"GET /slow HTTP/1.1\r\n")
     time.sleep(2.5)  # the slow caller's own pace: the behaviour under test, not a wait
     c.send(b"X-A: b\r\n")
@@ -178,10 +160,10 @@ def test_a_slow_head_is_answered_408(sc: Sidecar, app: HttpApp, tls: TlsClient) 
     assert request_line(sc, status=408)["decision"] == "none"
 
 
-def test_refusals_are_counted(sc: Sidecar, tls: TlsClient) -> None:
+def test_refusals_are_counted(sc: Sidecar, tls_client: TlsClient) -> None:
     before = metric(sc, "sidecar_http_requests_total", listener="api", decision="none",
                     code="400")
-    c = Client.to(sc, tls)
+    c = Client.to(sc, tls_client)
     c.send(SHAPES["te-then-cl"])
     assert c.response().status == 400
     c.closed()
