@@ -43,7 +43,10 @@ from cryptography import x509
 
 from sidecar import spiffe, svid
 from sidecar.authn import Authenticator, AuthnError
+from sidecar.http1.answers import HEADER as ANSWER_HEADER
+from sidecar.http1.answers import Answer
 from sidecar.modes import TlsVersion
+from sidecar.outcomes import NO_DECISION, DecisionKind
 from sidecar.reasons import Reason
 from sidecar.tls import contexts, openssl
 from sidecar.tls.classify import Failure, classify, skew_note
@@ -398,11 +401,12 @@ def _verdict(sock: ssl.SSLSocket, seat: Seat, out: Outcome) -> ssl.SSLSession | 
 
 
 # What the sidecar's own answers say in `x-sidecar-answer` (http1/answers.py), in words.
-_ANSWERS = {
-    "denied": "denied by the sidecar's policy (its access log names the rule)",
-    "invalid": "refused by the sidecar as a malformed request",
-    "timeout": "refused by the sidecar: the request head was too slow",
-    "upstream_unavailable": "allowed by the policy, but the sidecar could not reach its app",
+_ANSWERS: dict[str, str] = {
+    Answer.DENIED: "denied by the sidecar's policy (its access log names the rule)",
+    Answer.INVALID: "refused by the sidecar as a malformed request",
+    Answer.TIMEOUT: "refused by the sidecar: the request head was too slow",
+    Answer.UPSTREAM_UNAVAILABLE: "allowed by the policy, but the sidecar could not reach "
+                                 "its app",
 }
 HTTP_LIMIT = 64 * 1024  # bytes of the response read, head first
 
@@ -440,13 +444,13 @@ def _http(sock: ssl.SSLSocket, args: argparse.Namespace, host: str, out: Outcome
     out.http_status = int(parts[1])
     fields = rest.partition(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")
     answer = next((v.strip() for k, _, v in (f.partition(":") for f in fields)
-                   if k.strip().lower() == "x-sidecar-answer"), None)
+                   if k.strip().lower() == ANSWER_HEADER), None)
     if answer is not None:
-        out.http_decision = "deny" if answer == "denied" else \
-            "allow" if answer == "upstream_unavailable" else "none"
+        out.http_decision = DecisionKind.DENY if answer == Answer.DENIED else \
+            DecisionKind.ALLOW if answer == Answer.UPSTREAM_UNAVAILABLE else NO_DECISION
         said = _ANSWERS.get(answer, f"answered by the sidecar ({answer})")
     else:
-        out.http_decision = "allow"
+        out.http_decision = DecisionKind.ALLOW
         said = ("allowed by the sidecar's policy (or let through by its audit mode); "
                 "the app answered")
     out.step("http request", answer is None, f"GET {path}: {out.http_status}, {said}",
