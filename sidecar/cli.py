@@ -17,6 +17,7 @@ from typing import Any
 from sidecar import __version__
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_BROKEN_PIPE = 141  # what a shell reports for a command ended by SIGPIPE
 
 
 def _duration(text: str) -> float:
@@ -127,6 +128,18 @@ _DELEGATED = ("inspect", "diagnose", "bench")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit where it cannot be caught
+    except BrokenPipeError:
+        # `sidecar check | head -1`: the reader has all it wanted. Quiet, as `cat` would be,
+        # and stdout pointed at /dev/null so the interpreter's final flush cannot raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+    return code
+
+
+def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in _DELEGATED:
         return _delegate(argv[0], argv[1:])

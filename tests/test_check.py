@@ -189,3 +189,28 @@ def test_a_good_config_is_summed_up(tmp_path: Path) -> None:
                  "1 rule(s), default deny",
                  "allow web: from spiffe://example.org/ns/web/* to in"):
         assert line in out, out
+
+
+def test_an_http_rule_is_summed_up_with_its_methods_and_paths(tmp_path: Path) -> None:
+    """A deny on /admin/* summed up without its paths read as a deny of every caller."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("default: allow\nrules:\n"
+                      "  - {name: no-admin, action: deny, from: ['spiffe://example.org/*'],"
+                      " to: {paths: ['/admin/*'], methods: [GET, POST]}}\n")
+    path = write_config(tmp_path, policy=str(policy), inbound=[
+        {"name": "web", "listen": "127.0.0.1:0", "forward_to": "127.0.0.1:8080",
+         "protocol": "http"}])
+    code, out = check(path)
+    assert code == 0, out
+    assert ("deny no-admin: from spiffe://example.org/* to every inbound "
+            "(http requests only: methods GET, POST; paths /admin/*)") in out, out
+
+
+def test_check_piped_into_a_reader_that_stops_early(tmp_path: Path) -> None:
+    """`sidecar check | head -1`: the closed pipe ends the output quietly, not a traceback."""
+    path = write_config(tmp_path)
+    done = subprocess.run(f"{sys.executable} -m sidecar check -c {path} | head -c 1",
+                          shell=True, capture_output=True, text=True, timeout=60, env=ENV,
+                          executable="/bin/bash")
+    assert "Traceback" not in done.stderr, done.stderr
+    assert "BrokenPipeError" not in done.stderr, done.stderr

@@ -15,7 +15,7 @@ from typing import Final
 
 from sidecar.config import Config, KtlsMode, ListenerProtocol, load_config
 from sidecar.identity import Identity
-from sidecar.policy import Policy, policy_warnings
+from sidecar.policy import Policy, Rule, policy_warnings
 from sidecar.problems import Problem, ProblemsError
 from sidecar.run import fdlimit, preflight, snapshots, workers
 from sidecar.sources.workload_api import MissingExtra
@@ -139,9 +139,19 @@ def summary(config: Config, identity: Identity, policy: Policy | None,
     lines.append(f"policy {policy.source} ({policy.mode}, version {policy.version}): "
                  f"{len(policy.rules)} rule(s), default {policy.default}")
     for rule in policy.rules[:SUMMARY_RULES]:
-        to = ", ".join(rule.listeners) if rule.listeners is not None else "every inbound"
         lines.append(f"  {rule.action} {rule.name}: from "
-                     f"{', '.join(str(p) for p in rule.peers)} to {to}")
+                     f"{', '.join(str(p) for p in rule.peers)} to {_rule_target(rule)}")
     if len(policy.rules) > SUMMARY_RULES:
         lines.append(f"  ... and {len(policy.rules) - SUMMARY_RULES} more")
     return lines
+
+
+def _rule_target(rule: Rule) -> str:
+    """Where a rule applies: its listeners, and for an http rule its methods and paths."""
+    where = ", ".join(rule.listeners) if rule.listeners is not None else "every inbound"
+    if not rule.http_only:
+        return where
+    # Without its methods and paths a deny on /admin/* would read as a deny of everything.
+    what = [f"methods {', '.join(rule.methods)}"] if rule.methods else []
+    what += [f"paths {', '.join(rule.paths)}"] if rule.paths else []
+    return f"{where} (http requests only: {'; '.join(what)})"
