@@ -29,6 +29,7 @@ class Reason(StrEnum):
     PEER_CLOSED = "peer_closed"
     NOT_TLS = "not_tls"
     UPSTREAM_UNAVAILABLE = "upstream_unavailable"
+    BAD_CERTIFICATE = "bad_certificate"
     OTHER = "other"
 
     @property
@@ -38,6 +39,14 @@ class Reason(StrEnum):
     @property
     def fix(self) -> str:
         return _EXPLANATIONS[self][1]
+
+    def words(self, *, by_peer: bool) -> tuple[str, str]:
+        """(explanation, fix) from the seat that saw the failure: the default words judge
+        the peer; `by_peer` (its alert refused us) turns them round to say what of ours it
+        refused, so a client reading `diagnose` is not told to fix the server."""
+        if by_peer and self in _REFUSED_US:
+            return _REFUSED_US[self]
+        return _EXPLANATIONS[self]
 
 
 _EXPLANATIONS: dict[Reason, tuple[str, str]] = {
@@ -125,8 +134,77 @@ _EXPLANATIONS: dict[Reason, tuple[str, str]] = {
         "the connection to the app or the remote could not be opened",
         "check that the app listens on forward_to, or the remote on connect_to",
     ),
+    Reason.BAD_CERTIFICATE: (
+        "the peer refused our certificate with the alert bad_certificate or "
+        "certificate_unknown, which do not say why (Go sends it for any client certificate "
+        "it cannot verify, OpenSSL for one not valid yet or unreadable)",
+        "read the peer's log for why; check that the peer trusts our trust domain's CA, "
+        "that our svid.pem holds our intermediates after the leaf, and that our SVID is "
+        "valid now (`sidecar inspect`)",
+    ),
     Reason.OTHER: (
         "the handshake failed for a reason not classified above",
-        "run `sidecar diagnose` against the peer for details",
+        "the log line's detail carries OpenSSL's own words; `sidecar diagnose HOST:PORT` "
+        "from this host shows each step of the handshake",
+    ),
+}
+
+# The same failures told by the refused side: the peer's alert named a fault of ours.
+_REFUSED_US: dict[Reason, tuple[str, str]] = {
+    Reason.CERT_EXPIRED: (
+        "the peer refused our certificate as expired (or not valid yet: an alert has no "
+        "word for that), by its clock",
+        "check that our SVID is being rotated (`sidecar inspect` shows its validity); if "
+        "it is valid, check the peer's clock",
+    ),
+    Reason.CERT_NOT_YET_VALID: (
+        "our certificate is not valid yet (its notBefore is ahead of the clock), so the "
+        "peer refused it",
+        "the clocks of the two hosts probably differ: check NTP on both",
+    ),
+    Reason.MISSING_INTERMEDIATE: (
+        "we sent our leaf without the intermediate CA that signed it, so the peer could "
+        "not build our chain",
+        "our svid.pem must hold the leaf followed by its intermediates",
+    ),
+    Reason.UNKNOWN_CA: (
+        "the peer refused our certificate: our chain does not lead to a CA it trusts",
+        "give the peer our trust domain's CA (the CA in our bundle.pem) in its trust store, "
+        "or a federated bundle for our trust domain",
+    ),
+    Reason.BAD_SIGNATURE: (
+        "the peer refused our handshake signature or a signature in our chain",
+        "our key file may not match our certificate, or the certificate was altered: "
+        "check svid_key.pem against svid.pem (`sidecar inspect`), reissue if needed",
+    ),
+    Reason.REVOKED: (
+        "the peer refused our certificate as revoked by a CRL it loads",
+        "get a new SVID for this workload; the revoked one must not be used again",
+    ),
+    Reason.INVALID_SVID: (
+        "the peer refused our certificate as not a valid X.509-SVID or not one it "
+        "supports (URI SAN count, CA flag, key usage, extensions)",
+        "check our SVID with `sidecar inspect` and have it reissued as an X.509-SVID: "
+        "exactly one spiffe:// URI SAN, cA=false, digitalSignature key usage",
+    ),
+    Reason.NO_CLIENT_CERT: (
+        "the server requires a client certificate and we sent none",
+        "give this client its SVID (cert and key)",
+    ),
+    Reason.PROTOCOL_VERSION: (
+        "the peer refused the TLS versions we offered (a sidecar accepts TLS 1.3 only "
+        "unless configured)",
+        "offer TLS 1.3 from this side, or let the peer accept TLS 1.2 (on a sidecar: "
+        "tls.min_version: \"1.2\" in its config)",
+    ),
+    Reason.NO_SHARED_CIPHER: (
+        "the peer found no cipher suite, signature algorithm or group it accepts in what "
+        "we offered",
+        "offer an AEAD/ECDHE suite and an ECDSA or RSA-PSS signature from this side",
+    ),
+    Reason.NO_APPLICATION_PROTOCOL: (
+        "the server speaks none of the application protocols (ALPN) we offered (an http "
+        "listener speaks HTTP/1.1 only)",
+        "offer http/1.1 too, or no ALPN at all, or use a tcp listener for h2 and gRPC",
     ),
 }

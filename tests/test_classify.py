@@ -121,7 +121,7 @@ def _now() -> datetime:
         pytest.param(
             lambda inter: pki.issue_svid(inter, CLIENT_ID,
                                          not_before=_now() + timedelta(hours=1)),
-            Reason.CERT_NOT_YET_VALID, None, id="not-yet-valid"),
+            Reason.CERT_NOT_YET_VALID, Reason.BAD_CERTIFICATE, id="not-yet-valid"),
         pytest.param(
             lambda inter: pki.issue_svid(inter, CLIENT_ID, issuer_key=pki.new_key()),
             Reason.BAD_SIGNATURE, Reason.BAD_SIGNATURE, id="bad-signature"),

@@ -127,6 +127,10 @@ def test_every_failure_reason_is_documented_in_the_codes_words() -> None:
         body = sections[reason.value]
         assert f"**Means:** {reason.explanation}." in body, reason
         assert f"**Fix:** {reason.fix}." in body, reason
+        turned = reason.words(by_peer=True)
+        if turned != (reason.explanation, reason.fix):
+            assert f"**When it refused us:** {turned[0]}." in body, reason
+            assert f"**Our fix:** {turned[1]}." in body, reason
     listed = " ".join((DOCS / "failure-reasons.md").read_text().split("## ")[0].split())
     assert all(f"`{r.value}`" in listed for r in Reason), "the list at the top is incomplete"
 

@@ -71,8 +71,10 @@ _LIBRARY_REASONS: dict[str, Reason] = {
     # A handshake message past what we read: once the hello is in, the peer's Certificate
     # (contexts.MAX_CHAIN_BYTES), so a chain-size attack has a name of its own.
     "EXCESSIVE_MESSAGE_SIZE": Reason.MESSAGE_TOO_LARGE,
-    "SSLV3_ALERT_BAD_CERTIFICATE": Reason.OTHER,
-    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": Reason.OTHER,
+    # Neither says what was wrong: Go sends bad_certificate for every client certificate
+    # it cannot verify, OpenSSL certificate_unknown for what it has no alert for.
+    "SSLV3_ALERT_BAD_CERTIFICATE": Reason.BAD_CERTIFICATE,
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": Reason.BAD_CERTIFICATE,
     "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE": Reason.INVALID_SVID,
     "UNEXPECTED_EOF_WHILE_READING": Reason.PEER_CLOSED,
     "WRONG_VERSION_NUMBER": Reason.NOT_TLS,

@@ -62,7 +62,8 @@ VERDICT_WAIT = 1.5
 # Outcomes that mean "the server would not take our certificate" from the client's seat.
 _REFUSED_US = frozenset({str(r) for r in (Reason.PEER_CLOSED, Reason.OTHER, Reason.UNKNOWN_CA,
                                           Reason.CERT_EXPIRED, Reason.BAD_SIGNATURE,
-                                          Reason.INVALID_SVID)})
+                                          Reason.INVALID_SVID, Reason.BAD_CERTIFICATE,
+                                          Reason.REVOKED)})
 _CLIENT_HELLO = 1  # TLS handshake message types
 _CERTIFICATE_REQUEST = 13
 
@@ -202,7 +203,9 @@ def run(args: argparse.Namespace) -> Outcome:
         # The server refused us, and our own certificate says why.
         reason, detail = own
         out.steps.pop()  # the generic outcome line
-        out.fail(reason, f"the server refused our certificate: {detail}")
+        explanation, fix = reason.words(by_peer=True)
+        out.fail(reason, f"the server refused our certificate: {detail}",
+                 explanation=explanation, fix=fix)
     if not out.ok:
         return out
     if session is None:
@@ -288,7 +291,8 @@ def _attempt(
                      started)
             if first:
                 who = "the server refused us: " if f.by_peer else ""
-                out.fail(f.reason, who + f.detail + note)
+                explanation, fix = f.reason.words(by_peer=f.by_peer)
+                out.fail(f.reason, who + f.detail + note, explanation=explanation, fix=fix)
             return None
         out.tls_version, out.cipher = sock.version(), (sock.cipher() or ("",))[0]
         resumed = sock.session_reused
@@ -461,12 +465,12 @@ def _closed_after_handshake(out: Outcome, ended: str, *, ticket: bool) -> None:
     """The server hung up after the handshake, without an alert: say what that shows."""
     if ticket:
         seen = (f"the server accepted our certificate at the handshake (it sent a session "
-                f"ticket), then closed the connection {ended} and no alert")
+                f"ticket), then closed the connection ({ended}, no alert)")
         causes = ("its policy denies our SPIFFE ID, it could not reach its app, or it "
                   "refused our SVID after the handshake")
     else:
-        seen = (f"the server closed the connection right after the handshake, {ended}, "
-                "with no alert and no session ticket")
+        seen = (f"the server closed the connection right after the handshake ({ended}, "
+                "no alert, no session ticket)")
         causes = ("it refused our certificate without saying why, its policy denies our "
                   "SPIFFE ID, or it could not reach its app")
     out.step("after the handshake", False, seen)

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from sidecar.reasons import Reason
 from sidecar.tools import pki
 
 from .conftest import (
@@ -84,6 +85,8 @@ def test_a_broken_client_certificate_is_named_alike_everywhere(
                             files["cert"], "--key", files["key"], "--bundle", files["bundle"],
                             "--json")
     assert code == 1 and out["reason"] == reason, out
+    # Told from the client's seat: the fault is in our own certificate, not the server's.
+    assert (out["explanation"], out["fix"]) == Reason(reason).words(by_peer=True), out
     line = server.wait_line(lambda ln: ln.get("msg") == "connection" and ln.get("reason"))
     assert line["reason"] == reason, line
     assert metric(server, "sidecar_handshake_errors_total", reason=reason) >= 1
@@ -129,6 +132,9 @@ def test_a_tls12_only_peer(server: Sidecar, ca: Pki, tmp_path: Path) -> None:
                             files["cert"], "--key", files["key"], "--bundle", files["bundle"],
                             "--tls-max", "1.2", "--json")
     assert code == 1 and out["reason"] == "protocol_version", out
+    # The client's seat: told to offer 1.3 itself, not to "upgrade the peer".
+    assert out["fix"] == Reason.PROTOCOL_VERSION.words(by_peer=True)[1], out
+    assert "offer TLS 1.3 from this side" in out["fix"], out
     assert server.wait_line(lambda ln: ln.get("reason"))["reason"] == "protocol_version"
 
 

@@ -366,19 +366,20 @@ def test_a_certificate_with_400_uri_sans_writes_a_short_line(
 # --- outbound TLS 1.3: the server refuses our certificate after our handshake ended ----
 
 
-def assert_refused_by_server(a: Sidecar, listener: str) -> dict[str, object]:
+def assert_refused_by_server(a: Sidecar, listener: str, reason: str = "unknown_ca"
+                             ) -> dict[str, object]:
     r = plain_roundtrip(a.port(listener), b"card number 4111")
     assert r.received == b""
     line = a.connection(peer_addr=r.local)
     assert line["close"] == "handshake_failed", line
-    assert line["reason"] == "unknown_ca", line
+    assert line["reason"] == reason, line
     assert "refus" in str(line["detail"]) or "alert" in str(line["detail"]), line
     assert metric(a, "sidecar_handshakes_total", direction="outbound", listener=listener,
                   result="ok") == 0
     assert metric(a, "sidecar_handshakes_total", direction="outbound", listener=listener,
                   result="error") == 1
     assert metric(a, "sidecar_handshake_errors_total", direction="outbound",
-                  listener=listener, reason="unknown_ca") == 1
+                  listener=listener, reason=reason) == 1
     return line
 
 
@@ -411,6 +412,19 @@ def test_outbound_refused_by_our_own_inbound(b: Sidecar, app: EchoApp, ca: Pki,
 def s_server(tmp_path: Path, ca: Pki) -> Iterator[int]:
     """`openssl s_server` as PAYMENTS, trusting only the foreign root: it refuses our
     clients' certificates, after their side of a TLS 1.3 handshake has ended."""
+    yield from _s_server(tmp_path, ca, ca.foreign_root.cert)
+
+
+@pytest.fixture
+def s_server_wanting_a_host_name(tmp_path: Path, ca: Pki) -> Iterator[int]:
+    """`openssl s_server` trusting our root but checking the client certificate for a DNS
+    name an SVID does not carry: OpenSSL refuses it with bad_certificate (as Go does for
+    any client certificate it cannot verify)."""
+    yield from _s_server(tmp_path, ca, ca.root.cert, "-verify_hostname", "web.example")
+
+
+def _s_server(tmp_path: Path, ca: Pki, trusted: x509.Certificate, *extra: str
+              ) -> Iterator[int]:
     openssl = shutil.which("openssl")
     if openssl is None:
         pytest.skip("openssl is not on PATH: cannot start s_server")
@@ -418,7 +432,7 @@ def s_server(tmp_path: Path, ca: Pki) -> Iterator[int]:
     d.mkdir()
     (d / "cert.pem").write_bytes(ca.svid(PAYMENTS).chain_pem())
     (d / "key.pem").write_bytes(ca.svid(PAYMENTS).key_pem())
-    (d / "ca.pem").write_bytes(pki.certs_pem([ca.foreign_root.cert]))
+    (d / "ca.pem").write_bytes(pki.certs_pem([trusted]))
     with socket.socket() as probe:  # s_server cannot report a port-0 binding
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -426,7 +440,7 @@ def s_server(tmp_path: Path, ca: Pki) -> Iterator[int]:
         [openssl, "s_server", "-accept", f"127.0.0.1:{port}", "-quiet", "-tls1_3",
          "-cert", str(d / "cert.pem"), "-cert_chain", str(d / "cert.pem"),
          "-key", str(d / "key.pem"), "-CAfile", str(d / "ca.pem"),
-         "-Verify", "1", "-verify_return_error"],
+         "-Verify", "1", "-verify_return_error", *extra],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + IO_TIMEOUT
@@ -455,6 +469,15 @@ def test_outbound_refused_by_openssl_s_server(sidecar: SidecarFactory, s_server:
     a = sidecar("a", spiffe_id=FRONTEND, outbound=[
         {"name": "out", "connect_to": f"127.0.0.1:{s_server}", "expect_ids": [PAYMENTS]}])
     assert_refused_by_server(a, "out")
+
+
+def test_bad_certificate_from_a_server_that_does_not_say_why(
+        sidecar: SidecarFactory, s_server_wanting_a_host_name: int) -> None:
+    a = sidecar("a", spiffe_id=FRONTEND, outbound=[
+        {"name": "out", "connect_to": f"127.0.0.1:{s_server_wanting_a_host_name}",
+         "expect_ids": [PAYMENTS]}])
+    line = assert_refused_by_server(a, "out", "bad_certificate")
+    assert "bad certificate" in str(line["detail"]), line
 
 
 def test_outbound_accepted_counts_ok_once(sidecar: SidecarFactory, b: Sidecar) -> None:

@@ -59,10 +59,11 @@ _SELF_EXPLAINED = frozenset({Reason.NOT_TLS, Reason.PEER_CLOSED, Reason.HANDSHAK
 def handshake_error(exc: BaseException) -> RequestError:
     failure = classify(exc)
     reason = failure.reason
+    explanation, fix = reason.words(by_peer=failure.by_peer)
     if failure.by_peer:
-        return RequestError(reason, f"the server refused us: {failure.detail}")
-    words = reason.explanation if reason in _SELF_EXPLAINED else failure.detail
-    return RequestError(reason, f"handshake failed: {words}; {reason.fix}")
+        return RequestError(reason, f"the server refused us: {failure.detail}; {fix}")
+    words = explanation if reason in _SELF_EXPLAINED else failure.detail
+    return RequestError(reason, f"handshake failed: {words}; {fix}")
 
 
 def response_error(exc: BaseException, timeout: float) -> RequestError:
