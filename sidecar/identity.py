@@ -255,7 +255,7 @@ def _assemble(
     if problems or own is None:
         raise ProblemsError(problems)
     leaf, intermediates = chain[0], tuple(chain[1:])
-    sid = _check_leaf(where, leaf, key_obj, now, problems)
+    sid = _check_leaf(where, key_where, leaf, key_obj, now, problems)
     if sid is None:
         raise ProblemsError(problems)
     td = sid.trust_domain.name
@@ -390,15 +390,17 @@ def _check_crl(
 
 
 def _check_leaf(
-    where: str, leaf: x509.Certificate, key: object, now: dt.datetime, problems: list[Problem]
+    where: str, key_where: str, leaf: x509.Certificate, key: object, now: dt.datetime,
+    problems: list[Problem],
 ) -> spiffe.SpiffeId | None:
-    pub = leaf.public_key()
-    if pub.public_bytes(serialization.Encoding.DER,
-                        serialization.PublicFormat.SubjectPublicKeyInfo) != \
-            key.public_key().public_bytes(  # type: ignore[attr-defined]
-                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo):
-        problems.append(Problem(where, "the private key does not match this certificate "
-                                           "(a rotation caught halfway: cert and key differ)"))
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    ours = key.public_key().public_bytes(serialization.Encoding.DER, spki)  # type: ignore[attr-defined]
+    if leaf.public_key().public_bytes(serialization.Encoding.DER, spki) != ours:
+        # Blamed on the key: the certificate is usually the file a person checked.
+        problems.append(Problem(key_where, f"this private key does not match the "
+                                f"certificate in {where}: both must come from the same "
+                                "issuance (the key of another SVID, or a rotation caught "
+                                "between writing one and the other)"))
     if now < leaf.not_valid_before_utc:
         problems.append(Problem(where, f"not valid before "
                                            f"{leaf.not_valid_before_utc:%Y-%m-%dT%H:%M:%SZ}"))

@@ -7,6 +7,7 @@ is stopped with SIGTERM once it logs "ready".
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import re
@@ -214,3 +215,30 @@ def test_check_piped_into_a_reader_that_stops_early(tmp_path: Path) -> None:
                           executable="/bin/bash")
     assert "Traceback" not in done.stderr, done.stderr
     assert "BrokenPipeError" not in done.stderr, done.stderr
+
+
+def test_a_key_of_another_svid_is_blamed_on_the_key_at_its_yaml_path(tmp_path: Path) -> None:
+    path = write_config(tmp_path)
+    config = json.loads(path.read_text())
+    other = pki.write_svid(tmp_path / "other", pki.issue_svid(
+        pki.new_intermediate(pki.new_root(TD)), f"spiffe://{TD}/ns/a/sa/c"), [])
+    key = str(tmp_path / "other" / other.key)
+    config["identity"]["key"] = key
+    path.write_text(json.dumps(config))
+    cert = str(tmp_path / config["identity"]["cert"])
+    agree(path, refused=True, says=f"identity.key: {key}: this private key does not match "
+                                   f"the certificate in {cert}")
+
+
+def test_an_expired_svid_names_its_yaml_path(tmp_path: Path) -> None:
+    root = pki.new_root(TD)
+    files = pki.write_svid(tmp_path / "old", pki.issue_svid(
+        pki.new_intermediate(root), f"spiffe://{TD}/ns/a/sa/b",
+        not_before=dt.datetime.now(dt.UTC) - dt.timedelta(hours=2),
+        not_after=dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)), [root.cert])
+    path = write_config(tmp_path, identity={
+        "cert": str(tmp_path / "old" / files.cert), "key": str(tmp_path / "old" / files.key),
+        "bundle": str(tmp_path / "old" / files.bundle), "watch": False})
+    code, out = check(path)
+    assert code == 1, out
+    assert f"identity.cert: {tmp_path / 'old' / files.cert}: expired at" in out, out

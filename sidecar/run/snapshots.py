@@ -17,7 +17,7 @@ from sidecar.config import Config
 from sidecar.identity import Identity, changed_parts, load_identity
 from sidecar.observe import logs, metrics
 from sidecar.policy import DENY_ALL, Policy, load_policy
-from sidecar.problems import ProblemsError
+from sidecar.problems import Problem, ProblemsError
 from sidecar.proxy.runtime import Runtime
 from sidecar.run import preflight
 from sidecar.sources import watch as reload
@@ -33,8 +33,31 @@ def identity_of(config: Config) -> Identity:
         from sidecar.sources import workload_api  # grpc: only where it is used
 
         return workload_api.fetch_once(ident.workload_api, ident.spiffe_id, timeout=5.0)
-    return load_identity(ident.cert, ident.key, ident.bundle, ident.federated_bundles,
-                         ident.crl)
+    try:
+        return load_identity(ident.cert, ident.key, ident.bundle, ident.federated_bundles,
+                             ident.crl)
+    except ProblemsError as exc:
+        raise ProblemsError(_at_yaml_paths(exc.problems, config)) from None
+
+
+def _at_yaml_paths(problems: tuple[Problem, ...], config: Config) -> list[Problem]:
+    """The identity loader names files; a person edits the config: lead with the key that
+    names the file (`identity.key: /path: ...`), as a missing file's problem does."""
+    keys = {path: key for key, (path, _) in _identity_files(config).items()}
+    return [Problem(keys[p.where], f"{p.where}: {p.message}") if p.where in keys else p
+            for p in problems]
+
+
+def _identity_files(config: Config) -> dict[str, tuple[str, str]]:
+    """YAML key -> (the file it names, the reload kind a fault in it counts as)."""
+    ident = config.identity
+    files = {"identity.cert": (str(ident.cert), "svid"), "identity.key": (str(ident.key), "svid"),
+             "identity.bundle": (str(ident.bundle), "bundle")}
+    files.update({f"identity.federated_bundles.{domain}": (str(path), "bundle")
+                  for domain, path in ident.federated_bundles.items()})
+    files.update({"identity.crl" if len(ident.crl) == 1 else f"identity.crl[{i}]":
+                  (str(path), "crl") for i, path in enumerate(ident.crl)})
+    return files
 
 
 def policy_of(config: Config) -> Policy:
@@ -129,13 +152,12 @@ class Swaps:
     def reloadables(self) -> list[reload.Reloadable]:
         """The identity and (when configured) the policy, each with its files."""
         config, ident = self.config, self.config.identity
-        trust = {path: "bundle" for path in (ident.bundle, *ident.federated_bundles.values())}
         out = [] if ident.workload_api is not None else [reload.Reloadable(
             "svid",
             (ident.cert, ident.key, ident.bundle, *ident.federated_bundles.values(),
              *ident.crl),
             lambda: identity_of(config), self.identity, parts=changed_parts,
-            kind_of=trust | {path: "crl" for path in ident.crl})]
+            kind_of={key: kind for key, (_, kind) in _identity_files(config).items()})]
         # The Workload API's stream swaps the identity itself (sources/workload_api.py).
         if config.policy is not None:
             out.append(reload.Reloadable("policy", (config.policy,), lambda: policy_of(config),

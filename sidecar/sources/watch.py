@@ -155,7 +155,7 @@ class Reloadable:
         swap: Callable[[object], bool],
         *,
         parts: Callable[[object, object], Collection[str]] | None = None,
-        kind_of: Mapping[Path, str] | None = None,
+        kind_of: Mapping[str, str] | None = None,
         timeout: float = LOAD_TIMEOUT,
     ) -> None:
         self.kind = kind  # the `kind` label of sidecar_reloads_total
@@ -163,9 +163,10 @@ class Reloadable:
         self._load = load  # runs in a thread; raises ProblemsError
         self._swap = swap  # runs on the loop; False when nothing changed
         # Which kinds a change is counted as: parts(old, new) (an identity reload can be
-        # a new SVID, a new bundle, a new CRL); kind_of: the kind of a file at fault.
+        # a new SVID, a new bundle, a new CRL); kind_of: the kind of a problem's place (the
+        # YAML key naming the file at fault).
         self._parts = parts
-        self._kind_of = {str(p): k for p, k in (kind_of or {}).items()}
+        self._kind_of = dict(kind_of or {})
         self._last: object | None = None
         self._timeout = timeout
         self._stuck: list[BoundedLoad[object]] = []  # abandoned, still blocked
