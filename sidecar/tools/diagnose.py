@@ -68,6 +68,32 @@ _CLIENT_HELLO = 1  # TLS handshake message types
 _CERTIFICATE_REQUEST = 13
 
 
+class HttpVerdict(StrEnum):
+    """Why `--http` failed once the handshake worked: the sidecar answered the request
+    itself (the `x-sidecar-answer` words), or nothing HTTP came back."""
+
+    DENIED = "http_denied"  # 403: the policy refused this request
+    INVALID = "http_invalid"  # 400: the sidecar refused the request as malformed
+    TIMEOUT = "http_timeout"  # 408: the request head was too slow
+    UPSTREAM_UNAVAILABLE = "upstream_unavailable"  # 502: allowed, but the app is not there
+    NOT_HTTP = "not_http"  # no HTTP response at all: not an http listener?
+
+
+# The sidecar's own answers, as a verdict with its words and fix.
+_SIDECAR_ANSWERED: dict[str, tuple[HttpVerdict, str, str]] = {
+    Answer.DENIED: (HttpVerdict.DENIED, "the sidecar's policy denies this request from our "
+                    "SPIFFE ID", "read the sidecar's access log line for this request (it "
+                    "names the deciding rule) and change the policy if it should pass"),
+    Answer.INVALID: (HttpVerdict.INVALID, "the sidecar refused the request as malformed",
+                     "the access log line says what was malformed"),
+    Answer.TIMEOUT: (HttpVerdict.TIMEOUT, "the sidecar gave up waiting for the request "
+                     "head", "a slow network path: check it, or raise limits.request_head_timeout"),
+    Answer.UPSTREAM_UNAVAILABLE: (HttpVerdict.UPSTREAM_UNAVAILABLE,
+                                  Reason.UPSTREAM_UNAVAILABLE.explanation,
+                                  Reason.UPSTREAM_UNAVAILABLE.fix),
+}
+
+
 class Setup(StrEnum):
     """Why diagnose never dialled: not a handshake's reason (those are `Reason`s)."""
 
@@ -424,7 +450,7 @@ def _http(sock: ssl.SSLSocket, args: argparse.Namespace, host: str, out: Outcome
 
     def failed(detail: str, explanation: str) -> None:
         out.step("http request", False, f"GET {path}: {detail}", started)
-        out.ok, out.reason, out.explanation = False, "http", explanation
+        out.ok, out.reason, out.explanation = False, HttpVerdict.NOT_HTTP, explanation
         out.fix = "is this an http listener? (`inbound[].protocol: http`)"
 
     sock.settimeout(HANDSHAKE_TIMEOUT)
@@ -459,6 +485,11 @@ def _http(sock: ssl.SSLSocket, args: argparse.Namespace, host: str, out: Outcome
                 "the app answered")
     out.step("http request", answer is None, f"GET {path}: {out.http_status}, {said}",
              started)
+    if answer in _SIDECAR_ANSWERED:
+        # The app never saw the request: that is a failure to call it, as a denial on a
+        # tcp listener is (exit 1 in both modes, so scripts can rely on the code).
+        verdict, explanation, fix = _SIDECAR_ANSWERED[answer]
+        out.ok, out.reason, out.explanation, out.fix = False, verdict, explanation, fix
 
 
 def _closed_after_handshake(out: Outcome, ended: str, *, ticket: bool) -> None:
@@ -532,6 +563,10 @@ def parser() -> argparse.ArgumentParser:
 
 def verdict_line(out: Outcome) -> str:
     """The last line a person reads: what worked, and what was not checked."""
+    if not out.ok and out.http_status is not None:
+        return (f"{out.reason}: mutual TLS works with {out.peer_spiffe_id} ({out.tls_version}), "
+                f"but the sidecar answered HTTP {out.http_status} itself: {out.explanation}."
+                f"\nLikely fix: {out.fix}.")
     if not out.ok:
         return f"{out.reason}: {out.explanation}.\nLikely fix: {out.fix}."
     http = ""

@@ -432,19 +432,23 @@ def test_a_reloaded_policy_applies_to_the_next_request(tmp_path: Path, ca: Pki, 
 # --- sidecar diagnose --http ------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("path", "status", "decision"), [
-    ("/admin/diagnosed", 403, "deny"), ("/diagnosed", 200, "allow")])
+@pytest.mark.parametrize(("path", "status", "decision", "code", "reason"), [
+    ("/admin/diagnosed", 403, "deny", 1, "http_denied"), ("/diagnosed", 200, "allow", 0, None)])
 def test_diagnose_sends_one_request_and_shows_the_status_and_decision(
-        sc: Sidecar, ca: Pki, tmp_path: Path, path: str, status: int, decision: str) -> None:
+        sc: Sidecar, ca: Pki, tmp_path: Path, path: str, status: int, decision: str,
+        code: int, reason: str | None) -> None:
+    """A request the sidecar denied never reached the app: exit 1, as a denial on a tcp
+    listener gives, with the reason named; the app's own answer (any status) is exit 0."""
     files = write_svid_dir(tmp_path / "frontend", ca.svid(FRONTEND), ca.bundle)
     run = subprocess.run(
         [sys.executable, "-m", "sidecar", "diagnose", f"127.0.0.1:{sc.port('api')}",
          "--cert", files["cert"], "--key", files["key"], "--bundle", files["bundle"],
          "--expect-id", PAYMENTS, "--http", path, "--json"],
         capture_output=True, text=True, timeout=60, cwd=REPO)
-    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.returncode == code, run.stdout + run.stderr
     out = json.loads(run.stdout)
     assert (out["http_status"], out["http_decision"]) == (status, decision)
+    assert out["reason"] == reason, out
     step = next(s for s in out["steps"] if s["step"] == "http request")
     assert f"GET {path}: {status}" in step["detail"]
     line = request_line(sc, path=path)
