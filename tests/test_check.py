@@ -132,7 +132,7 @@ def test_more_connections_than_open_files(tmp_path: Path) -> None:
         pytest.skip("no open-file limit low enough to exceed here")
     most = hard  # two descriptors per connection: twice the limit is needed
     path = write_config(tmp_path, limits={"max_connections": most})
-    agree(path, refused=False, says=f"limits.max_connections {most} needs")
+    agree(path, refused=False, says=f"limits.max_connections: {most} connections need")
 
 
 def test_a_memory_session_store_with_workers(tmp_path: Path) -> None:

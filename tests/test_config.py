@@ -897,6 +897,14 @@ def test_more_pending_handshakes_than_connections_is_refused(tmp_path: Path) -> 
     assert "more than max_connections (10)" in problem.message
 
 
+def test_a_lowered_max_connections_lowers_the_unset_pending_handshakes(tmp_path: Path) -> None:
+    """Lowering one key alone once failed: the other's default (1024) was then too high."""
+    limits = parse("limits: {max_connections: 100}\n", tmp_path).limits
+    assert (limits.max_connections, limits.max_pending_handshakes) == (100, 100)
+    limits = parse("limits: {max_connections: 5000}\n", tmp_path).limits
+    assert limits.max_pending_handshakes == 1024
+
+
 def test_pending_handshakes_above_the_default_max_connections(tmp_path: Path) -> None:
     problem = only_problem("limits: {max_pending_handshakes: 20000}\n", tmp_path)
     assert "more than max_connections (10000)" in problem.message

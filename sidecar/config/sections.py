@@ -338,6 +338,7 @@ def _groups(r: _Reader, raw: object) -> tuple[str, ...]:
 def _limits(r: _Reader, raw: object) -> Limits:
     m = r.mapping(raw, "limits", Limits)
     d = Limits()
+    most = r.value(m, "max_connections", "limits", _count, d.max_connections)
     limits = Limits(
         handshake_timeout=r.value(
             m, "handshake_timeout", "limits", _positive_duration, d.handshake_timeout
@@ -346,9 +347,11 @@ def _limits(r: _Reader, raw: object) -> Limits:
         connect_timeout=r.value(
             m, "connect_timeout", "limits", _positive_duration, d.connect_timeout
         ),
-        max_connections=r.value(m, "max_connections", "limits", _count, d.max_connections),
+        max_connections=most,
+        # Unset, it follows a lowered max_connections: lowering one key must not make the
+        # other's default an error.
         max_pending_handshakes=r.value(
-            m, "max_pending_handshakes", "limits", _count, d.max_pending_handshakes
+            m, "max_pending_handshakes", "limits", _count, min(d.max_pending_handshakes, most)
         ),
         max_connection_lifetime=r.value(
             m, "max_connection_lifetime", "limits", parse_duration, d.max_connection_lifetime

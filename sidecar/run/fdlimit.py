@@ -30,9 +30,9 @@ def shortfall(max_connections: int, limit: int) -> str | None:
     if limit == resource.RLIM_INFINITY or needed <= limit:
         return None
     fits = max(0, (limit - RESERVE) // 2)
-    return (f"limits.max_connections {max_connections} needs ~{needed} open files, but this "
-            f"process may open {limit}: about {fits} connections fit; lower max_connections "
-            "or raise the limit (ulimit -n)")
+    return (f"{max_connections} connections need ~{needed} open files, but this process "
+            f"may open {limit}: about {fits} fit; lower max_connections or raise the limit "
+            "(ulimit -n)")
 
 
 def raise_for(max_connections: int) -> None:
@@ -40,5 +40,5 @@ def raise_for(max_connections: int) -> None:
     limit = raise_limit()
     why = shortfall(max_connections, limit)
     if why is not None:
-        logs.event(logging.WARNING, why, fd_limit=limit,
+        logs.event(logging.WARNING, f"limits.max_connections: {why}", fd_limit=limit,
                    connections_that_fit=max(0, (limit - RESERVE) // 2))
