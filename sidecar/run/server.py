@@ -286,7 +286,7 @@ class Server:
         load and the watch start is not missed."""
         await asyncio.sleep(0)
         for r in self._reloadables:
-            await r.reload("start")
+            await r.reload(reload.START)
 
     def _background(self) -> list[asyncio.Task[None]]:
         assert self.rt is not None

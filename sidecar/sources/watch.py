@@ -47,6 +47,7 @@ from sidecar.times import rfc3339
 # Retries of a set that does not validate: spiffe-helper's three writes land within
 # milliseconds of each other, so a few short waits cover a rotation caught halfway.
 RETRY_DELAYS = (0.1, 0.3, 0.6, 1.0)
+START = "start"  # the trigger of the re-read right after the watch began
 # Group a burst of file events (three files, a symlink swap) into one reload.
 WATCH_STEP_MS = 100
 WATCH_DEBOUNCE_MS = 1000
@@ -211,8 +212,11 @@ class Reloadable:
                     for kind in kinds:
                         metrics.reloads.labels(kind, "ok").inc()
                 self.last = Outcome("ok", dt.datetime.now(dt.UTC), why, changed)
-                logs.event(logging.INFO, f"{self.kind} reload: ok, "
-                           + ("new files in force" if changed else "nothing changed"),
+                said = "new files in force" if changed else "nothing changed"
+                if why == START and not changed:
+                    # The re-read that closes the gap before the watch began: the usual case.
+                    said = "files re-read once the watch began, the same as first loaded"
+                logs.event(logging.INFO, f"{self.kind} reload: ok, {said}",
                            kind=self.kind, trigger=why, result="ok", changed=changed)
                 return True
             assert last is not None
