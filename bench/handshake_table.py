@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import os
 import platform
 import signal
 import socket
@@ -195,6 +196,47 @@ def cpu_clock(pid: int) -> Callable[[], float]:
     return lambda: time.clock_gettime(cid.value)
 
 
+@dataclass(frozen=True)
+class Counters:
+    """What /proc says of a whole process (every thread, living and ended): CPU split
+    into user and system (10 ms ticks), minor page faults, context switches (summed over
+    the living threads), and how many threads it runs."""
+
+    user: float
+    system: float
+    minflt: int
+    voluntary: int
+    involuntary: int
+    threads: int
+
+    def __sub__(self, o: Counters) -> Counters:
+        return Counters(self.user - o.user, self.system - o.system, self.minflt - o.minflt,
+                        self.voluntary - o.voluntary, self.involuntary - o.involuntary,
+                        self.threads)
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def counters(pid: int) -> Counters:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    f = stat[stat.rindex(")") + 2:].split()
+    # fields from the state on (proc(5) numbering minus 3): 7 minflt, 11 utime, 12 stime,
+    # 17 num_threads
+    vol = inv = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            status = (task / "status").read_text()
+        except OSError:
+            continue  # ended between the listing and the read
+        for line in status.splitlines():
+            if line.startswith("voluntary_ctxt_switches:"):
+                vol += int(line.split()[1])
+            elif line.startswith("nonvoluntary_ctxt_switches:"):
+                inv += int(line.split()[1])
+    return Counters(int(f[11]) / _TICK, int(f[12]) / _TICK, int(f[7]), vol, inv, int(f[17]))
+
+
 def start(target: str, store: str, p: Pki, work: Path, echo_port: int, *, callgrind: bool,
           args: argparse.Namespace) -> Pair:
     work.mkdir(parents=True)
@@ -241,9 +283,16 @@ def measure_cpu(target: str, store: str, p: Pki, c: Clients, work: Path,
         for phase in PHASES:
             n = args.cpu_connections if phase != "refused" else args.refused * 5
             d.run(phase, WARM)
+            was = counters(pair.inbound.pid)
             before = clock()
             seen = check(phase, d.run(phase, n))
-            out[phase] = {"per_connection": (clock() - before) / n, **seen}
+            cpu = clock() - before
+            delta = counters(pair.inbound.pid) - was
+            out[phase] = {"per_connection": cpu / n, "user": delta.user / n,
+                          "system": delta.system / n, "minflt": delta.minflt / n,
+                          "voluntary": delta.voluntary / n,
+                          "involuntary": delta.involuntary / n, "threads": delta.threads,
+                          **seen}
         pair.check_alive()
     return out
 
@@ -332,6 +381,16 @@ def table(r: dict[str, Any], meta: dict[str, Any]) -> str:
     for phase in PHASES:
         lines.append(row(TITLES[phase], lambda st, t, ph=phase: _scaled(
             _median(r, st, t, ph), 1e3), "9.3f"))
+    lines.append("the same runs, per connection, from /proc/PID/stat and task/*/status"
+                 " (CPU in 10 ms ticks)")
+    for key, title, scale, fmt in (("user", "user ms", 1e3, "9.3f"),
+                                   ("system", "system ms", 1e3, "9.3f"),
+                                   ("minflt", "minor page faults", 1.0, "9.2f"),
+                                   ("voluntary", "voluntary switches", 1.0, "9.2f"),
+                                   ("involuntary", "involuntary switches", 1.0, "9.3f")):
+        for phase in PHASES:
+            lines.append(row(f"{phase}: {title}", lambda st, t, ph=phase, k=key, m=scale:
+                             _scaled(_median(r, st, t, ph, k), m), fmt))
     lines.append(f"syscalls per connection (strace -f -c, {meta['connections']} connections)")
     for phase in PHASES:
         lines.append(row(f"{phase}: all", lambda st, t, ph=phase: get(
@@ -361,9 +420,10 @@ def _scaled(v: float | None, k: float) -> float | None:
     return None if v is None else v * k
 
 
-def _median(r: dict[str, Any], store: str, target: str, phase: str) -> float | None:
+def _median(r: dict[str, Any], store: str, target: str, phase: str,
+            key: str = "per_connection") -> float | None:
     runs = r.get("cpu", {}).get(store, {}).get(target, [])
-    values = [run[phase]["per_connection"] for run in runs if phase in run]
+    values = [run[phase][key] for run in runs if key in run.get(phase, {})]
     return statistics.median(values) if values else None
 
 
