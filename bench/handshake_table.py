@@ -37,6 +37,15 @@ Measured as compare_haproxy.py measures (its docstring says how), with these cho
 - syscalls: a separate native run under strace (which slows it: its CPU is not counted).
 
 `--sidecar-root DIR` runs the sidecar of another checkout (a "before" table).
+
+Why the CPU-time ratios exceed the instruction ratios (measured for issue 21): the extra
+time is user time (system time, page faults and wake-ups are at par, rows below), and
+not all instructions cost alike. Python's run at a fraction of OpenSSL's speed: callgrind
+with cache and branch simulation counts, per 1,000 instructions, ~29 L1i misses and ~34
+mispredicted branches in libpython against ~4 and ~7 in libcrypto; and its footprint
+evicts OpenSSL's: with a 1 MiB last level (this machine's L2), libcrypto misses it ~3x as
+often in the sidecar as in HAProxy for the same instructions (perf: +18% libcrypto time).
+The interpreter's build (header line) adds to it.
 """
 
 from __future__ import annotations
@@ -51,6 +60,7 @@ import socket
 import ssl
 import statistics
 import sys
+import sysconfig
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -350,7 +360,8 @@ def table(r: dict[str, Any], meta: dict[str, Any]) -> str:
     head = f"{'':34}" + "".join(f"{s + ' store':^28}" for s in STORES)
     sub = f"{'':34}" + f"{'sidecar':>9}{'haproxy':>9}{'ratio':>7}   " * len(STORES)
     lines = [
-        f"sidecar ({meta['sidecar_root']}, python {meta['python']}, --loop {meta['loop']})"
+        f"sidecar ({meta['sidecar_root']}, python {meta['python']} {meta['python_build']},"
+        f" --loop {meta['loop']})"
         f" vs HAProxy {meta['haproxy']} (nbthread 1); {meta['openssl']}; TLS 1.3,"
         " ECDSA P-256, root + intermediate; inbound proxy only; one connection at a time",
         "memory store: sidecar tls.session_store memory, haproxy no-tls-tickets;"
@@ -416,6 +427,18 @@ def _background(r: dict[str, Any], store: str, target: str, phase: str) -> float
     return float(idle * ph["seconds"] / ph["connections"] / 1e6)
 
 
+def python_build() -> str:
+    """How the interpreter running the sidecar was built: a build without PGO and LTO
+    (pyenv's default) runs Python code ~20-25% slower than one with them (python:3.13-slim,
+    what the product's image runs; distribution packages), and the CPU-time rows carry
+    that, while the instruction rows barely do."""
+    args = str(sysconfig.get_config_var("CONFIG_ARGS") or "")
+    pgo = "--enable-optimizations" in args
+    lto = "--with-lto" in args
+    return "(PGO+LTO)" if pgo and lto else "(PGO)" if pgo else "(LTO)" if lto else \
+        "(no PGO/LTO)"
+
+
 def _scaled(v: float | None, k: float) -> float | None:
     return None if v is None else v * k
 
@@ -472,7 +495,8 @@ def main() -> int:
     started = time.monotonic()
     runs = 0
     with work_dir(args.keep, "table") as work, serving() as echo_port:
-        meta = {"python": platform.python_version(), "loop": args.loop,
+        meta = {"python": platform.python_version(), "python_build": python_build(),
+                "loop": args.loop,
                 "openssl": ssl.OPENSSL_VERSION, "haproxy": haproxy_version(),
                 "sidecar_root": str(args.sidecar_root), "connections": args.connections,
                 "cpu_connections": args.cpu_connections, "refused": args.refused,
