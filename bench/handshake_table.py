@@ -37,6 +37,15 @@ Measured as compare_haproxy.py measures (its docstring says how), with these cho
 - syscalls: a separate native run under strace (which slows it: its CPU is not counted).
 
 `--sidecar-root DIR` runs the sidecar of another checkout (a "before" table).
+
+Why the CPU-time ratios exceed the instruction ratios (measured for issue 21): the extra
+time is user time (system time, page faults and wake-ups are at par, rows below), and
+not all instructions cost alike. Python's run at a fraction of OpenSSL's speed: callgrind
+with cache and branch simulation counts, per 1,000 instructions, ~29 L1i misses and ~34
+mispredicted branches in libpython against ~4 and ~7 in libcrypto; and its footprint
+evicts OpenSSL's: with a 1 MiB last level (this machine's L2), libcrypto misses it ~3x as
+often in the sidecar as in HAProxy for the same instructions (perf: +18% libcrypto time).
+The interpreter's build (header line) adds to it.
 """
 
 from __future__ import annotations
@@ -44,12 +53,14 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import os
 import platform
 import signal
 import socket
 import ssl
 import statistics
 import sys
+import sysconfig
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -195,6 +206,47 @@ def cpu_clock(pid: int) -> Callable[[], float]:
     return lambda: time.clock_gettime(cid.value)
 
 
+@dataclass(frozen=True)
+class Counters:
+    """What /proc says of a whole process (every thread, living and ended): CPU split
+    into user and system (10 ms ticks), minor page faults, context switches (summed over
+    the living threads), and how many threads it runs."""
+
+    user: float
+    system: float
+    minflt: int
+    voluntary: int
+    involuntary: int
+    threads: int
+
+    def __sub__(self, o: Counters) -> Counters:
+        return Counters(self.user - o.user, self.system - o.system, self.minflt - o.minflt,
+                        self.voluntary - o.voluntary, self.involuntary - o.involuntary,
+                        self.threads)
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def counters(pid: int) -> Counters:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    f = stat[stat.rindex(")") + 2:].split()
+    # fields from the state on (proc(5) numbering minus 3): 7 minflt, 11 utime, 12 stime,
+    # 17 num_threads
+    vol = inv = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            status = (task / "status").read_text()
+        except OSError:
+            continue  # ended between the listing and the read
+        for line in status.splitlines():
+            if line.startswith("voluntary_ctxt_switches:"):
+                vol += int(line.split()[1])
+            elif line.startswith("nonvoluntary_ctxt_switches:"):
+                inv += int(line.split()[1])
+    return Counters(int(f[11]) / _TICK, int(f[12]) / _TICK, int(f[7]), vol, inv, int(f[17]))
+
+
 def start(target: str, store: str, p: Pki, work: Path, echo_port: int, *, callgrind: bool,
           args: argparse.Namespace) -> Pair:
     work.mkdir(parents=True)
@@ -241,9 +293,16 @@ def measure_cpu(target: str, store: str, p: Pki, c: Clients, work: Path,
         for phase in PHASES:
             n = args.cpu_connections if phase != "refused" else args.refused * 5
             d.run(phase, WARM)
+            was = counters(pair.inbound.pid)
             before = clock()
             seen = check(phase, d.run(phase, n))
-            out[phase] = {"per_connection": (clock() - before) / n, **seen}
+            cpu = clock() - before
+            delta = counters(pair.inbound.pid) - was
+            out[phase] = {"per_connection": cpu / n, "user": delta.user / n,
+                          "system": delta.system / n, "minflt": delta.minflt / n,
+                          "voluntary": delta.voluntary / n,
+                          "involuntary": delta.involuntary / n, "threads": delta.threads,
+                          **seen}
         pair.check_alive()
     return out
 
@@ -301,7 +360,8 @@ def table(r: dict[str, Any], meta: dict[str, Any]) -> str:
     head = f"{'':34}" + "".join(f"{s + ' store':^28}" for s in STORES)
     sub = f"{'':34}" + f"{'sidecar':>9}{'haproxy':>9}{'ratio':>7}   " * len(STORES)
     lines = [
-        f"sidecar ({meta['sidecar_root']}, python {meta['python']}, --loop {meta['loop']})"
+        f"sidecar ({meta['sidecar_root']}, python {meta['python']} {meta['python_build']},"
+        f" --loop {meta['loop']})"
         f" vs HAProxy {meta['haproxy']} (nbthread 1); {meta['openssl']}; TLS 1.3,"
         " ECDSA P-256, root + intermediate; inbound proxy only; one connection at a time",
         "memory store: sidecar tls.session_store memory, haproxy no-tls-tickets;"
@@ -332,6 +392,16 @@ def table(r: dict[str, Any], meta: dict[str, Any]) -> str:
     for phase in PHASES:
         lines.append(row(TITLES[phase], lambda st, t, ph=phase: _scaled(
             _median(r, st, t, ph), 1e3), "9.3f"))
+    lines.append("the same runs, per connection, from /proc/PID/stat and task/*/status"
+                 " (CPU in 10 ms ticks)")
+    for key, title, scale, fmt in (("user", "user ms", 1e3, "9.3f"),
+                                   ("system", "system ms", 1e3, "9.3f"),
+                                   ("minflt", "minor page faults", 1.0, "9.2f"),
+                                   ("voluntary", "voluntary switches", 1.0, "9.2f"),
+                                   ("involuntary", "involuntary switches", 1.0, "9.3f")):
+        for phase in PHASES:
+            lines.append(row(f"{phase}: {title}", lambda st, t, ph=phase, k=key, m=scale:
+                             _scaled(_median(r, st, t, ph, k), m), fmt))
     lines.append(f"syscalls per connection (strace -f -c, {meta['connections']} connections)")
     for phase in PHASES:
         lines.append(row(f"{phase}: all", lambda st, t, ph=phase: get(
@@ -357,13 +427,26 @@ def _background(r: dict[str, Any], store: str, target: str, phase: str) -> float
     return float(idle * ph["seconds"] / ph["connections"] / 1e6)
 
 
+def python_build() -> str:
+    """How the interpreter running the sidecar was built: a build without PGO and LTO
+    (pyenv's default) runs Python code ~20-25% slower than one with them (python:3.13-slim,
+    what the product's image runs; distribution packages), and the CPU-time rows carry
+    that, while the instruction rows barely do."""
+    args = str(sysconfig.get_config_var("CONFIG_ARGS") or "")
+    pgo = "--enable-optimizations" in args
+    lto = "--with-lto" in args
+    return "(PGO+LTO)" if pgo and lto else "(PGO)" if pgo else "(LTO)" if lto else \
+        "(no PGO/LTO)"
+
+
 def _scaled(v: float | None, k: float) -> float | None:
     return None if v is None else v * k
 
 
-def _median(r: dict[str, Any], store: str, target: str, phase: str) -> float | None:
+def _median(r: dict[str, Any], store: str, target: str, phase: str,
+            key: str = "per_connection") -> float | None:
     runs = r.get("cpu", {}).get(store, {}).get(target, [])
-    values = [run[phase]["per_connection"] for run in runs if phase in run]
+    values = [run[phase][key] for run in runs if key in run.get(phase, {})]
     return statistics.median(values) if values else None
 
 
@@ -412,7 +495,8 @@ def main() -> int:
     started = time.monotonic()
     runs = 0
     with work_dir(args.keep, "table") as work, serving() as echo_port:
-        meta = {"python": platform.python_version(), "loop": args.loop,
+        meta = {"python": platform.python_version(), "python_build": python_build(),
+                "loop": args.loop,
                 "openssl": ssl.OPENSSL_VERSION, "haproxy": haproxy_version(),
                 "sidecar_root": str(args.sidecar_root), "connections": args.connections,
                 "cpu_connections": args.cpu_connections, "refused": args.refused,

@@ -77,7 +77,7 @@ class Authenticator:
         # every connection (three certificates through `cryptography` each time).
         # An answer holds for the bundles it was given under (the very mapping: a new
         # identity snapshot asks again).
-        self._chains: OrderedDict[tuple[bytes, ...], tuple[Peer, _Learnt, object]] = \
+        self._chains: OrderedDict[tuple[bytes, ...], tuple[Peer, _Learnt, object, int]] = \
             OrderedDict()
         self._intermediates: OrderedDict[x509.Name, None] = OrderedDict()
         # Issuers proven to belong to a trust domain, by (trust domain, subject), with the
@@ -85,6 +85,11 @@ class Authenticator:
         self._issuers: OrderedDict[tuple[str, x509.Name], tuple[x509.Certificate, Window]] = \
             OrderedDict()
         self._trust: str | None = None  # the trust_version these answers were given under
+        # How many intermediates and issuers were ever forgotten (evicted or cleared): while
+        # it stays what it was when a chain was cached, what that chain taught is all still
+        # known, and a cached full handshake skips checking (x509.Name hashes and compares
+        # in Python: ~20 calls a connection).
+        self._forgotten = 0
 
     @property
     def known_intermediates(self) -> Collection[x509.Name]:
@@ -97,6 +102,7 @@ class Authenticator:
             self._resumed.clear()
             self._chains.clear()
             self._issuers.clear()
+            self._forgotten += 1
             self._trust = identity.trust_version
         top = identity.intermediates[-1] if identity.intermediates else identity.leaf
         above = _window(c for c in identity.own_bundle.cas if c.subject == top.issuer)
@@ -112,11 +118,13 @@ class Authenticator:
         seen = self._chains.get(key)
         if seen is not None and seen[2] is identity.bundles:
             self._chains.move_to_end(key)
-            for td, issuer, subject, above in seen[1]:  # still known, however many came since
-                if subject not in self._intermediates:
-                    self._remember_intermediate(subject)
-                if (td, subject) not in self._issuers:
-                    self._remember_issuer(td, issuer, above)
+            if seen[3] != self._forgotten:
+                for td, issuer, subject, above in seen[1]:  # known still, however many came
+                    if subject not in self._intermediates:
+                        self._remember_intermediate(subject)
+                    if (td, subject) not in self._issuers:
+                        self._remember_issuer(td, issuer, above)
+                self._chains[key] = (*seen[:3], self._forgotten)
             self._cache(chain[0], seen[0])
             return seen[0]
         try:
@@ -151,7 +159,7 @@ class Authenticator:
         if known == peer:
             peer = known  # one Peer (and SpiffeId) for all of a leaf's connections
         self._cache(chain[0], peer)
-        self._chains[key] = (peer, tuple(learnt), identity.bundles)
+        self._chains[key] = (peer, tuple(learnt), identity.bundles, self._forgotten)
         if len(self._chains) > RESUMED_CACHE:
             self._chains.popitem(last=False)
         return peer
@@ -206,11 +214,13 @@ class Authenticator:
         self._issuers[(trust_domain, cert.subject)] = (cert, window)
         if len(self._issuers) > KNOWN_INTERMEDIATES:
             self._issuers.popitem(last=False)
+            self._forgotten += 1
 
     def _remember_intermediate(self, name: x509.Name) -> None:
         self._intermediates[name] = None
         if len(self._intermediates) > KNOWN_INTERMEDIATES:
             self._intermediates.popitem(last=False)
+            self._forgotten += 1
 
 
 def _svid_id(leaf: x509.Certificate) -> spiffe.SpiffeId:

@@ -61,6 +61,9 @@ class Listener:
         self._loop = loop
         self._on_accept = on_accept
         self._sock = bind(address, reuse_port=reuse_port)
+        # Asked once: socket.family converts to an enum on every read (a Python-level call).
+        self._family = self._sock.family
+        self._tcp = self._family != socket.AF_UNIX
         self._paused = True
         self._why: str | None = None  # why it is paused, while the gauge says so
         self._sampler: asyncio.TimerHandle | None = None
@@ -111,9 +114,13 @@ class Listener:
             self._why = None
 
     def _accept(self) -> None:
+        accept = self._sock._accept  # type: ignore[attr-defined]  # see below
         for _ in range(ACCEPTS_PER_TURN):
             try:
-                conn, addr = self._sock.accept()
+                # The C-level accept, and the socket object made from its descriptor with
+                # what we know of the listener: socket.accept() asks the listener's family
+                # and type anew, each an enum conversion in Python, on every connection.
+                fd, addr = accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
@@ -122,9 +129,10 @@ class Listener:
                 self.pause(OUT_OF_DESCRIPTORS)
                 self._loop.call_later(ACCEPT_BACKOFF, self.resume)
                 return
+            conn = socket.socket(self._family, socket.SOCK_STREAM, 0, fd)
             try:
                 conn.setblocking(False)
-                if conn.family != socket.AF_UNIX:
+                if self._tcp:
                     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 conn.close()  # reset between accept and here
