@@ -490,3 +490,20 @@ def test_parse_round_trip(certs: list[bytes], context: bytes, data: st.DataObjec
     assert parse_certificate_message(tls13_message(certs, context=context, extensions=exts),
                                      tls13=True) == certs[:MAX_KEPT]
     assert parse_certificate_message(tls12_message(certs), tls13=False) == certs[:MAX_KEPT]
+
+
+async def test_a_peer_from_a_trust_domain_we_hold_no_bundle_for_is_told_so(
+    server_ctx: ssl.SSLContext, cas: tuple[CA, CA], tmp_path: Path,
+    sockets: list[socket.socket | TlsEndpoint],
+) -> None:
+    exc, presented = await _unverified_leaf_only(server_ctx, cas, tmp_path, sockets)
+    td = CLIENT_ID.split("/")[2]
+    failure = classify(exc, presented=presented, trust_domains={"other.org"})
+    assert failure.reason is Reason.UNKNOWN_CA
+    assert f"trust domain '{td}', for which we hold no bundle" in failure.detail, failure
+    assert "identity.federated_bundles" in failure.detail
+    # A trust domain we do hold a bundle for: the CA is what is missing, not the bundle.
+    assert "hold no bundle" not in classify(exc, presented=presented,
+                                            trust_domains={td}).detail
+    assert "hold no bundle" not in classify(exc, presented=[b"not DER"],
+                                            trust_domains={"other.org"}).detail

@@ -80,7 +80,8 @@ async def secure(
     except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
         presented = ep.presented_chain()
         f = classify(exc, presented=presented, known_intermediates=rt.authn.known_intermediates,
-                     trusted_names=_trusted_names(rt.contexts.identity))
+                     trusted_names=_trusted_names(rt.contexts.identity),
+                     trust_domains=rt.contexts.identity.bundles.keys())
         detail = f.detail
         if f.reason in (Reason.CERT_EXPIRED, Reason.CERT_NOT_YET_VALID) and not f.by_peer:
             detail += skew_note(presented, rt.clock_skew_hint)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from cryptography import x509
 
 from sidecar.reasons import Reason
-from sidecar.spiffe import quoted
+from sidecar.spiffe import SpiffeId, quoted
 
 # X509_V_ERR_* codes from OpenSSL's x509_vfy.h; stable across 1.1 and 3.x.
 _VERIFY_CODES: dict[int, Reason] = {
@@ -116,13 +116,16 @@ def classify(
     presented: list[bytes] | None = None,
     known_intermediates: Collection[x509.Name] = (),
     trusted_names: Collection[x509.Name] = (),
+    trust_domains: Collection[str] = (),
 ) -> Failure:
     """Classify an exception raised while handshaking. `trusted_names`: the subjects of
-    our bundle CAs, so a CA that copies one's name is not called "not in our bundle"."""
+    our bundle CAs, so a CA that copies one's name is not called "not in our bundle";
+    `trust_domains`: those we hold a bundle for, so a peer from another one is told so."""
     if isinstance(exc, TimeoutError):
         return Failure(Reason.HANDSHAKE_TIMEOUT, "the handshake did not finish in time")
     if isinstance(exc, ssl.SSLCertVerificationError):
-        return _verification(exc, presented, known_intermediates, trusted_names)
+        return _verification(exc, presented, known_intermediates, trusted_names,
+                             trust_domains)
     if isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError):
         return Failure(Reason.PEER_CLOSED, "the peer closed the connection mid-handshake")
     if isinstance(exc, ssl.SSLError):
@@ -152,13 +155,33 @@ def _verification(
     presented: list[bytes] | None,
     known_intermediates: Collection[x509.Name],
     trusted_names: Collection[x509.Name],
+    trust_domains: Collection[str],
 ) -> Failure:
     code = exc.verify_code
     reason = _VERIFY_CODES.get(code, Reason.OTHER)
     detail = str(exc.verify_message)
     if code in _MISSING_ISSUER_CODES and presented:
         reason, detail = _missing_issuer(presented, known_intermediates, trusted_names)
+        if reason is Reason.UNKNOWN_CA and trust_domains:
+            detail += _foreign_domain(presented[0], trust_domains)
     return Failure(reason, detail)
+
+
+def _foreign_domain(leaf_der: bytes, trust_domains: Collection[str]) -> str:
+    """When the peer's SPIFFE ID names a trust domain we hold no bundle for, that is the
+    likelier cause than a CA missing from a bundle we have: say so (only on a refusal)."""
+    try:
+        sans = x509.load_der_x509_certificate(leaf_der).extensions.get_extension_for_class(
+            x509.SubjectAlternativeName).value
+        uris = sans.get_values_for_type(x509.UniformResourceIdentifier)
+        domain = SpiffeId.parse(next(u for u in uris if u.startswith("spiffe://")))
+    except (ValueError, x509.ExtensionNotFound, StopIteration):
+        return ""  # no SPIFFE ID to go by: authentication says more if it gets that far
+    name = domain.trust_domain.name
+    if name in trust_domains:
+        return ""
+    return (f"; its SPIFFE ID is in trust domain {quoted(name)}, for which we hold no "
+            "bundle (add it under identity.federated_bundles to accept it)")
 
 
 # A refused peer usually comes back with the same chain: its last certificate's issuer, as
