@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import os
 import random
+import select
 import socket
 import ssl
 import struct
@@ -25,7 +26,15 @@ from typing import Any
 import pytest
 from tls_pairs import ready, tcp_pair
 
-from sidecar.endpoint import DONE, RESET, WANT_READ, WANT_WRITE, Endpoint, TcpEndpoint
+from sidecar.endpoint import (
+    DONE,
+    RESET,
+    WANT_READ,
+    WANT_WRITE,
+    Endpoint,
+    TcpEndpoint,
+    close_with_reset,
+)
 from sidecar.identity import load_identity
 from sidecar.outcomes import Close
 from sidecar.proxy.pump import CHUNK, Duplex, Flow
@@ -489,6 +498,77 @@ def test_a_ktls_destination_is_retried_with_bytes_no_other_flow_can_touch() -> N
     finally:
         for sk in socks:
             sk.close()
+
+
+class RecordingWriter(TcpEndpoint):
+    """A TCP endpoint whose write keeps what it was given (not kTLS: no copy of its own)."""
+
+    __slots__ = ("writes",)
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(sock)
+        self.writes: list[bytes] = []
+
+    def write(self, data: memoryview | bytes) -> int:
+        self.writes.append(bytes(data))
+        return super().write(data)
+
+
+def test_an_endpoint_that_changes_read_into_or_write_is_called_through_them() -> None:
+    """The pump calls the sockets' own recv_into / send where an endpoint has nothing to
+    add (Endpoint.calls); a subclass that changed read_into or write must still see every
+    chunk."""
+    app, app_far = socket.socketpair()
+    remote, remote_far = socket.socketpair()
+    socks = (app, app_far, remote, remote_far)
+    for sk in socks:
+        sk.setblocking(False)
+    try:
+        src, dst = CountingTcp(app), RecordingWriter(remote)
+        assert src.calls()[0] is None and src.calls()[1] is not None
+        assert dst.calls()[0] == remote.recv_into and dst.calls()[1] is None
+        flow = Flow(src, dst)
+        app_far.sendall(b"hello")
+        assert flow.run()
+        assert src.reads == [5]
+        assert dst.writes == [b"hello"]
+        assert remote_far.recv(100) == b"hello"
+    finally:
+        for sk in socks:
+            sk.close()
+
+
+def test_the_c_level_calls_raise_what_read_into_and_write_return() -> None:
+    """recv / send raise where read_into / write return a code; read_code / write_code
+    give that same code, and raise anything that is a failure."""
+    near, far = tcp_pair()
+    try:
+        ep = TcpEndpoint(near)
+        recv, send = ep.calls()
+        assert recv is not None and send is not None
+        buf = memoryview(bytearray(CHUNK))
+        with pytest.raises(BlockingIOError) as nothing:
+            recv(buf)
+        assert ep.read_code(nothing.value) == WANT_READ
+        assert ep.read_into(buf) == WANT_READ
+        with pytest.raises(BlockingIOError) as full:  # nobody reads far: the buffers fill
+            while True:
+                send(buf)
+        assert ep.write_code(full.value) == WANT_WRITE
+        assert ep.write(buf) == WANT_WRITE
+        gone = BrokenPipeError(32, "Broken pipe")
+        with pytest.raises(BrokenPipeError):
+            ep.write_code(gone)
+        with pytest.raises(BrokenPipeError):
+            ep.read_code(gone)
+        close_with_reset(far)
+        assert select.select([near], [], [], TIMEOUT)[0], "the reset never arrived"
+        with pytest.raises(ConnectionResetError) as reset:
+            recv(buf)
+        assert ep.read_code(reset.value) == RESET
+    finally:
+        near.close()
+        far.close()
 
 
 # --- half-close ---------------------------------------------------------------------------------

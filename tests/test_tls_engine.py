@@ -533,6 +533,26 @@ def test_write_one_mebibyte_through_want_write(run: Run, pairs: Callable[..., Pa
     run(body())
 
 
+def test_send_raises_what_write_returns(run: Run, pairs: Callable[..., Pair],
+                                       server: Contexts, client: Contexts) -> None:
+    """The pump's C-level write (calls) raises where write returns a wish; write_code gives
+    that wish, and raises a failure. A TLS read has no such call: it asks OpenSSL more."""
+    async def body() -> None:
+        p = await connected(pairs(server.server, client.client))
+        recv, send = p.client.calls()
+        assert recv is None and send is not None
+        data = memoryview(os.urandom(CHUNK))
+        with pytest.raises(ssl.SSLWantWriteError) as full:  # nobody reads: buffers fill
+            while True:
+                send(data)
+        assert p.client.write_code(full.value) == WANT_WRITE
+        assert p.client.write_code(ssl.SSLWantReadError()) == WANT_READ
+        with pytest.raises(ssl.SSLZeroReturnError):
+            p.client.write_code(ssl.SSLZeroReturnError())
+
+    run(body())
+
+
 # --- half-close -----------------------------------------------------------------------------
 
 

@@ -35,7 +35,10 @@ a read that finds nothing raises an exception (~7,000 instructions for a socket,
 for TLS, against ~2,000 for a read that gets 64 bytes). The source says after each read
 whether it is drained (`Endpoint.drained`): then the flow waits for the loop to call it
 back instead of trying again, and the loop's level-triggered epoll calls it as soon as
-more has come, even if that happened in between.
+more has come, even if that happened in between. The usual event, "readable, one read,
+one write, wait again", is written out in one callback (Duplex._readable), which calls
+the sockets' and OpenSSL's C-level read and write straight where an endpoint has them
+(`Endpoint.calls`) and writes from views of the shared buffer made once per size.
 """
 
 from __future__ import annotations
@@ -68,6 +71,21 @@ CHUNK = 64 * 1024
 ROUNDS_PER_TURN = 16
 
 _buffer = memoryview(bytearray(CHUNK))
+# Views of the shared buffer's first n bytes for small n, each made once: a slice is a
+# new memoryview (~600 instructions to make and free per write), and a connection's
+# message sizes recur. At most _SMALL views (~200 bytes each) per process.
+_SMALL = 2048
+_heads: list[memoryview | None] = [None] * _SMALL
+
+
+def _view(n: int) -> memoryview:
+    """The shared buffer's first n bytes (the hot paths look in _heads first)."""
+    if n < _SMALL:
+        view = _heads[n]
+        if view is None:
+            view = _heads[n] = _buffer[:n]
+        return view
+    return _buffer if n == CHUNK else _buffer[:n]
 
 
 # What a flow waits for (Flow.waiting): nothing (it runs, or is done), or its source /
@@ -78,7 +96,8 @@ NOTHING, SRC_READ, SRC_WRITE, DST_READ, DST_WRITE = 0, 1, 2, 3, 4
 class Flow:
     """One direction: src -> dst."""
 
-    __slots__ = ("done", "dst", "eof", "moved", "own_copy", "pending", "src", "waiting")
+    __slots__ = ("done", "dst", "eof", "moved", "own_copy", "pending", "recv", "send", "src",
+                 "waiting")
 
     def __init__(self, src: Endpoint, dst: Endpoint) -> None:
         self.src = src
@@ -89,6 +108,11 @@ class Flow:
         # holds the next read of any flow by then: such a destination is written from a
         # copy of its own, and retried with that very copy.
         self.own_copy = dst.ktls_tx
+        # The endpoints' C-level read and write, where they have them (Endpoint.calls):
+        # called straight, they save a Python frame each per chunk. A destination written
+        # from a copy goes through forward().
+        self.recv = src.calls()[0]
+        self.send = None if self.own_copy else dst.calls()[1]
         self.pending: memoryview | None = None
         self.eof = False
         self.done = False
@@ -107,6 +131,7 @@ class Flow:
         """Move bytes until blocked; False when the turn ran out and must be resumed."""
         rounds = 0
         src = self.src
+        recv, send = self.recv, self.send
         while True:
             if (self.pending is not None or self.eof) and self._flush():
                 return True
@@ -115,8 +140,17 @@ class Flow:
                 return False
             rounds += 1
             # read_once and forward, written out: this loop is the cost of a request, and
-            # a Python call is a few hundred instructions.
-            n = src.read_into(_buffer)
+            # a Python call is a few hundred instructions. (Duplex._readable has the first
+            # round of the usual event written out once more.)
+            if recv is not None:
+                try:
+                    n = recv(_buffer)
+                except OSError as exc:
+                    n = src.read_code(exc)
+                drained = n < CHUNK
+            else:
+                n = src.read_into(_buffer)
+                drained = src.drained
             if n <= 0:
                 if n == 0:
                     self.eof = True
@@ -125,16 +159,22 @@ class Flow:
                     raise Cut(n)
                 self.waiting = SRC_READ if n == WANT_READ else SRC_WRITE
                 return True
-            if self.own_copy:
+            if send is None:
                 if not self.forward(n):
                     return True
             else:
-                w = self.dst.write(_buffer[:n])
+                view = _heads[n] if n < _SMALL else None
+                if view is None:
+                    view = _view(n)
+                try:
+                    w = send(view)
+                except OSError as exc:
+                    w = self.dst.write_code(exc)
                 if w != n:
-                    self._held(_buffer[:n], w)
+                    self._held(view, w)
                     return True
                 self.moved += n
-            if src.drained:
+            if drained:
                 # Reading again would most likely raise and catch "nothing yet": let the
                 # loop say when there is more.
                 self.waiting = SRC_READ
@@ -189,7 +229,7 @@ class Flow:
     def forward(self, n: int) -> bool:
         """Write the n bytes just read into the shared buffer; False when the destination
         held some back (they are copied aside and the flow waits)."""
-        data = memoryview(bytes(_buffer[:n])) if self.own_copy else _buffer[:n]
+        data = memoryview(bytes(_buffer[:n])) if self.own_copy else _view(n)
         w = self.dst.write(data)
         if w == n:
             self.moved += n
@@ -436,12 +476,85 @@ class Duplex:
         except (OSError, ssl.SSLError) as exc:
             self.abort(self._failed(flow, exc), exc)
             return
+        self._settle()
+
+    def _readable(self, bit: int) -> None:
+        """The loop's callback for a readable socket whose reader moves bytes through
+        Python (not a SpliceFlow, not a copy): the usual event of a request. One read
+        and one write, then back to waiting on the same registrations: that is _ready
+        and the first round of Flow.run written out here, a Python call, a loop and the
+        registration bookkeeping less per event. Anything else goes the general way."""
+        if bit == PEER_READ:
+            flow, other = self.to_app, self.from_app
+        else:
+            flow, other = self.from_app, self.to_app
+        if flow.waiting != SRC_READ or other.waiting == DST_READ or self.closed:
+            self._ready(bit)  # the other flow waits for it too, or the flow is elsewhere
+            return
+        try:
+            recv = flow.recv
+            if recv is not None:
+                try:
+                    n = recv(_buffer)
+                except OSError as exc:
+                    n = flow.src.read_code(exc)
+                drained = n < CHUNK
+            else:
+                src = flow.src
+                n = src.read_into(_buffer)
+                drained = src.drained
+            if n > 0:
+                view = _heads[n] if n < _SMALL else None
+                if view is None:
+                    view = _view(n)
+                send = flow.send
+                assert send is not None  # _on_read registers no other flow here
+                try:
+                    w = send(view)
+                except OSError as exc:
+                    w = flow.dst.write_code(exc)
+                if w == n:
+                    flow.moved += n
+                    if drained:
+                        return  # waits for the next read, as registered: nothing to change
+                    if not flow.run():
+                        self._loop.call_soon(self._resume, flow)
+                else:
+                    flow._held(view, w)
+            elif n == 0:
+                flow.eof = True
+                if not flow.run():  # passes the end on
+                    self._loop.call_soon(self._resume, flow)
+            elif n < WANT_WRITE:
+                raise Cut(n)
+            elif n == WANT_WRITE:
+                flow.waiting = SRC_WRITE
+            else:
+                return  # nothing to read after all (a stale readiness): wait again
+        except Cut as cut:
+            self._cut(flow, cut.code)
+            return
+        except (OSError, ssl.SSLError) as exc:
+            self.abort(self._failed(flow, exc), exc)
+            return
+        self._settle()
+
+    def _settle(self) -> None:
+        """After flows ran: close when both are done, else bring the registrations in
+        step with what the flows wait for."""
+        to_app, from_app = self.to_app, self.from_app
         if to_app.done and from_app.done:
             self.abort(Close.CLOSED)
             return
         want = _TO_APP_BITS[to_app.waiting] | _FROM_APP_BITS[from_app.waiting]
         if want != self._reg:
             self._update(want)
+
+    def _on_read(self, flow: Flow) -> Callable[[int], None]:
+        """The callback for the registration of `flow`'s source for reading."""
+        if isinstance(flow, SpliceFlow) or flow.send is None:
+            return self._ready
+        return self._readable
 
     def _step(self, first: Flow | None, second: Flow | None = None) -> None:
         if self.closed:
@@ -460,13 +573,7 @@ class Duplex:
         except (OSError, ssl.SSLError) as exc:
             self.abort(self._failed(flow, exc), exc)
             return
-        to_app, from_app = self.to_app, self.from_app
-        if to_app.done and from_app.done:
-            self.abort(Close.CLOSED)
-            return
-        want = _TO_APP_BITS[to_app.waiting] | _FROM_APP_BITS[from_app.waiting]
-        if want != self._reg:
-            self._update(want)
+        self._settle()
 
     def _cut(self, flow: Flow | None, code: int) -> None:
         """A flow's source ended without a clean end: reset both sides, saying whose."""
@@ -496,11 +603,11 @@ class Duplex:
         if add:
             loop, ready, app_fd, peer_fd = self._loop, self._ready, self.app.fd, self.peer.fd
             if add & APP_READ:
-                loop.add_reader(app_fd, ready, APP_READ)
+                loop.add_reader(app_fd, self._on_read(self.from_app), APP_READ)
             if add & APP_WRITE:
                 loop.add_writer(app_fd, ready, APP_WRITE)
             if add & PEER_READ:
-                loop.add_reader(peer_fd, ready, PEER_READ)
+                loop.add_reader(peer_fd, self._on_read(self.to_app), PEER_READ)
             if add & PEER_WRITE:
                 loop.add_writer(peer_fd, ready, PEER_WRITE)
             self._reg |= add

@@ -57,7 +57,16 @@ from collections.abc import Callable
 from typing import Any
 
 from sidecar import poller
-from sidecar.endpoint import DONE, RESET, TRUNCATED, WANT_READ, WANT_WRITE, close_with_reset
+from sidecar.endpoint import (
+    DONE,
+    RESET,
+    TRUNCATED,
+    WANT_READ,
+    WANT_WRITE,
+    Recv,
+    Send,
+    close_with_reset,
+)
 from sidecar.tls import openssl
 
 _TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", 12)  # Linux's value where Python lacks the name
@@ -283,6 +292,21 @@ class TlsEndpoint:
             return WANT_WRITE
         except ssl.SSLWantReadError:
             return WANT_READ
+
+    def calls(self) -> tuple[Recv | None, Send | None]:
+        """No recv: a read asks OpenSSL whether it holds more (read_into). The send is the
+        C-level write that write() calls."""
+        return None, (self._obj.write if type(self).write is TlsEndpoint.write else None)
+
+    def read_code(self, exc: OSError) -> int:
+        raise exc  # there is no recv to have raised it
+
+    def write_code(self, exc: OSError) -> int:
+        if isinstance(exc, ssl.SSLWantWriteError):
+            return WANT_WRITE
+        if isinstance(exc, ssl.SSLWantReadError):
+            return WANT_READ
+        raise exc
 
     def shutdown_write(self) -> int:
         if self._shut:
