@@ -131,6 +131,10 @@ class Session:
         "_in",
         "_interim",
         "_labels",
+        "_last_head",
+        "_last_key",
+        "_last_resp",
+        "_last_resp_key",
         "_linger_left",
         "_linger_timer",
         "_loop",
@@ -206,6 +210,14 @@ class Session:
         self._max_fields = limits.max_request_headers
         self._head_timeout = limits.request_head_timeout
         self._request_parser = httptools.HttpRequestParser(self)
+        # The last request's head and what it was made of: a caller on a kept-alive
+        # connection often sends the very same head again, and examine is a pure function
+        # of these (and of this connection's XFCC and limits).
+        self._last_key: tuple[bytes, str, bool, bytes, list[bytes]] | None = None
+        self._last_head: RequestHead | None = None
+        # The same for the app's last response head (and the state it was judged in).
+        self._last_resp_key: tuple[bytes, int, bool, bool, bool] | None = None
+        self._last_resp: ResponseHead | None = None
         self._response_parser: httptools.HttpResponseParser | None = None
         self.queue: deque[Exchange] = deque()  # [0]: the exchange in progress
         self._in: Exchange | None = None  # the request being parsed
@@ -426,17 +438,22 @@ class Session:
         assert r is not None
         parser = self._request_parser
         raw_method = parser.get_method()
-        method = _METHODS.get(raw_method)
-        if method is None:
-            method = _METHODS.setdefault(raw_method, raw_method.decode("ascii"))
-        head = request.examine(method, r.url, parser.get_http_version(), r.fields,
-                               parser.should_upgrade(), self.xfcc, self._max_head,
-                               self._max_fields)
+        key = (raw_method, parser.get_http_version(), parser.should_upgrade(), r.url,
+               r.fields)
         r.fields = []
-        if isinstance(head, str):
-            r.refusal = head
-            raise _Stop
-        r.head = head
+        if key == self._last_key:
+            r.head = self._last_head
+        else:
+            method = _METHODS.get(raw_method)
+            if method is None:
+                method = _METHODS.setdefault(raw_method, raw_method.decode("ascii"))
+            head = request.examine(method, key[3], key[1], key[4], key[2], self.xfcc,
+                                   self._max_head, self._max_fields)
+            if isinstance(head, str):
+                r.refusal = head
+                raise _Stop
+            r.head = self._last_head = head
+            self._last_key = key
         self.queue.append(r)
         if len(self.queue) == 1:
             self._start(r)
@@ -712,11 +729,19 @@ class Session:
             self._resp_start = end
             self._interim = True
             return
-        resp = response.examine(status, buf[start:end], head_request=head.method == "HEAD",
-                                close=self._winding_down, keep_alive=parser.should_keep_alive())
-        if isinstance(resp, str):
-            self._app_broken = resp
-            raise _Stop
+        key = (buf[start:end] if start or end != len(buf) else buf, status,
+               head.method == "HEAD", self._winding_down, parser.should_keep_alive())
+        if key == self._last_resp_key:
+            resp = self._last_resp
+            assert resp is not None
+        else:
+            found = response.examine(status, key[0], head_request=key[2], close=key[3],
+                                     keep_alive=key[4])
+            if isinstance(found, str):
+                self._app_broken = found
+                raise _Stop
+            resp = self._last_resp = found
+            self._last_resp_key = key
         r.status = status
         self._resp = resp
         self._resp_buf = None
