@@ -125,6 +125,7 @@ class Session:
         "_app_broken",
         "_app_requests",
         "_app_reused",
+        "_counter",
         "_dialing",
         "_done",
         "_head_timeout",
@@ -201,6 +202,7 @@ class Session:
         self._on_close = on_close
         self._access = logs.RequestLog({"id": rec.id, "listener": self.listener,
                                         "peer_id": self.peer_text})
+        self._counter = metrics.RequestCounter(self.listener)
         self.app: TcpEndpoint | None = None
         self._policy: Policy | None = None
         self._rules: RequestRules | None = None
@@ -1069,6 +1071,20 @@ class Session:
         seconds = time.monotonic() - r.started
         head = r.head
         decision = r.decision
+        status = r.status
+        if head is None or decision is None or not status or aborted or \
+                r.refusal is not None:
+            self._log_unusual(r, seconds, aborted=aborted)
+            return
+        label = decision.kind
+        self._access.write(head.method, head.path, status, label, decision.rule, r.body_in,
+                           r.body_out, seconds)
+        self._counter.add(label, self._rule_label(decision.rule), status, seconds)
+
+    def _log_unusual(self, r: Exchange, seconds: float, *, aborted: bool) -> None:
+        """_log for a request refused, answered by the sidecar or cut short."""
+        head = r.head
+        decision = r.decision
         label = decision.kind if decision is not None else NO_DECISION
         extra: dict[str, Any] | None = None
         if r.refusal is not None or aborted:
@@ -1081,14 +1097,15 @@ class Session:
                            r.body_in, r.body_out, seconds, extra)
         if aborted or not r.status:
             return
-        rule = None
-        if decision is not None:
-            rule = self._labels.get(decision.rule)
-            if rule is None:
-                assert self._policy is not None
-                rule = self._labels[decision.rule] = metrics.rule_label(self._policy,
-                                                                        decision.rule)
-        metrics.requests.add(self.listener, label, rule, r.status, seconds)
+        self._counter.add(label, self._rule_label(decision.rule) if decision is not None
+                          else None, r.status, seconds)
+
+    def _rule_label(self, rule: str) -> str:
+        label = self._labels.get(rule)
+        if label is None:
+            assert self._policy is not None
+            label = self._labels[rule] = metrics.rule_label(self._policy, rule)
+        return label
 
 
 def _write(ep: Endpoint, pending: memoryview | bytes | None,
