@@ -128,6 +128,7 @@ class Session:
         "_counter",
         "_dialing",
         "_done",
+        "_examiner",
         "_head_timeout",
         "_in",
         "_interim",
@@ -139,7 +140,6 @@ class Session:
         "_linger_left",
         "_linger_timer",
         "_loop",
-        "_max_fields",
         "_max_head",
         "_no_more",
         "_on_close",
@@ -209,7 +209,7 @@ class Session:
         self._labels: dict[str, str] = {}  # rule -> its label in the metrics, this policy
         limits = rt.limits
         self._max_head = limits.max_request_head_bytes
-        self._max_fields = limits.max_request_headers
+        self._examiner = request.Examiner(xfcc, self._max_head, limits.max_request_headers)
         self._head_timeout = limits.request_head_timeout
         self._request_parser = httptools.HttpRequestParser(self)
         # The last request's head and what it was made of: a caller on a kept-alive
@@ -449,8 +449,7 @@ class Session:
             method = _METHODS.get(raw_method)
             if method is None:
                 method = _METHODS.setdefault(raw_method, raw_method.decode("ascii"))
-            head = request.examine(method, key[3], key[1], key[4], key[2], self.xfcc,
-                                   self._max_head, self._max_fields)
+            head = self._examiner.examine(method, key[3], key[1], key[4], key[2])
             if isinstance(head, str):
                 r.refusal = head
                 raise _Stop
