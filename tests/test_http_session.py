@@ -19,7 +19,7 @@ from sidecar.endpoint import TcpEndpoint
 from sidecar.outcomes import Close, Direction
 from sidecar.policy import parse_policy
 from sidecar.proxy.connection import Tracker
-from sidecar.proxy.http import Session
+from sidecar.proxy.http import KEPT_HEAD_BYTES, Session
 from sidecar.proxy.runtime import Runtime
 from sidecar.spiffe import SpiffeId
 
@@ -313,3 +313,20 @@ async def test_a_response_head_sent_again_is_relayed_again_and_a_changed_one_jud
         await r.send(GET)
         assert await r.read_until_closed() == close
         await asyncio.wait_for(r.closed.wait(), 5)
+
+
+async def test_a_large_head_is_not_kept_after_its_exchange() -> None:
+    """A held connection keeps its last heads only up to KEPT_HEAD_BYTES (memory)."""
+    big = (b"HTTP/1.1 200 OK\r\nX-Big: " + b"b" * KEPT_HEAD_BYTES
+           + b"\r\nContent-Length: 2\r\n\r\nok")
+    heads: list[bytes] = []
+    async with rig(recording([OK, big], heads)) as r:
+        await r.send(GET)
+        assert await r.read_response() == OK
+        assert r.session._last_key is not None and r.session._last_resp_key is not None
+        await r.send(b"GET /x HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * KEPT_HEAD_BYTES
+                     + b"\r\n\r\n")
+        assert await r.read_response() == big
+        assert r.session._last_key[3] == b"/x" and r.session._last_key[4] == [
+            b"Host", b": ", b"a", b"\r\n"]  # still the first request's
+        assert r.session._last_resp_key[0] == OK[:-2]

@@ -77,6 +77,8 @@ _OWS = b" \t"
 _SPECIAL_NAMES = re.compile(
     rb"\n(content-length|transfer-encoding|connection|upgrade|keep-alive|proxy-connection|"
     rb"te|x-forwarded-client-cert):")
+# A method (one of llhttp's names: a few dozen) and the space after it, encoded once.
+_METHOD_BYTES: dict[str, bytes] = {}
 _LENGTH_VALUE = re.compile(rb"\ncontent-length:[ \t]*([0-9]+)")
 
 
@@ -108,6 +110,11 @@ class _Fields:
     upgrade: bool
 
 
+# Field lines up to this size are kept after their request (Examiner): a held connection
+# keeps at most about this much more.
+KEPT_FIELDS_BYTES = 4096
+
+
 class Examiner:
     """`examine` for one connection: its XFCC and limits, and the field lines of its last
     request kept with what they said, since a caller's requests on one connection mostly
@@ -136,9 +143,9 @@ class Examiner:
         if key == self._fields_key:
             size, fields = self._fields
         else:
-            size, fields = self._fields = _fields(method, parts, version == "1.0", upgrade,
-                                                  self._xfcc)
-            self._fields_key = key
+            size, fields = _fields(method, parts, version == "1.0", upgrade, self._xfcc)
+            if size <= KEPT_FIELDS_BYTES:
+                self._fields, self._fields_key = (size, fields), key
         if len(target) + len(method) + size + 11 > self._max_bytes:
             return f"the request head is larger than {self._max_bytes} bytes"
         if isinstance(fields, str):
@@ -165,10 +172,13 @@ def _line(method: str, target: bytes, version: str) -> tuple[bytes, str] | str:
     path = normalize(raw_path)
     if isinstance(path, str):
         return path
+    raw_method = _METHOD_BYTES.get(method)
+    if raw_method is None:
+        raw_method = _METHOD_BYTES[method] = method.encode("ascii") + b" "
     if question:
-        first = b"".join((method.encode("ascii"), b" ", path, b"?", query, line_end))
+        first = b"".join((raw_method, path, b"?", query, line_end))
     else:
-        first = b"".join((method.encode("ascii"), b" ", path, line_end))
+        first = b"".join((raw_method, path, line_end))
     return first, path.decode("ascii")
 
 

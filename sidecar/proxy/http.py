@@ -69,6 +69,9 @@ _buffer = memoryview(bytearray(CHUNK))  # one read at a time, shared by every se
 LINGER_SECONDS = 1.0
 LINGER_BYTES = 64 * 1024
 _CHUNK_END = b"0\r\n\r\n"
+# A head up to this size is kept after its exchange, to be compared with the next
+# (`_last_key`, `_last_resp_key`): a held connection keeps at most about this much more.
+KEPT_HEAD_BYTES = request.KEPT_FIELDS_BYTES
 # A TLS read shorter than this stopped because OpenSSL wanted the socket (engine.py reads
 # records until it does, or until less than a record's room is left in the buffer).
 _FULL_READ = CHUNK - _READ_ROOM
@@ -453,8 +456,9 @@ class Session:
             if isinstance(head, str):
                 r.refusal = head
                 raise _Stop
-            r.head = self._last_head = head
-            self._last_key = key
+            r.head = head
+            if len(key[3]) + len(head.forwarded) <= KEPT_HEAD_BYTES:
+                self._last_head, self._last_key = head, key
         self.queue.append(r)
         if len(self.queue) == 1:
             self._start(r)
@@ -741,8 +745,9 @@ class Session:
             if isinstance(found, str):
                 self._app_broken = found
                 raise _Stop
-            resp = self._last_resp = found
-            self._last_resp_key = key
+            resp = found
+            if len(key[0]) <= KEPT_HEAD_BYTES:
+                self._last_resp, self._last_resp_key = found, key
         r.status = status
         self._resp = resp
         self._resp_buf = None
