@@ -248,3 +248,35 @@ def test_xfcc_is_envoys_format() -> None:
                      f"Hash={hashlib.sha256(leaf).hexdigest()};"
                      "URI=spiffe://e.org/ns/web/sa/frontend")
     assert xfcc.parse(value)["URI"] == "spiffe://e.org/ns/web/sa/frontend"
+
+
+# --- one connection's examiner: the last field lines kept -----------------------------
+
+
+def test_an_examiner_judges_each_request_as_examine_does_whatever_it_kept() -> None:
+    """request.Examiner keeps the last request's field lines with what they said: each
+    request in turn, on one examiner, gets what examine says of it alone."""
+    chunked = [HOST, (b"Transfer-Encoding", b"chunked")]
+    ws = [HOST, (b"Connection", b"Upgrade"), (b"Upgrade", b"websocket")]
+    requests = [
+        ("GET", b"/a", "1.1", [HOST], False),
+        ("GET", b"/b/../c?q=1", "1.1", [HOST], False),  # the same fields, another line
+        ("POST", b"/c", "1.1", [HOST], False),
+        ("GET", b"/c", "1.0", [HOST], False),  # another version: Connection: close
+        ("GET", b"/c", "1.1", [HOST, HOST], False),  # refused by its fields
+        ("GET", b"/d", "1.1", [HOST, HOST], False),  # the same again: refused again
+        ("GET", b"/%2F", "1.1", [HOST], False),  # refused by its line
+        ("GET", b"/e", "1.1", [HOST, (b"Content-Length", b"3")], False),
+        ("PUT", b"/e", "1.1", chunked, False),
+        ("GET", b"/ws", "1.1", ws, True),
+        ("POST", b"/ws", "1.1", ws, True),  # the same fields, refused for its method
+        ("GET", b"/" + b"x" * 300, "1.1", [HOST], False),  # too large with kept fields
+        ("GET", b"/a", "1.1", [HOST], False),
+    ]
+    examiner = request.Examiner(XFCC, max_bytes=300)
+    for method, target, version, fields, upgrade in requests:
+        got = examiner.examine(method, target, version, request.lines(fields), upgrade)
+        assert got == request.examine(method, target, version, request.lines(fields),
+                                      upgrade, XFCC, max_bytes=300), (method, target)
+    assert isinstance(examiner.examine("GET", b"/" + b"x" * 300, "1.1",
+                                       request.lines([HOST]), False), str)

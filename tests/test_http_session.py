@@ -19,7 +19,7 @@ from sidecar.endpoint import TcpEndpoint
 from sidecar.outcomes import Close, Direction
 from sidecar.policy import parse_policy
 from sidecar.proxy.connection import Tracker
-from sidecar.proxy.http import Session
+from sidecar.proxy.http import KEPT_HEAD_BYTES, Session
 from sidecar.proxy.runtime import Runtime
 from sidecar.spiffe import SpiffeId
 
@@ -250,3 +250,83 @@ async def test_a_request_refused_while_the_app_is_dialed_never_reaches_it() -> N
         r.caller.close()  # the session's lingering read ends: it closes the app's side too
         await asyncio.wait_for(ended.wait(), 5)
     assert got == []
+
+
+def recording(responses: list[bytes], heads: list[bytes]) -> App:
+    """An app that keeps each request head it reads (in `heads`) and answers it with the
+    next of `responses`, bodiless requests only."""
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for data in responses:
+            try:
+                heads.append(await reader.readuntil(b"\r\n\r\n"))
+            except (asyncio.IncompleteReadError, ConnectionError):
+                break
+            writer.write(data)
+            await writer.drain()
+        with contextlib.suppress(ConnectionError):
+            await reader.read()
+        writer.close()
+    return app
+
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+async def test_a_head_sent_again_is_forwarded_again_and_a_changed_one_judged_anew() -> None:
+    """A head the same as the last one is not examined again (http.py keeps the last):
+    one that differs in any field or in its line is."""
+    heads: list[bytes] = []
+    async with rig(recording([OK] * 5, heads)) as r:
+        for data in (b"GET /x HTTP/1.1\r\nHost: a\r\nX-A: 1\r\n\r\n",
+                     b"GET /x HTTP/1.1\r\nHost: a\r\nX-A: 1\r\n\r\n",
+                     b"GET /x HTTP/1.1\r\nHost: a\r\nX-A: 2\r\n\r\n",
+                     b"GET /y/../z HTTP/1.1\r\nHost: a\r\nX-A: 2\r\n\r\n"):
+            await r.send(data)
+            assert (await r.read_response()).endswith(b"ok")
+        await r.send(b"GET /y/../z HTTP/1.1\r\nHost: a\r\nX-A: 2\r\nConnection: close\r\n\r\n")
+        assert (await r.read_until_closed()).endswith(b"ok")
+    assert heads == [b"GET /x HTTP/1.1\r\nHost: a\r\nX-A: 1\r\n" + XFCC + b"\r\n"] * 2 + [
+        b"GET /x HTTP/1.1\r\nHost: a\r\nX-A: 2\r\n" + XFCC + b"\r\n",
+        b"GET /z HTTP/1.1\r\nHost: a\r\nX-A: 2\r\n" + XFCC + b"\r\n",
+        b"GET /z HTTP/1.1\r\nHost: a\r\nX-A: 2\r\nConnection: close\r\n" + XFCC + b"\r\n"]
+
+
+async def test_a_refused_head_after_an_allowed_one_is_refused() -> None:
+    heads: list[bytes] = []
+    async with rig(recording([OK] * 2, heads)) as r:
+        await r.send(GET)
+        assert (await r.read_response()).endswith(b"ok")
+        await r.send(b"GET /x HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")
+        assert (await r.read_until_closed()).startswith(b"HTTP/1.1 400 ")
+    assert len(heads) == 1
+
+
+async def test_a_response_head_sent_again_is_relayed_again_and_a_changed_one_judged_anew(
+) -> None:
+    """The same for the app's response heads: the third here closes the connection."""
+    close = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+    heads: list[bytes] = []
+    async with rig(recording([OK, OK, close], heads)) as r:
+        for _ in range(2):
+            await r.send(GET)
+            assert await r.read_response() == OK
+        await r.send(GET)
+        assert await r.read_until_closed() == close
+        await asyncio.wait_for(r.closed.wait(), 5)
+
+
+async def test_a_large_head_is_not_kept_after_its_exchange() -> None:
+    """A held connection keeps its last heads only up to KEPT_HEAD_BYTES (memory)."""
+    big = (b"HTTP/1.1 200 OK\r\nX-Big: " + b"b" * KEPT_HEAD_BYTES
+           + b"\r\nContent-Length: 2\r\n\r\nok")
+    heads: list[bytes] = []
+    async with rig(recording([OK, big], heads)) as r:
+        await r.send(GET)
+        assert await r.read_response() == OK
+        assert r.session._last_key is not None and r.session._last_resp_key is not None
+        await r.send(b"GET /x HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * KEPT_HEAD_BYTES
+                     + b"\r\n\r\n")
+        assert await r.read_response() == big
+        assert r.session._last_key[3] == b"/x" and r.session._last_key[4] == [
+            b"Host", b": ", b"a", b"\r\n"]  # still the first request's
+        assert r.session._last_resp_key[0] == OK[:-2]

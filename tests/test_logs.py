@@ -62,3 +62,37 @@ def test_text_format_and_events_are_bounded_too(stream: io.StringIO) -> None:
 def test_short_fields_pass_as_they_are() -> None:
     fields = {"detail": "unknown ca", "peer_id": "spiffe://example.org/x", "n": 3}
     assert logs.bounded(fields) is fields
+
+
+def test_request_lines_are_the_json_encoders_bytes_whatever_changes_between_them(
+    stream: io.StringIO,
+) -> None:
+    """RequestLog formats a line from parts it keeps between requests: each line is what
+    the general encoder writes for the same fields, as each field changes in turn."""
+    logs.setup("info", "json", stream)
+    conn = {"id": 7, "listener": "api", "peer_id": "spiffe://example.org/a"}
+    rl = logs.RequestLog(conn)
+    calls = [("GET", "/a", 200, "allow", "frontend", 0, 4, 0.000123),
+             ("GET", "/a", 200, "allow", "frontend", 0, 4, 0.000123),  # all the same
+             ("GET", "/b", 200, "allow", "frontend", 0, 4, 0.25),
+             ("GET", "/b", 404, "allow", "frontend", 3, 12_345, 1.5),
+             ("POST", "/b", 404, "allow", "frontend", 3, 0, 0.0),
+             ("POST", "/b", 403, "deny", "no-admin", 3, 0, 0.002),
+             ("POST", "/b", 403, "deny", None, 3, 0, 0.002),
+             ("POST", "/b", None, "none", None, 0, 0, 0.002),
+             ("GET", "/a", 200, "allow", "frontend", 0, 4, 0.000123)]  # the first again
+    for call in calls:
+        rl.write(*call)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == len(calls)
+    for line, (method, path, status, decision, rule, n_in, n_out, seconds) in zip(
+            lines, calls, strict=True):
+        fields = json.loads(line)
+        expected = {"ts": fields["ts"], "level": "info", "logger": "sidecar.access",
+                    "msg": "request", **conn, "method": method, "path": path,
+                    "status": status, "decision": decision, "rule": rule, "bytes_in": n_in,
+                    "bytes_out": n_out, "duration_ms": 0}
+        # The duration is whole microseconds, written with three decimals.
+        us = int(seconds * 1_000_000)
+        assert line == json.dumps(expected, separators=(",", ":"))[:-2] + \
+            f"{us // 1000}.{us % 1000:03d}}}"

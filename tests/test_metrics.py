@@ -239,3 +239,42 @@ def test_a_scrape_sees_every_request_counted_on_both_paths() -> None:
     metrics._inc(metrics.authz_decisions, *labels)
     metrics.requests.add("scrape-both-paths", "allow", "r1", 200, 0.01)
     assert _samples(_scrape()[1])[key] == before + 2
+
+
+def _request_series(listener: str) -> tuple[float, float, float]:
+    """(requests allow/200, authz allow by rule r1, durations count) of `listener`."""
+    got = _samples(generate_latest(metrics.REGISTRY).decode())
+    return (got.get(("sidecar_http_requests_total", frozenset(
+                {("listener", listener), ("decision", "allow"), ("code", "200")})), 0.0),
+            got.get(("sidecar_authz_decisions_total", frozenset(
+                {("listener", listener), ("decision", "allow"), ("rule", "r1")})), 0.0),
+            got.get(("sidecar_http_request_duration_seconds_count", frozenset(
+                {("listener", listener)})), 0.0))
+
+
+def test_a_connections_request_counter_counts_across_scrapes() -> None:
+    """RequestCounter keeps the cell of its last labels: a scrape hands on and zeroes the
+    cells in place, so each request is counted once, before and after it."""
+    counter = metrics.RequestCounter("t-counter")
+    before = _request_series("t-counter")
+    counter.add(DecisionKind.ALLOW, "r1", 200, 0.001)
+    counter.add(DecisionKind.ALLOW, "r1", 200, 0.002)
+    assert _request_series("t-counter") == tuple(b + 2 for b in before)
+    counter.add(DecisionKind.ALLOW, "r1", 200, 0.003)
+    counter.add(DecisionKind.DENY, "r1", 403, 0.003)  # another cell, then the first again
+    counter.add(DecisionKind.ALLOW, "r1", 200, 0.003)
+    assert _request_series("t-counter") == (before[0] + 4, before[1] + 4, before[2] + 5)
+    assert _request_series("t-counter") == (before[0] + 4, before[1] + 4, before[2] + 5)
+
+
+def test_a_request_counter_finds_its_cell_again_once_the_cells_are_dropped() -> None:
+    counter = metrics.RequestCounter("t-dropped")
+    before = _request_series("t-dropped")
+    counter.add(DecisionKind.ALLOW, "r1", 200, 0.001)
+    generation = metrics.requests.generation
+    for code in range(metrics._MAX_REQUEST_CELLS + 1):  # label sets past the bound
+        metrics.requests.cell("t-dropped-many", "allow", None, code)
+    metrics.requests.flush()
+    assert metrics.requests.generation == generation + 1
+    counter.add(DecisionKind.ALLOW, "r1", 200, 0.001)  # its old cell counts nowhere now
+    assert _request_series("t-dropped") == tuple(b + 2 for b in before)

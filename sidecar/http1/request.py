@@ -77,6 +77,8 @@ _OWS = b" \t"
 _SPECIAL_NAMES = re.compile(
     rb"\n(content-length|transfer-encoding|connection|upgrade|keep-alive|proxy-connection|"
     rb"te|x-forwarded-client-cert):")
+# A method (one of llhttp's names: a few dozen) and the space after it, encoded once.
+_METHOD_BYTES: dict[str, bytes] = {}
 _LENGTH_VALUE = re.compile(rb"\ncontent-length:[ \t]*([0-9]+)")
 
 
@@ -93,8 +95,68 @@ def examine(method: str, target: bytes, version: str, parts: list[bytes], upgrad
     makes the block of field lines); `upgrade` is llhttp's view (Connection: upgrade with
     an Upgrade field); `xfcc` our whole field line; `max_bytes` and `max_fields` bound the
     head (the request line and the fields, each as `name: value` CRLF). Never raises."""
-    if len(parts) > 4 * max_fields:
-        return f"the request has more than {max_fields} header fields"
+    return Examiner(xfcc, max_bytes, max_fields).examine(method, target, version, parts,
+                                                         upgrade)
+
+
+@dataclass(slots=True)
+class _Fields:
+    """What a head's field lines say, whatever its request line."""
+
+    forwarded: bytes  # the fields the app receives, ours and the blank line included
+    framing: Framing
+    length: int
+    keep_alive: bool
+    upgrade: bool
+
+
+# Field lines up to this size are kept after their request (Examiner): a held connection
+# keeps at most about this much more.
+KEPT_FIELDS_BYTES = 4096
+
+
+class Examiner:
+    """`examine` for one connection: its XFCC and limits, and the field lines of its last
+    request kept with what they said, since a caller's requests on one connection mostly
+    carry the same fields (the request line changes; it is judged every time)."""
+
+    __slots__ = ("_fields", "_fields_key", "_max_bytes", "_max_fields", "_xfcc")
+
+    def __init__(self, xfcc: bytes, max_bytes: int = 64 * 1024, max_fields: int = 100) -> None:
+        self._xfcc = xfcc
+        self._max_bytes = max_bytes
+        self._max_fields = max_fields
+        self._fields_key: tuple[str, str, bool, list[bytes]] | None = None
+        self._fields: tuple[int, _Fields | str] = (0, "")
+
+    def examine(self, method: str, target: bytes, version: str, parts: list[bytes],
+                upgrade: bool) -> RequestHead | str:
+        """As the module's `examine`. `parts` is kept (to be compared with the next
+        request's): it must not change afterwards."""
+        if len(parts) > 4 * self._max_fields:
+            return f"the request has more than {self._max_fields} header fields"
+        line = _line(method, target, version)
+        if isinstance(line, str):
+            return line
+        first, path = line
+        key = (method, version, upgrade, parts)
+        if key == self._fields_key:
+            size, fields = self._fields
+        else:
+            size, fields = _fields(method, parts, version == "1.0", upgrade, self._xfcc)
+            if size <= KEPT_FIELDS_BYTES:
+                self._fields, self._fields_key = (size, fields), key
+        if len(target) + len(method) + size + 11 > self._max_bytes:
+            return f"the request head is larger than {self._max_bytes} bytes"
+        if isinstance(fields, str):
+            return fields
+        return RequestHead(method, path, first + fields.forwarded, fields.framing,
+                           fields.length, fields.keep_alive, fields.upgrade, version == "1.0")
+
+
+def _line(method: str, target: bytes, version: str) -> tuple[bytes, str] | str:
+    """The request line the app receives and the normalized path, or why the line is
+    refused."""
     line_end = _VERSIONS.get(version)
     if line_end is None:
         return f"HTTP/{version} is not spoken here: only HTTP/1.1 and HTTP/1.0"
@@ -110,45 +172,47 @@ def examine(method: str, target: bytes, version: str, parts: list[bytes], upgrad
     path = normalize(raw_path)
     if isinstance(path, str):
         return path
+    raw_method = _METHOD_BYTES.get(method)
+    if raw_method is None:
+        raw_method = _METHOD_BYTES[method] = method.encode("ascii") + b" "
+    if question:
+        first = b"".join((raw_method, path, b"?", query, line_end))
+    else:
+        first = b"".join((raw_method, path, line_end))
+    return first, path.decode("ascii")
+
+
+def _fields(method: str, parts: list[bytes], http10: bool, upgrade: bool,
+            xfcc: bytes) -> tuple[int, _Fields | str]:
+    """The field lines' size (for the head's bound) and what they say, or why they are
+    refused."""
     # The field lines, joined in C: most requests are decided by searching this block
     # once, and forwarded with it as it is.
     block = b"".join(parts)
-    if len(target) + len(method) + len(block) + 11 > max_bytes:
-        return f"the request head is larger than {max_bytes} bytes"
     low = b"\n" + block.lower()
     special = _SPECIAL_NAMES.findall(low)
-    http10 = version == "1.0"
-    first = [method.encode("ascii"), b" ", path, b"?", query, line_end] if question else \
-        [method.encode("ascii"), b" ", path, line_end]
     if upgrade or (special and special != [b"content-length"]):
-        return _examine_fields(method, path, first, list(zip(parts[::4], parts[2::4],
-                                                             strict=True)),
-                               upgrade, xfcc, http10)
+        return len(block), _examine_fields(
+            method, list(zip(parts[::4], parts[2::4], strict=True)), upgrade, xfcc, http10)
     hosts = low.count(b"\nhost:")
     if hosts != 1 and (hosts or not http10):
-        return "no Host field" if not hosts else "more than one Host field"
+        return len(block), "no Host field" if not hosts else "more than one Host field"
     length = 0
     if special:
         found = _LENGTH_VALUE.search(low)
         if found is None:  # not reached: llhttp let only digits through
-            return "an invalid Content-Length"
+            return len(block), "an invalid Content-Length"
         length = int(found.group(1))
-    if block:
-        first.append(block)
-    if http10:
-        first.append(b"Connection: close\r\n")
-    first += (xfcc, _CRLF)
-    return RequestHead(method, path.decode("ascii"), b"".join(first),
-                       Framing.LENGTH if length else Framing.NONE, length, not http10, False,
-                       http10)
+    out = [block, b"Connection: close\r\n", xfcc, _CRLF] if http10 else [block, xfcc, _CRLF]
+    return len(block), _Fields(b"".join(out), Framing.LENGTH if length else Framing.NONE,
+                               length, not http10, False)
 
 
-def _examine_fields(method: str, path: bytes, parts: list[bytes],
-                    fields: list[tuple[bytes, bytes]], upgrade: bool, xfcc: bytes,
-                    http10: bool) -> RequestHead | str:
-    """examine, field by field: for heads with framing or hop-by-hop fields besides a
+def _examine_fields(method: str, fields: list[tuple[bytes, bytes]], upgrade: bool,
+                    xfcc: bytes, http10: bool) -> _Fields | str:
+    """_fields, field by field: for heads with framing or hop-by-hop fields besides a
     Content-Length (chunked bodies, Connection, Upgrade, a forged XFCC, ...)."""
-    first_field = len(parts)
+    parts: list[bytes] = []
     hosts = lengths = codings = 0
     length = 0
     coding = b""
@@ -187,7 +251,7 @@ def _examine_fields(method: str, path: bytes, parts: list[bytes],
         dropped = {t for t in tokens if t not in (b"close", b"keep-alive", b"upgrade")}
         if dropped & _FRAMING_FIELDS:
             return "the Connection field names Host, Content-Length or Transfer-Encoding"
-        parts = _without(parts, first_field, dropped)
+        parts = _without(parts, dropped)
     if upgrade:
         if upgrade_to.lower() != b"websocket":
             return "only WebSocket upgrades are passed through"
@@ -200,8 +264,7 @@ def _examine_fields(method: str, path: bytes, parts: list[bytes],
     if not keep_alive and not upgrade:
         parts.append(b"Connection: close\r\n")
     parts += (xfcc, _CRLF)
-    return RequestHead(method, path.decode("ascii"), b"".join(parts), framing, length,
-                       keep_alive, upgrade, http10)
+    return _Fields(b"".join(parts), framing, length, keep_alive, upgrade)
 
 
 def _framing_refusal(http10: bool, hosts: int, lengths: int, codings: int, coding: bytes,
@@ -220,11 +283,11 @@ def _framing_refusal(http10: bool, hosts: int, lengths: int, codings: int, codin
     return None
 
 
-def _without(parts: list[bytes], first_field: int, dropped: set[bytes]) -> list[bytes]:
-    """The forwarded parts minus the fields `dropped` names (a field is four parts:
-    name, ": ", value, CRLF; the request line before `first_field` stays)."""
-    out = parts[:first_field]
-    for i in range(first_field, len(parts), 4):
+def _without(parts: list[bytes], dropped: set[bytes]) -> list[bytes]:
+    """The forwarded field parts minus the fields `dropped` names (a field is four parts:
+    name, ": ", value, CRLF)."""
+    out: list[bytes] = []
+    for i in range(0, len(parts), 4):
         if parts[i].lower() not in dropped:
             out += parts[i:i + 4]
     return out

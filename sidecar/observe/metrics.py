@@ -317,41 +317,99 @@ class RequestTally:
     every scrape, rather than once per request: a Counter.inc or a Histogram.observe
     takes a lock and a few thousand instructions, and an http listener makes three per
     request (the decision, the request, its duration). Between flushes they are plain
-    integers."""
+    integers, in cells that stay from one flush to the next, so that a connection keeps
+    the cells it counts into (RequestCounter) instead of finding them per request."""
 
-    __slots__ = ("_counts", "_durations")
+    __slots__ = ("_counts", "_durations", "generation")
 
     def __init__(self) -> None:
-        # (listener, decision, rule label or None, status code) -> how many since the
-        # last flush
-        self._counts: dict[tuple[str, str, str | None, int], int] = {}
+        # (listener, decision, rule label or None, status code) -> [how many since the
+        # last flush]
+        self._counts: dict[tuple[str, str, str | None, int], list[int]] = {}
         # listener -> [count per bucket (the last is +Inf)..., sum of seconds]
         self._durations: dict[str, list[float]] = {}
+        # Bumped when the cells are dropped (too many label sets, after a flush): a
+        # cell kept from before then counts nowhere, so a keeper must look it up again.
+        self.generation = 0
 
-    def add(self, listener: str, decision: str, rule: str | None, code: int,
-            seconds: float) -> None:
-        """One request: `rule` is the decision's `rule` label, None when no policy
+    def cell(self, listener: str, decision: str, rule: str | None, code: int) -> list[int]:
+        """Where one request of these labels is counted (`cell[0] += 1`), until
+        `generation` changes. `rule` is the decision's `rule` label, None when no policy
         decision was made (a malformed request)."""
-        counts = self._counts
         key = (listener, decision, rule, code)
-        counts[key] = counts.get(key, 0) + 1
+        found = self._counts.get(key)
+        if found is None:
+            found = self._counts[key] = [0]
+        return found
+
+    def durations(self, listener: str) -> list[float]:
+        """Where a request's duration is counted, for good (see `observe`)."""
         sums = self._durations.get(listener)
         if sums is None:
             sums = self._durations[listener] = [0.0] * (len(_REQUEST_BUCKETS) + 2)
-        sums[bisect.bisect_left(_REQUEST_BUCKETS, seconds)] += 1
-        sums[-1] += seconds
+        return sums
+
+    def add(self, listener: str, decision: str, rule: str | None, code: int,
+            seconds: float) -> None:
+        """One request (see `cell`)."""
+        self.cell(listener, decision, rule, code)[0] += 1
+        observe(self.durations(listener), seconds)
 
     def flush(self) -> None:
-        if self._counts:
-            counts, self._counts = self._counts, {}
-            for (listener, decision, rule, code), n in counts.items():
+        counts = self._counts
+        for (listener, decision, rule, code), found in counts.items():
+            n = found[0]
+            if n:
+                found[0] = 0
                 if rule is not None:
                     _child(authz_decisions, (listener, decision, rule)).inc(n)
                 _child(http_requests, (listener, decision, _CODES.get(code) or str(code))).inc(n)
-        if self._durations:
-            durations, self._durations = self._durations, {}
-            for listener, sums in durations.items():
-                _observe_many(http_request_duration.labels(listener), sums)
+        if len(counts) > _MAX_REQUEST_CELLS:  # rule names come from a reloadable file
+            self._counts = {}
+            self.generation += 1
+        for listener, sums in self._durations.items():
+            if any(sums):
+                taken = sums[:]
+                sums[:] = _NO_DURATIONS  # in place: the list is kept by its counters
+                _observe_many(http_request_duration.labels(listener), taken)
+
+
+_MAX_REQUEST_CELLS = 10_000
+_NO_DURATIONS = [0.0] * (len(_REQUEST_BUCKETS) + 2)
+
+
+def observe(sums: list[float], seconds: float) -> None:
+    """One request's duration, into `RequestTally.durations`' list."""
+    sums[bisect.bisect_left(_REQUEST_BUCKETS, seconds)] += 1
+    sums[-1] += seconds
+
+
+class RequestCounter:
+    """One http connection's counting: the cell of its last request's labels kept, since
+    the requests on one connection mostly repeat them."""
+
+    __slots__ = ("_cell", "_code", "_decision", "_generation", "_listener", "_rule", "_sums")
+
+    def __init__(self, listener: str) -> None:
+        self._listener = listener
+        self._sums = requests.durations(listener)
+        self._decision = ""
+        self._rule: str | None = None
+        self._code = 0
+        self._generation = -1
+        self._cell = [0]
+
+    def add(self, decision: str, rule: str | None, code: int, seconds: float) -> None:
+        """One request (as RequestTally.add for this connection's listener)."""
+        if decision is not self._decision or rule is not self._rule or code != self._code \
+                or self._generation != requests.generation:
+            self._decision, self._rule, self._code = decision, rule, code
+            self._generation = requests.generation
+            self._cell = requests.cell(self._listener, decision, rule, code)
+        self._cell[0] += 1
+        sums = self._sums
+        sums[bisect.bisect_left(_REQUEST_BUCKETS, seconds)] += 1
+        sums[-1] += seconds
 
 
 def _observe_many(child: Histogram, sums: list[float]) -> None:

@@ -69,6 +69,9 @@ _buffer = memoryview(bytearray(CHUNK))  # one read at a time, shared by every se
 LINGER_SECONDS = 1.0
 LINGER_BYTES = 64 * 1024
 _CHUNK_END = b"0\r\n\r\n"
+# A head up to this size is kept after its exchange, to be compared with the next
+# (`_last_key`, `_last_resp_key`): a held connection keeps at most about this much more.
+KEPT_HEAD_BYTES = request.KEPT_FIELDS_BYTES
 # A TLS read shorter than this stopped because OpenSSL wanted the socket (engine.py reads
 # records until it does, or until less than a record's room is left in the buffer).
 _FULL_READ = CHUNK - _READ_ROOM
@@ -125,16 +128,21 @@ class Session:
         "_app_broken",
         "_app_requests",
         "_app_reused",
+        "_counter",
         "_dialing",
         "_done",
+        "_examiner",
         "_head_timeout",
         "_in",
         "_interim",
         "_labels",
+        "_last_head",
+        "_last_key",
+        "_last_resp",
+        "_last_resp_key",
         "_linger_left",
         "_linger_timer",
         "_loop",
-        "_max_fields",
         "_max_head",
         "_no_more",
         "_on_close",
@@ -197,15 +205,24 @@ class Session:
         self._on_close = on_close
         self._access = logs.RequestLog({"id": rec.id, "listener": self.listener,
                                         "peer_id": self.peer_text})
+        self._counter = metrics.RequestCounter(self.listener)
         self.app: TcpEndpoint | None = None
         self._policy: Policy | None = None
         self._rules: RequestRules | None = None
         self._labels: dict[str, str] = {}  # rule -> its label in the metrics, this policy
         limits = rt.limits
         self._max_head = limits.max_request_head_bytes
-        self._max_fields = limits.max_request_headers
+        self._examiner = request.Examiner(xfcc, self._max_head, limits.max_request_headers)
         self._head_timeout = limits.request_head_timeout
         self._request_parser = httptools.HttpRequestParser(self)
+        # The last request's head and what it was made of: a caller on a kept-alive
+        # connection often sends the very same head again, and examine is a pure function
+        # of these (and of this connection's XFCC and limits).
+        self._last_key: tuple[bytes, str, bool, bytes, list[bytes]] | None = None
+        self._last_head: RequestHead | None = None
+        # The same for the app's last response head (and the state it was judged in).
+        self._last_resp_key: tuple[bytes, int, bool, bool, bool] | None = None
+        self._last_resp: ResponseHead | None = None
         self._response_parser: httptools.HttpResponseParser | None = None
         self.queue: deque[Exchange] = deque()  # [0]: the exchange in progress
         self._in: Exchange | None = None  # the request being parsed
@@ -426,17 +443,22 @@ class Session:
         assert r is not None
         parser = self._request_parser
         raw_method = parser.get_method()
-        method = _METHODS.get(raw_method)
-        if method is None:
-            method = _METHODS.setdefault(raw_method, raw_method.decode("ascii"))
-        head = request.examine(method, r.url, parser.get_http_version(), r.fields,
-                               parser.should_upgrade(), self.xfcc, self._max_head,
-                               self._max_fields)
+        key = (raw_method, parser.get_http_version(), parser.should_upgrade(), r.url,
+               r.fields)
         r.fields = []
-        if isinstance(head, str):
-            r.refusal = head
-            raise _Stop
-        r.head = head
+        if key == self._last_key:
+            r.head = self._last_head
+        else:
+            method = _METHODS.get(raw_method)
+            if method is None:
+                method = _METHODS.setdefault(raw_method, raw_method.decode("ascii"))
+            head = self._examiner.examine(method, key[3], key[1], key[4], key[2])
+            if isinstance(head, str):
+                r.refusal = head
+                raise _Stop
+            r.head = head
+            if len(key[3]) + len(head.forwarded) <= KEPT_HEAD_BYTES:
+                self._last_head, self._last_key = head, key
         self.queue.append(r)
         if len(self.queue) == 1:
             self._start(r)
@@ -712,11 +734,20 @@ class Session:
             self._resp_start = end
             self._interim = True
             return
-        resp = response.examine(status, buf[start:end], head_request=head.method == "HEAD",
-                                close=self._winding_down, keep_alive=parser.should_keep_alive())
-        if isinstance(resp, str):
-            self._app_broken = resp
-            raise _Stop
+        key = (buf[start:end] if start or end != len(buf) else buf, status,
+               head.method == "HEAD", self._winding_down, parser.should_keep_alive())
+        if key == self._last_resp_key:
+            resp = self._last_resp
+            assert resp is not None
+        else:
+            found = response.examine(status, key[0], head_request=key[2], close=key[3],
+                                     keep_alive=key[4])
+            if isinstance(found, str):
+                self._app_broken = found
+                raise _Stop
+            resp = found
+            if len(key[0]) <= KEPT_HEAD_BYTES:
+                self._last_resp, self._last_resp_key = found, key
         r.status = status
         self._resp = resp
         self._resp_buf = None
@@ -1044,6 +1075,20 @@ class Session:
         seconds = time.monotonic() - r.started
         head = r.head
         decision = r.decision
+        status = r.status
+        if head is None or decision is None or not status or aborted or \
+                r.refusal is not None:
+            self._log_unusual(r, seconds, aborted=aborted)
+            return
+        label = decision.kind
+        self._access.write(head.method, head.path, status, label, decision.rule, r.body_in,
+                           r.body_out, seconds)
+        self._counter.add(label, self._rule_label(decision.rule), status, seconds)
+
+    def _log_unusual(self, r: Exchange, seconds: float, *, aborted: bool) -> None:
+        """_log for a request refused, answered by the sidecar or cut short."""
+        head = r.head
+        decision = r.decision
         label = decision.kind if decision is not None else NO_DECISION
         extra: dict[str, Any] | None = None
         if r.refusal is not None or aborted:
@@ -1056,14 +1101,15 @@ class Session:
                            r.body_in, r.body_out, seconds, extra)
         if aborted or not r.status:
             return
-        rule = None
-        if decision is not None:
-            rule = self._labels.get(decision.rule)
-            if rule is None:
-                assert self._policy is not None
-                rule = self._labels[decision.rule] = metrics.rule_label(self._policy,
-                                                                        decision.rule)
-        metrics.requests.add(self.listener, label, rule, r.status, seconds)
+        self._counter.add(label, self._rule_label(decision.rule) if decision is not None
+                          else None, r.status, seconds)
+
+    def _rule_label(self, rule: str) -> str:
+        label = self._labels.get(rule)
+        if label is None:
+            assert self._policy is not None
+            label = self._labels[rule] = metrics.rule_label(self._policy, rule)
+        return label
 
 
 def _write(ep: Endpoint, pending: memoryview | bytes | None,
