@@ -13,7 +13,10 @@ sets them up the same way):
   arrived (`xfcc`) or not (`none`), so the client checks every request got one;
 - the client: this process, one TLS 1.3 connection with a client certificate, kept alive,
   one small GET at a time (`GET /api/items/42`, Host, User-Agent, Accept), each response
-  read whole before the next request;
+  read whole before the next request; two workloads (`--workloads`): `same`, that GET
+  repeated, and `vary`, a new item in the path of every request (`/api/items/0`, `1`,
+  ...), since the sidecar reuses its checks of a connection's last head when the next is
+  identical;
 - the sidecar: `sidecar run` with one inbound `protocol: http` listener, a policy that
   allows the client (a connection-level rule and a path rule: both kinds are asked),
   JSON access log to a file (one line per request), identity files not watched (the
@@ -75,6 +78,12 @@ from compare_haproxy import (
 
 REQUEST = (b"GET /api/items/42 HTTP/1.1\r\nHost: payments.internal\r\n"
            b"User-Agent: bench/1\r\nAccept: */*\r\n\r\n")
+# The `vary` workload: the same head with a new item on every request. The sidecar keeps
+# a connection's last request head and reuses its checks when the next is identical (a
+# poller, a health check); this shows the cost when it is not.
+VARYING = (b"GET /api/items/%d HTTP/1.1\r\nHost: payments.internal\r\n"
+           b"User-Agent: bench/1\r\nAccept: */*\r\n\r\n")
+WORKLOADS = {"same": "the same GET every time", "vary": "a new path on every request"}
 WARM_REQUESTS = 200
 GOAL = 1.5  # max sidecar/haproxy instructions per request (issue 19)
 
@@ -172,15 +181,19 @@ def http_client_context(p: Pki) -> ssl.SSLContext:
 class KeptAlive:
     """One connection; `one()` sends a request and reads its response whole."""
 
-    def __init__(self, port: int, ctx: ssl.SSLContext | None) -> None:
+    def __init__(self, port: int, ctx: ssl.SSLContext | None, *, vary: bool = False) -> None:
         raw = socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT)
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock: socket.socket = ctx.wrap_socket(raw) if ctx is not None else raw
         self.buf = b""
+        self.vary = vary
+        self.sent = 0
 
     def one(self, expect: bytes) -> float:
+        request = VARYING % self.sent if self.vary else REQUEST
+        self.sent += 1
         started = time.perf_counter()
-        self.sock.sendall(REQUEST)
+        self.sock.sendall(request)
         while True:
             end = self.buf.find(b"\r\n\r\n")
             if end >= 0:
@@ -215,8 +228,9 @@ class Cost:
 
 
 def per_request_instructions(name: str, args: argparse.Namespace, p: Pki, work: Path,
-                             backend: int, dumps: dict[str, Path]) -> Cost:
-    d = work / f"{name}-callgrind"
+                             backend: int, dumps: dict[str, Path], workload: str = "same"
+                             ) -> Cost:
+    d = work / f"{name}-{workload}-callgrind"
     d.mkdir()
     if name == "sidecar":
         proc, port = sidecar_proc(p, d, backend, callgrind=True, loop=args.loop)
@@ -224,10 +238,10 @@ def per_request_instructions(name: str, args: argparse.Namespace, p: Pki, work: 
         proc, port = haproxy_proc(p, d, backend, callgrind=True)
     try:
         proc.instrument()
-        conn = KeptAlive(port, http_client_context(p))
+        conn = KeptAlive(port, http_client_context(p), vary=workload == "vary")
         for _ in range(WARM_REQUESTS):
             conn.one(b"xfcc")
-        log(f"{name}: {args.requests} requests under callgrind")
+        log(f"{name}: {args.requests} requests under callgrind ({WORKLOADS[workload]})")
         cost: dict[str, float] = {}
         with measured([proc], cost, dumps, "requests"):
             started = time.monotonic()
@@ -296,6 +310,9 @@ def main() -> int:
                     help="requests per path for the latency percentiles (default 5000)")
     ap.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
     ap.add_argument("--skip", default="", help="comma-separated: instructions,latency")
+    ap.add_argument("--workloads", default="same,vary",
+                    help="instruction workloads, comma-separated: same (one GET repeated), "
+                    "vary (a new path on every request); default both")
     ap.add_argument("--keep", type=Path, default=None,
                     help="work in this directory and keep it (configs, logs, dumps)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
@@ -311,9 +328,11 @@ def main() -> int:
     with work_dir(args.keep, "http") as work, serving(BACKEND) as backend_port:
         p = make_pki(work / "pki")
         if "instructions" not in skip:
-            for name in ("haproxy", "sidecar"):
-                results[f"{name}_instructions"] = vars(per_request_instructions(
-                    name, args, p, work, backend_port, dumps))
+            for workload in filter(None, args.workloads.split(",")):
+                for name in ("haproxy", "sidecar"):
+                    results[f"{name}_instructions_{workload}"] = vars(
+                        per_request_instructions(name, args, p, work, backend_port, dumps,
+                                                 workload))
         if "latency" not in skip:
             results["latency"] = {k: vars(v) for k, v in
                                   latencies(args, p, work, backend_port).items()}
@@ -329,9 +348,13 @@ def main() -> int:
           f"{meta['haproxy']} mode http (nbthread 1); {meta['openssl']}")
     print("one kept-alive TLS 1.3 connection, small GET, 200 OK with a 4-byte body, "
           "XFCC added, one access-log line per request")
-    sc, hc = results.get("sidecar_instructions"), results.get("haproxy_instructions")
-    if sc and hc:
-        print(f"instructions per request, thousands (callgrind, {args.requests} requests):")
+    for workload, words in WORKLOADS.items():
+        sc = results.get(f"sidecar_instructions_{workload}")
+        hc = results.get(f"haproxy_instructions_{workload}")
+        if not (sc and hc):
+            continue
+        print(f"instructions per request, thousands (callgrind, {args.requests} requests, "
+              f"{words}):")
         print(f"  {'':30}{'sidecar':>10}{'haproxy':>10}{'ratio':>8}")
         rows = (("as measured", "per_request"), ("idle over the same time", "idle_per_request"))
         for title, key in rows:
