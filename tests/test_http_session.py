@@ -330,3 +330,24 @@ async def test_a_large_head_is_not_kept_after_its_exchange() -> None:
         assert r.session._last_key[3] == b"/x" and r.session._last_key[4] == [
             b"Host", b": ", b"a", b"\r\n"]  # still the first request's
         assert r.session._last_resp_key[0] == OK[:-2]
+
+
+@pytest.mark.parametrize("dropped", [
+    b"X-Forwarded-Client-Cert: " + b"f" * (2 * KEPT_HEAD_BYTES),  # forged: ours replaces it
+    b"Keep-Alive: " + b"k" * (2 * KEPT_HEAD_BYTES),  # hop-by-hop
+    b"Connection: x-big\r\nX-Big: " + b"b" * (2 * KEPT_HEAD_BYTES),  # named by Connection
+])
+async def test_a_large_head_whose_large_fields_are_not_forwarded_is_not_kept(
+        dropped: bytes) -> None:
+    """The bound holds for what the session keeps to compare (the caller's field lines),
+    not only for what it forwards: fields the app never receives count too."""
+    heads: list[bytes] = []
+    async with rig(recording([OK, OK], heads)) as r:
+        await r.send(GET)
+        assert await r.read_response() == OK
+        await r.send(b"GET /x HTTP/1.1\r\nHost: a\r\n" + dropped + b"\r\n\r\n")
+        assert await r.read_response() == OK
+        assert len(heads[1]) < KEPT_HEAD_BYTES  # forwarded without them
+        key = r.session._last_key
+        assert key is not None
+        assert sum(map(len, key[4])) <= KEPT_HEAD_BYTES  # still the first request's

@@ -120,7 +120,7 @@ class Examiner:
     request kept with what they said, since a caller's requests on one connection mostly
     carry the same fields (the request line changes; it is judged every time)."""
 
-    __slots__ = ("_fields", "_fields_key", "_max_bytes", "_max_fields", "_xfcc")
+    __slots__ = ("_fields", "_fields_key", "_max_bytes", "_max_fields", "_xfcc", "fields_bytes")
 
     def __init__(self, xfcc: bytes, max_bytes: int = 64 * 1024, max_fields: int = 100) -> None:
         self._xfcc = xfcc
@@ -128,6 +128,9 @@ class Examiner:
         self._max_fields = max_fields
         self._fields_key: tuple[str, str, bool, list[bytes]] | None = None
         self._fields: tuple[int, _Fields | str] = (0, "")
+        # The size of the last head's field lines as the caller sent them (those the app
+        # never receives included): what a caller keeping `parts` keeps.
+        self.fields_bytes = 0
 
     def examine(self, method: str, target: bytes, version: str, parts: list[bytes],
                 upgrade: bool) -> RequestHead | str:
@@ -146,6 +149,7 @@ class Examiner:
             size, fields = _fields(method, parts, version == "1.0", upgrade, self._xfcc)
             if size <= KEPT_FIELDS_BYTES:
                 self._fields, self._fields_key = (size, fields), key
+        self.fields_bytes = size
         if len(target) + len(method) + size + 11 > self._max_bytes:
             return f"the request head is larger than {self._max_bytes} bytes"
         if isinstance(fields, str):

@@ -457,7 +457,10 @@ class Session:
                 r.refusal = head
                 raise _Stop
             r.head = head
-            if len(key[3]) + len(head.forwarded) <= KEPT_HEAD_BYTES:
+            # Bounded by what is kept: the forwarded head, and the caller's field lines
+            # with those the app never receives (a forged XFCC, hop-by-hop fields).
+            if len(key[3]) + len(head.forwarded) <= KEPT_HEAD_BYTES and \
+                    self._examiner.fields_bytes <= KEPT_HEAD_BYTES:
                 self._last_head, self._last_key = head, key
         self.queue.append(r)
         if len(self.queue) == 1:

@@ -145,6 +145,12 @@ class Server:
         http.wind_down(rt)  # http connections close at their next request boundary
         sweeper.cancel()
         lag.cancel()
+        # A worker's request counts reach the supervisor's files only when flushed (the
+        # sweep did it): during the drain too, which the supervisor's /metrics still serves.
+        flusher = None if self.worker is None else lifecycle.Tick(
+            rt.loop, SWEEP_EVERY, metrics.requests.flush)
+        if flusher is not None:
+            metrics.requests.flush()
         for task in background:
             task.cancel()
         self._stop_source()
@@ -152,6 +158,9 @@ class Server:
         try:
             await self._drain.finish(rt.tracker, rt.tasks)
         finally:
+            if flusher is not None:
+                flusher.cancel()
+                metrics.requests.flush()
             if self._admin is not None:
                 self._admin.close()
         return 0

@@ -153,3 +153,49 @@ def test_an_idle_worker_reports_a_reload_to_the_supervisor(pair: Sidecar, tmp_pa
              == [*new] * 2, 10, "both workers' reports of the new policy")
     reloads = [w["reloads"]["policy"] for w in _status(pair)["workers"]]
     assert [r["trigger"] for r in reloads] == ["file change"] * 2, reloads
+
+
+@pytest.fixture
+def http_pair(tmp_path: Path, ca: Pki):  # type: ignore[no-untyped-def]
+    from http_app import HttpApp
+    app = HttpApp().start()
+    (tmp_path / "policy.yaml").write_text(json.dumps({"default": "deny", "rules": [
+        {"name": "frontend", "action": "allow", "from": [FRONTEND]}]}))
+    config = {
+        "identity": write_svid_dir(tmp_path / "svid", ca.svid(PAYMENTS), ca.bundle),
+        "inbound": [{"name": "api", "listen": "127.0.0.1:0", "forward_to": app.address,
+                     "protocol": "http"}],
+        "policy": str(tmp_path / "policy.yaml"), "workers": 2,
+        "admin": {"listen": "127.0.0.1:0"}, "drain_timeout": "20s",
+        "log": {"level": "info", "format": "json"}}
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(json.dumps(config))
+    sc = Sidecar("w", path, "uvloop")
+    sc.start()
+    yield sc
+    assert sc.stop() == 0
+    app.close()
+
+
+def _requests(sc: Sidecar) -> float:
+    return metric(sc, "sidecar_http_requests_total", listener="api", decision="allow",
+                  code="200")
+
+
+def test_a_workers_http_requests_reach_the_supervisors_metrics_even_in_a_drain(
+    http_pair: Sidecar, ca: Pki, tls_client: TlsClient
+) -> None:
+    """A worker hands its per-request counts (metrics.RequestTally) to the files the
+    supervisor sums: those of requests just before a drain too, while the drain lasts."""
+    from .http_support import Client, request
+    client = Client.to(http_pair, tls_client)
+    for _ in range(3):
+        assert client.get("/counted").status == 200
+    # An exchange under way (half its body sent) keeps the worker draining.
+    client.send(request("POST", "/counted", body=b"0123456789")[:-5])
+    os.kill(http_pair.pid, signal.SIGTERM)
+    wait_for(lambda: _status(http_pair)["draining"], 10, "the drain to start")
+    wait_for(lambda: _requests(http_pair) == 3, 10, "the 3 requests in the supervisor's sum")
+    client.send(b"56789")
+    assert client.response().status == 200
+    client.close()
