@@ -65,14 +65,22 @@ class Resumption:
     async def rotate_at_boundaries(
         self, current: Callable[[], tls_contexts.Contexts], stop: asyncio.Event
     ) -> None:
-        """Until `stop`: rotate the contexts in force at each boundary."""
+        """Until `stop`: rotate the contexts in force at each boundary, once."""
         every = self.period
         while not stop.is_set():
-            try:
-                async with asyncio.timeout(every - time.time() % every):
-                    await stop.wait()
-            except TimeoutError:
-                self.rotate(current())
+            target = self.epoch() + 1
+            # A timer may fire a little before the wall clock reaches the boundary (uvloop
+            # counts in whole milliseconds, and the loop's clock is not the wall clock):
+            # rotating then would turn to the ending period's own keys, log it, and spin
+            # until the boundary. Wait until the epoch the keys derive from has moved.
+            while self.epoch() < target:
+                try:
+                    async with asyncio.timeout(max(target * every - time.time(), 0.001)):
+                        await stop.wait()
+                    return
+                except TimeoutError:
+                    continue
+            self.rotate(current())
 
     def status(self, contexts: tls_contexts.Contexts) -> dict[str, Any]:
         """For /status: the store, and for memory how full it is and how it serves."""
