@@ -92,7 +92,10 @@ def test_request_lines_are_the_json_encoders_bytes_whatever_changes_between_them
                     "msg": "request", **conn, "method": method, "path": path,
                     "status": status, "decision": decision, "rule": rule, "bytes_in": n_in,
                     "bytes_out": n_out, "duration_ms": 0}
-        # The duration is whole microseconds, written with three decimals.
-        us = int(seconds * 1_000_000)
+        # The duration is the nearest whole microsecond, written with three decimals: the
+        # value the general path writes (round(seconds * 1000, 3)); 0.000123 s once came
+        # out 0.122 (a truncated 122.99999 us).
+        us = round(seconds * 1_000_000)
         assert line == json.dumps(expected, separators=(",", ":"))[:-2] + \
             f"{us // 1000}.{us % 1000:03d}}}"
+        assert fields["duration_ms"] == round(seconds * 1000, 3), line

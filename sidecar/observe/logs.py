@@ -138,7 +138,7 @@ class RequestLog:
         if key != self._key:
             self._key = key
             self._middle = self._make_middle(method, path, status, decision, rule)
-        us = int(seconds * 1_000_000)  # milliseconds with three decimals, without a float
+        us = round(seconds * 1_000_000)  # milliseconds with three decimals, without a float
         # The timestamp as _now() makes it, inline: this runs for every request. Its
         # milliseconds are taken from a float within the second (no large integers).
         global _line_second, _line_start
