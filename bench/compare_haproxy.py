@@ -278,28 +278,14 @@ class Proc:
             raise RuntimeError(f"{self.name} exited with {self.popen.returncode}:\n"
                                + self.log_text()[-3000:])
 
-    def _control(self, *args: str) -> None:
-        run = subprocess.run(["callgrind_control", *args, str(self.pid)],
-                             capture_output=True, text=True, timeout=IO_TIMEOUT)
-        if run.returncode != 0 or "Error" in run.stdout + run.stderr:
-            raise RuntimeError(f"callgrind_control {' '.join(args)} {self.name}: "
-                               f"{run.stdout}{run.stderr}")
-
     def instrument(self) -> None:
         if self.callgrind:
-            self._control("-i", "on")
+            callgrind_control(self.pid, "-i", "on", name=self.name)
 
     def dump(self) -> Path:
         """Write the cost since the last dump to a new file (and reset the counters)."""
-        self._control("-d")
         self.dumps += 1
-        path = Path(f"{self.cg_prefix}.{self.pid}.{self.dumps}")
-        deadline = time.monotonic() + 30
-        while not (path.exists() and "\ntotals:" in path.read_text(errors="replace")):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"callgrind dump {path} did not appear")
-            time.sleep(0.05)
-        return path
+        return callgrind_dump(self.cg_prefix, self.pid, self.dumps, name=self.name)
 
     def cpu(self) -> float:
         return proc_cpu_seconds(self.pid)
@@ -313,6 +299,28 @@ class Proc:
                 os.kill(self.pid, signal.SIGKILL)
                 self.popen.wait()
         self._log.close()
+
+
+def callgrind_control(pid: int, *args: str, name: str = "") -> None:
+    """`callgrind_control ARGS PID` on a process running under callgrind."""
+    run = subprocess.run(["callgrind_control", *args, str(pid)],
+                         capture_output=True, text=True, timeout=IO_TIMEOUT)
+    if run.returncode != 0 or "Error" in run.stdout + run.stderr:
+        raise RuntimeError(f"callgrind_control {' '.join(args)} {name or pid}: "
+                           f"{run.stdout}{run.stderr}")
+
+
+def callgrind_dump(prefix: Path, pid: int, number: int, *, name: str = "") -> Path:
+    """Dump `pid`'s cost since its last dump (the `number`th dump, with
+    `--callgrind-out-file=PREFIX.%p`): the file, once written whole."""
+    callgrind_control(pid, "-d", name=name)
+    path = Path(f"{prefix}.{pid}.{number}")
+    deadline = time.monotonic() + 60
+    while not (path.exists() and "\ntotals:" in path.read_text(errors="replace")):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"callgrind dump {path} did not appear")
+        time.sleep(0.05)
+    return path
 
 
 def instructions(dump: Path) -> int:

@@ -38,6 +38,8 @@ from compare_haproxy import (
     IO_TIMEOUT,
     Pki,
     Proc,
+    callgrind_control,
+    callgrind_dump,
     client_context,
     drive_connections,
     free_port,
@@ -55,13 +57,6 @@ def _children(pid: int) -> list[int]:
             for c in (task / "children").read_text().split()]
 
 
-def _control(pid: int, *args: str) -> None:
-    run = subprocess.run(["callgrind_control", *args, str(pid)], capture_output=True,
-                         text=True, timeout=IO_TIMEOUT)
-    if run.returncode != 0 or "Error" in run.stdout + run.stderr:
-        raise RuntimeError(f"callgrind_control {' '.join(args)} {pid}: {run.stdout}{run.stderr}")
-
-
 def _timers(dump: Path) -> int:
     """Instructions spent in fired timers (uvloop's TimerHandle._run, inclusive): the lag
     probe and the once-a-second sweep, which cost per second of wall time, not per
@@ -72,18 +67,6 @@ def _timers(dump: Path) -> int:
         if "TimerHandle__run " in line:
             return int(line.split()[0].replace(",", ""))
     return 0
-
-
-def _dump(prefix: Path, pid: int, number: int) -> Path:
-    """Dump `pid`'s cost since its last dump; the dump."""
-    _control(pid, "-d")
-    path = Path(f"{prefix}.{pid}.{number}")
-    deadline = time.monotonic() + 60
-    while not (path.exists() and "\ntotals:" in path.read_text(errors="replace")):
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"callgrind dump {path} did not appear")
-        time.sleep(0.05)
-    return path
 
 
 def _ready(proc: Proc) -> bool:
@@ -130,16 +113,16 @@ def measure(workers: int, work: Path, p: Pki, echo_port: int, connections: int,
         workers_pids = _children(proc.pid) if workers > 1 else []
         pids = [proc.pid, *workers_pids]
         for pid in pids:
-            _control(pid, "-i", "on")
+            callgrind_control(pid, "-i", "on")
         ctx = client_context(p)
         drive_connections(ctx, port, warmup, resume=False, state={})
         for pid in pids:
-            _dump(prefix, pid, 1)
+            callgrind_dump(prefix, pid, 1)
         started = time.monotonic()
         stats = drive_connections(ctx, port, connections, resume=False, state={})
         wall = time.monotonic() - started
         assert stats.count == connections and stats.reused == 0, stats
-        dumps = {pid: _dump(prefix, pid, 2) for pid in pids}
+        dumps = {pid: callgrind_dump(prefix, pid, 2) for pid in pids}
     finally:
         proc.stop()
     cost = {pid: instructions(d) for pid, d in dumps.items()}

@@ -32,21 +32,27 @@ from .test_live_changes import admin_get, metric
 pytestmark = pytest.mark.timeout(90)
 
 
-@pytest.fixture
-def pair(tmp_path: Path, ca: Pki, echo_app: Callable[..., EchoApp]):  # type: ignore[no-untyped-def]
-    app = echo_app()
+def _two_workers(tmp_path: Path, ca: Pki, inbound: dict[str, object], drain: str) -> Sidecar:
+    """A started sidecar with `workers: 2`, one inbound listener, a policy allowing
+    FRONTEND."""
     (tmp_path / "policy.yaml").write_text(json.dumps({"default": "deny", "rules": [
         {"name": "frontend", "action": "allow", "from": [FRONTEND]}]}))
     config = {
         "identity": write_svid_dir(tmp_path / "svid", ca.svid(PAYMENTS), ca.bundle),
-        "inbound": [{"name": "in", "listen": "127.0.0.1:0", "forward_to": app.address}],
+        "inbound": [{"listen": "127.0.0.1:0", **inbound}],
         "policy": str(tmp_path / "policy.yaml"), "workers": 2,
-        "admin": {"listen": "127.0.0.1:0"}, "drain_timeout": "5s",
+        "admin": {"listen": "127.0.0.1:0"}, "drain_timeout": drain,
         "log": {"level": "info", "format": "json"}}
     path = tmp_path / "sidecar.yaml"
     path.write_text(json.dumps(config))
     sc = Sidecar("w", path, "uvloop")
     sc.start()
+    return sc
+
+
+@pytest.fixture
+def pair(tmp_path: Path, ca: Pki, echo_app: Callable[..., EchoApp]):  # type: ignore[no-untyped-def]
+    sc = _two_workers(tmp_path, ca, {"name": "in", "forward_to": echo_app().address}, "5s")
     yield sc
     assert sc.stop() == 0
 
@@ -159,19 +165,8 @@ def test_an_idle_worker_reports_a_reload_to_the_supervisor(pair: Sidecar, tmp_pa
 def http_pair(tmp_path: Path, ca: Pki):  # type: ignore[no-untyped-def]
     from http_app import HttpApp
     app = HttpApp().start()
-    (tmp_path / "policy.yaml").write_text(json.dumps({"default": "deny", "rules": [
-        {"name": "frontend", "action": "allow", "from": [FRONTEND]}]}))
-    config = {
-        "identity": write_svid_dir(tmp_path / "svid", ca.svid(PAYMENTS), ca.bundle),
-        "inbound": [{"name": "api", "listen": "127.0.0.1:0", "forward_to": app.address,
-                     "protocol": "http"}],
-        "policy": str(tmp_path / "policy.yaml"), "workers": 2,
-        "admin": {"listen": "127.0.0.1:0"}, "drain_timeout": "20s",
-        "log": {"level": "info", "format": "json"}}
-    path = tmp_path / "sidecar.yaml"
-    path.write_text(json.dumps(config))
-    sc = Sidecar("w", path, "uvloop")
-    sc.start()
+    sc = _two_workers(tmp_path, ca, {"name": "api", "forward_to": app.address,
+                                     "protocol": "http"}, "20s")
     yield sc
     assert sc.stop() == 0
     app.close()
