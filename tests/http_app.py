@@ -28,12 +28,12 @@ import asyncio
 import contextlib
 import hashlib
 import json
-import threading
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import h11
+from loop_app import LoopApp
 
 IO_TIMEOUT = 10.0
 PATTERN = bytes(range(256)) * 256  # 64 KiB
@@ -62,7 +62,7 @@ class Seen:
 
 
 @dataclass
-class HttpApp:
+class HttpApp(LoopApp):
     seen: list[Seen] = field(default_factory=list)
     connections: int = 0
     received: int = 0  # bytes read from every connection, requests or not
@@ -70,39 +70,11 @@ class HttpApp:
     errors: list[str] = field(default_factory=list)  # what h11 refused of the sidecar's
 
     def __post_init__(self) -> None:
-        self._lock = threading.Lock()
-        self._loop = asyncio.new_event_loop()
-        self._server: asyncio.Server | None = None
-        self._thread = threading.Thread(target=self._loop.run_forever, name="http-app",
-                                        daemon=True)
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self) -> HttpApp:
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(IO_TIMEOUT)
-        return self
-
-    async def _start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
+        self._prepare("http-app")
 
     def requests(self) -> list[Seen]:
         with self._lock:
             return list(self.seen)
-
-    def close(self) -> None:
-        async def stop() -> None:
-            if self._server is not None:
-                self._server.close()
-                self._server.close_clients()
-        if self._thread.is_alive():
-            asyncio.run_coroutine_threadsafe(stop(), self._loop).result(IO_TIMEOUT)
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(IO_TIMEOUT)
-        self._loop.close()
 
     # -- one connection -------------------------------------------------------------------
 

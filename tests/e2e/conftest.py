@@ -33,6 +33,7 @@ from typing import Any
 
 import pytest
 from cryptography import x509
+from loop_app import LoopApp
 
 from sidecar.tools import pki
 
@@ -355,7 +356,7 @@ def sidecar(tmp_path: Path, ca: Pki) -> Iterator[SidecarFactory]:
 # --- the echo app ----------------------------------------------------------------------
 
 
-class EchoApp:
+class EchoApp(LoopApp):
     """An asyncio echo server in a thread: echoes until EOF, then shuts its write side
     (half-close) and closes. Counts accepted connections and bytes received.
 
@@ -372,31 +373,18 @@ class EchoApp:
         self.accepted = 0
         self.bytes_received = 0
         self.finished = 0  # connections that reached EOF and were closed cleanly
-        self._lock = threading.Lock()
-        self._loop = asyncio.new_event_loop()
-        self._server: asyncio.Server | None = None
-        self._thread = threading.Thread(target=self._loop.run_forever, name="echo-app",
-                                        daemon=True)
+        self._prepare("echo-app")
 
     @property
     def address(self) -> str:
         return f"unix:{self.unix_path}" if self.unix_path else f"127.0.0.1:{self.port}"
 
-    def start(self) -> EchoApp:
-        self._thread.start()
-        fut = asyncio.run_coroutine_threadsafe(self._start(), self._loop)
-        fut.result(IO_TIMEOUT)
-        return self
-
-    async def _start(self) -> None:
+    async def _listen(self) -> asyncio.Server:
         if self.unix_path:
-            self._server = await asyncio.start_unix_server(self._handle, path=self.unix_path)
-        elif self._sock is not None:
-            self._server = await asyncio.start_server(self._handle, sock=self._sock)
-        else:
-            self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        if not self.unix_path:
-            self.port = self._server.sockets[0].getsockname()[1]
+            return await asyncio.start_unix_server(self._handle, path=self.unix_path)
+        if self._sock is not None:
+            return await asyncio.start_server(self._handle, sock=self._sock)
+        return await super()._listen()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with self._lock:
@@ -422,18 +410,6 @@ class EchoApp:
             writer.close()
             with contextlib.suppress(ConnectionError, OSError):
                 await writer.wait_closed()
-
-    def close(self) -> None:
-        async def _stop() -> None:
-            if self._server is not None:
-                self._server.close()
-                self._server.close_clients()
-        if self._thread.is_alive():
-            asyncio.run_coroutine_threadsafe(_stop(), self._loop).result(IO_TIMEOUT)
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(IO_TIMEOUT)
-        self._loop.close()
-
 
 @pytest.fixture
 def echo_app() -> Iterator[Callable[..., EchoApp]]:

@@ -26,12 +26,12 @@ import shutil
 import socket
 import ssl
 import subprocess
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from loop_app import LoopApp
 from proxyprotocol.reader import ProxyProtocolReader
 from proxyprotocol.result import ProxyResult
 from proxyprotocol.v2 import ProxyProtocolV2
@@ -230,7 +230,7 @@ class Received:
 
 
 @dataclass
-class ProxyEchoApp:
+class ProxyEchoApp(LoopApp):
     """An asyncio echo app in a thread that first reads a PROXY header with the PyPI
     package's reader (`header=True`), then echoes what follows; records both."""
 
@@ -239,24 +239,7 @@ class ProxyEchoApp:
     port: int = 0
 
     def __post_init__(self) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._server: asyncio.Server | None = None
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
-                                        name="proxy-echo-app")
-        self._lock = threading.Lock()
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self) -> ProxyEchoApp:
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(IO_TIMEOUT)
-        return self
-
-    async def _start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
+        self._prepare("proxy-echo-app")
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -275,17 +258,6 @@ class ProxyEchoApp:
             writer.close()
             with contextlib.suppress(ConnectionError, OSError):
                 await writer.wait_closed()
-
-    def close(self) -> None:
-        async def stop() -> None:
-            if self._server is not None:
-                self._server.close()
-                self._server.close_clients()
-        if self._thread.is_alive():
-            asyncio.run_coroutine_threadsafe(stop(), self._loop).result(IO_TIMEOUT)
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(IO_TIMEOUT)
-        self._loop.close()
 
 
 @pytest.fixture
