@@ -47,7 +47,6 @@ import asyncio
 import errno
 import fcntl
 import os
-import ssl
 import struct
 import termios
 from collections.abc import Callable
@@ -470,11 +469,8 @@ class Duplex:
         try:
             if not flow.run():
                 self._loop.call_soon(self._resume, flow)
-        except Cut as cut:
-            self._cut(flow, cut.code)
-            return
-        except (OSError, ssl.SSLError) as exc:
-            self.abort(self._failed(flow, exc), exc)
+        except (Cut, OSError) as exc:  # ssl.SSLError is an OSError
+            self._broke(flow, exc)
             return
         self._settle()
 
@@ -531,13 +527,18 @@ class Duplex:
                 flow.waiting = SRC_WRITE
             else:
                 return  # nothing to read after all (a stale readiness): wait again
-        except Cut as cut:
-            self._cut(flow, cut.code)
-            return
-        except (OSError, ssl.SSLError) as exc:
-            self.abort(self._failed(flow, exc), exc)
+        except (Cut, OSError) as exc:  # ssl.SSLError is an OSError
+            self._broke(flow, exc)
             return
         self._settle()
+
+    def _broke(self, flow: Flow, exc: Cut | OSError) -> None:
+        """A flow's read or write raised: a cut stream ends as its code says, any other
+        error aborts the pair."""
+        if isinstance(exc, Cut):
+            self._cut(flow, exc.code)
+        else:
+            self.abort(self._failed(flow, exc), exc)
 
     def _settle(self) -> None:
         """After flows ran: close when both are done, else bring the registrations in
@@ -567,11 +568,8 @@ class Duplex:
                 flow = second
                 if not second.done and not second.run():
                     self._loop.call_soon(self._resume, second)
-        except Cut as cut:
-            self._cut(flow, cut.code)
-            return
-        except (OSError, ssl.SSLError) as exc:
-            self.abort(self._failed(flow, exc), exc)
+        except (Cut, OSError) as exc:  # ssl.SSLError is an OSError
+            self._broke(flow, exc)
             return
         self._settle()
 
