@@ -532,7 +532,7 @@ class Duplex:
             return
         self._settle()
 
-    def _broke(self, flow: Flow, exc: Cut | OSError) -> None:
+    def _broke(self, flow: Flow | None, exc: Cut | OSError) -> None:
         """A flow's read or write raised: a cut stream ends as its code says, any other
         error aborts the pair."""
         if isinstance(exc, Cut):
