@@ -17,18 +17,22 @@ HOST = (b"Host", b"payments")
 Fields = list[tuple[bytes, bytes]]
 
 
+def _examine(method: str, target: bytes, version: str, fields: Fields | None,
+             upgrade: bool) -> RequestHead | str:
+    return request.examine(method, target, version,
+                           request.lines([HOST] if fields is None else fields), upgrade, XFCC)
+
+
 def ok(method: str = "GET", target: bytes = b"/", version: str = "1.1",
        fields: Fields | None = None, upgrade: bool = False) -> RequestHead:
-    head = request.examine(method, target, version,
-                           request.lines([HOST] if fields is None else fields), upgrade, XFCC)
+    head = _examine(method, target, version, fields, upgrade)
     assert isinstance(head, RequestHead), head
     return head
 
 
 def refused(method: str = "GET", target: bytes = b"/", version: str = "1.1",
             fields: Fields | None = None, upgrade: bool = False) -> str:
-    head = request.examine(method, target, version,
-                           request.lines([HOST] if fields is None else fields), upgrade, XFCC)
+    head = _examine(method, target, version, fields, upgrade)
     assert isinstance(head, str), head
     return head
 
