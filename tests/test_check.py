@@ -210,11 +210,19 @@ def test_an_http_rule_is_summed_up_with_its_methods_and_paths(tmp_path: Path) ->
 def test_check_piped_into_a_reader_that_stops_early(tmp_path: Path) -> None:
     """`sidecar check | head -1`: the closed pipe ends the output quietly, not a traceback."""
     path = write_config(tmp_path)
-    done = subprocess.run(f"{sys.executable} -m sidecar check -c {path} | head -c 1",
-                          shell=True, capture_output=True, text=True, timeout=60, env=ENV,
-                          executable="/bin/bash")
+    # The reader is gone before the command writes a byte (it needs a second to start), so
+    # the write surely meets a closed pipe; `| head` raced the command's one flush.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run([sys.executable, "-m", "sidecar", "check", "-c", str(path)],
+                              stdout=write_end, stderr=subprocess.PIPE, text=True,
+                              timeout=60, env=ENV)
+    finally:
+        os.close(write_end)
     assert "Traceback" not in done.stderr, done.stderr
     assert "BrokenPipeError" not in done.stderr, done.stderr
+    assert done.returncode == 141, done.stderr
 
 
 def test_a_key_of_another_svid_is_blamed_on_the_key_at_its_yaml_path(tmp_path: Path) -> None:
