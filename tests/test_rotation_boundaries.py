@@ -35,7 +35,10 @@ def test_each_boundary_rotates_once_and_not_early(
     seen.clear()
     r = Recorded(SessionStore.TICKETS, PERIOD, 0, b"s" * 32)
 
+    started: list[int] = []
+
     async def main() -> None:
+        started.append(r.epoch())
         stop = asyncio.Event()
         task = asyncio.ensure_future(r.rotate_at_boundaries(
             lambda: None, stop))  # type: ignore[arg-type, return-value]
@@ -51,4 +54,9 @@ def test_each_boundary_rotates_once_and_not_early(
     epochs = [e for _, e in seen]
     assert len(epochs) >= 20, seen
     assert len(set(epochs)) == len(epochs), f"an epoch was rotated to twice: {epochs}"
+    # Not early: the first rotation turns to the epoch after the one the schedule began
+    # in (a timer firing before the boundary turned to that same epoch), and each to a
+    # later one than the last.
+    assert epochs[0] > started[0], (started, seen)
+    assert epochs == sorted(epochs), seen
     assert all(at >= epoch * PERIOD for at, epoch in seen), seen
