@@ -194,8 +194,9 @@ _REFUSED_US: dict[Reason, tuple[str, str]] = {
     Reason.PROTOCOL_VERSION: (
         "the peer refused the TLS versions we offered (a sidecar accepts TLS 1.3 only "
         "unless configured)",
-        "offer TLS 1.3 from this side, or let the peer accept TLS 1.2 (on a sidecar: "
-        "tls.min_version: \"1.2\" in its config)",
+        "if this side offered TLS 1.2 only, offer TLS 1.3 from this side; if it offered "
+        "TLS 1.3 only (a sidecar's default), the peer speaks TLS 1.2 only: upgrade it, or "
+        "allow TLS 1.2 here (tls.min_version: \"1.2\"; `sidecar diagnose --tls-min 1.2`)",
     ),
     Reason.NO_SHARED_CIPHER: (
         "the peer found no cipher suite, signature algorithm or group it accepts in what "

@@ -91,6 +91,9 @@ _LIBRARY_REASONS: dict[str, Reason] = {
 
 # Where a reason's own name says too little.
 _WORDS = {
+    "UNSUPPORTED_PROTOCOL": "unsupported protocol: the peer speaks only TLS versions this "
+                            "side does not accept (TLS 1.3 only unless tls.min_version: "
+                            "\"1.2\")",
     "NO_APPLICATION_PROTOCOL": "the client's ALPN offer lacks http/1.1 (h2 alone?), and "
                                "this http listener speaks HTTP/1.1 only",
 }
