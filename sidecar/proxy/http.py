@@ -45,7 +45,7 @@ from typing import Any
 import httptools
 
 from sidecar.config import InboundListener
-from sidecar.endpoint import RESET, WANT_READ, WANT_WRITE, Endpoint, TcpEndpoint
+from sidecar.endpoint import RESET, WANT_READ, WANT_WRITE, Endpoint, Send, TcpEndpoint
 from sidecar.http1 import answers, request, response, xfcc
 from sidecar.http1.answers import Answer
 from sidecar.http1.request import Framing, RequestHead
@@ -76,6 +76,7 @@ KEPT_HEAD_BYTES = request.KEPT_FIELDS_BYTES
 # records until it does, or until less than a record's room is left in the buffer).
 _FULL_READ = CHUNK - _READ_ROOM
 _CRLF = b"\r\n"
+_HEAD_END = b"\r\n\r\n"
 _METHODS: dict[bytes, str] = {}  # llhttp's method names as str, made once each
 # Requests sent again on a new connection when the app closed its kept-alive one as
 # they went out (and they had no body): RFC 9110 9.2.2's idempotent methods.
@@ -128,6 +129,7 @@ class Session:
         "_app_broken",
         "_app_requests",
         "_app_reused",
+        "_app_send",
         "_counter",
         "_dialing",
         "_done",
@@ -152,6 +154,7 @@ class Session:
         "_peer_paused",
         "_peer_read",
         "_peer_rwait",
+        "_peer_send",
         "_peer_wwait",
         "_pend_app",
         "_pend_peer",
@@ -199,6 +202,8 @@ class Session:
         # A TLS caller reads without a second, failing read after each record (engine.py).
         self._peer_read: Callable[[memoryview], int] = getattr(peer, "read_some", None) \
             or peer.read_into
+        self._peer_send: Send = peer.calls()[1] or peer.write
+        self._app_send: Send = _no_app
         self.peer_id = peer_id
         self.peer_text = str(peer_id)
         self.xfcc = xfcc
@@ -319,7 +324,9 @@ class Session:
             if self._shutting:
                 self._linger_read()
                 return
-            if self._reading_peer_paused():
+            # (_reading_peer_paused, written out: this runs for every read)
+            if self._pend_app is not None or self._dialing or len(self.queue) > 1 or \
+                    self._no_more:
                 self._peer_paused = True
                 return
             n = read(_buffer)
@@ -554,7 +561,8 @@ class Session:
             # brought its head): the app must not get a request the caller saw refused.
             sock.close()
             return
-        self.app = TcpEndpoint(sock)
+        self.app = app = TcpEndpoint(sock)
+        self._app_send = app.calls()[1] or app.write
         self._app_requests = 0
         self._forward(r)
         self._flush()
@@ -721,7 +729,8 @@ class Session:
         assert head is not None and parser is not None and buf is not None
         status = parser.get_status_code()
         start = self._resp_start
-        end = response.head_end(buf, start)
+        at = buf.find(_HEAD_END, start)  # (response.head_end, written out)
+        end = -1 if at < 0 else at + 4
         if status < 200:
             if status == 101:
                 if not head.upgrade:
@@ -953,7 +962,8 @@ class Session:
     def _write_app(self) -> None:
         assert self.app is not None
         try:
-            self._pend_app, _ = _write(self.app, self._pend_app, self._out_app)
+            self._pend_app, _ = _write(self.app, self._app_send, self._pend_app,
+                                       self._out_app)
         except OSError as exc:
             self._app_write_failed(exc)
 
@@ -970,8 +980,8 @@ class Session:
 
     def _write_peer(self) -> None:
         try:
-            self._pend_peer, self._peer_wwait = _write(self.peer, self._pend_peer,
-                                                       self._out_peer)
+            self._pend_peer, self._peer_wwait = _write(self.peer, self._peer_send,
+                                                       self._pend_peer, self._out_peer)
         except OSError as exc:
             self._peer_write_failed(exc)
 
@@ -1013,26 +1023,33 @@ class Session:
         """Register for what the session now waits on."""
         if self._done:
             return
-        if self._peer_paused and not self._shutting and not self._reading_peer_paused():
-            self._peer_paused = False
-            self._loop.call_soon(self._resume_peer)  # OpenSSL may hold what comes next
         if self._shutting:
             reading = self._linger_timer is not None  # once our answer is out
+        elif not self._peer_paused:
+            reading = not self._no_more
+        elif self._reading_peer_paused():
+            reading = False
         else:
-            reading = not self._peer_paused and not self._no_more
-        rwait, wwait = self._peer_rwait, self._peer_wwait
-        has_app = self.app is not None
+            self._peer_paused = False
+            self._loop.call_soon(self._resume_peer)  # OpenSSL may hold what comes next
+            reading = not self._no_more
         reg = self._reg
-        want = has_app and self._pend_peer is None and not self._tunnel
-        if want != reg[0]:
-            self._set(0, want)
-        want = has_app and self._pend_app is not None
-        if want != reg[1]:
-            self._set(1, want)
-        want = (reading and rwait == WANT_READ) or wwait == WANT_READ
+        if self.app is not None:
+            want = self._pend_peer is None and not self._tunnel
+            if want != reg[0]:
+                self._set(0, want)
+            want = self._pend_app is not None
+            if want != reg[1]:
+                self._set(1, want)
+        elif reg[0] or reg[1]:
+            self._unregister(0)
+            self._unregister(1)
+        wwait = self._peer_wwait
+        rwait = self._peer_rwait if reading else 0
+        want = rwait == WANT_READ or wwait == WANT_READ
         if want != reg[2]:
             self._set(2, want)
-        want = (reading and rwait == WANT_WRITE) or wwait == WANT_WRITE
+        want = rwait == WANT_WRITE or wwait == WANT_WRITE
         if want != reg[3]:
             self._set(3, want)
 
@@ -1115,12 +1132,14 @@ class Session:
         return label
 
 
-def _write(ep: Endpoint, pending: memoryview | bytes | None,
+def _write(ep: Endpoint, send: Send, pending: memoryview | bytes | None,
            out: list[bytes]) -> tuple[memoryview | bytes | None, int]:
     """Write `pending`, then what gathered in `out` (joined: one call); what is still
     pending afterwards and what it waits for (0: nothing is, WANT_READ / WANT_WRITE).
-    A write that wanted a retry is kept as these very bytes (TLS must be given them
-    again); a part taken (TCP) leaves the rest. Raises OSError when the socket failed."""
+    `send` is `ep`'s C-level write where it has one (Endpoint.calls: a Python frame less
+    per write), else `ep.write`. A write that wanted a retry is kept as these very bytes
+    (TLS must be given them again); a part taken (TCP) leaves the rest. Raises OSError
+    when the socket failed."""
     while True:
         data = pending
         if data is None:
@@ -1128,13 +1147,20 @@ def _write(ep: Endpoint, pending: memoryview | bytes | None,
                 return None, 0
             data = out[0] if len(out) == 1 else b"".join(out)
             out.clear()
-        n = ep.write(data)
+        try:
+            n = send(data)
+        except OSError as exc:
+            n = ep.write_code(exc)  # a want, or raises again
         if n == len(data):
             pending = None
         elif n < 0:
             return data, n
         else:
             return memoryview(data)[n:], WANT_WRITE
+
+
+def _no_app(data: memoryview | bytes) -> int:
+    raise AssertionError("written to the app before it was dialled")  # not reached
 
 
 def serve(rt: Runtime, cfg: InboundListener, rec: Record, ep: TlsEndpoint,

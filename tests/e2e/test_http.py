@@ -13,7 +13,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -266,14 +265,16 @@ def test_an_allowed_websocket_is_passed_through(sc: Sidecar, tls_client: TlsClie
     r = c.get("/ws", headers=WS)
     assert r.status == 101 and r.header("upgrade") == ["websocket"]
     payload = big_body(200_000)
-    sender = threading.Thread(target=c.send, args=(payload,))
-    sender.start()
+    # A piece at a time, each echoed whole before the next: one SSL object must not be
+    # written by one thread while another reads it (OpenSSL's objects are not shared
+    # between threads; a sender thread made this test fail now and then).
     got = b""
-    while len(got) < len(payload):
-        data = c.sock.recv(65536)
-        assert data
-        got += data
-    sender.join(IO_TIMEOUT)
+    for at in range(0, len(payload), 16384):
+        c.send(payload[at:at + 16384])
+        while len(got) < min(at + 16384, len(payload)):
+            data = c.sock.recv(65536)
+            assert data
+            got += data
     assert got == payload
     assert request_line(sc, path="/ws")["status"] == 101
     c.close()
