@@ -45,7 +45,7 @@ from typing import Any
 import httptools
 
 from sidecar.config import InboundListener
-from sidecar.endpoint import RESET, WANT_READ, WANT_WRITE, Endpoint, Send, TcpEndpoint
+from sidecar.endpoint import RESET, WANT_READ, WANT_WRITE, Endpoint, Recv, Send, TcpEndpoint
 from sidecar.http1 import answers, request, response, xfcc
 from sidecar.http1.answers import Answer
 from sidecar.http1.request import Framing, RequestHead
@@ -127,6 +127,7 @@ class Session:
     __slots__ = (
         "_access",
         "_app_broken",
+        "_app_recv",
         "_app_requests",
         "_app_reused",
         "_app_send",
@@ -203,6 +204,8 @@ class Session:
         self._peer_read: Callable[[memoryview], int] = getattr(peer, "read_some", None) \
             or peer.read_into
         self._peer_send: Send = peer.calls()[1] or peer.write
+        # The app's C-level read and write (Endpoint.calls), set when it is dialled.
+        self._app_recv: Recv = _no_app
         self._app_send: Send = _no_app
         self.peer_id = peer_id
         self.peer_text = str(peer_id)
@@ -562,7 +565,9 @@ class Session:
             sock.close()
             return
         self.app = app = TcpEndpoint(sock)
-        self._app_send = app.calls()[1] or app.write
+        recv, send = app.calls()
+        self._app_recv = recv or app.read_into
+        self._app_send = send or app.write
         self._app_requests = 0
         self._forward(r)
         self._flush()
@@ -642,8 +647,12 @@ class Session:
         if app is None or self._done:
             return
         rounds = 0
+        recv = self._app_recv
         while self._pend_peer is None and not self._tunnel:
-            n = app.read_into(_buffer)
+            try:
+                n = recv(_buffer)
+            except OSError as exc:
+                n = app.read_code(exc)  # a want or a reset, or raises again
             if n < 0:
                 if n == WANT_READ:
                     return
@@ -946,10 +955,20 @@ class Session:
         wait for everything to be out (a tunnel's hand-over, a close)."""
         if self._done:
             return
-        if self.app is not None and (self._out_app or self._pend_app is not None):
-            self._write_app()
+        # (_write_app and _write_peer, written out: this runs twice a request)
+        app = self.app
+        if app is not None and (self._out_app or self._pend_app is not None):
+            try:
+                self._pend_app, _ = _write(app, self._app_send, self._pend_app,
+                                           self._out_app)
+            except OSError as exc:
+                self._app_write_failed(exc)
         if (self._out_peer or self._pend_peer is not None) and not self._peer_wwait:
-            self._write_peer()
+            try:
+                self._pend_peer, self._peer_wwait = _write(self.peer, self._peer_send,
+                                                           self._pend_peer, self._out_peer)
+            except OSError as exc:
+                self._peer_write_failed(exc)
         if self._done or self._pend_peer is not None or self._out_peer:
             return
         if self._tunnel:
@@ -958,14 +977,6 @@ class Session:
             return
         if self._shutting and self._linger_timer is None:
             self._shutdown_peer()
-
-    def _write_app(self) -> None:
-        assert self.app is not None
-        try:
-            self._pend_app, _ = _write(self.app, self._app_send, self._pend_app,
-                                       self._out_app)
-        except OSError as exc:
-            self._app_write_failed(exc)
 
     def _app_write_failed(self, exc: BaseException) -> None:
         r = self.queue[0] if self.queue else None
