@@ -343,7 +343,10 @@ class Session:
                 self._peer_ended()
                 return
             self.to_app.moved += n
-            self._feed_request(n)
+            try:
+                self._request_parser.feed_data(_buffer[:n])
+            except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+                self._request_stopped(exc, n)
             pending = self._in
             if pending is not None and pending.head is None and pending.refusal is None:
                 # A head still incomplete: its fields so far are llhttp's to hold, so
@@ -382,19 +385,16 @@ class Session:
             self._flush()
             self._update()
 
-    def _feed_request(self, n: int) -> None:
-        try:
-            self._request_parser.feed_data(_buffer[:n])
-        except httptools.HttpParserUpgrade as up:
-            self._up_peer = bytes(_buffer[up.args[0]:n])
+    def _request_stopped(self, exc: Exception, n: int) -> None:
+        """The request parser stopped in the read of `n` bytes (in `_buffer`)."""
+        if isinstance(exc, httptools.HttpParserUpgrade):
+            self._up_peer = bytes(_buffer[exc.args[0]:n])
             self._no_more = True  # the rest of this connection is the tunnel's, or nothing
-        except httptools.HttpParserCallbackError as exc:
+        elif isinstance(exc, httptools.HttpParserCallbackError):
             if not isinstance(exc.__context__, _Stop):
-                raise  # a bug in a callback, not the caller's fault
+                raise exc  # a bug in a callback, not the caller's fault
             self._parser_stopped()
-        except httptools.HttpParserError as exc:
-            if self._no_more:
-                return  # bytes after a request that closes: nobody reads them
+        elif not self._no_more:  # (after a request that closes, nobody reads the rest)
             self._refuse_incoming(f"malformed request: {exc}")
 
     def _refuse_incoming(self, why: str, *, timeout: bool = False) -> None:
