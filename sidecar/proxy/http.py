@@ -45,7 +45,7 @@ from typing import Any
 import httptools
 
 from sidecar.config import InboundListener
-from sidecar.endpoint import RESET, WANT_READ, WANT_WRITE, Endpoint, Recv, Send, TcpEndpoint
+from sidecar.endpoint import RESET, WANT_READ, WANT_WRITE, Endpoint, Send, TcpEndpoint
 from sidecar.http1 import answers, request, response, xfcc
 from sidecar.http1.answers import Answer
 from sidecar.http1.request import Framing, RequestHead
@@ -204,8 +204,10 @@ class Session:
         self._peer_read: Callable[[memoryview], int] = getattr(peer, "read_some", None) \
             or peer.read_into
         self._peer_send: Send = peer.calls()[1] or peer.write
-        # The app's C-level read and write (Endpoint.calls), set when it is dialled.
-        self._app_recv: Recv = _no_app
+        # The app's C-level read and write, set when it is dialled. A read is the
+        # socket's recv: its bytes are what the caller is sent (a read into the shared
+        # buffer would need a copy, ~2k instructions more).
+        self._app_recv: Callable[[int], bytes] = _no_app
         self._app_send: Send = _no_app
         self.peer_id = peer_id
         self.peer_text = str(peer_id)
@@ -565,9 +567,8 @@ class Session:
             sock.close()
             return
         self.app = app = TcpEndpoint(sock)
-        recv, send = app.calls()
-        self._app_recv = recv or app.read_into
-        self._app_send = send or app.write
+        self._app_recv = sock.recv
+        self._app_send = app.calls()[1] or app.write
         self._app_requests = 0
         self._forward(r)
         self._flush()
@@ -650,14 +651,13 @@ class Session:
         recv = self._app_recv
         while self._pend_peer is None and not self._tunnel:
             try:
-                n = recv(_buffer)
+                data = recv(CHUNK)
             except OSError as exc:
-                n = app.read_code(exc)  # a want or a reset, or raises again
-            if n < 0:
-                if n == WANT_READ:
-                    return
-                self._app_ended(reset=n == RESET)
+                code = app.read_code(exc)  # a want or a reset, or raises again
+                if code != WANT_READ:
+                    self._app_ended(reset=code == RESET)
                 return
+            n = len(data)
             if n == 0:
                 self._app_ended(reset=False)
                 return
@@ -667,7 +667,7 @@ class Session:
                 # trusted to frame the next response; the next request dials again.
                 self._drop_app()
                 return
-            self._feed_response(n)
+            self._feed_response(data)
             if self._app_broken is not None:
                 self._broken(self._app_broken)
                 return
@@ -685,7 +685,7 @@ class Session:
             self._flush()
             self._update()
 
-    def _feed_response(self, n: int) -> None:
+    def _feed_response(self, data: bytes) -> None:
         """Parse a read of the app's; its bytes go to the caller as they are, in order with
         anything the parser's callbacks add (a next request's 403), or held while the
         response's head is incomplete (`_resp_buf`: it may have to be rebuilt)."""
@@ -695,7 +695,7 @@ class Session:
         mark = len(out)
         r = self.queue[0]
         sent_before = r.status
-        data = bytes(_buffer[:n])
+        n = len(data)
         buf = self._resp_buf
         if buf is None:
             out.append(data)  # a body: as it came
@@ -1170,7 +1170,7 @@ def _write(ep: Endpoint, send: Send, pending: memoryview | bytes | None,
             return memoryview(data)[n:], WANT_WRITE
 
 
-def _no_app(data: memoryview | bytes) -> int:
+def _no_app(data: Any) -> Any:
     raise AssertionError("written to the app before it was dialled")  # not reached
 
 
