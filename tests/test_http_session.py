@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import socket
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import pytest
 
@@ -351,3 +354,74 @@ async def test_a_large_head_whose_large_fields_are_not_forwarded_is_not_kept(
         key = r.session._last_key
         assert key is not None
         assert sum(map(len, key[4])) <= KEPT_HEAD_BYTES  # still the first request's
+
+
+class _Registrations:
+    """An event loop's registration calls, in order (the only part of a loop _update
+    uses), so that two ways of updating can be compared call for call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int]] = []
+
+    def add_reader(self, fd: int, _cb: object) -> None:
+        self.calls.append(("add_reader", fd))
+
+    def add_writer(self, fd: int, _cb: object) -> None:
+        self.calls.append(("add_writer", fd))
+
+    def remove_reader(self, fd: int) -> None:
+        self.calls.append(("remove_reader", fd))
+
+    def remove_writer(self, fd: int) -> None:
+        self.calls.append(("remove_writer", fd))
+
+    def call_soon(self, cb: object) -> None:
+        self.calls.append(("call_soon", 0))
+
+
+def _session_in(state: tuple[object, ...]) -> tuple[Session, _Registrations]:
+    (shutting, linger, paused, no_more, pend_app, pend_peer, tunnel, has_app, held, rwait,
+     wwait, reg) = state
+    s = object.__new__(Session)
+    loop = _Registrations()
+    s._loop = loop  # type: ignore[assignment]
+    s._done = False
+    s._shutting = bool(shutting)
+    s._linger_timer = object() if linger else None  # type: ignore[assignment]
+    s._peer_paused = bool(paused)
+    s._no_more = bool(no_more)
+    s._pend_app = b"x" if pend_app else None
+    s._pend_peer = b"x" if pend_peer else None
+    s._tunnel = bool(tunnel)
+    s.app = SimpleNamespace(fd=5) if has_app else None  # type: ignore[assignment]
+    s.peer = SimpleNamespace(fd=6)  # type: ignore[assignment]
+    s._dialing = held == "dialing"
+    s.queue = deque([object(), object()] if held == "queued" else [])  # type: ignore[list-item]
+    s._peer_rwait = rwait  # type: ignore[assignment]
+    s._peer_wwait = wwait  # type: ignore[assignment]
+    s._reg = list(reg)  # type: ignore[arg-type]
+    return s, loop
+
+
+def test_the_steady_state_shortcut_of_update_changes_nothing_the_full_update_would() -> None:
+    """_update returns early in the usual state; in every state (each input _update reads,
+    every registration), it must register exactly as _register_for does."""
+    from sidecar.endpoint import WANT_READ, WANT_WRITE
+
+    flags = (False, True)
+    states = itertools.product(
+        flags, flags, flags, flags, flags, flags, flags, flags, ("none", "dialing", "queued"),
+        (0, WANT_READ, WANT_WRITE), (0, WANT_READ, WANT_WRITE),
+        itertools.product(flags, flags, flags, flags))
+    compared = quiet = 0
+    for state in states:
+        short, short_loop = _session_in(state)
+        full, full_loop = _session_in(state)
+        short._update()
+        full._register_for()
+        assert (short_loop.calls, short._reg, short._peer_paused) == \
+            (full_loop.calls, full._reg, full._peer_paused), state
+        compared += 1
+        quiet += not full_loop.calls
+    assert compared == 2 ** 8 * 3 * 3 * 3 * 16
+    assert quiet  # some states need no change: the ones the shortcut is for among them
