@@ -23,9 +23,11 @@ from sidecar.observe import logs
 def stream() -> Iterator[io.StringIO]:
     """A stream for logs.setup(); the logging state before it comes back afterwards."""
     root = logging.getLogger("sidecar")
-    saved = (root.handlers[:], root.level, root.propagate, logs._direct)
+    saved = (root.handlers[:], root.level, root.propagate)
+    saved_direct = logs._direct
     yield io.StringIO()
-    root.handlers[:], root.level, root.propagate, logs._direct = saved
+    root.handlers[:], root.level, root.propagate = saved
+    logs.direct(saved_direct)  # and the test's duplicate descriptor closed
 
 
 def test_a_400_san_detail_and_a_long_peer_id_are_cut_in_the_access_line(
@@ -104,7 +106,7 @@ def test_request_lines_are_the_json_encoders_bytes_whatever_changes_between_them
     the general encoder writes for the same fields, as each field changes in turn."""
     out, read = sink
     logs.setup("info", "json", out)
-    assert (logs._fd >= 0) == (not isinstance(out, io.StringIO))
+    assert (logs._fd >= 0) == (not isinstance(out, io.StringIO))  # both ways tested
     conn = {"id": 7, "listener": "api", "peer_id": "spiffe://example.org/a"}
     rl = logs.RequestLog(conn)
     for call in _CALLS:
@@ -137,7 +139,7 @@ def test_lines_written_beside_the_stream_keep_their_order_with_the_handlers(
     with open(path, "w", encoding="utf-8") as f:
         f.write('{"msg":"before setup"}\n')  # left in the stream's buffer
         logs.setup("info", "json", f)
-        assert logs._fd == f.fileno()
+        assert logs._fd >= 0
         rl = logs.RequestLog({"id": 1})
         rl.write("GET", "/1", 200, "allow", "r", 0, 4, 0.001)
         logs.event(logging.INFO, "between")
@@ -165,3 +167,16 @@ def test_a_stream_in_an_encoding_other_than_asciis_is_written_through(
         logs.access({"id": 1}, failed=False)
     first, second = map(json.loads, path.read_text(encoding="utf-16").splitlines())
     assert (first["path"], second["msg"]) == ("/1", "connection")
+
+
+def test_lines_never_reach_a_file_that_took_a_closed_streams_descriptor_number(
+    stream: io.StringIO, tmp_path: Path,
+) -> None:
+    with open(tmp_path / "first", "w", encoding="utf-8") as first:
+        logs.setup("info", "json", first)
+        number = first.fileno()
+    with open(tmp_path / "second", "w", encoding="utf-8") as second:
+        assert second.fileno() == number  # the lowest free number, taken again
+        logs.RequestLog({"id": 1}).write("GET", "/1", 200, "allow", "r", 0, 4, 0.001)
+    assert (tmp_path / "second").read_text() == ""
+    assert json.loads((tmp_path / "first").read_text())["path"] == "/1"

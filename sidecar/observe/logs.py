@@ -66,12 +66,10 @@ def _text(v: Any) -> str:
 
 
 def setup(level: str = "info", fmt: str = "json", stream: Any = None) -> None:
-    global _direct, _fd
     out = stream or sys.stderr
     handler = logging.StreamHandler(out)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
-    _direct = out if fmt == "json" else None
-    _fd = _descriptor(out) if fmt == "json" else -1
+    direct(out if fmt == "json" else None)
     root = logging.getLogger("sidecar")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -79,35 +77,40 @@ def setup(level: str = "info", fmt: str = "json", stream: Any = None) -> None:
 
 
 _direct: Any = None  # the stream of the JSON handler setup() installed, for access()
-_fd = -1  # its descriptor, when lines may be written to it directly (_descriptor)
+_fd = -1  # a descriptor of its file, when lines may be written to it directly (direct())
 static: dict[str, Any] = {}  # fields on every line, e.g. {"worker": 1} in a worker process
 _ASCII = "".join(map(chr, range(32, 127))) + "\n"
 
 
-def _descriptor(stream: Any) -> int:
-    """The descriptor under `stream` that this module's own lines (`_emit`) are written
-    to with one os.write each, or -1 to write them through the stream. A line through
-    stderr's line-buffered TextIOWrapper was ~2k instructions (the text layer, the
-    buffered layer, the flush), a tenth of an http request's logging.
+def direct(stream: Any) -> None:
+    """Write this module's own lines (`_emit`) to `stream` (None: through logging), with
+    one os.write each to a descriptor of its file where that keeps the bytes and their
+    order, else through the stream. A line through stderr's line-buffered TextIOWrapper
+    was ~2k instructions (the text layer, the buffered layer, the flush), a tenth of an
+    http request's logging.
 
-    The order of lines holds: the logging handler's lines go through the stream, but
+    The order holds: the logging handler's lines go through the stream, but
     StreamHandler flushes it after each record, so it never holds a line when one is
     written beside it; and every line this module writes itself goes through `_emit`.
-    Those lines are ASCII (JSON with non-ASCII escaped, the request fields plain: see
-    RequestLog), so their UTF-8 is what any ASCII-compatible encoding writes; a stream
-    in another encoding, or without a descriptor (a StringIO), is written through."""
+    The descriptor is a duplicate: the same open file (one offset, so writes through
+    either stay in order), and never another file that reused the number after the
+    stream was closed. The lines are ASCII (JSON with non-ASCII escaped, the request
+    fields plain: see RequestLog), so their UTF-8 is what any ASCII-compatible encoding
+    writes; a stream in another encoding, or without a descriptor (a StringIO), is
+    written through."""
+    global _direct, _fd
+    if _fd >= 0:
+        os.close(_fd)
+    _direct, _fd = stream, -1
     try:
         fd = stream.fileno()
         encoding = stream.encoding
-    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both
-        return -1
-    try:
         if _ASCII.encode(encoding) != _ASCII.encode():
-            return -1
-    except (LookupError, UnicodeError):
-        return -1
+            return
+    except (AttributeError, OSError, ValueError, LookupError):  # also UnsupportedOperation
+        return
     stream.flush()  # anything written before now goes first
-    return int(fd)
+    _fd = os.dup(fd)
 
 
 def _emit(line: str) -> None:
@@ -210,7 +213,8 @@ class RequestLog:
             _line_second = float(second)
             _line_end = _line_second + 1.0
             _line_start = '{"ts":"' + time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        # Numbers below 1000 from a table: formatting an int is ~600 instructions.
+        # Numbers below 1000 from a table: formatting an int is ~600 instructions (and
+        # these are never negative: byte counts, a duration on a monotonic clock).
         ms = us // 1000
         line = (f'{_line_start}{_MS_TS[int((now - _line_second) * 1000.0)]}{self._before}'
                 f'{path}{self._after}{_DECIMAL[bytes_in] if bytes_in < 1000 else bytes_in}'
@@ -243,7 +247,7 @@ _line_end = -1.0  # and the next one
 _line_start = ""  # '{"ts":"' and the time to the second, for _line_second
 _MS_TS = [f'.{i:03d}Z",' for i in range(1000)]
 _MS_END = [f".{i:03d}}}\n" for i in range(1000)]
-_DECIMAL = [str(i) for i in range(1000)]
+_DECIMAL = [str(i) for i in range(1000)]  # str(i), for the small numbers of a line
 
 
 def _now() -> str:
