@@ -10,7 +10,9 @@ from __future__ import annotations
 import io
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,9 +23,11 @@ from sidecar.observe import logs
 def stream() -> Iterator[io.StringIO]:
     """A stream for logs.setup(); the logging state before it comes back afterwards."""
     root = logging.getLogger("sidecar")
-    saved = (root.handlers[:], root.level, root.propagate, logs._direct)
+    saved = (root.handlers[:], root.level, root.propagate)
+    saved_direct = logs._direct
     yield io.StringIO()
-    root.handlers[:], root.level, root.propagate, logs._direct = saved
+    root.handlers[:], root.level, root.propagate = saved
+    logs.direct(saved_direct)  # and the test's duplicate descriptor closed
 
 
 def test_a_400_san_detail_and_a_long_peer_id_are_cut_in_the_access_line(
@@ -64,29 +68,53 @@ def test_short_fields_pass_as_they_are() -> None:
     assert logs.bounded(fields) is fields
 
 
+@pytest.fixture(params=["stringio", "file"])
+def sink(request: pytest.FixtureRequest, stream: io.StringIO,
+         tmp_path: Path) -> Iterator[tuple[Any, Callable[[], str]]]:
+    """A stream for logs.setup() and how to read what was written: a StringIO (lines
+    written through it) or a real file (lines written to its descriptor, beside it)."""
+    if request.param == "stringio":
+        yield stream, stream.getvalue
+        return
+    path = tmp_path / "log"
+    with open(path, "w", encoding="utf-8") as f:
+        yield f, lambda: (f.flush(), path.read_text())[1]
+
+
+# Each field changes in turn (and paths change with the rest standing still, as when a
+# client walks a tree), then the first again; numbers past the tables of small ones.
+_CALLS = [("GET", "/a", 200, "allow", "frontend", 0, 4, 0.000123),
+          ("GET", "/a", 200, "allow", "frontend", 0, 4, 0.000123),  # all the same
+          ("GET", "/b", 200, "allow", "frontend", 0, 4, 0.25),
+          ("GET", "/c/d", 200, "allow", "frontend", 0, 4, 0.25),
+          ("GET", "/b", 404, "allow", "frontend", 3, 12_345, 1.5),
+          ("POST", "/b", 404, "allow", "frontend", 3, 0, 0.0),
+          ("POST", "/e", 404, "allow", "frontend", 999, 1000, 0.9995),
+          ("POST", "/b", 403, "deny", "no-admin", 3, 0, 0.002),
+          ("PUT", "/b", 403, "deny", "no-admin", 3, 0, 0.002),
+          ("POST", "/b", 403, "deny", None, 3, 0, 0.002),
+          ("POST", "/b", None, "none", None, 0, 0, 0.002),
+          ("GET", "/f", 200, "allow", "frontend", 0, 4, 0.0000004),
+          ("GET", "/h", 200, "allow", "frontend", 1_000_000, 4, 12.3456789),
+          ("GET", "/a", 200, "allow", "frontend", 0, 4, 0.000123)]  # the first again
+
+
 def test_request_lines_are_the_json_encoders_bytes_whatever_changes_between_them(
-    stream: io.StringIO,
+    sink: tuple[Any, Callable[[], str]],
 ) -> None:
     """RequestLog formats a line from parts it keeps between requests: each line is what
     the general encoder writes for the same fields, as each field changes in turn."""
-    logs.setup("info", "json", stream)
+    out, read = sink
+    logs.setup("info", "json", out)
+    assert (logs._fd >= 0) == (not isinstance(out, io.StringIO))  # both ways tested
     conn = {"id": 7, "listener": "api", "peer_id": "spiffe://example.org/a"}
     rl = logs.RequestLog(conn)
-    calls = [("GET", "/a", 200, "allow", "frontend", 0, 4, 0.000123),
-             ("GET", "/a", 200, "allow", "frontend", 0, 4, 0.000123),  # all the same
-             ("GET", "/b", 200, "allow", "frontend", 0, 4, 0.25),
-             ("GET", "/b", 404, "allow", "frontend", 3, 12_345, 1.5),
-             ("POST", "/b", 404, "allow", "frontend", 3, 0, 0.0),
-             ("POST", "/b", 403, "deny", "no-admin", 3, 0, 0.002),
-             ("POST", "/b", 403, "deny", None, 3, 0, 0.002),
-             ("POST", "/b", None, "none", None, 0, 0, 0.002),
-             ("GET", "/a", 200, "allow", "frontend", 0, 4, 0.000123)]  # the first again
-    for call in calls:
+    for call in _CALLS:
         rl.write(*call)
-    lines = stream.getvalue().splitlines()
-    assert len(lines) == len(calls)
+    lines = read().splitlines()
+    assert len(lines) == len(_CALLS)
     for line, (method, path, status, decision, rule, n_in, n_out, seconds) in zip(
-            lines, calls, strict=True):
+            lines, _CALLS, strict=True):
         fields = json.loads(line)
         expected = {"ts": fields["ts"], "level": "info", "logger": "sidecar.access",
                     "msg": "request", **conn, "method": method, "path": path,
@@ -99,3 +127,56 @@ def test_request_lines_are_the_json_encoders_bytes_whatever_changes_between_them
         assert line == json.dumps(expected, separators=(",", ":"))[:-2] + \
             f"{us // 1000}.{us % 1000:03d}}}"
         assert fields["duration_ms"] == round(seconds * 1000, 3), line
+
+
+def test_lines_written_beside_the_stream_keep_their_order_with_the_handlers(
+    stream: io.StringIO, tmp_path: Path,
+) -> None:
+    """Request and connection lines go to the file's descriptor, the handler's lines
+    through the stream (block-buffered here: a file, not a terminal): they must come out
+    in the order they were written, the connection line after its requests."""
+    path = tmp_path / "log"
+    with open(path, "w", encoding="utf-8") as f:
+        f.write('{"msg":"before setup"}\n')  # left in the stream's buffer
+        logs.setup("info", "json", f)
+        assert logs._fd >= 0
+        rl = logs.RequestLog({"id": 1})
+        rl.write("GET", "/1", 200, "allow", "r", 0, 4, 0.001)
+        logs.event(logging.INFO, "between")
+        rl.write("GET", "/2", 200, "allow", "r", 0, 4, 0.001)
+        logs.access({"id": 1}, failed=False)
+        rl = logs.RequestLog({"id": 2})
+        rl.write("GET", "/3", 200, "allow", "r", 0, 4, 0.001)
+        logs.access({"id": 2}, failed=True)
+        rl.write("GET", "/4", 200, "allow", "r", 0, 4, 0.001)  # after a connection line
+    got = [(d.get("msg"), d.get("path") or d.get("id"))
+           for d in map(json.loads, path.read_text().splitlines())]
+    assert got == [("before setup", None), ("request", "/1"), ("between", None),
+                   ("request", "/2"), ("connection", 1), ("request", "/3"),
+                   ("connection", 2), ("request", "/4")]
+
+
+def test_a_stream_in_an_encoding_other_than_asciis_is_written_through(
+    stream: io.StringIO, tmp_path: Path,
+) -> None:
+    path = tmp_path / "log"
+    with open(path, "w", encoding="utf-16") as f:
+        logs.setup("info", "json", f)
+        assert logs._fd == -1
+        logs.RequestLog({"id": 1}).write("GET", "/1", 200, "allow", "r", 0, 4, 0.001)
+        logs.access({"id": 1}, failed=False)
+    first, second = map(json.loads, path.read_text(encoding="utf-16").splitlines())
+    assert (first["path"], second["msg"]) == ("/1", "connection")
+
+
+def test_lines_never_reach_a_file_that_took_a_closed_streams_descriptor_number(
+    stream: io.StringIO, tmp_path: Path,
+) -> None:
+    with open(tmp_path / "first", "w", encoding="utf-8") as first:
+        logs.setup("info", "json", first)
+        number = first.fileno()
+    with open(tmp_path / "second", "w", encoding="utf-8") as second:
+        assert second.fileno() == number  # the lowest free number, taken again
+        logs.RequestLog({"id": 1}).write("GET", "/1", 200, "allow", "r", 0, 4, 0.001)
+    assert (tmp_path / "second").read_text() == ""
+    assert json.loads((tmp_path / "first").read_text())["path"] == "/1"

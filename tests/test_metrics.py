@@ -6,7 +6,6 @@ upstream-connect histogram, OpenMetrics on request, and a `rule` label that stay
 from __future__ import annotations
 
 import asyncio
-import bisect
 import json
 import os
 import platform
@@ -197,9 +196,13 @@ def test_each_decision_is_labelled_by_the_policy_that_made_it() -> None:
 
 
 def test_batched_request_durations_expose_what_one_observe_each_would() -> None:
-    """metrics._observe_many writes prometheus_client's histogram layout directly (a count
-    per bucket and a sum): a library change there must fail here, not skew the buckets."""
-    values = [0.0001, 0.0005, 0.0007, 0.003, 0.003, 0.2, 7.0, 100.0]
+    """metrics.bucketed and _observe_many write prometheus_client's histogram layout
+    directly (a count per bucket and a sum): a library change there must fail here, not
+    skew the buckets. Values on a bucket's bound count in it (`le`)."""
+    # Sums of these are exact in any order (multiples of 2**-20): the sum must be too.
+    values = [round(v * 2**20) / 2**20 for v in (
+        0.0001, 0.0005, 0.0007, 0.003, 0.003, 0.2, 7.0, 100.0, 0.0, 30.0, 10.0, 0.001)]
+    values += metrics._REQUEST_BUCKETS  # each bound itself
     one_by_one = CollectorRegistry()
     batched = CollectorRegistry()
     buckets = metrics._REQUEST_BUCKETS
@@ -209,12 +212,48 @@ def test_batched_request_durations_expose_what_one_observe_each_would() -> None:
     h2 = batched._names_to_collectors["h_seconds"]
     for v in values:
         h1.labels("api").observe(v)
-    sums = [0.0] * (len(buckets) + 2)
-    for v in values:
-        sums[bisect.bisect_left(buckets, v)] += 1
-        sums[-1] += v
-    metrics._observe_many(h2.labels("api"), sums)
-    assert generate_latest(batched) == generate_latest(one_by_one)
+    half = len(values) // 2  # in two batches, one reversed: the order does not matter
+    metrics._observe_many(h2.labels("api"), metrics.bucketed(values[:half]))
+    metrics._observe_many(h2.labels("api"), metrics.bucketed(values[half:][::-1]))
+    exposed = _samples(generate_latest(batched).decode())
+    expected = _samples(generate_latest(one_by_one).decode())
+    sum_key = ("h_seconds_sum", frozenset({("listener", "api")}))
+    # The sum of the bounds themselves (not multiples of 2**-20) may differ by rounding.
+    assert exposed.pop(sum_key) == pytest.approx(expected.pop(sum_key), rel=1e-15)
+    assert exposed == expected
+
+
+def test_request_durations_counted_by_connections_are_exact_across_scrapes() -> None:
+    """Every duration a RequestCounter takes lands in its bucket, the count and the sum,
+    once, whichever scrape (or flush) comes between."""
+    def histogram() -> dict[str, float]:
+        got = _samples(generate_latest(metrics.REGISTRY).decode())
+        return {f"{name}{dict(labels).get('le', '')}": value
+                for (name, labels), value in got.items()
+                if name.startswith("sidecar_http_request_duration_seconds")
+                and dict(labels).get("listener") == "t-exact"}
+
+    reference = CollectorRegistry()
+    ref = Histogram("sidecar_http_request_duration_seconds", "h", ["listener"],
+                    buckets=metrics._REQUEST_BUCKETS, registry=reference).labels("t-exact")
+    first = metrics.RequestCounter("t-exact")
+    second = metrics.RequestCounter("t-exact")
+    bounds = [*metrics._REQUEST_BUCKETS, 60.0]
+    for i in range(1000):
+        # Multiples of 2**-16 s (exact sums), on and between the bounds' neighbourhoods.
+        seconds = round(bounds[i % len(bounds)] * (0.5 + (i % 3) / 2) * 2**16) / 2**16
+        counter = first if i % 2 else second
+        counter.add(DecisionKind.ALLOW, "r1", 200 if i % 5 else 404, seconds)
+        ref.observe(seconds)
+        if i % 97 == 0:
+            histogram()  # a scrape between requests
+        if i % 89 == 0:
+            metrics.requests.flush()  # the sweeper
+    expected = {f"{name}{dict(labels).get('le', '')}": value
+                for (name, labels), value in _samples(
+                    generate_latest(reference).decode()).items()}
+    assert histogram() == expected
+    assert histogram() == expected  # a second scrape adds nothing
 
 
 def test_pending_request_counts_are_added_before_a_scrape() -> None:
