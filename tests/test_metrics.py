@@ -317,3 +317,48 @@ def test_a_request_counter_finds_its_cell_again_once_the_cells_are_dropped() -> 
     assert metrics.requests.generation == generation + 1
     counter.add(DecisionKind.ALLOW, "r1", 200, 0.001)  # its old cell counts nowhere now
     assert _request_series("t-dropped") == tuple(b + 2 for b in before)
+
+
+def test_held_samples_expose_what_one_observe_each_would() -> None:
+    """The loop-lag samples are held and added at a flush: the buckets, count and sum
+    must be what one observe() per sample gives."""
+    values = [round(v * 2**20) / 2**20 for v in (0.0, 0.0004, 0.003, 0.02, 0.3, 7.0, 0.0009)]
+    values += metrics._LAG_BUCKETS
+    one_by_one = CollectorRegistry()
+    held_in = CollectorRegistry()
+    h1 = Histogram("lag_seconds", "l", buckets=metrics._LAG_BUCKETS, registry=one_by_one)
+    h2 = Histogram("lag_seconds", "l", buckets=metrics._LAG_BUCKETS, registry=held_in)
+    held = metrics.HeldSamples(h2, metrics._LAG_BUCKETS)
+    for i, v in enumerate(values):
+        h1.observe(v)
+        held.samples.append(v)
+        if i == 3:
+            held.flush()  # in two batches
+    held.flush()
+    assert not held.samples
+    exposed = _samples(generate_latest(held_in).decode())
+    expected = _samples(generate_latest(one_by_one).decode())
+    sum_key = ("lag_seconds_sum", frozenset())
+    assert exposed.pop(sum_key) == pytest.approx(expected.pop(sum_key), rel=1e-15)
+    assert exposed == expected
+
+
+async def test_a_scrape_sees_every_loop_lag_sample_taken() -> None:
+    """The probe's samples wait for a flush: a scrape makes one, so it counts them all."""
+    from sidecar.run import lifecycle
+
+    def count() -> float:
+        got = _samples(generate_latest(metrics.REGISTRY).decode())
+        return got[("sidecar_event_loop_lag_seconds_count", frozenset())]
+
+    before = count()
+    probe = lifecycle.LagProbe(asyncio.get_running_loop(), tick=0.001)
+    try:
+        probe.wake(5)
+        deadline = asyncio.get_running_loop().time() + 5
+        while probe.armed and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.005)
+    finally:
+        probe.cancel()
+    assert probe.samples == 5
+    assert count() == before + 5

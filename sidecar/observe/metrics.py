@@ -94,7 +94,7 @@ class _Flusher:
         return ()  # no family of its own (and no collect() at registration)
 
     def collect(self) -> Iterable[Metric]:
-        requests.flush()  # first: it counts into tallies (`_child`) that flush() hands on
+        flush_held()  # first: it counts into tallies (`_child`) that flush() hands on
         flush()
         return ()
 
@@ -162,10 +162,11 @@ reloads = Counter(
 ktls_connections = Counter(
     "sidecar_ktls_connections_total", "Connections by kTLS state per path",
     ["direction", "path", "state"], registry=REGISTRY)
+_LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
 loop_lag = Histogram(
     "sidecar_event_loop_lag_seconds", "How late the event loop ran a 10 ms timer: the time "
-    "every connection of this process waited on something else", buckets=(
-        0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0), registry=REGISTRY)
+    "every connection of this process waited on something else", buckets=_LAG_BUCKETS,
+    registry=REGISTRY)
 loop_lag_max = Gauge(
     "sidecar_event_loop_lag_max_seconds", "The longest event-loop stall seen since start",
     registry=REGISTRY, multiprocess_mode="max")
@@ -383,14 +384,15 @@ _MAX_REQUEST_CELLS = 10_000
 _MAX_PENDING = 100_000
 
 
-def bucketed(durations: list[float]) -> list[float]:
-    """`durations` (sorted here, in place) as the histogram counts them: how many fall in
-    each bucket (at most its bound, above the one before; the last is +Inf), then their
-    sum (math.fsum: the sum correctly rounded, whatever their order)."""
+def bucketed(durations: list[float],
+             bounds: tuple[float, ...] = _REQUEST_BUCKETS) -> list[float]:
+    """`durations` (sorted here, in place) as a histogram of `bounds` counts them: how
+    many fall in each bucket (at most its bound, above the one before; the last is +Inf),
+    then their sum (math.fsum: the sum correctly rounded, whatever their order)."""
     durations.sort()
     out: list[float] = []
     below = 0  # how many are at most the previous bound
-    for bound in _REQUEST_BUCKETS:
+    for bound in bounds:
         upto = bisect.bisect_right(durations, bound, below)
         out.append(upto - below)
         below = upto
@@ -426,6 +428,39 @@ class RequestCounter:
             requests.flush()
 
 
+class HeldSamples:
+    """Observations of a histogram without labels (`samples.append(value)`), added to it
+    at the next flush (`flush_held`: each sweep, and before every scrape) rather than one
+    observe() each: the loop-lag probe takes a hundred samples a second while there is
+    work, and an observe() was ~10k instructions (a lock per bucket and sum)."""
+
+    __slots__ = ("_bounds", "_histogram", "samples")
+
+    def __init__(self, histogram: Histogram, bounds: tuple[float, ...]) -> None:
+        self._histogram = histogram
+        self._bounds = bounds
+        self.samples: list[float] = []  # emptied in place: a keeper appends to it
+
+    def flush(self) -> None:
+        if self.samples:
+            taken = self.samples[:]
+            self.samples.clear()
+            _observe_many(self._histogram, bucketed(taken, self._bounds))
+
+
+# A flush is due by this many (nothing flushed for a while, e.g. a process without the
+# sweeper): bounds what is held.
+MAX_HELD_SAMPLES = 1000
+
+
+def flush_held() -> None:
+    """Hand the held per-request counts and samples to their families: what the sweep
+    and the drain do each second (a worker's reach the supervisor's files only so), and
+    every scrape."""
+    requests.flush()
+    loop_lags.flush()
+
+
 def _observe_many(child: Histogram, sums: list[float]) -> None:
     """What one observe() per request would have added, in one call per bucket: the
     histogram keeps a count per bucket and a sum (prometheus_client's own layout, which
@@ -439,6 +474,8 @@ def _observe_many(child: Histogram, sums: list[float]) -> None:
 
 _CODES = {code: str(code) for code in range(100, 600)}
 requests = RequestTally()
+loop_lags = HeldSamples(loop_lag, _LAG_BUCKETS)  # LagProbe's
+loop_lags = HeldSamples(loop_lag, _LAG_BUCKETS)  # LagProbe's
 
 
 

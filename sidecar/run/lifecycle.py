@@ -86,6 +86,7 @@ class LagProbe:
         self._left = 0  # ticks still to take
         self._handle: asyncio.TimerHandle | None = None
         self._cancelled = False
+        self._held = metrics.loop_lags.samples
 
     @property
     def armed(self) -> bool:
@@ -105,7 +106,10 @@ class LagProbe:
         now = self._loop.time()
         late = max(0.0, now - due)
         self.samples += 1
-        metrics.loop_lag.observe(late)
+        held = self._held
+        held.append(late)  # into metrics.loop_lag at the next flush
+        if len(held) >= metrics.MAX_HELD_SAMPLES:
+            metrics.loop_lags.flush()
         if late > self.worst:
             self.worst = late
             metrics.loop_lag_max.set(late)

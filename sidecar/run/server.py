@@ -148,9 +148,9 @@ class Server:
         # A worker's request counts reach the supervisor's files only when flushed (the
         # sweep did it): during the drain too, which the supervisor's /metrics still serves.
         flusher = None if self.worker is None else lifecycle.Tick(
-            rt.loop, SWEEP_EVERY, metrics.requests.flush)
+            rt.loop, SWEEP_EVERY, metrics.flush_held)
         if flusher is not None:
-            metrics.requests.flush()
+            metrics.flush_held()
         for task in background:
             task.cancel()
         self._stop_source()
@@ -160,7 +160,7 @@ class Server:
         finally:
             if flusher is not None:
                 flusher.cancel()
-                metrics.requests.flush()
+                metrics.flush_held()
             if self._admin is not None:
                 self._admin.close()
         return 0
@@ -390,7 +390,7 @@ class Server:
 
     def _sweep(self) -> None:
         assert self.rt is not None and self._lag is not None
-        metrics.requests.flush()  # workers' request counts; one process flushes at scrapes
+        metrics.flush_held()  # workers' held counts; one process flushes at scrapes too
         if self.rt.tracker.sweep():  # bytes moved or handshakes pending: keep measuring
             self._lag.wake(self._lag_linger)
         if self.worker is not None:
