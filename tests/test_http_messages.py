@@ -151,6 +151,22 @@ def test_the_head_limits() -> None:
                       RequestHead)
 
 
+@pytest.mark.parametrize("target", [b"/" + b"a" * 69, b"/a/../" + b"a" * 64])
+def test_the_head_limit_counts_the_line_the_caller_sent_to_the_byte(target: bytes) -> None:
+    """The method, the target as sent, 11 bytes and the field lines: at most max_bytes,
+    whether the examiner judges the field lines or has kept them from the last request."""
+    fields = request.lines([HOST])  # 16 bytes: "Host: payments" CRLF
+    assert len(b"GET") + len(target) + 11 + 16 == 100
+    examiner = request.Examiner(XFCC, max_bytes=100)
+    assert isinstance(examiner.examine("GET", target, "1.1", fields, False), RequestHead)
+    assert examiner.examine("GET", target + b"a", "1.1", fields, False) == \
+        "the request head is larger than 100 bytes"
+    assert isinstance(request.examine("GET", target, "1.1", fields, False, XFCC,
+                                      max_bytes=100), RequestHead)
+    assert isinstance(request.examine("GET", target + b"a", "1.1", fields, False, XFCC,
+                                      max_bytes=100), str)
+
+
 # --- responses ---------------------------------------------------------------------------
 
 
