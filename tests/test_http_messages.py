@@ -7,6 +7,8 @@ from __future__ import annotations
 import hashlib
 
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from sidecar.http1 import answers, request, response, xfcc
 from sidecar.http1.request import Framing, RequestHead
@@ -149,6 +151,22 @@ def test_the_head_limits() -> None:
                       RequestHead)
 
 
+@pytest.mark.parametrize("target", [b"/" + b"a" * 69, b"/a/../" + b"a" * 64])
+def test_the_head_limit_counts_the_line_the_caller_sent_to_the_byte(target: bytes) -> None:
+    """The method, the target as sent, 11 bytes and the field lines: at most max_bytes,
+    whether the examiner judges the field lines or has kept them from the last request."""
+    fields = request.lines([HOST])  # 16 bytes: "Host: payments" CRLF
+    assert len(b"GET") + len(target) + 11 + 16 == 100
+    examiner = request.Examiner(XFCC, max_bytes=100)
+    assert isinstance(examiner.examine("GET", target, "1.1", fields, False), RequestHead)
+    assert examiner.examine("GET", target + b"a", "1.1", fields, False) == \
+        "the request head is larger than 100 bytes"
+    assert isinstance(request.examine("GET", target, "1.1", fields, False, XFCC,
+                                      max_bytes=100), RequestHead)
+    assert isinstance(request.examine("GET", target + b"a", "1.1", fields, False, XFCC,
+                                      max_bytes=100), str)
+
+
 # --- responses ---------------------------------------------------------------------------
 
 
@@ -284,3 +302,39 @@ def test_an_examiner_judges_each_request_as_examine_does_whatever_it_kept() -> N
                                       upgrade, XFCC, max_bytes=300), (method, target)
     assert isinstance(examiner.examine("GET", b"/" + b"x" * 300, "1.1",
                                        request.lines([HOST]), False), str)
+
+
+# --- the usual target, judged without _target ------------------------------------------
+
+# Targets a quick judgement could misjudge: dot and empty segments, escapes, a query with
+# what the path may not hold, a fragment, bytes outside the path characters, other forms.
+TRICKY_TARGETS = st.lists(st.sampled_from(
+    [b"a", b".", b"..", b"/", b"//", b"%2e", b"%2f", b"%41", b"%", b";", b"\\", b"#", b"?",
+     b" ", b"\xc3\xa9", b"*", b":", b"=", b"&"]), max_size=10).map(b"".join)
+
+
+@given(TRICKY_TARGETS, st.sampled_from([b"/", b"", b"*", b"http://h/"]),
+       st.sampled_from(["GET", "CONNECT"]))
+@example(b"a?b", b"/", "GET")
+@example(b"a?b#c", b"/", "GET")
+@example(b"a?x=/../y//z%zz", b"/", "GET")
+@example(b"a/./b", b"/", "GET")
+@example(b"a./b", b"/", "GET")
+@example(b"", b"/", "GET")
+@example(b"", b"*", "GET")
+@example(b"h:443", b"", "CONNECT")
+def test_an_examiners_judgement_of_a_target_is_the_full_ones(target: bytes, start: bytes,
+                                                             method: str) -> None:
+    """Examiner.examine judges the usual target (a normal path, a query without `#`)
+    itself, and every other by request._target: both must say the same."""
+    target = start + target
+    full = request._target(method, target)
+    got = request.Examiner(XFCC).examine(method, target, "1.1", request.lines([HOST]), False)
+    if isinstance(full, str):
+        assert got == full
+    else:
+        path, line = full
+        assert isinstance(got, RequestHead), got
+        assert got.path == path.decode("ascii")
+        assert got.forwarded == (method.encode() + b" " + line + b" HTTP/1.1\r\n"
+                                 b"Host: payments\r\n" + XFCC + b"\r\n")

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sidecar.http1.path import normalize
+from sidecar.http1.path import _normalize_fully, is_normal, normalize
 
 
 @pytest.mark.parametrize(("raw", "normal"), [
@@ -86,3 +86,32 @@ def test_a_normal_path_has_no_dot_segment_and_no_empty_one(raw: bytes) -> None:
         assert b".." not in segments and b"." not in segments
         assert all(segments[:-1]), once  # only the last may be empty (a trailing slash)
         assert once.startswith(b"/")
+
+
+# --- the quick test for a path that is normal already ------------------------------------
+
+# Bytes a quick test could misjudge: dots and slashes next to each other, escapes, bytes
+# outside the path characters, `;` parameters, non-ASCII.
+TRICKY_PATHS = st.lists(st.sampled_from(
+    [b"a", b".", b"..", b"/", b"//", b"%2e", b"%2f", b"%41", b"%", b";", b"\\", b"#", b"?",
+     b" ", b"\xc3\xa9", b"\x80", b"\x00", b"~", b"*", b":", b"@"]), max_size=12).map(b"".join)
+
+
+@given(TRICKY_PATHS, st.booleans())
+def test_a_path_the_quick_test_passes_is_one_the_full_judgement_keeps(raw: bytes,
+                                                                        slash: bool) -> None:
+    path = b"/" + raw if slash else raw
+    if is_normal(path):
+        assert _normalize_fully(path) == path
+
+
+@pytest.mark.parametrize(("raw", "normal"), [
+    (b"/", True), (b"/api/items/42", True), (b"/a/b/", True), (b"/a;b=c/d~e", True),
+    (b"/file.tar.gz", True), (b"/a//b", False), (b"//a", False), (b"/a/./b", False),
+    (b"/a/../b", False), (b"/..", False), (b"/a/.", False), (b"/.well-known", False),
+    (b"/a./b", False), (b"/a..b", False), (b"/a%41", False), (b"/a%", False),
+    (b"/a\\b", False), (b"/a#b", False), (b"/a?b", False), (b"/a b", False),
+    (b"/\xc3\xa9", False), (b"/\x80", False), (b"a/b", False), (b"*", False), (b"", False),
+])
+def test_the_quick_test_passes_plain_paths_only(raw: bytes, normal: bool) -> None:
+    assert is_normal(raw) is normal
