@@ -476,8 +476,6 @@ def _observe_many(child: Histogram, sums: list[float]) -> None:
 _CODES = {code: str(code) for code in range(100, 600)}
 requests = RequestTally()
 loop_lags = HeldSamples(loop_lag, _LAG_BUCKETS)  # LagProbe's
-loop_lags = HeldSamples(loop_lag, _LAG_BUCKETS)  # LagProbe's
-
 
 
 def count_ktls(direction: Direction, path: str, state: KtlsState) -> None:
