@@ -430,7 +430,8 @@ class RequestCounter:
 
 class HeldSamples:
     """Observations of a histogram without labels (`samples.append(value)`), added to it
-    at the next flush (`flush_held`: each sweep, and before every scrape) rather than one
+    at the next flush (`flush_held`: each sweep, and before every scrape; the loop-lag
+    probe's also when it stops, as it may outlast the sweeper) rather than one
     observe() each: the loop-lag probe takes a hundred samples a second while there is
     work, and an observe() was ~10k instructions (a lock per bucket and sum)."""
 
@@ -475,8 +476,6 @@ def _observe_many(child: Histogram, sums: list[float]) -> None:
 _CODES = {code: str(code) for code in range(100, 600)}
 requests = RequestTally()
 loop_lags = HeldSamples(loop_lag, _LAG_BUCKETS)  # LagProbe's
-loop_lags = HeldSamples(loop_lag, _LAG_BUCKETS)  # LagProbe's
-
 
 
 def count_ktls(direction: Direction, path: str, state: KtlsState) -> None:

@@ -118,6 +118,10 @@ class LagProbe:
             self._handle = self._loop.call_later(self._tick, self._fire, now + self._tick)
         else:
             self._handle = None
+            # Its last samples go to the histogram now: the sweeper may have stopped
+            # before the probe did (it lingers), and a worker's reach the supervisor's
+            # files only by a flush.
+            metrics.loop_lags.flush()
 
     def cancel(self) -> None:
         self._cancelled = True

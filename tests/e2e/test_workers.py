@@ -137,6 +137,27 @@ def test_a_policy_change_reaches_every_worker(
     assert {ln.get("worker") for ln in denied} == {0, 1}
 
 
+def test_a_workers_loop_lag_samples_reach_the_supervisors_metrics_once_it_is_idle(
+    pair: Sidecar, ca: Pki, tls_client: TlsClient
+) -> None:
+    """A worker holds its loop-lag samples until a flush: the sweeper flushes while there
+    are connections, but the probe goes on measuring past the last sweep (LAG_LINGER). The
+    samples of those last ticks must still reach the files the supervisor sums, with no
+    more traffic: one connection wakes the probe for the whole linger, every tick of it
+    counted."""
+    from sidecar.run.lifecycle import LAG_TICK
+    from sidecar.run.server import LAG_LINGER
+
+    def count() -> float:
+        return metric(pair, "sidecar_event_loop_lag_seconds_count")
+
+    before = count()
+    _call(pair.port("in"), tls_client.context(ca.svid(FRONTEND)))
+    ticks = round(LAG_LINGER / LAG_TICK)
+    wait_for(lambda: count() >= before + ticks, 15,
+             f"the {ticks} loop-lag samples of one connection's linger in the sum")
+
+
 def test_auto_counts_the_cpus_this_process_may_use() -> None:
     from sidecar.run.workers import usable_cpus
 
