@@ -20,7 +20,7 @@ import pytest
 from sidecar.config import Address, InboundListener, Limits
 from sidecar.endpoint import TcpEndpoint
 from sidecar.outcomes import Close, Direction
-from sidecar.policy import parse_policy
+from sidecar.policy import Policy, parse_policy
 from sidecar.proxy.connection import Tracker
 from sidecar.proxy.http import KEPT_HEAD_BYTES, Session
 from sidecar.proxy.runtime import Runtime
@@ -71,7 +71,8 @@ class Rig:
 
 
 @asynccontextmanager
-async def rig(app: App, limits: Limits | None = None) -> AsyncIterator[Rig]:
+async def rig(app: App, limits: Limits | None = None,
+              policy: Policy = POLICY) -> AsyncIterator[Rig]:
     loop = asyncio.get_running_loop()
     server = await asyncio.start_server(app, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
@@ -79,7 +80,7 @@ async def rig(app: App, limits: Limits | None = None) -> AsyncIterator[Rig]:
                       max_lifetime=0)
     closed = asyncio.Event()
     tracker.on_empty = closed.set
-    rt = Runtime(loop, None, POLICY, limits or Limits(), tracker)  # type: ignore[arg-type]
+    rt = Runtime(loop, None, policy, limits or Limits(), tracker)  # type: ignore[arg-type]
     cfg = InboundListener("api", Address("127.0.0.1", 0), Address("127.0.0.1", port))
     ours, caller = socket.socketpair()
     ours.setblocking(False)
@@ -425,3 +426,24 @@ def test_the_steady_state_shortcut_of_update_changes_nothing_the_full_update_wou
         quiet += not full_loop.calls
     assert compared == 2 ** 8 * 3 * 3 * 3 * 16
     assert quiet  # some states need no change: the ones the shortcut is for among them
+
+
+ONLY_OK = parse_policy("""
+default: deny
+rules:
+  - {name: ok, action: allow, from: ["spiffe://example.org/*"], to: {paths: ["/ok"]}}
+""", "policy.yaml")
+
+
+async def test_a_denied_websocket_upgrade_is_answered_and_the_connection_closed() -> None:
+    """llhttp reads nothing after an upgrade request, so a denied one cannot leave the
+    connection open: its 403 says close, and the connection ends (a next request sent on
+    it would otherwise wait, unread, until the idle timeout)."""
+    heads: list[bytes] = []
+    async with rig(recording([OK], heads), policy=ONLY_OK) as r:
+        await r.send(b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\n"
+                     b"Upgrade: websocket\r\n\r\n")
+        got = await asyncio.wait_for(r.read_until_closed(), 5)
+        assert got.startswith(b"HTTP/1.1 403 ") and b"connection: close\r\n" in got
+        await asyncio.wait_for(r.closed.wait(), 5)
+    assert heads == []

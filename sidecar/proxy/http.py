@@ -14,10 +14,11 @@ back the same way, `Expect: 100-continue` and other 1xx included, so neither bod
 ever held whole. A request is decided when its head is complete: allowed, its head goes
 to the app with the normalized path and our `x-forwarded-client-cert`; denied, the
 caller gets a 403 and the connection stays open, unless the request has a body (we would
-have to read and drop it) or the caller asked to close. A malformed request gets a 400
-and the connection closes after it (the parser cannot find the next request in what
-follows). After a 101 to a WebSocket upgrade the connection is handed over to the byte
-pump (pump.Duplex), as a tcp listener's is.
+have to read and drop it), asked for an upgrade (llhttp reads nothing after one) or the
+caller asked to close. A malformed request gets a 400 and the connection closes after it
+(the parser cannot find the next request in what follows). After a 101 to a WebSocket
+upgrade the connection is handed over to the byte pump (pump.Duplex), as a tcp
+listener's is.
 
 Callbacks, not a coroutine, as in pump.py: a held keep-alive connection costs no task,
 and a request costs a few loop callbacks. Parser callbacks only append to `_out_app` /
@@ -534,7 +535,9 @@ class Session:
         assert self._rules is not None
         decision = r.decision = self._rules.decide(head.method, head.path)
         if decision.kind is DecisionKind.DENY:
-            close = head.has_body or not head.keep_alive or self._winding_down
+            # (An upgrade request is the last llhttp reads: nothing after it would be.)
+            close = head.has_body or not head.keep_alive or head.upgrade or \
+                self._winding_down
             r.status = 403
             r.answered = True
             self._out_peer.append(answers.DENIED_CLOSE if close else answers.DENIED_OPEN)
