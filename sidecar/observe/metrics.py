@@ -450,8 +450,10 @@ class HeldSamples:
 
 
 # A flush is due by this many (nothing flushed for a while, e.g. a process without the
-# sweeper): bounds what is held.
-MAX_HELD_SAMPLES = 1000
+# sweeper): bounds what is held. A worker's samples reach a scrape only through its
+# files (the supervisor serves /metrics, and cannot ask a worker to flush first): there
+# each sample is written as it is taken, as observe() did.
+MAX_HELD_SAMPLES = 1 if MULTIPROCESS else 1000
 
 
 def flush_held() -> None:

@@ -973,6 +973,8 @@ class Session:
                                            self._out_app)
             except OSError as exc:
                 self._app_write_failed(exc)
+                if self._done:
+                    return  # it ended the connection (the caller's side closed with it)
         if (self._out_peer or self._pend_peer is not None) and not self._peer_wwait:
             try:
                 self._pend_peer, self._peer_wwait = _write(self.peer, self._peer_send,
