@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import itertools
 import socket
+import struct
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -447,3 +448,33 @@ async def test_a_denied_websocket_upgrade_is_answered_and_the_connection_closed(
         assert got.startswith(b"HTTP/1.1 403 ") and b"connection: close\r\n" in got
         await asyncio.wait_for(r.closed.wait(), 5)
     assert heads == []
+
+
+def _cut_after(data: bytes, *, reset: bool) -> App:
+    """An app that reads a request head, writes `data` (a response begun, not ended),
+    then resets its connection (or closes it)."""
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(data)
+        await writer.drain()
+        if reset:
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.close()
+    return app
+
+
+@pytest.mark.parametrize("reset", [True, False], ids=["reset", "closed"])
+async def test_an_app_cut_in_the_middle_of_its_response_is_said_as_it_happened(
+        reset: bool) -> None:
+    """The caller's connection ends (it has half a response), and the connection's log
+    says whether the app reset its connection or closed it."""
+    begun = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npart"
+    async with rig(_cut_after(begun, reset=reset)) as r:
+        await r.send(GET)
+        got = await r.read_until_closed()
+        assert got == begun
+        await asyncio.wait_for(r.closed.wait(), 5)
+        word = "reset" if reset else "closed"
+        assert r.session.rec.detail == \
+            f"the app {word} the connection in the middle of its response"

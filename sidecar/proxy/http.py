@@ -822,7 +822,8 @@ class Session:
             self._drop_app()
             return
         if r.status:
-            self._broken("the app closed the connection in the middle of its response")
+            self._broken(f"the app {'reset' if reset else 'closed'} the connection in the "
+                         "middle of its response")
             return
         reused = self._app_reused
         self._drop_app()
