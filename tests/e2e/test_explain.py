@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -60,18 +60,20 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
-# Each case: how to build the client's SVID, the reason all three tools must give, and
-# whether `inspect` on the file alone sees the problem (revocation needs the CRL).
-CASES: dict[str, tuple[dict[str, Any], str]] = {
-    "expired": ({"not_before": now() - timedelta(hours=2),
-                 "not_after": now() - timedelta(hours=1)}, "cert_expired"),
-    "not_yet_valid_by_2_min": ({"not_before": now() + timedelta(minutes=2),
-                                "not_after": now() + timedelta(hours=1)},
+# Each case: how to build the client's SVID, and the reason all three tools must give.
+# Made when the case runs, not at import: a certificate valid "in two minutes" must still
+# be in its future when the handshake happens, however late in the suite that is.
+CASES: dict[str, tuple[Callable[[], dict[str, Any]], str]] = {
+    "expired": (lambda: {"not_before": now() - timedelta(hours=2),
+                         "not_after": now() - timedelta(hours=1)}, "cert_expired"),
+    "not_yet_valid_by_2_min": (lambda: {"not_before": now() + timedelta(minutes=2),
+                                        "not_after": now() + timedelta(hours=1)},
                                "cert_not_yet_valid"),
-    "missing_intermediate": ({"include_intermediates": False}, "missing_intermediate"),
-    "no_uri_san": ({"uris": ()}, "invalid_svid"),
-    "two_uri_sans": ({"extra_uris": (FRONTEND + "-twin",)}, "invalid_svid"),
-    "ca_leaf": ({"is_ca": True}, "invalid_svid"),
+    "missing_intermediate": (lambda: {"include_intermediates": False},
+                             "missing_intermediate"),
+    "no_uri_san": (lambda: {"uris": ()}, "invalid_svid"),
+    "two_uri_sans": (lambda: {"extra_uris": (FRONTEND + "-twin",)}, "invalid_svid"),
+    "ca_leaf": (lambda: {"is_ca": True}, "invalid_svid"),
 }
 
 
@@ -80,7 +82,7 @@ def test_a_broken_client_certificate_is_named_alike_everywhere(
     case: str, server: Sidecar, ca: Pki, tmp_path: Path
 ) -> None:
     overrides, reason = CASES[case]
-    files = write(tmp_path / case, ca.issue(FRONTEND, **overrides), ca)
+    files = write(tmp_path / case, ca.issue(FRONTEND, **overrides()), ca)
     code, out = sidecar_cli("diagnose", f"127.0.0.1:{server.port('in')}", "--cert",
                             files["cert"], "--key", files["key"], "--bundle", files["bundle"],
                             "--json")
