@@ -256,3 +256,21 @@ def test_an_expect_id_no_server_could_match_is_refused_before_connecting(
         diagnose.main(["127.0.0.1:9", "--expect-id", entry])
     assert caught.value.code == 2
     assert says in capsys.readouterr().err
+
+
+def test_http_shows_what_a_server_that_speaks_first_sent_from_its_first_byte(
+    tls_server: Callable[..., int], client: dict[str, str],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """--http against a tcp listener whose app speaks first: the verdict's one-byte read
+    takes that first byte, and the step must still show what came, whole."""
+    def greet(conn: ssl.SSLSocket) -> None:
+        conn.sendall(b"SSH-2.0-speaks-first\r\n")
+        conn.recv(4096)  # the request
+        close_notify(conn)
+
+    port = tls_server(greet, 2)
+    code, out, text = diagnose_cli(port, client, capsys, "--bundle", client["bundle"],
+                                   "--http", "/x")
+    assert code == 1 and out["reason"] == "not_http", out
+    assert "no HTTP response ('SSH-2.0-speaks-first')" in text, text

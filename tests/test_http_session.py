@@ -23,7 +23,7 @@ from sidecar.endpoint import TcpEndpoint
 from sidecar.outcomes import Close, Direction
 from sidecar.policy import Policy, parse_policy
 from sidecar.proxy.connection import Tracker
-from sidecar.proxy.http import KEPT_HEAD_BYTES, Session
+from sidecar.proxy.http import H2_PREFACE_REFUSAL, KEPT_HEAD_BYTES, Session
 from sidecar.proxy.runtime import Runtime
 from sidecar.spiffe import SpiffeId
 
@@ -478,3 +478,41 @@ async def test_an_app_cut_in_the_middle_of_its_response_is_said_as_it_happened(
         word = "reset" if reset else "closed"
         assert r.session.rec.detail == \
             f"the app {word} the connection in the middle of its response"
+
+
+async def test_a_request_pipelined_behind_an_http10_one_is_not_served() -> None:
+    """An HTTP/1.0 request without keep-alive ends its connection after its response
+    (docs/configuration.md): a second request sent in the same read behind it is neither
+    forwarded nor answered, as after a `Connection: close` one, also when the app closes
+    its connection after the response as the `Connection: close` sent to it asks (llhttp
+    itself stops reading only after a request that says close, so the session must)."""
+    heads: list[bytes] = []
+
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            heads.append(await reader.readuntil(b"\r\n\r\n"))
+            writer.write(OK)
+            await writer.drain()
+        writer.close()
+
+    async with rig(app) as r:
+        await r.send(b"GET /a HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
+                     b"GET /b HTTP/1.0\r\n\r\n")
+        got = await asyncio.wait_for(r.read_until_closed(), 5)
+        await asyncio.wait_for(r.closed.wait(), 5)
+    assert got.count(b"HTTP/1.1 200 ") == 1, got
+    assert [h.split(b"\r\n")[0] for h in heads] == [b"GET /a HTTP/1.0"]
+
+
+async def test_an_http2_preface_is_refused_saying_so() -> None:
+    """A client speaking h2 with prior knowledge and no ALPN (curl --http2-prior-knowledge
+    over a plain TCP hop, gRPC without TLS ALPN) gets a 400 that says HTTP/2 is not spoken
+    here, not llhttp's internal "Pause on PRI/Upgrade"."""
+    heads: list[bytes] = []
+    async with rig(recording([OK], heads)) as r:
+        await r.send(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        got = await asyncio.wait_for(r.read_until_closed(), 5)
+        await asyncio.wait_for(r.closed.wait(), 5)
+    assert got.startswith(b"HTTP/1.1 400 "), got
+    assert H2_PREFACE_REFUSAL.encode() in got and b"Pause" not in got
+    assert heads == []

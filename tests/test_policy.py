@@ -692,6 +692,9 @@ def test_the_connection_decision_ignores_request_rules_as_before() -> None:
     ("/a/%7e", "so write '/a/~'"),
     ("//admin/*", "so write '/admin/*'"),
     ("/a%2Fb", "never matches: the path holds an encoded slash (%2F)"),
+    # (not "must be percent-encoded": %3F would match a literal ? in the path)
+    ("/search?admin=1", "the query is not judged by the policy, only the path: write "
+                        "'/search'"),
 ])
 def test_rule_paths_must_be_written_normalized(path: str, message: str) -> None:
     found = problems(f"""

@@ -193,6 +193,12 @@ class _PolicyReader:
                         at, f"{_show(path)}: a path starts with '/' and may end with '/*'"
                     )
                     continue
+                if "?" in path:
+                    # (normalize would say "must be percent-encoded", which would match a
+                    # literal %3F in the path, never a query)
+                    self.problem(at, f"{_show(path)}: the query is not judged by the "
+                                 f"policy, only the path: write {_show(path.split('?')[0])}")
+                    continue
                 base = path.removesuffix("*")
                 normal = normalize(base.encode("utf-8", "surrogateescape"))
                 if isinstance(normal, str):

@@ -70,6 +70,11 @@ _buffer = memoryview(bytearray(CHUNK))  # one read at a time, shared by every se
 LINGER_SECONDS = 1.0
 LINGER_BYTES = 64 * 1024
 _CHUNK_END = b"0\r\n\r\n"
+# llhttp's reason for an HTTP/2 connection preface (`PRI * HTTP/2.0`, a client speaking h2
+# with prior knowledge, no ALPN), said in words that tell the caller what to change.
+_LLHTTP_H2_PREFACE = "Pause on PRI/Upgrade"
+H2_PREFACE_REFUSAL = ("an HTTP/2 connection preface (a client speaking h2 with prior "
+                      "knowledge); this listener speaks HTTP/1.1 only")
 # A head up to this size is kept after its exchange, to be compared with the next
 # (`_last_key`, `_last_resp_key`): a held connection keeps at most about this much more.
 KEPT_HEAD_BYTES = request.KEPT_FIELDS_BYTES
@@ -402,7 +407,10 @@ class Session:
                 raise exc  # a bug in a callback, not the caller's fault
             self._parser_stopped()
         elif not self._no_more:  # (after a request that closes, nobody reads the rest)
-            self._refuse_incoming(f"malformed request: {exc}")
+            why = str(exc)
+            if why == _LLHTTP_H2_PREFACE:
+                why = H2_PREFACE_REFUSAL
+            self._refuse_incoming(f"malformed request: {why}")
 
     def _refuse_incoming(self, why: str, *, timeout: bool = False) -> None:
         """The request being parsed is refused (400, or 408); nothing after it is read."""
@@ -438,6 +446,10 @@ class Session:
     # llhttp's callbacks for the request parser (httptools looks them up by name).
 
     def on_message_begin(self) -> None:
+        if self._no_more:
+            # Nothing after a request that ends the connection is read: llhttp goes on
+            # after an HTTP/1.0 one that asked for keep-alive, which HTTP/1.0 here is not.
+            raise _Stop
         self._in = Exchange(time.monotonic())
         # The head's parts, on the session rather than the exchange: a callback per field
         # reads one attribute less.

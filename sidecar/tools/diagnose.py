@@ -331,9 +331,9 @@ def _attempt(
         out.server_asked_for_cert = _CERTIFICATE_REQUEST in seen
         if not _check_server(sock, args, seat, out):
             return None
-        session = _verdict(sock, seat, out)
+        session, early = _verdict(sock, seat, out)
         if out.ok and args.http:
-            _http(sock, args, host, out)
+            _http(sock, args, host, out, early)
         return session
 
 
@@ -384,16 +384,20 @@ def _check_server(sock: ssl.SSLSocket, args: argparse.Namespace, seat: Seat,
     return True
 
 
-def _verdict(sock: ssl.SSLSocket, seat: Seat, out: Outcome) -> ssl.SSLSession | None:
+def _verdict(sock: ssl.SSLSocket, seat: Seat, out: Outcome
+             ) -> tuple[ssl.SSLSession | None, bytes]:
     """Read for VERDICT_WAIT: an alert, an end of stream, a ticket, or nothing (see the
-    module docstring for what each tells, and what it cannot)."""
+    module docstring for what each tells, and what it cannot). Also returns the byte
+    that read took from a server that speaks first, which `--http` must show."""
     asked = out.server_asked_for_cert
     # One read, bounded as a whole: Python's ssl keeps one deadline across the records it
     # takes in (a ticket does not end the read; data, an end or an alert does).
     sock.settimeout(VERDICT_WAIT)
     ended: str | None = None  # how the stream ended, when it did
+    early = b""
     try:
-        if sock.recv(1) == b"":
+        early = sock.recv(1)
+        if early == b"":
             ended = "with a close_notify"
     except TimeoutError:
         pass  # nothing in time: no alert either, the server is waiting for a request
@@ -405,29 +409,29 @@ def _verdict(sock: ssl.SSLSocket, seat: Seat, out: Outcome) -> ssl.SSLSession | 
             out.step("client certificate", False, f"we sent none: {f.detail}")
             out.fail(f.reason, "the server requires a client certificate: pass --cert and "
                      "--key")
-            return None
+            return None, early
         out.step("client certificate", False, f"the server refused it: {f.detail}")
         out.fail(f.reason, f"the server refused our certificate: {f.detail}")
-        return None
+        return None, early
     ticket = sock.session is not None and sock.session.has_ticket
     if ended is not None:
         _closed_after_handshake(out, ended, ticket=ticket)
-        return None
+        return None, early
     if not asked:
         note = "the server did not ask for a client certificate: this is not mutual TLS"
         out.step("client certificate", False, note)
         out.fail(Reason.NO_CLIENT_CERT, note)
-        return None
+        return None, early
     if not seat.presents:
         out.fail(Reason.NO_CLIENT_CERT, "the server asks for a client certificate; pass "
                  "--cert and --key")
-        return None
+        return None, early
     how = ("it sent a session ticket, which a TLS 1.3 server does only once it has verified "
            "the client" if ticket else
            f"no alert and no hang-up within {VERDICT_WAIT:g} s")
     out.step("client certificate", True, f"the server asked for it and accepted it ({how})")
     out.ok = True
-    return sock.session if ticket else None
+    return (sock.session if ticket else None), early
 
 
 # What the sidecar's own answers say in `x-sidecar-answer` (http1/answers.py), in words.
@@ -441,7 +445,8 @@ _ANSWERS: dict[str, str] = {
 HTTP_LIMIT = 64 * 1024  # bytes of the response read, head first
 
 
-def _http(sock: ssl.SSLSocket, args: argparse.Namespace, host: str, out: Outcome) -> None:
+def _http(sock: ssl.SSLSocket, args: argparse.Namespace, host: str, out: Outcome,
+          early: bytes) -> None:
     """--http PATH: one GET through an http listener; its status and what decided it."""
     started = time.perf_counter()
     path = args.http if args.http.startswith("/") else "/" + args.http
@@ -454,7 +459,7 @@ def _http(sock: ssl.SSLSocket, args: argparse.Namespace, host: str, out: Outcome
         out.fix = "is this an http listener? (`inbound[].protocol: http`)"
 
     sock.settimeout(HANDSHAKE_TIMEOUT)
-    data = b""
+    data = early  # what a server that speaks first sent before the request
     try:
         sock.sendall(head.encode("latin-1"))
         while b"\r\n\r\n" not in data and len(data) < HTTP_LIMIT:
