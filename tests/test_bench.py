@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry, Counter, start_http_server
+from told_port import start_listening
 
 from sidecar.tools import pki
 from sidecar.tools.bench import command as bench
@@ -264,15 +265,6 @@ def refused_port() -> Iterator[int]:
         yield s.getsockname()[1]
 
 
-def free_port() -> int:
-    """A port the kernel just gave out, for a server that must be told one: another
-    process may take it first, so a start on it is retried (see `s_server`)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
-
-
 def test_refused_port_fails_fast_and_cleanly(capsys: pytest.CaptureFixture[str]) -> None:
     started = time.monotonic()
     with refused_port() as port:
@@ -343,42 +335,13 @@ def s_server(files: Files) -> Iterator[int]:
     if openssl is None:
         pytest.skip("openssl is not on PATH: cannot start s_server")
     f = files.server
-
-    def start(port: int) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(
-            [openssl, "s_server", "-accept", f"127.0.0.1:{port}", "-quiet", "-rev",
-             "-cert", files.path("server", f.cert), "-cert_chain", files.path("server", f.cert),
-             "-key", files.path("server", f.key), "-CAfile", files.path("server", f.bundle),
-             "-Verify", "1", "-verify_return_error"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def listening(proc: subprocess.Popen[bytes], port: int, deadline: float) -> bool:
-        """True once it accepts a connection; False if it exited first."""
-        while proc.poll() is None:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                return True
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"openssl s_server did not listen on {port} in 20 s")
-                threading.Event().wait(0.02)
-        return False
-
-    # s_server cannot report a port 0 binding on every version: it is given a port the
-    # kernel just gave out, and started again on another if it exits (another process took
-    # that one first). 20 s: spawning a process on a loaded machine, not a hang.
-    deadline = time.monotonic() + 20
-    port = free_port()
-    proc = start(port)
+    proc, port = start_listening(lambda port: [
+        openssl, "s_server", "-accept", f"127.0.0.1:{port}", "-quiet", "-rev",
+        "-cert", files.path("server", f.cert), "-cert_chain", files.path("server", f.cert),
+        "-key", files.path("server", f.key), "-CAfile", files.path("server", f.bundle),
+        "-Verify", "1", "-verify_return_error"], "openssl s_server",
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        for _ in range(2):
-            if listening(proc, port, deadline):
-                break
-            port = free_port()
-            proc = start(port)
-        else:
-            if not listening(proc, port, deadline):
-                pytest.fail(f"openssl s_server exited three times; last on port {port}")
         yield port
     finally:
         proc.terminate()
