@@ -822,8 +822,9 @@ class Session:
             self._drop_app()
             return
         if r.status:
-            self._broken(f"the app {'reset' if reset else 'closed'} the connection in the "
-                         "middle of its response")
+            self._broken("the app reset the connection in the middle of its response"
+                         if reset else
+                         "the app closed the connection in the middle of its response")
             return
         reused = self._app_reused
         self._drop_app()
