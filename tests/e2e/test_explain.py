@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from told_port import start_listening
 
 from sidecar.reasons import Reason
 from sidecar.tools import pki
@@ -220,22 +221,14 @@ def s_server(ca: Pki, tmp_path: Path, request: pytest.FixtureRequest) -> Iterato
                for d in os.environ.get("PATH", "").split(os.pathsep)):
         pytest.skip("openssl CLI not installed")
     files = write(tmp_path / "srv", ca.svid(PAYMENTS), ca)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     verify = ["-Verify", "1"] if request.param else []
-    proc = subprocess.Popen(
-        ["openssl", "s_server", "-accept", f"127.0.0.1:{port}", "-cert", files["cert"],
-         "-cert_chain", files["cert"], "-key", files["key"], "-CAfile", files["bundle"],
-         "-naccept", "4", *verify], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL)
+    # -naccept 4: the probe that it listens is one of them.
+    proc, port = start_listening(lambda port: [
+        "openssl", "s_server", "-accept", f"127.0.0.1:{port}", "-cert", files["cert"],
+        "-cert_chain", files["cert"], "-key", files["key"], "-CAfile", files["bundle"],
+        "-naccept", "4", *verify], "openssl s_server", stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        for _ in range(200):  # until it listens (bounded)
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-                break
-            except OSError:
-                threading.Event().wait(0.02)
         yield port
     finally:
         proc.kill()

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from tls_pairs import forge_certificate_verify
+from told_port import start_listening
 
 from sidecar.tools import pki
 
@@ -433,28 +434,13 @@ def _s_server(tmp_path: Path, ca: Pki, trusted: x509.Certificate, *extra: str
     (d / "cert.pem").write_bytes(ca.svid(PAYMENTS).chain_pem())
     (d / "key.pem").write_bytes(ca.svid(PAYMENTS).key_pem())
     (d / "ca.pem").write_bytes(pki.certs_pem([trusted]))
-    with socket.socket() as probe:  # s_server cannot report a port-0 binding
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    proc = subprocess.Popen(
-        [openssl, "s_server", "-accept", f"127.0.0.1:{port}", "-quiet", "-tls1_3",
-         "-cert", str(d / "cert.pem"), "-cert_chain", str(d / "cert.pem"),
-         "-key", str(d / "key.pem"), "-CAfile", str(d / "ca.pem"),
-         "-Verify", "1", "-verify_return_error", *extra],
+    proc, port = start_listening(lambda port: [
+        openssl, "s_server", "-accept", f"127.0.0.1:{port}", "-quiet", "-tls1_3",
+        "-cert", str(d / "cert.pem"), "-cert_chain", str(d / "cert.pem"),
+        "-key", str(d / "key.pem"), "-CAfile", str(d / "ca.pem"),
+        "-Verify", "1", "-verify_return_error", *extra], "openssl s_server",
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + IO_TIMEOUT
-
-        def listening() -> bool:
-            assert proc.poll() is None, "openssl s_server exited"
-            assert time.monotonic() < deadline, f"openssl s_server did not listen on {port}"
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            except OSError:
-                return False
-            return True
-
-        wait_for(listening, IO_TIMEOUT, "openssl s_server to listen")
         yield port
     finally:
         proc.terminate()

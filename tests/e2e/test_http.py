@@ -364,24 +364,26 @@ def test_every_request_has_one_line(sc: Sidecar, tls_client: TlsClient) -> None:
 
 
 def test_an_unreachable_app_is_a_502(tmp_path: Path, ca: Pki, tls_client: TlsClient) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # nobody listens once it is closed
-    sc = start_sidecar(tmp_path, ca, f"127.0.0.1:{port}", POLICY)
-    try:
-        c = Client.to(sc, tls_client)
-        r = c.get("/down")
-        assert r.status == 502 and r.header("x-sidecar-answer") == ["upstream_unavailable"]
-        assert c.closed()
-        line = request_line(sc, path="/down")
-        assert line["status"] == 502 and line["decision"] == "allow"
-        assert sc.connection(peer_addr=c.local)["reason"] == "upstream_unavailable"
-        # A denied request is answered without dialing.
-        c = Client.to(sc, tls_client)
-        assert c.get("/admin").status == 403
-        c.close()
-    finally:
-        assert sc.stop() == 0
+    # A port we keep bound and never listen on: connecting is refused, and no other
+    # process can take it meanwhile (a port closed and handed on could be, and answer).
+    with socket.socket() as reserved:
+        reserved.bind(("127.0.0.1", 0))
+        port = reserved.getsockname()[1]
+        sc = start_sidecar(tmp_path, ca, f"127.0.0.1:{port}", POLICY)
+        try:
+            c = Client.to(sc, tls_client)
+            r = c.get("/down")
+            assert r.status == 502 and r.header("x-sidecar-answer") == ["upstream_unavailable"]
+            assert c.closed()
+            line = request_line(sc, path="/down")
+            assert line["status"] == 502 and line["decision"] == "allow"
+            assert sc.connection(peer_addr=c.local)["reason"] == "upstream_unavailable"
+            # A denied request is answered without dialing.
+            c = Client.to(sc, tls_client)
+            assert c.get("/admin").status == 403
+            c.close()
+        finally:
+            assert sc.stop() == 0
 
 
 # --- audit mode ----------------------------------------------------------------------------

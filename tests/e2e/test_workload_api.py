@@ -235,6 +235,10 @@ def test_federated_bundle_is_trusted_while_the_agent_lists_it(
     assert back == b"" and not resumed, "a resumed session outlived its trust"
     back, _, _ = _call(port, client)
     assert back == b"", "a full handshake with a dropped bundle succeeded"
+    # Both calls since the unfederate were refused: wait for both lines (the last one is
+    # written as its connection ends, which the client may see first).
+    b.wait_line(lambda _: len([ln for ln in b.connections() if ln.get("reason")]) >= 2,
+                what="the two refusals' connection lines")
     refused = [ln for ln in b.connections() if ln.get("reason")]
     assert refused and refused[-1]["reason"] == "unknown_ca", refused[-1:]
     _, body = admin_get(b, "/status")
