@@ -180,3 +180,16 @@ def test_lines_never_reach_a_file_that_took_a_closed_streams_descriptor_number(
         logs.RequestLog({"id": 1}).write("GET", "/1", 200, "allow", "r", 0, 4, 0.001)
     assert (tmp_path / "second").read_text() == ""
     assert json.loads((tmp_path / "first").read_text())["path"] == "/1"
+
+
+def test_a_connection_line_and_a_request_line_of_one_moment_carry_one_timestamp(
+        stream: io.StringIO, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both kinds of line take their milliseconds one way: at this moment the old
+    connection-line clock (int(t * 1000)) said .534 and the request line .533, so a
+    connection line could read later than the request line written after it."""
+    logs.setup("info", "json", stream)
+    monkeypatch.setattr(logs.time, "time", lambda: 1796660927.534)
+    logs.RequestLog({"id": 1}).write("GET", "/1", 200, "allow", "r", 0, 4, 0.001)
+    logs.access({"id": 1}, failed=False)
+    request, connection = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert request["ts"] == connection["ts"] == "2026-12-07T16:28:47.533Z"

@@ -204,15 +204,10 @@ class RequestLog:
         # float constants throughout: a float times an int is not the interpreter's
         # fast path (~600 instructions each), and gives the same value.
         us = (seconds * 1e6).__round__()
-        # The timestamp as _now() makes it, inline: this runs for every request. Its
-        # milliseconds are taken from a float within the second (no large integers).
-        global _line_second, _line_end, _line_start
+        # The timestamp as _now() makes it, inline: this runs for every request.
         now = time.time()
         if not _line_second <= now < _line_end:
-            second = int(now)
-            _line_second = float(second)
-            _line_end = _line_second + 1.0
-            _line_start = '{"ts":"' + time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            _turn(now)
         # Numbers below 1000 from a table: formatting an int is ~600 instructions (and
         # these are never negative: byte counts, a duration on a monotonic clock).
         ms = us // 1000
@@ -238,27 +233,36 @@ class RequestLog:
                 f'{encoded}"method":"{method}","path":"')
 
 
-_second = -1
-_second_text = ""
-_DIGITS3 = [f"{i:03d}" for i in range(1000)]  # a format spec per line costs ~2k instructions
-# A request line's pieces around the milliseconds: one piece each instead of three.
-_line_second = -2.0  # the second _line_start holds, as a float
+# The second every line's timestamp is in, formatted once a second (_turn); its
+# milliseconds are taken from a float within the second (no large integers), one way for
+# every kind of line, so lines written one after the other never go back in time.
+_line_second = -2.0  # the second, as a float
 _line_end = -1.0  # and the next one
-_line_start = ""  # '{"ts":"' and the time to the second, for _line_second
+_line_text = ""  # the time to the second
+_line_start = ""  # '{"ts":"' and _line_text: a request line's first piece
+# A request line's pieces around the milliseconds: one piece each instead of three.
 _MS_TS = [f'.{i:03d}Z",' for i in range(1000)]
 _MS_END = [f".{i:03d}}}\n" for i in range(1000)]
 _DECIMAL = [str(i) for i in range(1000)]  # str(i), for the small numbers of a line
 
 
+def _turn(now: float) -> None:
+    """The second of `now` becomes the one timestamps are written in."""
+    global _line_second, _line_end, _line_text, _line_start
+    second = int(now)
+    _line_second = float(second)
+    _line_end = _line_second + 1.0
+    _line_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+    _line_start = '{"ts":"' + _line_text
+
+
 def _now() -> str:
-    """The access log's timestamp, its seconds formatted once a second."""
-    global _second, _second_text
-    ms = int(time.time() * 1000)
-    second = ms // 1000
-    if second != _second:
-        _second = second
-        _second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-    return _second_text + "." + _DIGITS3[ms % 1000] + "Z"
+    """The access log's timestamp (a connection line's; a request line's is made alike
+    in RequestLog.write)."""
+    now = time.time()
+    if not _line_second <= now < _line_end:
+        _turn(now)
+    return _line_text + _MS_TS[int((now - _line_second) * 1000.0)][:-2]
 
 
 # json.dumps with options builds an encoder per call; one, kept, does the same work.
